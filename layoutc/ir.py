@@ -1,0 +1,364 @@
+"""The checked layout: facts only, no decisions.
+
+A :class:`Layout` is what the checker produces from a ``.layout`` file: the mesh, every
+tensor expanded (loops unrolled, templates and expressions evaluated) with its logical
+shape, dtype and per-dim placement, the optimizer, the ZeRO stage, offload targets and the
+storage format. It states what is true of a training job; the planner decides what to do.
+
+Geometry of one dim. A dim is a sequence of *blocks* (one block for an ordinary dim;
+several for a fused tensor such as QKV or gate/up). The dim may be padded to a multiple
+(vocabulary padding) and split over mesh axes, major to minor. Splitting is block by
+block: part ``c`` of a split dim holds, for each block in order, that block's ``c``-th
+equal piece, followed by its share of the padding. Pure data; no torch, no IO.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from layoutc.errors import NO_SPAN, Span
+
+DTYPE_BYTES: dict[str, int] = {
+    "fp64": 8,
+    "fp32": 4,
+    "fp16": 2,
+    "bf16": 2,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+DTYPES = tuple(DTYPE_BYTES)
+
+FORMATS = ("deepspeed", "universal", "safetensors", "torch")
+
+# Kinds of tensor entries.
+PARAM, FROZEN, BUFFER = "param", "frozen", "buffer"
+
+
+@dataclass(frozen=True, slots=True)
+class Axis:
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Named axes, slowest to fastest: rank = ((a0 * |a1|) + a1) * |a2| + a2 ..."""
+
+    axes: tuple[Axis, ...]
+
+    @cached_property
+    def sizes(self) -> dict[str, int]:
+        return {a.name: a.size for a in self.axes}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.axes)
+
+    @property
+    def world(self) -> int:
+        return math.prod(a.size for a in self.axes)
+
+    def size(self, *names: str) -> int:
+        return math.prod(self.sizes[n] for n in names)
+
+    def rank(self, coords: dict[str, int]) -> int:
+        """Global rank of a full coordinate assignment."""
+        r = 0
+        for a in self.axes:
+            r = r * a.size + coords.get(a.name, 0)
+        return r
+
+    def coords(self, rank: int) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for a in reversed(self.axes):
+            out[a.name] = rank % a.size
+            rank //= a.size
+        return dict(reversed(list(out.items())))
+
+    def index(self, axes: tuple[str, ...], coords: dict[str, int]) -> int:
+        """Mixed-radix index of ``coords`` over ``axes`` (major to minor)."""
+        r = 0
+        for n in axes:
+            r = r * self.sizes[n] + coords.get(n, 0)
+        return r
+
+    def unindex(self, axes: tuple[str, ...], index: int) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for n in reversed(axes):
+            out[n] = index % self.sizes[n]
+            index //= self.sizes[n]
+        return {n: out[n] for n in axes}
+
+    def to_dict(self) -> dict[str, int]:
+        return {a.name: a.size for a in self.axes}
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One block of a (possibly fused) dim: a name (``q``) or None, and its logical size."""
+
+    name: str | None
+    size: int
+
+
+@dataclass(frozen=True)
+class Dim:
+    blocks: tuple[Block, ...]
+    split: tuple[str, ...] = ()  # mesh axes, major -> minor
+    pad_to: int = 1  # padded size is a multiple of this
+    parts: int = 1  # product of the split axes' sizes
+
+    @property
+    def size(self) -> int:
+        """Logical (unpadded) size."""
+        return sum(b.size for b in self.blocks)
+
+    @property
+    def padded(self) -> int:
+        return -(-self.size // self.pad_to) * self.pad_to
+
+    @property
+    def local(self) -> int:
+        """Size of one part along this dim (what one rank holds)."""
+        return self.padded // self.parts
+
+    @property
+    def fused(self) -> bool:
+        return len(self.blocks) > 1
+
+    def segments(self, part: int) -> list[tuple[int, int, int]]:
+        """Where part ``part`` of this dim comes from: ``(logical_start, local_start, length)``.
+
+        Local positions not covered by any segment are padding (zero)."""
+        if self.parts == 1 and self.pad_to == 1:
+            return [(0, 0, self.size)]
+        if self.fused:
+            out: list[tuple[int, int, int]] = []
+            logical = local = 0
+            for b in self.blocks:
+                piece = b.size // self.parts
+                if piece:
+                    out.append((logical + part * piece, local, piece))
+                logical += b.size
+                local += piece
+            return out
+        lo = part * self.local
+        hi = min(lo + self.local, self.size)
+        return [(lo, 0, hi - lo)] if hi > lo else []
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"size": self.size}
+        if self.fused:
+            d["blocks"] = [{"name": b.name, "size": b.size} for b in self.blocks]
+        if self.pad_to != 1:
+            d["pad_to"] = self.pad_to
+            d["padded"] = self.padded
+        if self.split:
+            d["split"] = list(self.split)
+            d["local"] = self.local
+        return d
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of the model as declared: a parameter, a frozen parameter or a buffer."""
+
+    name: str
+    dims: tuple[Dim, ...]
+    dtype: str
+    kind: str = PARAM
+    stage: int = 0
+    group: str = "default"
+    span: Span = field(default=NO_SPAN, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape: blocks fused, padding stripped, no split."""
+        return tuple(d.size for d in self.dims)
+
+    @property
+    def padded_shape(self) -> tuple[int, ...]:
+        return tuple(d.padded for d in self.dims)
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        return tuple(d.local for d in self.dims)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def local_numel(self) -> int:
+        return math.prod(self.local_shape)
+
+    @property
+    def split_axes(self) -> tuple[str, ...]:
+        """Mesh axes this tensor is split over, in dim order then major -> minor."""
+        out: list[str] = []
+        for d in self.dims:
+            out.extend(d.split)
+        return tuple(out)
+
+    @property
+    def trainable(self) -> bool:
+        return self.kind == PARAM
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "dims": [d.to_dict() for d in self.dims],
+            "dtype": self.dtype,
+            "stage": self.stage,
+            "group": self.group,
+        }
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    name: str = "adam"
+    master: str | None = "fp32"
+    states: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+    step: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "master": self.master,
+            "states": list(self.states),
+            "step": self.step,
+        }
+
+
+@dataclass(frozen=True)
+class Zero:
+    """ZeRO stage and the mesh axes it partitions over (the data-parallel axes)."""
+
+    stage: int = 0
+    axes: tuple[str, ...] = ()
+    sub_group_size: int = 1_000_000_000
+    bf16_optimizer: bool = False
+    round_robin: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "over": list(self.axes),
+            "sub_group_size": self.sub_group_size,
+            "bf16_optimizer": self.bf16_optimizer,
+            "round_robin": self.round_robin,
+        }
+
+
+@dataclass(frozen=True)
+class Offload:
+    what: str  # "optimizer" | "params"
+    device: str  # "cpu" | "nvme"
+    path: str | None = None
+    block_size: int = 1 << 20
+    queue_depth: int = 8
+    threads: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "what": self.what,
+            "device": self.device,
+            "path": self.path,
+            "block_size": self.block_size,
+            "queue_depth": self.queue_depth,
+            "threads": self.threads,
+        }
+
+
+@dataclass(frozen=True)
+class Store:
+    format: str = "deepspeed"
+    writers: int = 1
+    max_shard_bytes: int = 5_000_000_000
+    tag: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "writers": self.writers,
+            "max_shard_bytes": self.max_shard_bytes,
+            "tag": self.tag,
+        }
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    mesh: Mesh
+    tensors: tuple[Tensor, ...]
+    dtype: str = "fp32"
+    ties: tuple[tuple[str, str], ...] = ()  # (alias, source)
+    optimizer: Optimizer | None = None
+    zero: Zero = Zero()
+    pipeline: str | None = None  # the pipeline axis, if any
+    offloads: tuple[Offload, ...] = ()
+    store: Store = Store()
+    groups: tuple[str, ...] = ("default",)
+    source: str = field(default="<string>", compare=False)
+
+    @cached_property
+    def by_name(self) -> dict[str, Tensor]:
+        return {t.name: t for t in self.tensors}
+
+    def tensor(self, name: str) -> Tensor:
+        return self.by_name[name]
+
+    @cached_property
+    def tie_source(self) -> dict[str, str]:
+        """alias -> source"""
+        return dict(self.ties)
+
+    @property
+    def stages(self) -> int:
+        return self.mesh.sizes[self.pipeline] if self.pipeline else 1
+
+    @property
+    def dp_axes(self) -> tuple[str, ...]:
+        return self.zero.axes
+
+    @property
+    def model_axes(self) -> tuple[str, ...]:
+        """Axes that are neither pipeline nor data-parallel (tensor / expert parallel)."""
+        skip = {self.pipeline, *self.zero.axes}
+        return tuple(a for a in self.mesh.names if a not in skip)
+
+    def params(self) -> Iterator[Tensor]:
+        return (t for t in self.tensors if t.kind == PARAM)
+
+    def with_store(self, store: Store) -> Layout:
+        from dataclasses import replace
+
+        return replace(self, store=store)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layout": self.name,
+            "version": 1,
+            "mesh": self.mesh.to_dict(),
+            "pipeline": self.pipeline,
+            "dtype": self.dtype,
+            "optimizer": self.optimizer.to_dict() if self.optimizer else None,
+            "zero": self.zero.to_dict(),
+            "offload": [o.to_dict() for o in self.offloads],
+            "store": self.store.to_dict(),
+            "groups": list(self.groups),
+            "tensors": [t.to_dict() for t in self.tensors],
+            "ties": [{"alias": a, "source": s} for a, s in self.ties],
+        }

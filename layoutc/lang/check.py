@@ -1,0 +1,834 @@
+"""Syntax tree to checked :class:`~layoutc.ir.Layout`.
+
+The checker evaluates every expression, unrolls loops, fills name templates and turns each
+dim into placement facts. It collects *every* diagnostic it finds and raises once
+(:class:`~layoutc.errors.LayoutError`); a user fixing a file sees all of its problems in one
+run. It never decides anything about how to move bytes.
+
+Dims. The top-level ``/`` of a dim whose right side is a mesh axis, or a tuple of mesh
+axes, means "split over"; anything else is arithmetic. ``pad(n, m)`` pads a dim to a
+multiple of ``m`` and is allowed only at the top of a dim; a parenthesised tuple of sizes
+``(q: H, k: KV, v: KV)`` declares fused blocks, each split separately.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from layoutc import ir
+from layoutc.errors import NO_SPAN, Diagnostic, LayoutError, Span
+from layoutc.lang import ast
+from layoutc.lang.parse import parse
+
+_FUNCTIONS = ("pad", "min", "max", "cdiv")
+
+_OPTIMIZER_DEFAULTS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "adam": (("exp_avg", "exp_avg_sq"), True),
+    "adamw": (("exp_avg", "exp_avg_sq"), True),
+    "lamb": (("exp_avg", "exp_avg_sq"), True),
+    "adagrad": (("sum",), True),
+    "sgd": (("momentum_buffer",), False),
+}
+
+_DTYPE_ALIASES = {
+    "bfloat16": "bf16",
+    "float32": "fp32",
+    "float": "fp32",
+    "float16": "fp16",
+    "half": "fp16",
+    "float64": "fp64",
+    "double": "fp64",
+}
+
+
+class _Fail(Exception):
+    """Aborts evaluating one construct after its diagnostic has been recorded."""
+
+
+@dataclass
+class _Scope:
+    group: str | None = None
+    stage: ast.Expr | None = None
+
+
+@dataclass
+class _Checker:
+    file: ast.File
+    source: str
+    diags: list[Diagnostic] = field(default_factory=list)
+    env: dict[str, int] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)  # name -> "axis" | "let" | "loop"
+    axes: list[ir.Axis] = field(default_factory=list)
+    mesh_span: Span = NO_SPAN
+    pipeline: str | None = None
+    pipeline_span: Span = NO_SPAN
+    tensors: list[ir.Tensor] = field(default_factory=list)
+    ties: list[tuple[str, str, Span, ast.Tie]] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    dtype: str = "fp32"
+
+    # ------------------------------------------------------------ reporting
+
+    def error(self, code: str, message: str, span: Span, hint: str = "") -> None:
+        d = Diagnostic(code, message, span, hint)
+        if not any(x.code == d.code and x.message == d.message for x in self.diags):
+            self.diags.append(d)
+
+    def fail(self, code: str, message: str, span: Span, hint: str = "") -> _Fail:
+        self.error(code, message, span, hint)
+        return _Fail()
+
+    # ------------------------------------------------------------ expressions
+
+    def eval(self, e: ast.Expr) -> int:
+        if isinstance(e, ast.Int | ast.Size):
+            return e.value
+        if isinstance(e, ast.Name):
+            if e.id in self.env:
+                return self.env[e.id]
+            known = sorted(self.env)
+            guess = difflib.get_close_matches(e.id, known, n=1, cutoff=0.5)
+            hint = f"did you mean `{guess[0]}`? " if guess else ""
+            hint += "known names: " + (", ".join(known) if known else "none (declare with `let`)")
+            raise self.fail("E110", f"unknown name `{e.id}`", e.span, hint)
+        if isinstance(e, ast.Paren):
+            return self.eval(e.expr)
+        if isinstance(e, ast.Neg):
+            return -self.eval(e.expr)
+        if isinstance(e, ast.BinOp):
+            a, b = self.eval(e.left), self.eval(e.right)
+            if e.op in "/%" and b == 0:
+                raise self.fail(
+                    "E111", f"division by zero in `{_text(self.source, e.span)}`", e.span
+                )
+            return {
+                "+": lambda: a + b,
+                "-": lambda: a - b,
+                "*": lambda: a * b,
+                "/": lambda: a // b,
+                "%": lambda: a % b,
+            }[e.op]()
+        if isinstance(e, ast.Call):
+            if e.fn == "pad":
+                raise self.fail(
+                    "E118",
+                    "`pad(n, m)` is allowed only at the top of a dim, e.g. [pad(V, 128) / tp, H]",
+                    e.span,
+                )
+            args = [self.eval(a) for a in e.args]
+            if e.fn in ("min", "max") and args:
+                return min(args) if e.fn == "min" else max(args)
+            if e.fn == "cdiv" and len(args) == 2:
+                if args[1] == 0:
+                    raise self.fail("E111", "division by zero in `cdiv`", e.span)
+                return -(-args[0] // args[1])
+            raise self.fail(
+                "E110",
+                f"unknown function `{e.fn}` with {len(args)} argument(s)",
+                e.span,
+                "functions: pad(n, multiple) at the top of a dim, min(a, ...), max(a, ...), cdiv(a, b)",
+            )
+        if isinstance(e, ast.Tuple):
+            raise self.fail(
+                "E119",
+                "a tuple is not an integer",
+                e.span,
+                "fused blocks `(q: H, k: H)` go at the top of a dim; axis tuples `(tp, sp)` after `/`",
+            )
+        raise AssertionError(e)  # pragma: no cover
+
+    def positive(self, e: ast.Expr, what: str) -> int:
+        v = self.eval(e)
+        if v <= 0:
+            raise self.fail("E109", f"{what} is {v}; it must be positive", e.span)
+        return v
+
+    # ------------------------------------------------------------ declarations
+
+    def declare(self, name: str, value: int, kind: str, span: Span) -> None:
+        if name in self.kinds:
+            raise self.fail(
+                "E115",
+                f"`{name}` is already defined (as a {self.kinds[name]})",
+                span,
+                "mesh axes, let constants and loop variables share one namespace",
+            )
+        self.env[name] = value
+        self.kinds[name] = kind
+
+    def axis_names(self) -> list[str]:
+        return [a.name for a in self.axes]
+
+    def require_axis(
+        self, name: str, span: Span, code: str = "E101", what: str = "mesh axis"
+    ) -> bool:
+        if name in self.axis_names():
+            return True
+        valid = self.axis_names()
+        guess = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+        hint = (f"did you mean `{guess[0]}`? " if guess else "") + (
+            "valid axes: " + ", ".join(valid)
+            if valid
+            else "declare the mesh first: mesh { dp = 8 }"
+        )
+        self.error(code, f"unknown {what} `{name}`", span, hint)
+        return False
+
+    def dtype_name(self, name: str, span: Span) -> str | None:
+        if name in ir.DTYPES:
+            return name
+        canonical = _DTYPE_ALIASES.get(name)
+        guess = canonical or next(
+            iter(difflib.get_close_matches(name, ir.DTYPES, n=1, cutoff=0.5)), None
+        )
+        hint = (
+            (f"did you mean `{guess}`? " if guess else "") + "valid dtypes: " + ", ".join(ir.DTYPES)
+        )
+        self.error("E112", f"unknown dtype `{name}`", span, hint)
+        return None
+
+    # ------------------------------------------------------------ pass 1: file-level facts
+
+    def run(self) -> ir.Layout:
+        top = self.file.body
+        meshes = [s for s in top if isinstance(s, ast.Mesh)]
+        for extra in meshes[1:]:
+            self.error(
+                "E116", "the mesh is declared twice", extra.span, "declare one `mesh { ... }`"
+            )
+        for st in top:
+            try:
+                if isinstance(st, ast.Mesh) and st is meshes[0]:
+                    self.mesh(st)
+                elif isinstance(st, ast.Let):
+                    for b in st.bindings:
+                        with contextlib.suppress(_Fail):
+                            self.declare(b.name, self.eval(b.expr), "let constant", b.span)
+                elif isinstance(st, ast.Dtype):
+                    self.dtype = self.dtype_name(st.name, st.span) or self.dtype
+            except _Fail:
+                pass
+        if not meshes:
+            self.error(
+                "E116",
+                "no mesh declared",
+                Span(self.file.path, 1, 1),
+                "every layout declares its device mesh, e.g. mesh { dp = 8 }",
+            )
+        mesh = ir.Mesh(tuple(self.axes))
+        self.pipeline_decl(top)
+        zero = self.zero_decl(top)
+        optimizer = self.optimizer_decl(top)
+        offloads = tuple(
+            x for x in (self.offload_decl(s) for s in top if isinstance(s, ast.Offload)) if x
+        )
+        store = self.store_decl(top)
+
+        # pass 2: entries
+        self.statements(top, _Scope())
+        tensors = self.tensors
+        ties = self.check_ties()
+        self.check_groups(tensors, zero)
+
+        if self.diags:
+            raise LayoutError(self.diags, self.source)
+        name = self.file.header.name if self.file.header else Path(self.file.path).stem
+        return ir.Layout(
+            name=name,
+            mesh=mesh,
+            tensors=tuple(tensors),
+            dtype=self.dtype,
+            ties=ties,
+            optimizer=optimizer,
+            zero=zero,
+            pipeline=self.pipeline,
+            offloads=offloads,
+            store=store,
+            groups=tuple(self.groups) or ("default",),
+            source=self.file.path,
+        )
+
+    def mesh(self, st: ast.Mesh) -> None:
+        self.mesh_span = st.span
+        if not st.axes:
+            self.error("E116", "the mesh has no axes", st.span, "e.g. mesh { dp = 8 }")
+        for b in st.axes:
+            try:
+                size = self.positive(b.expr, f"mesh axis `{b.name}`")
+                self.declare(b.name, size, "mesh axis", b.span)
+                self.axes.append(ir.Axis(b.name, size))
+            except _Fail:
+                pass
+
+    def single(self, top: Iterable[ast.Statement], kind: type, what: str) -> ast.Statement | None:
+        found = [s for s in top if isinstance(s, kind)]
+        for extra in found[1:]:
+            self.error(
+                "E115", f"{what} is declared twice", extra.span, f"keep one `{what}` statement"
+            )
+        return found[0] if found else None
+
+    def pipeline_decl(self, top: tuple[ast.Statement, ...]) -> None:
+        st = self.single(top, ast.Pipeline, "pipeline")
+        if isinstance(st, ast.Pipeline) and self.require_axis(st.axis, st.span):
+            self.pipeline = st.axis
+            self.pipeline_span = st.span
+
+    def options(
+        self, opts: tuple[ast.Option, ...], valid: dict[str, str], where: str
+    ) -> dict[str, ast.Option]:
+        """Check option names against ``valid`` (name -> what its value is)."""
+        out: dict[str, ast.Option] = {}
+        for o in opts:
+            if o.name not in valid:
+                guess = difflib.get_close_matches(o.name, list(valid), n=1, cutoff=0.5)
+                hint = (
+                    (f"did you mean `{guess[0]}`? " if guess else "")
+                    + "valid options: "
+                    + ", ".join(f"{k} {v}".strip() for k, v in valid.items())
+                )
+                self.error("E114", f"unknown option `{o.name}` for {where}", o.span, hint)
+                continue
+            if o.name in out:
+                self.error("E115", f"option `{o.name}` given twice for {where}", o.span)
+            wants_value = bool(valid[o.name])
+            if wants_value != (o.value is not None):
+                self.error(
+                    "E114",
+                    f"option `{o.name}` of {where} "
+                    + (f"needs a value ({valid[o.name]})" if wants_value else "takes no value"),
+                    o.span,
+                )
+                continue
+            out[o.name] = o
+        return out
+
+    def int_option(self, o: ast.Option, what: str) -> int | None:
+        if not isinstance(o.value, ast.Str) and o.value is not None:
+            try:
+                return self.positive(o.value, what)
+            except _Fail:
+                return None
+        self.error("E114", f"{what} must be an integer", o.span)
+        return None
+
+    def zero_decl(self, top: tuple[ast.Statement, ...]) -> ir.Zero:
+        st = self.single(top, ast.Zero, "zero")
+        if not isinstance(st, ast.Zero):
+            return ir.Zero()
+        try:
+            stage = self.eval(st.stage)
+        except _Fail:
+            return ir.Zero()
+        if stage not in (0, 1, 2, 3):
+            self.error(
+                "E121",
+                f"ZeRO stage {stage} does not exist",
+                st.stage.span,
+                "stages are 0, 1, 2 and 3",
+            )
+            return ir.Zero()
+        axes_ok = True
+        for a in st.axes:
+            axes_ok &= self.require_axis(a, st.axes_span, "E106", "ZeRO axis")
+            if a == self.pipeline:
+                self.error(
+                    "E106", f"ZeRO cannot partition over the pipeline axis `{a}`", st.axes_span
+                )
+                axes_ok = False
+        if stage > 0 and not st.axes:
+            self.error(
+                "E106",
+                f"zero {stage} needs the data-parallel axis it partitions over",
+                st.span,
+                f"write `zero {stage} over dp`",
+            )
+        opts = self.options(
+            st.options,
+            {"sub_group": "SIZE", "bf16_optimizer": "", "round_robin": ""},
+            f"zero {stage}",
+        )
+        sub_group = 1_000_000_000
+        if "sub_group" in opts:
+            if stage != 3:
+                self.error(
+                    "E125", "`sub_group` applies to ZeRO stage 3 only", opts["sub_group"].span
+                )
+            sub_group = self.int_option(opts["sub_group"], "sub_group") or sub_group
+        bf16_opt = "bf16_optimizer" in opts
+        if bf16_opt and (stage > 1 or self.dtype != "bf16"):
+            self.error(
+                "E125",
+                "`bf16_optimizer` is DeepSpeed's bf16 optimizer for ZeRO stage 0/1 with dtype bf16",
+                opts["bf16_optimizer"].span,
+            )
+        rr = "round_robin" in opts
+        if rr and stage not in (1, 2):
+            self.error(
+                "E125", "`round_robin` applies to ZeRO stages 1 and 2", opts["round_robin"].span
+            )
+        return ir.Zero(stage, st.axes if axes_ok else (), sub_group, bf16_opt, rr)
+
+    def optimizer_decl(self, top: tuple[ast.Statement, ...]) -> ir.Optimizer | None:
+        st = self.single(top, ast.Optimizer, "optimizer")
+        if not isinstance(st, ast.Optimizer):
+            return None
+        states, step = _OPTIMIZER_DEFAULTS.get(st.name, ((), False))
+        master: str | None = "fp32"
+        opts = self.options(
+            st.options,
+            {"master": "DTYPE|none", "states": "(NAME, ...)", "step": "", "no_step": ""},
+            f"optimizer {st.name}",
+        )
+        if "master" in opts:
+            v = opts["master"].value
+            if isinstance(v, ast.Name):
+                master = None if v.id == "none" else self.dtype_name(v.id, v.span)
+            else:
+                self.error("E112", "master takes a dtype name or `none`", opts["master"].span)
+        if "states" in opts:
+            v = opts["states"].value
+            names = _names(v)
+            if names is None:
+                self.error(
+                    "E114",
+                    "states takes a name or a tuple of names: states (exp_avg, exp_avg_sq)",
+                    opts["states"].span,
+                )
+            else:
+                states = tuple(names)
+                if len(set(states)) != len(states):
+                    self.error("E115", "an optimizer state is named twice", opts["states"].span)
+        elif st.name not in _OPTIMIZER_DEFAULTS:
+            self.error(
+                "E114",
+                f"optimizer `{st.name}` is not known; list its states",
+                st.span,
+                f"e.g. optimizer {st.name} {{ states (exp_avg), step }}; known: "
+                + ", ".join(_OPTIMIZER_DEFAULTS),
+            )
+        if "step" in opts:
+            step = True
+        if "no_step" in opts:
+            step = False
+        return ir.Optimizer(st.name, master, states, step)
+
+    def offload_decl(self, st: ast.Offload) -> ir.Offload | None:
+        ok = True
+        if st.what not in ("optimizer", "params"):
+            self.error(
+                "E128", f"cannot offload `{st.what}`", st.span, "offload `optimizer` or `params`"
+            )
+            ok = False
+        if st.device not in ("cpu", "nvme"):
+            self.error(
+                "E128", f"unknown offload device `{st.device}`", st.span, "devices: cpu, nvme"
+            )
+            ok = False
+        if st.device == "nvme" and not st.path:
+            self.error(
+                "E128",
+                "offload to nvme needs a directory",
+                st.span,
+                'offload optimizer to nvme "/local_nvme"',
+            )
+            ok = False
+        if st.device == "cpu" and st.path:
+            self.error("E128", "offload to cpu takes no directory", st.span)
+            ok = False
+        opts = self.options(
+            st.options, {"block": "SIZE", "queue": "N", "threads": "N"}, f"offload {st.what}"
+        )
+        values = {k: self.int_option(o, k) for k, o in opts.items()}
+        if not ok:
+            return None
+        return ir.Offload(
+            st.what,
+            st.device,
+            st.path,
+            values.get("block") or 1 << 20,
+            values.get("queue") or 8,
+            values.get("threads") or 1,
+        )
+
+    def store_decl(self, top: tuple[ast.Statement, ...]) -> ir.Store:
+        st = self.single(top, ast.Store, "store")
+        if not isinstance(st, ast.Store):
+            return ir.Store()
+        if st.format not in ir.FORMATS:
+            guess = difflib.get_close_matches(st.format, ir.FORMATS, n=1, cutoff=0.5)
+            self.error(
+                "E113",
+                f"unknown storage format `{st.format}`",
+                st.span,
+                (f"did you mean `{guess[0]}`? " if guess else "")
+                + "formats: "
+                + ", ".join(ir.FORMATS),
+            )
+        opts = self.options(
+            st.options, {"writers": "N", "tag": '"NAME"', "max_shard": "SIZE"}, f"store {st.format}"
+        )
+        writers = self.int_option(opts["writers"], "writers") if "writers" in opts else 1
+        max_shard = self.int_option(opts["max_shard"], "max_shard") if "max_shard" in opts else None
+        tag = None
+        if "tag" in opts:
+            v = opts["tag"].value
+            if isinstance(v, ast.Str):
+                tag = v.value
+            else:
+                self.error("E114", 'tag takes a string: tag "global_step100"', opts["tag"].span)
+        return ir.Store(
+            st.format if st.format in ir.FORMATS else "deepspeed",
+            writers or 1,
+            max_shard or 5_000_000_000,
+            tag,
+        )
+
+    # ------------------------------------------------------------ pass 2: entries
+
+    def statements(self, body: tuple[ast.Statement, ...], scope: _Scope) -> None:
+        for st in body:
+            try:
+                if isinstance(st, ast.Entry):
+                    self.entry(st, scope)
+                elif isinstance(st, ast.Loop):
+                    self.loop(st, scope)
+                elif isinstance(st, ast.Group):
+                    inner = _Scope(st.name, st.stage if st.stage is not None else scope.stage)
+                    if st.name not in self.groups:
+                        self.groups.append(st.name)
+                    self.statements(st.body, inner)
+                elif isinstance(st, ast.Tie):
+                    self.ties.append(
+                        (self.template(st.alias), self.template(st.source), st.span, st)
+                    )
+                elif scope is not None and not isinstance(
+                    st,
+                    ast.Mesh
+                    | ast.Let
+                    | ast.Dtype
+                    | ast.Pipeline
+                    | ast.Zero
+                    | ast.Optimizer
+                    | ast.Offload
+                    | ast.Store,
+                ):
+                    raise AssertionError(st)  # pragma: no cover
+                elif (
+                    isinstance(
+                        st,
+                        ast.Mesh
+                        | ast.Let
+                        | ast.Dtype
+                        | ast.Pipeline
+                        | ast.Zero
+                        | ast.Optimizer
+                        | ast.Offload
+                        | ast.Store,
+                    )
+                    and body is not self.file.body
+                ):
+                    self.error(
+                        "E117", "this statement belongs at the top level of the file", st.span
+                    )
+            except _Fail:
+                pass
+
+    def loop(self, st: ast.Loop, scope: _Scope) -> None:
+        start, stop = self.eval(st.start), self.eval(st.stop)
+        if stop <= start:
+            self.error(
+                "E122",
+                f"the loop `for {st.var} in {start}..{stop}` is empty",
+                st.span,
+                "ranges are half-open: `for i in 0..L` runs i = 0 .. L-1",
+            )
+            return
+        self.declare(st.var, start, "loop variable", st.span)
+        try:
+            inner = _Scope(scope.group, st.stage if st.stage is not None else scope.stage)
+            for i in range(start, stop):
+                self.env[st.var] = i
+                self.statements(st.body, inner)
+        finally:
+            del self.env[st.var]
+            del self.kinds[st.var]
+
+    def template(self, t: ast.Template) -> str:
+        out = []
+        for p in t.parts:
+            out.append(p if isinstance(p, str) else str(self.eval(p)))
+        return "".join(out)
+
+    def entry(self, st: ast.Entry, scope: _Scope) -> None:
+        name = self.template(st.name)
+        dtype = self.dtype
+        if st.dtype is not None:
+            dtype = self.dtype_name(st.dtype, st.dtype_span) or dtype
+        stage = 0
+        stage_expr = st.stage if st.stage is not None else scope.stage
+        if stage_expr is not None:
+            stage = self.eval(stage_expr)
+            if self.pipeline is None:
+                self.error(
+                    "E120",
+                    f"{name} has a pipeline stage but the layout has no pipeline axis",
+                    stage_expr.span,
+                    "declare it: pipeline over pp",
+                )
+            elif not 0 <= stage < self.env[self.pipeline]:
+                self.error(
+                    "E107",
+                    f"{name} is on stage {stage}, outside 0..{self.env[self.pipeline] - 1} "
+                    f"({self.pipeline} = {self.env[self.pipeline]})",
+                    stage_expr.span,
+                )
+        dims: list[ir.Dim] = []
+        used: dict[str, int] = {}
+        failed = False
+        for i, d in enumerate(st.shape):
+            try:
+                dim = self.dim(d, name, i)
+            except _Fail:
+                failed = True
+                continue
+            for a in dim.split:
+                if a in used:
+                    self.error(
+                        "E117",
+                        f"{name} is split over `{a}` twice (dims {used[a]} and {i})",
+                        _span_of(d),
+                    )
+                used[a] = i
+            dims.append(dim)
+        if failed:
+            return
+        group = scope.group or "default"
+        if group not in self.groups:
+            self.groups.append(group)
+        for t in self.tensors:
+            if t.name == name:
+                self.error(
+                    "E103", f"tensor {name} is declared twice (first at {t.span})", st.name.span
+                )
+                return
+        kind = {"tensor": ir.PARAM, "frozen": ir.FROZEN, "buffer": ir.BUFFER}[st.kind]
+        self.tensors.append(ir.Tensor(name, tuple(dims), dtype, kind, stage, group, st.name.span))
+
+    def dim(self, d: ast.Dim, name: str, index: int) -> ir.Dim:
+        total: int | None = None
+        whole = _span_of(d)
+        if isinstance(d, ast.Sized):
+            total = self.positive(d.total, f"dim {index} of {name}")
+            d = d.expr
+        split: tuple[str, ...] = ()
+        size_expr: ast.Expr = d
+        if isinstance(d, ast.BinOp) and d.op == "/":
+            axes = self.split_axes(d.right)
+            if axes is not None:
+                split, size_expr = axes, d.left
+        parts = 1
+        for a in split:
+            if a == self.pipeline:
+                raise self.fail(
+                    "E130",
+                    f"dim {index} of {name} is split over the pipeline axis `{a}`",
+                    d.right.span if isinstance(d, ast.BinOp) else d.span,
+                    "place tensors on pipeline stages with `stage EXPR` instead",
+                )
+            parts *= self.env[a]
+        pad_to = 1
+        if isinstance(size_expr, ast.Call) and size_expr.fn == "pad":
+            if len(size_expr.args) != 2:
+                raise self.fail(
+                    "E118", "pad takes two arguments: pad(size, multiple)", size_expr.span
+                )
+            if any(isinstance(a, ast.Tuple) for a in size_expr.args):
+                raise self.fail("E118", "fused blocks cannot be padded", size_expr.span)
+            blocks = (ir.Block(None, self.positive(size_expr.args[0], f"dim {index} of {name}")),)
+            pad_to = self.positive(
+                size_expr.args[1], f"the padding multiple of dim {index} of {name}"
+            )
+        elif isinstance(size_expr, ast.Tuple):
+            blocks = self.blocks(size_expr, name, index)
+        else:
+            blocks = (ir.Block(None, self.positive(size_expr, f"dim {index} of {name}")),)
+        dim = ir.Dim(blocks, split, pad_to, parts)
+        where = f"dim {index} of {name}"
+        axes_text = " * ".join(f"{a} = {self.env[a]}" for a in split) if split else ""
+        if total is not None and total != dim.size:
+            self.error(
+                "E108",
+                f"the blocks of {where} sum to {dim.size}, not {total}",
+                _span_of(size_expr),
+                " + ".join(f"{b.name or '_'}: {b.size}" for b in blocks) + f" = {dim.size}",
+            )
+        if parts > 1:
+            if dim.fused:
+                for b in blocks:
+                    if b.size % parts:
+                        raise self.fail(
+                            "E102",
+                            f"block `{b.name or '?'}` of {where} has {b.size} rows, not divisible by {axes_text}",
+                            whole,
+                            "each fused block is split separately, so every block must divide",
+                        )
+            elif dim.padded % parts:
+                if pad_to > 1:
+                    raise self.fail(
+                        "E102",
+                        f"{where} is padded to {dim.padded} ({dim.size} to a multiple of {pad_to}), "
+                        f"not divisible by {axes_text}",
+                        whole,
+                        f"pad to a multiple of {pad_to * parts}",
+                    )
+                raise self.fail(
+                    "E102",
+                    f"{where} has {dim.size} elements, not divisible by {axes_text}",
+                    whole,
+                    "pad it, e.g. pad(V, 128 * tp) / tp, or pick sizes that divide",
+                )
+        return dim
+
+    def split_axes(self, right: ast.Expr) -> tuple[str, ...] | None:
+        """``/ tp`` or ``/ (tp, sp)`` at the top of a dim: the axes, else None (arithmetic)."""
+        if isinstance(right, ast.Name):
+            if self.kinds.get(right.id) == "mesh axis":
+                return (right.id,)
+            return None
+        if isinstance(right, ast.Tuple):
+            names = [
+                it.expr.id if isinstance(it.expr, ast.Name) and it.name is None else None
+                for it in right.items
+            ]
+            bad = False
+            for it, n in zip(right.items, names, strict=True):
+                if n is None:
+                    self.error("E119", "a split lists mesh axes: / (tp, sp)", it.span)
+                    bad = True
+                elif not self.require_axis(n, it.span):
+                    bad = True
+            if bad:
+                raise _Fail()
+            if len(set(names)) != len(names):
+                raise self.fail("E117", "an axis is listed twice in one split", right.span)
+            return tuple(n for n in names if n is not None)
+        return None
+
+    def blocks(self, t: ast.Tuple, name: str, index: int) -> tuple[ir.Block, ...]:
+        out = []
+        seen: set[str] = set()
+        for it in t.items:
+            if isinstance(it.expr, ast.Call) and it.expr.fn == "pad":
+                raise self.fail("E118", "fused blocks cannot be padded", it.expr.span)
+            size = self.positive(it.expr, f"block `{it.name or '?'}` of dim {index} of {name}")
+            if it.name is not None:
+                if it.name in seen:
+                    raise self.fail(
+                        "E115", f"block `{it.name}` appears twice in dim {index} of {name}", it.span
+                    )
+                seen.add(it.name)
+            out.append(ir.Block(it.name, size))
+        return tuple(out)
+
+    # ------------------------------------------------------------ ties and groups
+
+    def check_ties(self) -> tuple[tuple[str, str], ...]:
+        by_name = {t.name: t for t in self.tensors}
+        out: list[tuple[str, str]] = []
+        aliases: set[str] = set()
+        for alias, source, span, st in self.ties:
+            if source not in by_name:
+                guess = difflib.get_close_matches(source, list(by_name), n=1, cutoff=0.6)
+                self.error(
+                    "E104",
+                    f"tie {alias} = {source}: no tensor named {source}",
+                    st.source.span,
+                    f"did you mean `{guess[0]}`?" if guess else "declare the source tensor first",
+                )
+                continue
+            if alias == source:
+                self.error("E127", f"{alias} is tied to itself", span)
+                continue
+            if alias in aliases:
+                self.error("E127", f"{alias} is tied twice", span)
+                continue
+            src = by_name[source]
+            if alias in by_name and by_name[alias].shape != src.shape:
+                self.error(
+                    "E105",
+                    f"tie {alias} = {source}: shapes differ, {list(by_name[alias].shape)} vs {list(src.shape)}",
+                    span,
+                )
+                continue
+            aliases.add(alias)
+            out.append((alias, source))
+        for alias, source in out:
+            if source in aliases:
+                self.error(
+                    "E127",
+                    f"{source} is itself an alias; tie {alias} to the tensor {source} is tied to",
+                    next(sp for a, _, sp, _ in self.ties if a == alias),
+                )
+        return tuple(out)
+
+    def check_groups(self, tensors: list[ir.Tensor], zero: ir.Zero) -> None:
+        """A ZeRO group is one flat buffer: its tensors must be partitioned over the same axes."""
+        if zero.stage == 0:
+            return
+        seen: dict[str, tuple[frozenset[str], ir.Tensor]] = {}
+        for t in tensors:
+            if not t.trainable:
+                continue
+            replicated = frozenset(a for a in zero.axes if a not in t.split_axes)
+            if t.group in seen and seen[t.group][0] != replicated:
+                other = seen[t.group][1]
+                self.error(
+                    "E126",
+                    f"group {t.group} mixes tensors ZeRO partitions differently: {other.name} over "
+                    f"({', '.join(sorted(seen[t.group][0]))}), {t.name} over ({', '.join(sorted(replicated))})",
+                    t.span,
+                    "put tensors split over a ZeRO axis (e.g. experts over ep) in a group of their own",
+                )
+            seen.setdefault(t.group, (replicated, t))
+
+
+def _names(v: ast.Expr | ast.Str | None) -> list[str] | None:
+    if isinstance(v, ast.Name):
+        return [v.id]
+    if isinstance(v, ast.Paren) and isinstance(v.expr, ast.Name):
+        return [v.expr.id]
+    if isinstance(v, ast.Tuple) and all(
+        isinstance(i.expr, ast.Name) and i.name is None for i in v.items
+    ):
+        return [i.expr.id for i in v.items if isinstance(i.expr, ast.Name)]
+    return None
+
+
+def _span_of(node: object) -> Span:
+    span = getattr(node, "span", NO_SPAN)
+    return span if isinstance(span, Span) else NO_SPAN
+
+
+def _text(source: str, span: Span) -> str:
+    return source[span.start : span.end] if span.end > span.start else "?"
+
+
+def check(file: ast.File, source: str) -> ir.Layout:
+    """Check a parsed file; raises LayoutError with every diagnostic found."""
+    return _Checker(file, source).run()
+
+
+def load_text(text: str, path: str = "<string>") -> ir.Layout:
+    return check(parse(text, path), text)
+
+
+def load_layout(path: str | Path) -> ir.Layout:
+    """Read, parse and check a ``.layout`` file."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    return load_text(text, str(path))

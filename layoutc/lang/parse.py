@@ -1,0 +1,471 @@
+"""Text to syntax tree, with syntax errors a person can act on.
+
+``parse(text, path)`` returns an :class:`~layoutc.lang.ast.File` or raises
+:class:`~layoutc.errors.LayoutError` with one diagnostic: ``file:line:col: error[E0xx]``,
+the line, a caret, and what was expected. Common mistakes are recognised by matching the
+failing parser state against a table of known-bad snippets (lark's ``match_examples``),
+so a missing ``}`` or a ``:`` written for ``=`` gets a human label rather than a token list.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import lark
+from lark import Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from layoutc.errors import Diagnostic, LayoutError, Span
+from layoutc.lang import ast
+from layoutc.lang.grammar import parser
+
+_UNITS = {
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+
+KEYWORDS = (
+    "layout",
+    "mesh",
+    "let",
+    "dtype",
+    "pipeline",
+    "optimizer",
+    "zero",
+    "tensor",
+    "frozen",
+    "buffer",
+    "for",
+    "group",
+    "tie",
+    "offload",
+    "store",
+)
+
+
+def size_value(text: str) -> int:
+    """Value of a size literal: ``1MiB`` -> 1048576, ``1e9`` -> 10**9, ``1.5GB``."""
+    t = text.replace("_", "")
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(?:e([0-9]+)|([KMGT]i?B))", t)
+    if not m:
+        raise ValueError(text)
+    mantissa, exp, unit = m.groups()
+    scale = 10 ** int(exp) if exp else _UNITS[unit]
+    whole, _, frac = mantissa.partition(".")
+    value = (
+        int(whole) * scale + (int(frac) * scale) // 10 ** len(frac) if frac else int(whole) * scale
+    )
+    return value
+
+
+def _span(path: str, meta: Any) -> Span:
+    if getattr(meta, "empty", True):
+        return Span(path, 0, 0)
+    return Span(path, meta.line, meta.column, meta.start_pos, meta.end_pos, meta.end_line)
+
+
+def _tok_span(path: str, tok: Token) -> Span:
+    return Span(
+        path,
+        tok.line or 0,
+        tok.column or 0,
+        tok.start_pos or 0,
+        tok.end_pos or 0,
+        tok.end_line or 0,
+    )
+
+
+@v_args(meta=True)
+class _Build(Transformer):  # type: ignore[type-arg]
+    """Builds AST nodes only; every semantic rule is left to the checker."""
+
+    def __init__(self, path: str, text: str) -> None:
+        super().__init__()
+        self.path = path
+        self.text = text
+
+    def _s(self, meta: Any) -> Span:
+        return _span(self.path, meta)
+
+    # expressions
+    def int(self, meta: Any, c: list[Token]) -> ast.Int:
+        return ast.Int(int(str(c[0]).replace("_", "")), str(c[0]), self._s(meta))
+
+    def size(self, meta: Any, c: list[Token]) -> ast.Size:
+        return ast.Size(size_value(str(c[0])), str(c[0]), self._s(meta))
+
+    def name(self, meta: Any, c: list[Token]) -> ast.Name:
+        return ast.Name(str(c[0]), self._s(meta))
+
+    def call(self, meta: Any, c: list[Any]) -> ast.Call:
+        args = tuple(a for a in c[1:] if a is not None)
+        return ast.Call(str(c[0]), args, self._s(meta))
+
+    def paren(self, meta: Any, c: list[Any]) -> ast.Paren:
+        return ast.Paren(c[0], self._s(meta))
+
+    def _bin(op: str):  # type: ignore[no-untyped-def]
+        def method(self: _Build, meta: Any, c: list[Any]) -> ast.BinOp:
+            return ast.BinOp(op, c[0], c[1], self._s(meta))
+
+        return method
+
+    add = _bin("+")
+    sub = _bin("-")
+    mul = _bin("*")
+    div = _bin("/")
+    mod = _bin("%")
+
+    def neg(self, meta: Any, c: list[Any]) -> ast.Neg:
+        return ast.Neg(c[0], self._s(meta))
+
+    def named_item(self, meta: Any, c: list[Any]) -> ast.Item:
+        return ast.Item(str(c[0]), c[1], self._s(meta))
+
+    def plain_item(self, meta: Any, c: list[Any]) -> ast.Item:
+        return ast.Item(None, c[0], self._s(meta))
+
+    def tuple(self, meta: Any, c: list[Any]) -> ast.Tuple:
+        return ast.Tuple(tuple(c), self._s(meta))
+
+    def single_block(self, meta: Any, c: list[Any]) -> ast.Tuple:
+        return ast.Tuple((ast.Item(str(c[0]), c[1], self._s(meta)),), self._s(meta))
+
+    def sized(self, meta: Any, c: list[Any]) -> ast.Sized:
+        return ast.Sized(c[0], c[1], self._s(meta))
+
+    def string(self, meta: Any, c: list[Token]) -> ast.Str:
+        return ast.Str(str(c[0])[1:-1], self._s(meta))
+
+    # statements
+    def header(self, meta: Any, c: list[Token]) -> ast.Header:
+        return ast.Header(str(c[0]), self._s(meta))
+
+    def axis(self, meta: Any, c: list[Any]) -> ast.Binding:
+        return ast.Binding(str(c[0]), c[1], self._s(meta))
+
+    binding = axis
+
+    def mesh(self, meta: Any, c: list[Any]) -> ast.Mesh:
+        return ast.Mesh(tuple(x for x in c if x is not None), self._s(meta))
+
+    def let(self, meta: Any, c: list[Any]) -> ast.Let:
+        return ast.Let(tuple(c), self._s(meta))
+
+    def dtype(self, meta: Any, c: list[Token]) -> ast.Dtype:
+        return ast.Dtype(str(c[0]), _tok_span(self.path, c[0]))
+
+    def pipeline(self, meta: Any, c: list[Token]) -> ast.Pipeline:
+        return ast.Pipeline(str(c[0]), _tok_span(self.path, c[0]))
+
+    def option(self, meta: Any, c: list[Any]) -> ast.Option:
+        return ast.Option(str(c[0]), c[1], self._s(meta))
+
+    def options(self, meta: Any, c: list[Any]) -> tuple[ast.Option, ...]:
+        return tuple(x for x in c if x is not None)
+
+    def optimizer(self, meta: Any, c: list[Any]) -> ast.Optimizer:
+        return ast.Optimizer(str(c[0]), c[1] or (), self._s(meta))
+
+    def axes(self, meta: Any, c: list[Token]) -> tuple[tuple[str, ...], Span]:
+        return tuple(str(t) for t in c), self._s(meta)
+
+    def zero(self, meta: Any, c: list[Any]) -> ast.Zero:
+        axes, axes_span = c[1] if c[1] is not None else ((), Span(self.path, 0, 0))
+        return ast.Zero(c[0], axes, c[2] or (), self._s(meta), axes_span)
+
+    def kind(self, meta: Any, c: list[Token]) -> str:
+        return str(c[0])
+
+    def shape(self, meta: Any, c: list[Any]) -> tuple[Any, ...]:
+        return tuple(x for x in c if x is not None)
+
+    def stage(self, meta: Any, c: list[Any]) -> tuple[str, Any]:
+        return ("stage", c[0])
+
+    def entry_dtype(self, meta: Any, c: list[Token]) -> tuple[str, Any]:
+        return ("dtype", c[0])
+
+    def entry(self, meta: Any, c: list[Any]) -> ast.Entry:
+        kind, path, shape, *attrs = c
+        dtype: str | None = None
+        dtype_span = Span(self.path, 0, 0)
+        stage = None
+        for key, value in attrs:
+            if key == "dtype":
+                dtype, dtype_span = str(value), _tok_span(self.path, value)
+            else:
+                stage = value
+        return ast.Entry(kind, self._template(path), shape, dtype, stage, self._s(meta), dtype_span)
+
+    def body(self, meta: Any, c: list[Any]) -> tuple[Any, ...]:
+        return tuple(c)
+
+    def loop(self, meta: Any, c: list[Any]) -> ast.Loop:
+        var, start, stop, stage, body = c
+        return ast.Loop(str(var), start, stop, stage[1] if stage else None, body, self._s(meta))
+
+    def group(self, meta: Any, c: list[Any]) -> ast.Group:
+        name, stage, body = c
+        return ast.Group(str(name), stage[1] if stage else None, body, self._s(meta))
+
+    def tie(self, meta: Any, c: list[Token]) -> ast.Tie:
+        return ast.Tie(self._template(c[0]), self._template(c[1]), self._s(meta))
+
+    def offload(self, meta: Any, c: list[Any]) -> ast.Offload:
+        what, device, path, options = c
+        return ast.Offload(
+            str(what), str(device), str(path)[1:-1] if path else None, options or (), self._s(meta)
+        )
+
+    def store(self, meta: Any, c: list[Any]) -> ast.Store:
+        return ast.Store(str(c[0]), c[1] or (), self._s(meta))
+
+    def start(self, meta: Any, c: list[Any]) -> ast.File:
+        header = c[0] if c and isinstance(c[0], ast.Header) else None
+        body = tuple(c[1:] if header is not None or (c and c[0] is None) else c)
+        return ast.File(header, tuple(x for x in body if x is not None), self.path)
+
+    # names with {expr} templates
+    def _template(self, tok: Token) -> ast.Template:
+        text = str(tok)
+        parts: list[str | ast.Expr] = []
+        pos = 0
+        for m in re.finditer(r"\{([^{}]*)\}", text):
+            if m.start() > pos:
+                parts.append(text[pos : m.start()])
+            parts.append(self._sub_expr(tok, m.start(1), m.group(1)))
+            pos = m.end()
+        if pos < len(text):
+            parts.append(text[pos:])
+        return ast.Template(tuple(parts), text, _tok_span(self.path, tok))
+
+    def _sub_expr(self, tok: Token, offset: int, text: str) -> ast.Expr:
+        start = (tok.start_pos or 0) + offset
+        padded = " " * start + text  # keep offsets; lines do not matter inside one token
+        try:
+            tree = parser().parse(padded, start="expr")
+        except UnexpectedInput as e:
+            col = (tok.column or 0) + offset + max(0, (e.column or 1) - 1 - start)
+            raise LayoutError(
+                [
+                    Diagnostic(
+                        "E007",
+                        f"bad expression in name template: {{{text}}}",
+                        Span(self.path, tok.line or 0, col, start, start + len(text)),
+                        hint="a template holds an integer expression, e.g. layers.{i + 1}.weight",
+                    )
+                ],
+                self.text,
+            ) from None
+        sub = _Build(self.path, self.text)
+        result: ast.Expr = _fix_line(sub.transform(tree), tok)
+        return result
+
+
+def _fix_line(node: Any, tok: Token) -> Any:
+    """Sub-expressions of a template were parsed alone: move their spans onto the token's line."""
+    from dataclasses import fields, is_dataclass, replace
+
+    if isinstance(node, tuple):
+        return tuple(_fix_line(x, tok) for x in node)
+    if not is_dataclass(node):
+        return node
+    changes: dict[str, Any] = {}
+    for f in fields(node):
+        v = getattr(node, f.name)
+        if isinstance(v, Span):
+            delta = v.start - (tok.start_pos or 0)
+            changes[f.name] = Span(v.file, tok.line or 0, (tok.column or 0) + delta, v.start, v.end)
+        elif is_dataclass(v) or isinstance(v, tuple):
+            changes[f.name] = _fix_line(v, tok)
+    return replace(node, **changes)
+
+
+# ---------------------------------------------------------------- syntax errors
+
+# Known mistakes, matched against the parser state where the error happened.
+_EXAMPLES: dict[str, tuple[str, list[str]]] = {
+    "E002": (
+        "missing closing `}`",
+        [
+            "mesh { dp = 2",
+            "for i in 0..2 { tensor a [1]",
+            "group g { tensor a [1]",
+            "store deepspeed { writers 4",
+            "for i in 0..2 { for j in 0..2 { tensor a [1] }",
+        ],
+    ),
+    "E003": (
+        "`:` where `=` is expected (mesh axes, let constants and ties use `=`)",
+        ["mesh { dp: 2 }", "mesh { pp = 1, dp: 2 }", "let a: 1", "let a = 1, b: 2"],
+    ),
+    "E004": (
+        "`=` where `:` is expected (fused blocks are written `(q: H, k: H)`)",
+        ["tensor a [(q = 1, k = 2)]", "tensor a [(q: 1, k = 2)]"],
+    ),
+    "E005": (
+        "unknown statement",
+        ["mesh { dp = 1 } tensr a [1]", "tensr a [1]", "mesh { dp = 1 } meshes { }", "lets a = 1"],
+    ),
+    "E006": (
+        "missing closing `]` of a shape",
+        ["tensor a [1, 2 tensor b [1]", "tensor a [1, 2 stage 0"],
+    ),
+}
+
+
+def _syntax_diagnostic(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
+    label = None
+    try:
+        label = e.match_examples(
+            lambda s: parser().parse(s, start="start"),
+            {code: ex for code, (_, ex) in _EXAMPLES.items()},
+            use_accepts=True,
+        )
+    except Exception:  # matching is best effort; the plain message is still right
+        label = None
+    line = getattr(e, "line", 0) or 0
+    column = getattr(e, "column", 0) or 0
+    expected = _expected(e)
+    if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
+        lines = text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+        found = "end of file"
+    elif isinstance(e, UnexpectedToken):
+        found = f"`{e.token}`"
+    elif isinstance(e, UnexpectedCharacters):
+        found = f"`{text[e.pos_in_stream]}`" if e.pos_in_stream < len(text) else "end of file"
+    else:
+        found = "input"
+    start = _offset(text, line, column)
+    width = len(str(e.token)) if isinstance(e, UnexpectedToken) and e.token.type != "$END" else 1
+    span = Span(path, line, column, start, start + width)
+    if label is not None:
+        code = label
+        message = f"{_EXAMPLES[label][0]}; found {found}"
+        if label == "E005" and isinstance(e, UnexpectedToken):
+            message = f"unknown statement `{e.token}`"
+            hint = "statements start with one of: " + ", ".join(KEYWORDS)
+            guess = _closest(str(e.token), KEYWORDS)
+            if guess:
+                hint = f"did you mean `{guess}`? " + hint
+            return Diagnostic(code, message, span, hint)
+        return Diagnostic(code, message, span, f"expected {expected}" if expected else "")
+    return Diagnostic(
+        "E001", f"unexpected {found}", span, f"expected {expected}" if expected else ""
+    )
+
+
+_TOKEN_WORDS = {
+    "RBRACE": "`}`",
+    "LBRACE": "`{`",
+    "RSQB": "`]`",
+    "LSQB": "`[`",
+    "RPAR": "`)`",
+    "LPAR": "`(`",
+    "COMMA": "`,`",
+    "EQUAL": "`=`",
+    "COLON": "`:`",
+    "NAME": "a name",
+    "PATH": "a tensor name",
+    "INT": "an integer",
+    "SIZE": "a size",
+    "STRING": "a string",
+    "PLUS": "`+`",
+    "MINUS": "`-`",
+    "STAR": "`*`",
+    "SLASH": "`/`",
+    "PERCENT": "`%`",
+    "$END": "end of file",
+}
+
+
+def _expected(e: UnexpectedInput) -> str:
+    allowed = getattr(e, "allowed", None) or getattr(e, "expected", None) or set()
+    words = []
+    for name in sorted(allowed):
+        if name in _TOKEN_WORDS:
+            words.append(_TOKEN_WORDS[name])
+        elif name.isupper() and name.lower() in (*KEYWORDS, "over", "in", "stage", "to"):
+            words.append(f"`{name.lower()}`")
+        elif name == "__ANON_0":
+            words.append("`..`")
+    words = sorted(set(words))
+    if not words:
+        return ""
+    if len(words) > 8:
+        words = [*words[:8], "..."]
+    return "one of " + ", ".join(words) if len(words) > 1 else words[0]
+
+
+def _offset(text: str, line: int, column: int) -> int:
+    if line <= 0:
+        return 0
+    lines = text.splitlines(keepends=True)
+    return sum(len(x) for x in lines[: line - 1]) + max(0, column - 1)
+
+
+def _closest(word: str, options: tuple[str, ...] | list[str]) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+# ---------------------------------------------------------------- comments and layout
+
+
+def _comments(text: str) -> tuple[tuple[ast.Comment, ...], frozenset[int]]:
+    """``#`` comments (outside strings) with their line, and the blank lines, for ``fmt``."""
+    comments: list[ast.Comment] = []
+    blanks: set[int] = set()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            blanks.add(number)
+            continue
+        in_string = False
+        for i, ch in enumerate(line):
+            if ch == '"':
+                in_string = not in_string
+            elif ch == "#" and not in_string:
+                comments.append(ast.Comment(line[i:].rstrip(), number, not line[:i].strip()))
+                break
+    return tuple(comments), frozenset(blanks)
+
+
+def parse(text: str, path: str = "<string>") -> ast.File:
+    """Parse layout text. Raises LayoutError with a located diagnostic on a syntax error."""
+    try:
+        tree = parser().parse(text, start="start")
+    except UnexpectedInput as e:
+        raise LayoutError([_syntax_diagnostic(e, text, path)], text) from None
+    except lark.exceptions.LarkError as e:  # pragma: no cover - lark internals
+        raise LayoutError([Diagnostic("E001", str(e), Span(path, 1, 1))], text) from None
+    try:
+        file: ast.File = _Build(path, text).transform(tree)
+    except lark.exceptions.VisitError as e:
+        if isinstance(e.orig_exc, LayoutError):
+            raise e.orig_exc from None
+        raise
+    from dataclasses import replace
+
+    comments, blanks = _comments(text)
+    return replace(file, comments=comments, blank_before=blanks)
+
+
+def parse_expr(text: str, path: str = "<string>") -> ast.Expr:
+    """Parse one integer expression (used for ``--set NAME=EXPR`` overrides)."""
+    try:
+        tree = parser().parse(text, start="expr")
+    except UnexpectedInput as e:
+        raise LayoutError([_syntax_diagnostic(e, text, path)], text) from None
+    result: ast.Expr = _Build(path, text).transform(tree)
+    return result
