@@ -8,7 +8,6 @@ knows what a mesh axis or a ZeRO stage means; that is the checker's job.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 from layoutc.errors import NO_SPAN, Span
 
@@ -86,7 +85,7 @@ class Tuple:
     span: Span = _span()
 
 
-Expr = Union[Int, Size, Name, Call, Paren, BinOp, Neg, Tuple]
+Expr = Int | Size | Name | Call | Paren | BinOp | Neg | Tuple
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ class Sized:
     span: Span = _span()
 
 
-Dim = Union[Expr, Sized]
+Dim = Expr | Sized
 
 
 # ---------------------------------------------------------------- names
@@ -240,9 +239,9 @@ class Store:
     span: Span = _span()
 
 
-Statement = Union[
-    Mesh, Let, Dtype, Pipeline, Optimizer, Zero, Entry, Loop, Group, Tie, Offload, Store
-]
+Statement = (
+    Mesh | Let | Dtype | Pipeline | Optimizer | Zero | Entry | Loop | Group | Tie | Offload | Store
+)
 
 
 @dataclass(frozen=True)

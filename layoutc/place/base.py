@@ -1,0 +1,115 @@
+"""What every storage format answers about a layout: the shard map's interface.
+
+A :class:`Placement` is the shard map of one layout in one format. For each stored tensor
+and state (``weight`` — the tensor in its own dtype, ``master`` — the optimizer's
+high-precision copy, each optimizer state, ``step``) it says which slices exist, how many
+copies of each slice are stored, and for a range of a slice's elements which runs of which
+stored buffers hold them. Per-rank detail is computed on demand, so a 65,536-rank layout
+costs no more to describe than its arithmetic: counts are closed forms, lists are lazy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from functools import cached_property
+
+from layoutc import ir
+from layoutc.place.shards import MASTER, STEP, WEIGHT, Run, Slice, StoredBuffer
+
+
+class Placement:
+    format: str = ""
+
+    def __init__(self, layout: ir.Layout) -> None:
+        self.layout = layout
+        self.mesh = layout.mesh
+
+    # -------------------------------------------------------------- tensors and states
+
+    @cached_property
+    def tensors(self) -> tuple[ir.Tensor, ...]:
+        """Tensors with storage of their own: every declared tensor except tie aliases."""
+        aliases = self.layout.tie_source
+        return tuple(t for t in self.layout.tensors if t.name not in aliases)
+
+    @cached_property
+    def trainable(self) -> tuple[ir.Tensor, ...]:
+        return tuple(t for t in self.tensors if t.trainable)
+
+    def optimizer_states(self, t: ir.Tensor) -> tuple[str, ...]:
+        opt = self.layout.optimizer
+        if opt is None or not t.trainable:
+            return ()
+        out: list[str] = []
+        if opt.master:
+            out.append(MASTER)
+        out.extend(opt.states)
+        if opt.step:
+            out.append(STEP)
+        return tuple(out)
+
+    def states(self, t: ir.Tensor) -> tuple[str, ...]:
+        """States of ``t`` stored in this format."""
+        return (WEIGHT, *self.optimizer_states(t))
+
+    def dtype(self, t: ir.Tensor, state: str) -> str:
+        opt = self.layout.optimizer
+        if state == WEIGHT:
+            return t.dtype
+        if state == STEP:
+            return "fp32"
+        return (opt.master if opt and opt.master else None) or "fp32"
+
+    # -------------------------------------------------------------- geometry
+
+    def slices(self, t: ir.Tensor, state: str) -> tuple[Slice, ...]:
+        raise NotImplementedError
+
+    def copies(self, t: ir.Tensor, state: str) -> int:
+        """How many stored copies each slice has (replicas over axes it is not split over)."""
+        return 1
+
+    def runs(self, t: ir.Tensor, state: str, sl: Slice, copy: int, lo: int, hi: int) -> list[Run]:
+        """Where elements ``[lo, hi)`` of slice ``sl`` (row-major) are stored in copy ``copy``."""
+        raise NotImplementedError
+
+    def count_runs(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
+        """``len(runs(...))`` without building them (the same for every copy)."""
+        return len(self.runs(t, state, sl, 0, lo, hi))
+
+    # -------------------------------------------------------------- files
+
+    def files(self) -> Iterator[str]:
+        raise NotImplementedError
+
+    def file_count(self) -> int:
+        return sum(1 for _ in self.files())
+
+    def buffers(self) -> Iterator[StoredBuffer]:
+        """Every stored buffer that holds tensor data (for coverage checks)."""
+        raise NotImplementedError
+
+    def pads(self) -> Iterator[Run]:
+        """Ranges of stored buffers that hold padding, not data: written as zeros."""
+        return iter(())
+
+    def pad_numel(self) -> int:
+        return sum(r.numel for r in self.pads())
+
+    # -------------------------------------------------------------- summary
+
+    def state_bytes(self, t: ir.Tensor, state: str) -> int:
+        """Bytes of one full copy of ``state`` of ``t`` (logical elements, no padding)."""
+        numel = 1 if state == STEP else t.numel
+        return numel * ir.DTYPE_BYTES[self.dtype(t, state)]
+
+    def total_bytes(self) -> int:
+        return sum(self.state_bytes(t, s) for t in self.tensors for s in self.states(t))
+
+    def describe(self) -> str:
+        return f"{self.format} ({self.layout.name}, {self.mesh.world} ranks)"
+
+
+def prod(values: Iterator[int] | list[int] | tuple[int, ...]) -> int:
+    return math.prod(values)

@@ -1,0 +1,522 @@
+"""The shard map of a layout stored as a DeepSpeed checkpoint.
+
+File names and keys follow DeepSpeed 0.19 (see docs/formats.md):
+
+* model states: ``mp_rank_{MP:02d}_model_states.pt`` (ZeRO 0/1/2) or
+  ``zero_pp_rank_{DP}_mp_rank_{MP:02d}_model_states.pt`` (ZeRO-3, one per data-parallel
+  rank); weights under ``module/<name>``. With a pipeline, weights live in
+  ``layer_{L:02d}[-model_{TP:02d}]-model_states.pt`` under ``<param>``, where a parameter is
+  named ``<L>.<param>``.
+* optimizer states: ``[bf16_]zero_pp_rank_{DP}_mp_rank_{MP:02d}_optim_states.pt``: ZeRO 1/2
+  (and the bf16 optimizer) keep one flat buffer per param group and partition it over the
+  data-parallel ranks (:class:`~layoutc.place.zero.FlatGroup`); ZeRO-3 partitions each
+  parameter and groups the pieces in sub-groups (:class:`~layoutc.place.zero.Stage3Group`).
+  ZeRO-0 keeps a plain torch optimizer state inside the model-states file.
+
+MP is the pp-major index over the pipeline axis and the model-parallel axes; DP is the
+index over the ZeRO axes. Keys are ``/``-joined paths into the pickled dict. Tie aliases
+are not stored separately (DeepSpeed shares the storage); frozen parameters are stored
+where DeepSpeed stores them for the ZeRO stage (ZeRO-2 also in
+``frozen_param_fragments``; ZeRO-3 only there, partitioned). Refused, as
+:class:`~layoutc.errors.Unsupported`: fp16 without ZeRO, ZeRO-2/3 with a pipeline,
+tensors split over a ZeRO axis (DeepSpeed's expert files), pipeline parameter names that
+do not start with a layer index.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
+from layoutc import ir
+from layoutc.errors import Unsupported
+from layoutc.place.base import Placement
+from layoutc.place.shards import (
+    MASTER,
+    STEP,
+    WEIGHT,
+    RankSet,
+    Run,
+    Slice,
+    StoredBuffer,
+    iter_coords,
+    scalar_slice,
+    slices_of,
+)
+from layoutc.place.zero import FlatGroup, Stage3Group
+
+_LAYER = re.compile(r"^(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class _Member:
+    """Where one trainable tensor sits in the optimizer of its stage."""
+
+    group: int  # flat group (ZeRO 1/2) or param group (ZeRO-3) index on its stage
+    index: int  # position inside that group
+    flat: FlatGroup | None
+    stage3: Stage3Group | None
+    first_sub_group: int  # ZeRO-3: global index of the group's first sub-group
+    param_index: int  # ZeRO-0: index in the torch optimizer's state
+
+
+class DeepSpeedPlacement(Placement):
+    format = "deepspeed"
+
+    def __init__(self, layout: ir.Layout) -> None:
+        super().__init__(layout)
+        z = layout.zero
+        self.dp_axes = z.axes
+        self.mp_axes = ((layout.pipeline,) if layout.pipeline else ()) + layout.model_axes
+        self.model_axes = layout.model_axes
+        self.bf16 = layout.dtype == "bf16"
+        opt = layout.optimizer
+        # Which optimizer DeepSpeed builds for this configuration.
+        if opt is None:
+            self.mode = "none"
+        elif z.stage == 3:
+            self.mode = "stage3"
+        elif z.stage in (1, 2) or z.bf16_optimizer or (z.stage == 0 and self.bf16):
+            self.mode = "flat"
+        elif layout.dtype == "fp16":
+            raise Unsupported(
+                f"{layout.source}: fp16 without ZeRO uses DeepSpeed's FP16_Optimizer, whose "
+                "checkpoint layout layoutc does not place yet; use zero 1 or higher"
+            )
+        else:
+            self.mode = "plain"
+        if layout.pipeline and layout.stages > 1 and z.stage >= 2:
+            raise Unsupported(
+                f"{layout.source}: DeepSpeed refuses ZeRO-{z.stage} with pipeline parallelism; use zero 0 or 1"
+            )
+        experts = [t.name for t in self.trainable if set(t.split_axes) & set(self.dp_axes)]
+        if experts:
+            raise Unsupported(
+                f"{layout.source}: {experts[0]} is split over a ZeRO axis (an expert tensor); "
+                "DeepSpeed stores experts in per-expert files, which layoutc does not place yet. "
+                "Use store universal, safetensors or torch for this layout"
+            )
+        self.layer_files = bool(layout.pipeline and layout.stages > 1)
+        if self.layer_files:
+            bad = [t.name for t in self.tensors if not _LAYER.match(t.name)]
+            if bad:
+                raise Unsupported(
+                    f"{layout.source}: a DeepSpeed pipeline names parameters <layer>.<param>; "
+                    f"{bad[0]}"
+                    + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                    + " do not start with a layer index"
+                )
+        self.prefix = "bf16_" if self.bf16 and self.mode in ("flat", "stage3") else ""
+
+    # -------------------------------------------------------------- states
+
+    def states(self, t: ir.Tensor) -> tuple[str, ...]:
+        opt = self.optimizer_states(t)
+        if self.mode == "plain":
+            opt = tuple(s for s in opt if s != MASTER)  # the fp32 weights are the master
+        weight = () if (self.mode == "stage3" and t.trainable) else (WEIGHT,)
+        return (*weight, *opt)
+
+    # -------------------------------------------------------------- names
+
+    def _mp(self, coords: dict[str, int]) -> int:
+        return self.mesh.index(self.mp_axes, coords)
+
+    def _dp(self, coords: dict[str, int]) -> int:
+        return self.mesh.index(self.dp_axes, coords)
+
+    def model_file(self, coords: dict[str, int]) -> str:
+        mp = self._mp(coords)
+        if self.mode == "stage3" or (self.layout.zero.stage == 3):
+            return f"zero_pp_rank_{self._dp(coords)}_mp_rank_{mp:02d}_model_states.pt"
+        return f"mp_rank_{mp:02d}_model_states.pt"
+
+    def optim_file(self, coords: dict[str, int]) -> str:
+        return f"{self.prefix}zero_pp_rank_{self._dp(coords)}_mp_rank_{self._mp(coords):02d}_optim_states.pt"
+
+    def layer_file(self, name: str, coords: dict[str, int]) -> tuple[str, str]:
+        m = _LAYER.match(name)
+        assert m is not None
+        model = ""
+        if self.model_axes:
+            model = f"-model_{self.mesh.index(self.model_axes, coords):02d}"
+        return f"layer_{int(m.group(1)):02d}{model}-model_states.pt", m.group(2)
+
+    # -------------------------------------------------------------- optimizer groups
+
+    def _stage_of(self, t: ir.Tensor) -> int:
+        return t.stage if self.layout.pipeline else 0
+
+    @cached_property
+    def _members(self) -> dict[str, _Member]:
+        """Flat groups per pipeline stage: the trainable tensors of each param group, in order.
+
+        DeepSpeed drops param groups with no parameters, so group numbers count only the
+        non-empty groups of the stage."""
+        out: dict[str, _Member] = {}
+        stages = sorted({self._stage_of(t) for t in self.trainable})
+        sub_group_base = 0
+        for stage in stages:
+            on_stage = [t for t in self.trainable if self._stage_of(t) == stage]
+            param_index = 0
+            g = 0
+            sub_group_base = 0
+            for name in self.layout.groups:
+                members = [t for t in on_stage if t.group == name]
+                if not members:
+                    continue
+                numels = tuple(t.local_numel for t in members)
+                parts = self.mesh.size(*(a for a in self.dp_axes if a not in members[0].split_axes))
+                flat = FlatGroup(numels, parts) if self.mode == "flat" else None
+                s3 = (
+                    Stage3Group(numels, parts, self.layout.zero.sub_group_size)
+                    if self.mode == "stage3"
+                    else None
+                )
+                for i, t in enumerate(members):
+                    out[t.name] = _Member(g, i, flat, s3, sub_group_base, param_index)
+                    param_index += 1
+                if s3 is not None:
+                    sub_group_base += len(s3.sub_groups)
+                g += 1
+        return out
+
+    def partition_axes(self, t: ir.Tensor) -> tuple[str, ...]:
+        return tuple(a for a in self.dp_axes if a not in t.split_axes)
+
+    # -------------------------------------------------------------- geometry
+
+    def slices(self, t: ir.Tensor, state: str) -> tuple[Slice, ...]:
+        if state == STEP:
+            return (scalar_slice(),)
+        return slices_of(t, self.mesh)
+
+    def copy_axes(self, t: ir.Tensor, state: str) -> tuple[str, ...]:
+        """Axes over which each slice is stored again (replicas)."""
+        split = set(t.split_axes)
+        model = tuple(a for a in self.model_axes if a not in split)
+        if state == STEP:
+            model = self.model_axes
+            if self.mode in ("flat", "stage3"):
+                return model + self.dp_axes  # every partition's file records the step
+            return model
+        if state == WEIGHT and self.layout.zero.stage == 3 and t.kind == ir.BUFFER:
+            return model + tuple(a for a in self.dp_axes if a not in split)
+        return model
+
+    def copies(self, t: ir.Tensor, state: str) -> int:
+        return self.mesh.size(*self.copy_axes(t, state))
+
+    def _coords(self, t: ir.Tensor, state: str, sl: Slice, copy: int) -> dict[str, int]:
+        coords = dict(sl.coords)
+        coords.update(self.mesh.unindex(self.copy_axes(t, state), copy))
+        if self.layout.pipeline:
+            coords[self.layout.pipeline] = self._stage_of(t)
+        return coords
+
+    def runs(self, t: ir.Tensor, state: str, sl: Slice, copy: int, lo: int, hi: int) -> list[Run]:
+        coords = self._coords(t, state, sl, copy)
+        dtype = self.dtype(t, state)
+        if state == WEIGHT:
+            if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
+                return self._stage3_frozen(t, coords, lo, hi, dtype)
+            file, key = self._weight_location(t, coords)
+            return [Run(file, key, lo, lo, hi - lo, dtype)]
+        m = self._members[t.name]
+        if state == STEP:
+            key = self._state_key(m, STEP)
+            file = (
+                self.optim_file(coords)
+                if self.mode in ("flat", "stage3")
+                else self.model_file(coords)
+            )
+            return [Run(file, key, 0, 0, 1, dtype)]
+        if self.mode == "plain":
+            return [Run(self.model_file(coords), self._state_key(m, state), lo, lo, hi - lo, dtype)]
+        part_axes = self.partition_axes(t)
+        key = self._state_key(m, state)
+        out = []
+        if self.mode == "flat":
+            assert m.flat is not None
+            frags = m.flat.locate(m.index, lo, hi)
+        else:
+            assert m.stage3 is not None
+            frags = m.stage3.locate(m.index, lo, hi)
+        for f in frags:
+            fc = dict(coords)
+            fc.update(self.mesh.unindex(part_axes, f.rank))
+            out.append(
+                Run(self.optim_file(fc), key, f.buffer_offset, f.param_offset, f.numel, dtype)
+            )
+        return out
+
+    def count_runs(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
+        if state == WEIGHT:
+            if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
+                pn = -(-t.local_numel // self.mesh.size(*self.partition_axes(t)))
+                return (hi - 1) // pn - lo // pn + 1 if hi > lo else 0
+            return 1
+        if state == STEP or self.mode == "plain":
+            return 1
+        m = self._members[t.name]
+        group = m.flat if self.mode == "flat" else m.stage3
+        assert group is not None
+        return group.count(m.index, lo, hi)
+
+    def _weight_location(self, t: ir.Tensor, coords: dict[str, int]) -> tuple[str, str]:
+        if self.layer_files:
+            return self.layer_file(t.name, coords)
+        return self.model_file(coords), f"module/{t.name}"
+
+    def _state_key(self, m: _Member, state: str) -> str:
+        if self.mode == "plain":
+            return f"optimizer/state/{m.param_index}/{state}"
+        if self.mode == "stage3":
+            assert m.stage3 is not None
+            s = m.first_sub_group + m.stage3.sub_group_of(m.index)
+            if state == MASTER:
+                return f"optimizer_state_dict/fp32_flat_groups/{s}"
+            return f"optimizer_state_dict/optimizer_state_dict/state/{s}/{state}"
+        if state == MASTER:
+            return f"optimizer_state_dict/single_partition_of_fp32_groups/{m.group}"
+        return f"optimizer_state_dict/base_optimizer_state/state/{m.group}/{state}"
+
+    def _stage3_frozen(
+        self, t: ir.Tensor, coords: dict[str, int], lo: int, hi: int, dtype: str
+    ) -> list[Run]:
+        axes = self.partition_axes(t)
+        parts = self.mesh.size(*axes)
+        pn = -(-t.local_numel // parts)
+        out = []
+        r = lo // pn
+        while r * pn < hi:
+            a, b = max(lo, r * pn), min(hi, (r + 1) * pn)
+            fc = dict(coords)
+            fc.update(self.mesh.unindex(axes, r))
+            out.append(
+                Run(
+                    self.model_file(fc),
+                    f"frozen_param_fragments/{t.name}",
+                    a - r * pn,
+                    a,
+                    b - a,
+                    dtype,
+                )
+            )
+            r += 1
+        return out
+
+    # -------------------------------------------------------------- files and buffers
+
+    def _mp_coords(self) -> Iterator[dict[str, int]]:
+        return iter_coords(self.mesh, self.mp_axes)
+
+    def files(self) -> Iterator[str]:
+        for mp in self._mp_coords():
+            if self.layout.zero.stage == 3:
+                for dp in iter_coords(self.mesh, self.dp_axes):
+                    yield self.model_file({**mp, **dp})
+            else:
+                yield self.model_file(mp)
+        if self.mode in ("flat", "stage3"):
+            for mp in self._mp_coords():
+                for dp in iter_coords(self.mesh, self.dp_axes):
+                    yield self.optim_file({**mp, **dp})
+        if self.layer_files:
+            seen: set[str] = set()
+            for t in self.tensors:
+                for sl in self.slices(t, WEIGHT):
+                    for c in range(self.copies(t, WEIGHT)):
+                        f, _ = self._weight_location(t, self._coords(t, WEIGHT, sl, c))
+                        if f not in seen:
+                            seen.add(f)
+                            yield f
+
+    def file_count(self) -> int:
+        mp = self.mesh.size(*self.mp_axes)
+        dp = self.mesh.size(*self.dp_axes)
+        n = mp * dp if self.layout.zero.stage == 3 else mp
+        if self.mode in ("flat", "stage3"):
+            n += mp * dp
+        if self.layer_files:
+            layers = {
+                (_LAYER.match(t.name) or re.match("(.*)", t.name)).group(1) for t in self.tensors
+            }  # type: ignore[union-attr]
+            n += len(layers) * self.mesh.size(*self.model_axes)
+        return n
+
+    def buffers(self) -> Iterator[StoredBuffer]:
+        # weights and frozen / buffer tensors
+        for t in self.tensors:
+            if WEIGHT not in self.states(t):
+                continue
+            dtype = self.dtype(t, WEIGHT)
+            for sl in self.slices(t, WEIGHT):
+                for c in range(self.copies(t, WEIGHT)):
+                    coords = self._coords(t, WEIGHT, sl, c)
+                    if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
+                        axes = self.partition_axes(t)
+                        pn = -(-t.local_numel // self.mesh.size(*axes))
+                        for r in range(self.mesh.size(*axes)):
+                            fc = {**coords, **self.mesh.unindex(axes, r)}
+                            yield StoredBuffer(
+                                self.model_file(fc),
+                                f"frozen_param_fragments/{t.name}",
+                                dtype,
+                                (pn,),
+                            )
+                        continue
+                    f, k = self._weight_location(t, coords)
+                    yield StoredBuffer(f, k, dtype, sl.shape)
+        yield from self._optimizer_buffers()
+
+    def _optimizer_buffers(self) -> Iterator[StoredBuffer]:
+        if self.mode == "none":
+            return
+        opt = self.layout.optimizer
+        assert opt is not None
+        state_names = [s for s in (MASTER, *opt.states) if s != MASTER or opt.master]
+        if self.mode == "plain":
+            for t in self.trainable:
+                for sl in self.slices(t, WEIGHT):
+                    for c in range(self.copies(t, WEIGHT)):
+                        coords = self._coords(t, WEIGHT, sl, c)
+                        m = self._members[t.name]
+                        for s in opt.states:
+                            yield StoredBuffer(
+                                self.model_file(coords),
+                                self._state_key(m, s),
+                                self.dtype(t, s),
+                                sl.shape,
+                            )
+                        if opt.step:
+                            yield StoredBuffer(
+                                self.model_file(coords), self._state_key(m, STEP), "fp32", ()
+                            )
+            return
+        # one flat buffer per (group or sub-group, state) in every optimizer file
+        seen: dict[tuple[int, int], list[tuple[_Member, ir.Tensor]]] = {}
+        for t in self.trainable:
+            m = self._members[t.name]
+            seen.setdefault((self._stage_of(t), m.group), []).append((m, t))
+        for (stage, _g), members in seen.items():
+            m, t = members[0]
+            for mp in self._mp_coords():
+                if self.layout.pipeline and mp[self.layout.pipeline] != stage:
+                    continue
+                for dp in iter_coords(self.mesh, self.dp_axes):
+                    coords = {**mp, **dp}
+                    file = self.optim_file(coords)
+                    rank = self.mesh.index(self.partition_axes(t), coords)
+                    if m.flat is not None:
+                        for s in state_names:
+                            strip = s == MASTER and not self._keeps_padding()
+                            n = m.flat.saved_numel(rank, strip) if strip else m.flat.partition_size
+                            yield StoredBuffer(file, self._state_key(m, s), self.dtype(t, s), (n,))
+                        if opt.step:
+                            yield StoredBuffer(file, self._state_key(m, STEP), "fp32", ())
+                    else:
+                        assert m.stage3 is not None
+                        for sg in range(len(m.stage3.sub_groups)):
+                            probe = _Member(
+                                m.group,
+                                m.stage3.sub_groups[sg][0],
+                                None,
+                                m.stage3,
+                                m.first_sub_group,
+                                0,
+                            )
+                            n = m.stage3.sub_group_numel(sg)
+                            for s in state_names:
+                                yield StoredBuffer(
+                                    file, self._state_key(probe, s), self.dtype(t, s), (n,)
+                                )
+                            if opt.step:
+                                yield StoredBuffer(file, self._state_key(probe, STEP), "fp32", ())
+
+    def _keeps_padding(self) -> bool:
+        """The bf16 optimizer saves its fp32 partitions whole; ZeRO 1/2 strip the padding."""
+        z = self.layout.zero
+        return z.bf16_optimizer or (z.stage == 0 and self.bf16)
+
+    def pads(self) -> Iterator[Run]:
+        """Stored elements outside every slice: flat-buffer alignment padding and the tails of
+        ZeRO-3 partitions. (Padding inside a slice, e.g. vocabulary rows, is part of the slice.)"""
+        for t in self.tensors:
+            if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
+                yield from self._frozen_pads(t)
+        if self.mode not in ("flat", "stage3"):
+            return
+        opt = self.layout.optimizer
+        assert opt is not None
+        flat_states = [s for s in (MASTER, *opt.states) if s != MASTER or opt.master]
+        done: set[tuple[int, int]] = set()
+        for t in self.trainable:
+            m = self._members[t.name]
+            stage = self._stage_of(t)
+            if m.flat is not None and (stage, m.group) in done:
+                continue
+            done.add((stage, m.group))
+            for mp in self._mp_coords():
+                if self.layout.pipeline and mp[self.layout.pipeline] != stage:
+                    continue
+                for dp in iter_coords(self.mesh, self.dp_axes):
+                    coords = {**mp, **dp}
+                    rank = self.mesh.index(self.partition_axes(t), coords)
+                    file = self.optim_file(coords)
+                    if m.flat is not None:
+                        pad = m.flat.padding(rank)
+                        if pad:
+                            size = m.flat.partition_size
+                            for s in flat_states:
+                                if s == MASTER and not self._keeps_padding():
+                                    continue
+                                yield Run(
+                                    file,
+                                    self._state_key(m, s),
+                                    size - pad,
+                                    0,
+                                    pad,
+                                    self.dtype(t, s),
+                                )
+                    else:
+                        assert m.stage3 is not None
+                        pad = m.stage3.padding(m.index, rank)
+                        if pad:
+                            pn = m.stage3.partition_numel(m.index)
+                            off = m.stage3.offset_in_sub_group(m.index) + pn - pad
+                            for s in flat_states:
+                                yield Run(
+                                    file, self._state_key(m, s), off, 0, pad, self.dtype(t, s)
+                                )
+
+    def _frozen_pads(self, t: ir.Tensor) -> Iterator[Run]:
+        axes = self.partition_axes(t)
+        parts = self.mesh.size(*axes)
+        pn = -(-t.local_numel // parts)
+        for sl in self.slices(t, WEIGHT):
+            for c in range(self.copies(t, WEIGHT)):
+                coords = self._coords(t, WEIGHT, sl, c)
+                for r in range(parts):
+                    have = max(0, min(pn, t.local_numel - r * pn))
+                    if have < pn:
+                        fc = {**coords, **self.mesh.unindex(axes, r)}
+                        key = f"frozen_param_fragments/{t.name}"
+                        yield Run(
+                            self.model_file(fc), key, have, 0, pn - have, self.dtype(t, WEIGHT)
+                        )
+
+    def file_holders(self, file: str) -> RankSet:
+        """Ranks that hold a file (DeepSpeed writes model states from data-parallel rank 0)."""
+        m = re.search(r"zero_pp_rank_(\d+)_mp_rank_(\d+)", file)
+        fixed: list[tuple[str, int]] = []
+        if m:
+            fixed += list(self.mesh.unindex(self.dp_axes, int(m.group(1))).items())
+            fixed += list(self.mesh.unindex(self.mp_axes, int(m.group(2))).items())
+        else:
+            m = re.search(r"mp_rank_(\d+)", file)
+            if m:
+                fixed += list(self.mesh.unindex(self.mp_axes, int(m.group(1))).items())
+        return RankSet(tuple(fixed))

@@ -1,0 +1,142 @@
+"""Shard maps of formats that store whole tensors: universal, safetensors, torch.
+
+These formats have no topology: every tensor is one full slice (logical shape, padding and
+fusing undone) stored once.
+
+* ``universal`` — DeepSpeed's universal checkpoint: per trainable parameter
+  ``zero/<name>/fp32.pt``, ``zero/<name>/<state>.pt`` and ``zero/<name>/step.pt``, each a
+  dict whose ``param`` entry is the tensor; the 16-bit weights, frozen parameters and
+  buffers in ``mp_rank_00_model_states.pt`` under ``module/<name>``.
+* ``safetensors`` — Hugging Face layout: ``model.safetensors``, or
+  ``model-0000k-of-0000N.safetensors`` when the tensors exceed the shard size, filled in
+  declaration order; every parameter (frozen ones included) and buffer under its name.
+* ``torch`` — one ``torch.save`` state dict, ``pytorch_model.bin``.
+
+safetensors and torch hold one value per tensor: parameters are exported from the fp32
+master when the layout has one (as DeepSpeed's zero_to_fp32 does), other tensors in their
+own dtype. Tie aliases are not stored separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+
+from layoutc import ir
+from layoutc.place.base import Placement
+from layoutc.place.shards import (
+    MASTER,
+    STEP,
+    WEIGHT,
+    Run,
+    Slice,
+    StoredBuffer,
+    full_slice,
+    scalar_slice,
+)
+
+UNIVERSAL_FILES = {MASTER: "fp32"}
+
+
+class FullPlacement(Placement):
+    def slices(self, t: ir.Tensor, state: str) -> tuple[Slice, ...]:
+        if state == STEP:
+            return (scalar_slice(),)
+        return (full_slice(t.shape),)
+
+    def location(self, t: ir.Tensor, state: str) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def runs(self, t: ir.Tensor, state: str, sl: Slice, copy: int, lo: int, hi: int) -> list[Run]:
+        file, key = self.location(t, state)
+        return [Run(file, key, lo, lo, hi - lo, self.dtype(t, state))]
+
+    def count_runs(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
+        return 1
+
+    def buffers(self) -> Iterator[StoredBuffer]:
+        for t in self.tensors:
+            for s in self.states(t):
+                file, key = self.location(t, s)
+                yield StoredBuffer(file, key, self.dtype(t, s), () if s == STEP else t.shape)
+
+    def files(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for b in self.buffers():
+            if b.file not in seen:
+                seen.add(b.file)
+                yield b.file
+
+
+class UniversalPlacement(FullPlacement):
+    format = "universal"
+
+    MODEL_FILE = "mp_rank_00_model_states.pt"
+
+    def location(self, t: ir.Tensor, state: str) -> tuple[str, str]:
+        if state == WEIGHT:
+            return self.MODEL_FILE, f"module/{t.name}"
+        return f"zero/{t.name}/{UNIVERSAL_FILES.get(state, state)}.pt", "param"
+
+    def file_count(self) -> int:
+        per_param = len(self.optimizer_states(self.trainable[0])) if self.trainable else 0
+        return 1 + per_param * len(self.trainable)
+
+
+class _ExportPlacement(FullPlacement):
+    """One value per tensor: parameters from their fp32 master when there is one."""
+
+    def states(self, t: ir.Tensor) -> tuple[str, ...]:
+        return (WEIGHT,)
+
+    def dtype(self, t: ir.Tensor, state: str) -> str:
+        opt = self.layout.optimizer
+        if t.trainable and opt is not None and opt.master:
+            return opt.master
+        return t.dtype
+
+
+class SafetensorsPlacement(_ExportPlacement):
+    format = "safetensors"
+
+    @cached_property
+    def _shards(self) -> dict[str, str]:
+        """Tensor name -> file: filled in declaration order up to the shard size."""
+        limit = self.layout.store.max_shard_bytes
+        shards: list[list[str]] = [[]]
+        size = 0
+        for t in self.tensors:
+            n = self.state_bytes(t, WEIGHT)
+            if shards[-1] and size + n > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(t.name)
+            size += n
+        if len(shards) == 1:
+            return {name: "model.safetensors" for name in shards[0]}
+        total = len(shards)
+        return {
+            name: f"model-{k + 1:05d}-of-{total:05d}.safetensors"
+            for k, names in enumerate(shards)
+            for name in names
+        }
+
+    def location(self, t: ir.Tensor, state: str) -> tuple[str, str]:
+        return self._shards[t.name], t.name
+
+    def files(self) -> Iterator[str]:
+        yield from dict.fromkeys(self._shards.values())
+        if len(set(self._shards.values())) > 1:
+            yield "model.safetensors.index.json"
+
+
+class TorchPlacement(_ExportPlacement):
+    format = "torch"
+
+    FILE = "pytorch_model.bin"
+
+    def location(self, t: ir.Tensor, state: str) -> tuple[str, str]:
+        return self.FILE, t.name
+
+    def file_count(self) -> int:
+        return 1
