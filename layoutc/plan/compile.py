@@ -1,0 +1,667 @@
+"""Compile two shard maps into a plan. The only place layoutc makes decisions.
+
+For every state of every stored tensor of the target the planner picks a source (the same
+state; else the fp32 master for an fp32 export; else a cast of the other copy; else zeros
+for a fresh optimizer state, with a warning), then a mode:
+
+* ``direct`` — source and target slice the tensor the same way: each slice is gathered
+  from its source runs and written to its target runs, no merge.
+* ``ram``    — slices are gathered, merged into the logical tensor, split into the target's
+  slices and written.
+* ``spill``  — the tensor does not fit the memory budget: source slices stream through the
+  swap tier in chunks (swap out places each chunk in the logical tensor on disk), then the
+  target slices stream back (swap in) and are written. Memory stays within the budget.
+* ``fill``   — no source: zeros are written.
+
+A last unit writes zeros over the target's padding (flat-buffer alignment, ZeRO-3 tails).
+Replicated source data is read from one copy, chosen round-robin so reads spread across
+files; replicated target data is written to every copy. Units are assigned to workers
+largest-first onto the least-loaded worker (by bytes moved).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, replace
+
+from layoutc import ir
+from layoutc.errors import Diagnostic, LayoutError, Span
+from layoutc.place import Placement, place
+from layoutc.place.shards import MASTER, STEP, WEIGHT, Box, Slice, pad_ranges
+from layoutc.plan import ops as O
+from layoutc.plan.plan import Endpoint, Plan, Stats, Unit
+
+
+@dataclass(frozen=True)
+class _Route:
+    src: ir.Tensor
+    dst: ir.Tensor
+    state: str
+    source_state: str | None
+    src_dtype: str
+    dst_dtype: str
+
+    @property
+    def cast(self) -> str | None:
+        if self.source_state is None or self.src_dtype == self.dst_dtype:
+            return None
+        return f"{self.src_dtype}->{self.dst_dtype}"
+
+
+def _isz(dtype: str) -> int:
+    return ir.DTYPE_BYTES[dtype]
+
+
+def _row_len(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return n
+
+
+def _data_rows(sl: Slice) -> list[tuple[int, int]]:
+    """Local row intervals of a slice that hold data (merged)."""
+    if not sl.shape:
+        return [(0, 1)]
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(seg.local[0] for seg in sl.segments):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _shift(box: Box, dim0: int) -> Box:
+    if not box:
+        return box
+    return ((box[0][0] - dim0, box[0][1] - dim0), *box[1:])
+
+
+def _same_geometry(a: tuple[Slice, ...], b: tuple[Slice, ...]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.segments == y.segments for x, y in zip(a, b, strict=True)
+    )
+
+
+class Compiler:
+    def __init__(
+        self, source: Placement, target: Placement, budget: int | None, workers: int
+    ) -> None:
+        self.S = source
+        self.T = target
+        self.budget = budget
+        self.workers = max(1, workers)
+        self.warnings: list[str] = []
+
+    # -------------------------------------------------------------- routes
+
+    def routes(self) -> list[_Route]:
+        S, T = self.S, self.T
+        src_by_name = {t.name: t for t in S.tensors}
+        aliases = S.layout.tie_source
+        diags: list[Diagnostic] = []
+        out: list[_Route] = []
+        step_seen: set[tuple[str, str]] = set()
+        fresh: dict[str, int] = {}
+        for tt in T.tensors:
+            name = aliases.get(tt.name, tt.name) if tt.name not in src_by_name else tt.name
+            st = src_by_name.get(name)
+            if st is None:
+                diags.append(
+                    Diagnostic(
+                        "E201",
+                        f"the target declares {tt.name}, which the source layout {S.layout.name} does not have",
+                        tt.span,
+                    )
+                )
+                continue
+            if st.shape != tt.shape:
+                diags.append(
+                    Diagnostic(
+                        "E202",
+                        f"{tt.name} has shape {list(st.shape)} in {S.layout.name} but {list(tt.shape)} in {T.layout.name}",
+                        tt.span,
+                    )
+                )
+                continue
+            have = S.states(st)
+            for state in T.states(tt):
+                if state == STEP:
+                    first = T.runs(tt, STEP, T.slices(tt, STEP)[0], 0, 0, 1)[0]
+                    if (first.file, first.key) in step_seen:
+                        continue  # one step per optimizer group in the target
+                    step_seen.add((first.file, first.key))
+                ss = self._source_state(st, tt, state, have)
+                if ss is None:
+                    fresh[state] = fresh.get(state, 0) + 1
+                out.append(
+                    _Route(
+                        st,
+                        tt,
+                        state,
+                        ss,
+                        S.dtype(st, ss) if ss else T.dtype(tt, state),
+                        T.dtype(tt, state),
+                    )
+                )
+        if diags:
+            raise LayoutError(diags)
+        for state, n in sorted(fresh.items()):
+            what = "0" if state == STEP else "zeros"
+            self.warnings.append(
+                f"the source has no {state} for {n} tensor(s): the target gets a fresh {state} ({what})"
+            )
+        dropped = [
+            t.name
+            for t in S.tensors
+            if t.name not in T.layout.by_name and t.name not in T.layout.tie_source
+        ]
+        if dropped:
+            self.warnings.append(
+                f"{len(dropped)} source tensor(s) are not in the target and are not copied: "
+                + ", ".join(dropped[:5])
+                + (" ..." if len(dropped) > 5 else "")
+            )
+        return out
+
+    def _source_state(
+        self, st: ir.Tensor, tt: ir.Tensor, state: str, have: tuple[str, ...]
+    ) -> str | None:
+        want = self.T.dtype(tt, state)
+        if state == WEIGHT:
+            if MASTER in have and self.S.dtype(st, MASTER) == want:
+                return MASTER  # export the fp32 master, not a cast of the 16-bit copy
+            if WEIGHT in have:
+                return WEIGHT
+            return MASTER if MASTER in have else None
+        if state == MASTER:
+            if MASTER in have:
+                return MASTER
+            if WEIGHT in have:
+                if _isz(self.S.dtype(st, WEIGHT)) < _isz(want):
+                    self.warnings.append(
+                        f"{st.name}: no fp32 master in the source; the master is cast from {self.S.dtype(st, WEIGHT)} weights"
+                    )
+                return WEIGHT
+            return None
+        return state if state in have else None
+
+    # -------------------------------------------------------------- units
+
+    def units(self) -> list[Unit]:
+        units = [self._unit(i, r) for i, r in enumerate(self.routes())]
+        pad = self._pad_unit(len(units))
+        if pad is not None:
+            units.append(pad)
+        return self._assign(units)
+
+    def _copy(self, uid: int, t: ir.Tensor, state: str) -> int:
+        return uid % self.S.copies(t, state)
+
+    def _unit(self, uid: int, r: _Route) -> Unit:
+        S, T = self.S, self.T
+        dst = T.slices(r.dst, r.state)
+        copies = T.copies(r.dst, r.state)
+        out_bytes = _isz(r.dst_dtype)
+        write_bytes = sum(s.numel for s in dst) * copies * out_bytes
+        writes = sum(T.count_runs(r.dst, r.state, s, 0, s.numel) for s in dst) * copies
+        where = f"{T.format} {self._where(T, r.dst, r.state, dst[0])}"
+        if r.source_state is None:
+            stats = Stats(writes=writes, write_bytes=write_bytes)
+            return Unit(uid, r.dst.name, r.state, None, "fill", stats, route=f"zeros -> {where}")
+        src = S.slices(r.src, r.source_state)
+        in_bytes = _isz(r.src_dtype)
+        reads = 0
+        read_elems = 0
+        for s in src:
+            for a, b in _data_rows(s):
+                rl = _row_len(s.shape)
+                reads += S.count_runs(r.src, r.source_state, s, a * rl, b * rl)
+                read_elems += (b - a) * rl
+        read_bytes = read_elems * in_bytes
+        came = f"{S.format} {self._where(S, r.src, r.source_state, src[0])}"
+        route = f"{r.source_state} from {came} -> {where}"
+        logical = r.src.numel if r.state != STEP else 1
+        fits = self.budget is None
+        if _same_geometry(src, dst):
+            # slice by slice: reads, gather, writes (padding rows written as zeros)
+            peak = max((s.numel * (in_bytes + out_bytes) for s in src), default=0)
+            if not fits and peak > (self.budget or 0):
+                return self._spill_unit(uid, r, src, dst, route, write_bytes, copies)
+            pad_writes = sum(len(pad_ranges(s)) for s in dst) * copies
+            stats = Stats(
+                reads=reads,
+                gathers=sum(len(_data_rows(s)) for s in src),
+                writes=writes + pad_writes,
+                read_bytes=read_bytes,
+                write_bytes=write_bytes,
+                peak_bytes=peak,
+            )
+            return Unit(
+                uid, r.dst.name, r.state, r.source_state, "direct", stats, cast=r.cast, route=route
+            )
+        sum_src = sum(s.numel for s in src) * in_bytes
+        max_src = max(s.numel for s in src) * in_bytes
+        band = logical * out_bytes
+        sum_dst = sum(s.numel for s in dst) * out_bytes
+        peak = max(sum_src + max_src, sum_src + band, band + sum_dst)
+        if fits or peak <= (self.budget or 0):
+            stats = Stats(
+                reads=reads,
+                gathers=sum(len(_data_rows(s)) for s in src),
+                merges=1,
+                splits=1,
+                writes=writes,
+                read_bytes=read_bytes,
+                write_bytes=write_bytes,
+                peak_bytes=peak,
+            )
+            return Unit(
+                uid, r.dst.name, r.state, r.source_state, "ram", stats, cast=r.cast, route=route
+            )
+        return self._spill_unit(uid, r, src, dst, route, write_bytes, copies)
+
+    def _chunk(self, r: _Route) -> int:
+        assert self.budget is not None
+        per = 2 * max(_isz(r.src_dtype), _isz(r.dst_dtype))
+        return max(1, self.budget // per)
+
+    def _chunks(self, lo: int, hi: int, chunk: int) -> list[tuple[int, int]]:
+        return [(a, min(hi, a + chunk)) for a in range(lo, hi, chunk)]
+
+    def _spill_unit(
+        self,
+        uid: int,
+        r: _Route,
+        src: tuple[Slice, ...],
+        dst: tuple[Slice, ...],
+        route: str,
+        write_bytes: int,
+        copies: int,
+    ) -> Unit:
+        S, T = self.S, self.T
+        assert r.source_state is not None
+        chunk = self._chunk(r)
+        reads = gathers = swaps = writes = 0
+        read_bytes = 0
+        swap_bytes = 0
+        for s in src:
+            rl = _row_len(s.shape)
+            for a, b in _data_rows(s):
+                for lo, hi in self._chunks(a * rl, b * rl, chunk):
+                    n = S.count_runs(r.src, r.source_state, s, lo, hi)
+                    reads += n
+                    gathers += 1 if n > 1 else 0
+                    swaps += 1
+                    read_bytes += (hi - lo) * _isz(r.src_dtype)
+                    swap_bytes += (hi - lo) * _isz(r.dst_dtype)
+        for s in dst:
+            for lo, hi in self._chunks(0, s.numel, chunk):
+                swaps += 1
+                swap_bytes += (hi - lo) * _isz(r.dst_dtype)
+                writes += T.count_runs(r.dst, r.state, s, lo, hi) * copies
+        peak = chunk * 2 * max(_isz(r.src_dtype), _isz(r.dst_dtype))
+        self.warnings.append(
+            f"{r.dst.name} {r.state} ({r.src.numel * _isz(r.dst_dtype)} bytes) does not fit the memory budget; "
+            f"it streams through the swap tier in chunks of {chunk} elements"
+        )
+        stats = Stats(
+            reads=reads,
+            gathers=gathers,
+            swaps=swaps,
+            writes=writes,
+            read_bytes=read_bytes,
+            write_bytes=write_bytes,
+            swap_bytes=swap_bytes,
+            peak_bytes=min(peak, self.budget or peak),
+        )
+        return Unit(
+            uid,
+            r.dst.name,
+            r.state,
+            r.source_state,
+            "spill",
+            stats,
+            cast=r.cast,
+            route=route + " via swap",
+        )
+
+    def _pad_unit(self, uid: int) -> Unit | None:
+        count = numel = nbytes = 0
+        for p in self.T.pads():
+            count += 1
+            numel += p.numel
+            nbytes += p.numel * _isz(p.dtype)
+        if not count:
+            return None
+        stats = Stats(writes=count, write_bytes=nbytes)
+        return Unit(
+            uid,
+            "(padding)",
+            "pad",
+            None,
+            "fill",
+            stats,
+            route=f"zeros -> {count} padding ranges of {self.T.format}",
+        )
+
+    def _where(self, placement: Placement, t: ir.Tensor, state: str, sl: Slice) -> str:
+        n = len(placement.slices(t, state))
+        runs = placement.runs(t, state, sl, 0, 0, max(1, sl.numel) if sl.shape else 1)
+        first = runs[0] if runs else None
+        key = f"{first.file}:{first.key}" if first else "?"
+        more = (
+            f" (+{placement.count_runs(t, state, sl, 0, sl.numel if sl.shape else 1) - 1} runs)"
+            if len(runs) > 1
+            else ""
+        )
+        slices = f"{n} slices, " if n > 1 else ""
+        return f"[{slices}{key}{more}]"
+
+    def _assign(self, units: list[Unit]) -> list[Unit]:
+        heap = [(0, w) for w in range(self.workers)]
+        assigned: dict[int, int] = {}
+        for u in sorted(units, key=lambda u: (-u.bytes, u.id)):
+            load, w = heapq.heappop(heap)
+            assigned[u.id] = w
+            heapq.heappush(heap, (load + u.bytes, w))
+        return [replace(u, worker=assigned[u.id]) for u in units]
+
+    # -------------------------------------------------------------- ops
+
+    def build(self, unit: Unit) -> tuple[O.Op, ...]:
+        """The ops of one unit, regenerated deterministically from the placements."""
+        b = _OpBuilder(unit.id)
+        if unit.state == "pad":
+            for p in self.T.pads():
+                b.write(None, 0, p.file, p.key, p.offset, p.numel, p.dtype)
+            return tuple(b.ops)
+        tt = self.T.layout.by_name[unit.tensor]
+        st_name = (
+            unit.tensor
+            if unit.tensor in self.S.layout.by_name
+            else self.S.layout.tie_source.get(unit.tensor, unit.tensor)
+        )
+        st = self.S.layout.by_name[st_name]
+        dst_dtype = self.T.dtype(tt, unit.state)
+        dst = self.T.slices(tt, unit.state)
+        copies = self.T.copies(tt, unit.state)
+        if unit.mode == "fill":
+            for s in dst:
+                for c in range(copies):
+                    for run in self.T.runs(tt, unit.state, s, c, 0, s.numel if s.shape else 1):
+                        b.write(None, 0, run.file, run.key, run.offset, run.numel, dst_dtype)
+            return tuple(b.ops)
+        ss = unit.source_state
+        assert ss is not None
+        src = self.S.slices(st, ss)
+        src_dtype = self.S.dtype(st, ss)
+        cast = f"{src_dtype}->{dst_dtype}" if src_dtype != dst_dtype else None
+        copy = self._copy(unit.id, st, ss)
+        if unit.mode == "spill":
+            return self._build_spill(
+                b, unit, st, tt, ss, src, dst, src_dtype, dst_dtype, cast, copy, copies
+            )
+        if unit.mode == "direct":
+            # slice by slice: each region is gathered, written to every copy, then dropped
+            for s, d in zip(src, dst, strict=True):
+                rl = _row_len(s.shape)
+                for a, bb in _data_rows(s):
+                    lo, hi = a * rl, bb * rl
+                    parts = [
+                        b.read(run.file, run.key, run.offset, run.numel, src_dtype)
+                        for run in self.S.runs(st, ss, s, copy, lo, hi)
+                    ]
+                    shape = (bb - a, *s.shape[1:]) if s.shape else ()
+                    buf = b.gather(parts, shape, dst_dtype, cast)
+                    for c in range(copies):
+                        for run in self.T.runs(tt, unit.state, d, c, lo, hi):
+                            b.write(
+                                buf,
+                                run.start - lo,
+                                run.file,
+                                run.key,
+                                run.offset,
+                                run.numel,
+                                dst_dtype,
+                            )
+                for lo, hi in pad_ranges(d):
+                    for c in range(copies):
+                        for run in self.T.runs(tt, unit.state, d, c, lo, hi):
+                            b.write(None, 0, run.file, run.key, run.offset, run.numel, dst_dtype)
+            return tuple(b.ops)
+        regions: list[tuple[Slice, int, str]] = []  # (slice, first row, buffer)
+        for s in src:
+            rl = _row_len(s.shape)
+            for a, bb in _data_rows(s):
+                parts = [
+                    b.read(run.file, run.key, run.offset, run.numel, src_dtype)
+                    for run in self.S.runs(st, ss, s, copy, a * rl, bb * rl)
+                ]
+                shape = (bb - a, *s.shape[1:]) if s.shape else ()
+                regions.append((s, a, b.gather(parts, shape, src_dtype, None)))
+        # ram: merge into the logical tensor, split into the target slices
+        copies_in: list[tuple[str, Box, Box]] = []
+        for s, a, buf in regions:
+            rows = _region_rows(s, a)
+            for seg in s.segments:
+                if not s.shape:
+                    copies_in.append((buf, (), ()))
+                    continue
+                lo0, hi0 = seg.local[0]
+                if lo0 >= a and hi0 <= a + rows:
+                    copies_in.append((buf, _shift(seg.local, a), seg.logical))
+        logical = b.merge(copies_in, st.shape if unit.state != STEP else (), dst_dtype, cast)
+        outs = []
+        for d in dst:
+            outs.append((d, tuple((seg.logical, seg.local) for seg in d.segments)))
+        names = b.split(logical, [(d.shape, segs) for d, segs in outs], dst_dtype)
+        for (d, _), name in zip(outs, names, strict=True):
+            for c in range(copies):
+                for run in self.T.runs(tt, unit.state, d, c, 0, d.numel if d.shape else 1):
+                    b.write(name, run.start, run.file, run.key, run.offset, run.numel, dst_dtype)
+        return tuple(b.ops)
+
+    def _build_spill(
+        self,
+        b: _OpBuilder,
+        unit: Unit,
+        st: ir.Tensor,
+        tt: ir.Tensor,
+        ss: str,
+        src: tuple[Slice, ...],
+        dst: tuple[Slice, ...],
+        src_dtype: str,
+        dst_dtype: str,
+        cast: str | None,
+        copy: int,
+        copies: int,
+    ) -> tuple[O.Op, ...]:
+        chunk = self._chunk(_Route(st, tt, unit.state, ss, src_dtype, dst_dtype))
+        path = f"swap/u{unit.id}"
+        shape = st.shape if unit.state != STEP else ()
+        for s in src:
+            rl = _row_len(s.shape)
+            segs = tuple((seg.local, seg.logical) for seg in s.segments)
+            for a, bb in _data_rows(s):
+                for lo, hi in self._chunks(a * rl, bb * rl, chunk):
+                    parts = [
+                        b.read(run.file, run.key, run.offset, run.numel, src_dtype)
+                        for run in self.S.runs(st, ss, s, copy, lo, hi)
+                    ]
+                    buf = (
+                        parts[0]
+                        if len(parts) == 1
+                        else b.gather(parts, (hi - lo,), src_dtype, None)
+                    )
+                    b.swap(
+                        buf,
+                        "out",
+                        path,
+                        s.shape,
+                        segs,
+                        shape,
+                        lo,
+                        hi - lo,
+                        src_dtype,
+                        dst_dtype,
+                        cast,
+                    )
+        for d in dst:
+            segs = tuple((seg.local, seg.logical) for seg in d.segments)
+            for lo, hi in self._chunks(0, d.numel, chunk):
+                buf = b.swap(
+                    None, "in", path, d.shape, segs, shape, lo, hi - lo, dst_dtype, dst_dtype, None
+                )
+                for c in range(copies):
+                    for run in self.T.runs(tt, unit.state, d, c, lo, hi):
+                        b.write(
+                            buf, run.start - lo, run.file, run.key, run.offset, run.numel, dst_dtype
+                        )
+        return tuple(b.ops)
+
+
+def _region_rows(s: Slice, a: int) -> int:
+    for lo, hi in _data_rows(s):
+        if lo == a:
+            return hi - lo
+    raise AssertionError((s, a))  # pragma: no cover
+
+
+class _OpBuilder:
+    def __init__(self, unit: int) -> None:
+        self.unit = unit
+        self.ops: list[O.Op] = []
+        self.n = 0
+
+    def _name(self, prefix: str) -> str:
+        self.n += 1
+        return f"u{self.unit}.{prefix}{self.n}"
+
+    def read(self, file: str, key: str, offset: int, numel: int, dtype: str) -> str:
+        out = self._name("r")
+        self.ops.append(O.Read(len(self.ops), out, file, key, offset, numel, dtype))
+        return out
+
+    def gather(self, parts: list[str], shape: tuple[int, ...], dtype: str, cast: str | None) -> str:
+        out = self._name("g")
+        self.ops.append(O.Gather(len(self.ops), out, tuple(parts), shape, dtype, cast))
+        return out
+
+    def merge(
+        self,
+        copies: list[tuple[str, Box, Box]],
+        shape: tuple[int, ...],
+        dtype: str,
+        cast: str | None,
+    ) -> str:
+        out = self._name("m")
+        self.ops.append(O.Merge(len(self.ops), out, tuple(copies), shape, dtype, cast))
+        return out
+
+    def split(
+        self, src: str, outs: list[tuple[tuple[int, ...], tuple[tuple[Box, Box], ...]]], dtype: str
+    ) -> list[str]:
+        names = [self._name("s") for _ in outs]
+        self.ops.append(
+            O.Split(
+                len(self.ops),
+                src,
+                tuple((n, shape, segs) for n, (shape, segs) in zip(names, outs, strict=True)),
+                dtype,
+            )
+        )
+        return names
+
+    def swap(
+        self,
+        buf: str | None,
+        direction: str,
+        path: str,
+        slice_shape: tuple[int, ...],
+        segments: tuple[tuple[Box, Box], ...],
+        logical_shape: tuple[int, ...],
+        start: int,
+        numel: int,
+        dtype: str,
+        file_dtype: str,
+        cast: str | None,
+    ) -> str:
+        name = buf if buf is not None else self._name("w")
+        self.ops.append(
+            O.Swap(
+                len(self.ops),
+                name,
+                direction,
+                path,
+                slice_shape,
+                segments,
+                logical_shape,
+                start,
+                numel,
+                dtype,
+                file_dtype,
+                cast,
+            )
+        )
+        return name
+
+    def write(
+        self,
+        src: str | None,
+        src_offset: int,
+        file: str,
+        key: str,
+        offset: int,
+        numel: int,
+        dtype: str,
+    ) -> None:
+        self.ops.append(O.Write(len(self.ops), src, src_offset, file, key, offset, numel, dtype))
+
+
+def target_layout(source: ir.Layout, target: ir.Layout | str) -> ir.Layout:
+    """A format name means: the source layout stored in that format."""
+    if isinstance(target, ir.Layout):
+        return target
+    if target not in ir.FORMATS:
+        raise LayoutError(
+            [
+                Diagnostic(
+                    "E203",
+                    f"unknown target `{target}`",
+                    Span("<command line>", 0, 0),
+                    "a .layout file or one of: " + ", ".join(ir.FORMATS),
+                )
+            ]
+        )
+    return source.with_store(replace(source.store, format=target))
+
+
+def compile_plan(
+    source: ir.Layout,
+    target: ir.Layout | str,
+    *,
+    memory: int | None = None,
+    workers: int = 1,
+) -> Plan:
+    """Plan moving a checkpoint stored as ``source`` into ``target`` (a layout or a format name)."""
+    tgt = target_layout(source, target)
+    S, T = place(source), place(tgt)
+    c = Compiler(S, T, memory, workers)
+    units = c.units()
+
+    def endpoint(p: Placement) -> Endpoint:
+        return Endpoint(
+            p.layout.name, p.format, p.mesh.world, p.file_count(), tuple(p.mesh.sizes.items())
+        )
+
+    return Plan(
+        endpoint(S),
+        endpoint(T),
+        tuple(units),
+        c.workers,
+        memory,
+        tuple(c.warnings),
+        builder=c.build,
+    )

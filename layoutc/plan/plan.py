@@ -1,0 +1,278 @@
+"""A plan: units of work with their statistics, and the ops each unit runs.
+
+A :class:`Unit` moves one state of one tensor (or writes the padding of the target) and
+carries closed-form statistics — ops by kind, bytes read / written / swapped, peak memory —
+so a plan for 65,536 ranks is summarised without building its ops. Ops are built on demand
+(:meth:`Plan.ops`) from the placements the plan was compiled from; a plan loaded from JSON
+carries them explicitly. Workers run their units one at a time; a runtime holds a unit's
+``peak_bytes`` from a memory budget while the unit runs, so the plan's peak never exceeds
+the budget.
+
+JSON is versioned and deterministic (sorted keys, no floats from timing, no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from layoutc.plan import ops as O
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Stats:
+    reads: int = 0
+    gathers: int = 0
+    merges: int = 0
+    splits: int = 0
+    swaps: int = 0
+    writes: int = 0
+    read_bytes: int = 0
+    write_bytes: int = 0
+    swap_bytes: int = 0
+    peak_bytes: int = 0
+
+    def ops_by_kind(self) -> dict[str, int]:
+        return {
+            "read": self.reads,
+            "gather": self.gathers,
+            "merge": self.merges,
+            "split": self.splits,
+            "swap": self.swaps,
+            "write": self.writes,
+        }
+
+    def __add__(self, o: Stats) -> Stats:
+        return Stats(
+            *(
+                getattr(self, f) + getattr(o, f)
+                for f in self.__dataclass_fields__
+                if f != "peak_bytes"
+            ),
+            peak_bytes=max(self.peak_bytes, o.peak_bytes),
+        )
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: int
+    tensor: str
+    state: str  # target state ("pad" for the target's padding)
+    source_state: str | None  # None: written from zeros (fresh state, padding)
+    mode: str  # "ram" | "direct" | "spill" | "fill"
+    stats: Stats
+    worker: int = 0
+    cast: str | None = None
+    route: str = ""  # one line: where the bytes come from and go
+    ops: tuple[O.Op, ...] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def bytes(self) -> int:
+        return self.stats.read_bytes + self.stats.write_bytes + self.stats.swap_bytes
+
+    def to_dict(self, ops: tuple[O.Op, ...] | None) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "id": self.id,
+            "tensor": self.tensor,
+            "state": self.state,
+            "source_state": self.source_state,
+            "mode": self.mode,
+            "worker": self.worker,
+            "cast": self.cast,
+            "route": self.route,
+            "stats": self.stats.__dict__.copy(),
+        }
+        if ops is not None:
+            d["ops"] = [O.to_dict(o) for o in ops]
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Unit:
+        ops = tuple(O.from_dict(o) for o in d["ops"]) if "ops" in d else None
+        return Unit(
+            d["id"],
+            d["tensor"],
+            d["state"],
+            d["source_state"],
+            d["mode"],
+            Stats(**d["stats"]),
+            d["worker"],
+            d["cast"],
+            d["route"],
+            ops,
+        )
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One side of a plan: which layout, in which format, on how many ranks."""
+
+    layout: str
+    format: str
+    world: int
+    files: int
+    mesh: tuple[tuple[str, int], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layout": self.layout,
+            "format": self.format,
+            "world": self.world,
+            "files": self.files,
+            "mesh": [[name, size] for name, size in self.mesh],
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Endpoint:
+        return Endpoint(
+            d["layout"], d["format"], d["world"], d["files"], tuple((n, s) for n, s in d["mesh"])
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: Endpoint
+    target: Endpoint
+    units: tuple[Unit, ...]
+    workers: int = 1
+    budget: int | None = None
+    warnings: tuple[str, ...] = ()
+    builder: Callable[[Unit], tuple[O.Op, ...]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    # -------------------------------------------------------------- ops
+
+    def unit_ops(self, unit: Unit) -> tuple[O.Op, ...]:
+        if unit.ops is not None:
+            return unit.ops
+        if self.builder is None:
+            raise ValueError(f"unit {unit.id} has no ops and the plan has no builder")
+        return self.builder(unit)
+
+    def ops(self) -> Iterator[tuple[Unit, O.Op]]:
+        for u in self.units:
+            for op in self.unit_ops(u):
+                yield u, op
+
+    def materialized(self) -> Plan:
+        """The same plan with every unit's ops built (what JSON holds)."""
+        return replace(self, units=tuple(replace(u, ops=self.unit_ops(u)) for u in self.units))
+
+    # -------------------------------------------------------------- summary
+
+    @property
+    def totals(self) -> Stats:
+        total = Stats()
+        for u in self.units:
+            total = total + u.stats
+        return total
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """At most one unit per worker at a time: the ``workers`` largest unit peaks, capped by the budget."""
+        peaks = sorted((u.stats.peak_bytes for u in self.units), reverse=True)[: self.workers]
+        peak = sum(peaks)
+        return min(peak, self.budget) if self.budget is not None else peak
+
+    def per_worker(self) -> list[dict[str, int]]:
+        rows = [
+            {"worker": w, "units": 0, "bytes_read": 0, "bytes_written": 0, "bytes_swapped": 0}
+            for w in range(self.workers)
+        ]
+        for u in self.units:
+            r = rows[u.worker]
+            r["units"] += 1
+            r["bytes_read"] += u.stats.read_bytes
+            r["bytes_written"] += u.stats.write_bytes
+            r["bytes_swapped"] += u.stats.swap_bytes
+        return rows
+
+    def largest(self, n: int = 10) -> list[dict[str, Any]]:
+        """The ``n`` tensors moving the most bytes, with the route of each of their states."""
+        by_tensor: dict[str, list[Unit]] = {}
+        for u in self.units:
+            if u.state != "pad":
+                by_tensor.setdefault(u.tensor, []).append(u)
+        ranked = sorted(by_tensor.items(), key=lambda kv: (-sum(u.bytes for u in kv[1]), kv[0]))[:n]
+        return [
+            {
+                "tensor": name,
+                "bytes": sum(u.bytes for u in units),
+                "routes": [
+                    {"state": u.state, "mode": u.mode, "route": u.route, "cast": u.cast}
+                    for u in units
+                ],
+            }
+            for name, units in ranked
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        t = self.totals
+        modes = Counter(u.mode for u in self.units)
+        return {
+            "source": self.source.to_dict(),
+            "target": self.target.to_dict(),
+            "units": len(self.units),
+            "units_by_mode": dict(sorted(modes.items())),
+            "ops_by_kind": t.ops_by_kind(),
+            "ops": sum(t.ops_by_kind().values()),
+            "bytes_read": t.read_bytes,
+            "bytes_written": t.write_bytes,
+            "bytes_swapped": t.swap_bytes,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_budget_bytes": self.budget,
+            "files_read": self.source.files,
+            "files_written": self.target.files,
+            "workers": self.workers,
+            "per_worker": self.per_worker(),
+            "largest": self.largest(),
+            "warnings": list(self.warnings),
+        }
+
+    # -------------------------------------------------------------- JSON
+
+    def to_dict(self, with_ops: bool = True) -> dict[str, Any]:
+        return {
+            "layoutc_plan": PLAN_VERSION,
+            "source": self.source.to_dict(),
+            "target": self.target.to_dict(),
+            "workers": self.workers,
+            "budget": self.budget,
+            "warnings": list(self.warnings),
+            "units": [u.to_dict(self.unit_ops(u) if with_ops else None) for u in self.units],
+        }
+
+    def to_json(self, with_ops: bool = True, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(with_ops), sort_keys=True, indent=indent)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Plan:
+        version = d.get("layoutc_plan")
+        if version != PLAN_VERSION:
+            raise ValueError(
+                f"plan format version {version!r} is not {PLAN_VERSION} (this layoutc reads {PLAN_VERSION})"
+            )
+        return Plan(
+            Endpoint.from_dict(d["source"]),
+            Endpoint.from_dict(d["target"]),
+            tuple(Unit.from_dict(u) for u in d["units"]),
+            d["workers"],
+            d["budget"],
+            tuple(d["warnings"]),
+        )
+
+    @staticmethod
+    def from_json(text: str) -> Plan:
+        return Plan.from_dict(json.loads(text))
+
+    def validate(self, source: Any = None, target: Any = None) -> None:
+        """Check the plan; see :func:`layoutc.plan.validate.validate`."""
+        from layoutc.plan.validate import validate
+
+        validate(self, source, target)

@@ -1,0 +1,223 @@
+"""A tiny executor over numpy arrays: runs a plan on in-memory stored buffers.
+
+Stored buffers are a dict ``{(file, key): 1-D numpy array}``. :func:`store` lays logical
+tensors out as a placement stores them (every copy, padding zeroed), :func:`load` reads
+them back from copy 0, and :func:`execute` runs a plan op by op, freeing each buffer after
+its last use and recording the peak of live bytes per unit. Tests use it with ``arange``
+marker tensors to prove a plan moves every element to the right place; it is not meant
+for real checkpoints (see the runtime for those).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+from layoutc import ir
+from layoutc.place import Placement
+from layoutc.place.shards import STEP, Box, Slice
+from layoutc.plan import ops as O
+from layoutc.plan.plan import Plan
+
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "fp64": np.dtype(np.float64),
+    "fp32": np.dtype(np.float32),
+    "fp16": np.dtype(np.float16),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+    "fp8_e4m3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "fp8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16),
+    "int8": np.dtype(np.int8),
+    "uint8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+}
+
+Stored = dict[tuple[str, str], np.ndarray]
+Logical = Mapping[str, Mapping[str, np.ndarray]]  # tensor -> state -> logical array
+
+
+def np_dtype(dtype: str) -> np.dtype:
+    return NUMPY_DTYPES[dtype]
+
+
+def _sl(box: Box) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in box)
+
+
+def slice_array(logical: np.ndarray, sl: Slice, dtype: str) -> np.ndarray:
+    """The local tensor of slice ``sl`` cut from a logical tensor (padding zero)."""
+    out = np.zeros(sl.shape, np_dtype(dtype))
+    for seg in sl.segments:
+        out[_sl(seg.local)] = logical[_sl(seg.logical)]
+    return out
+
+
+def store(p: Placement, values: Logical) -> Stored:
+    """Stored buffers of ``p`` holding ``values`` (logical tensors per tensor and state)."""
+    out: Stored = {(b.file, b.key): np.zeros(b.numel, np_dtype(b.dtype)) for b in p.buffers()}
+    for t in p.tensors:
+        for state in p.states(t):
+            logical = values[t.name][state]
+            for sl in p.slices(t, state):
+                flat = slice_array(logical, sl, p.dtype(t, state)).reshape(-1)
+                n = flat.size
+                for c in range(p.copies(t, state)):
+                    for r in p.runs(t, state, sl, c, 0, n):
+                        out[(r.file, r.key)][r.offset : r.offset + r.numel] = flat[
+                            r.start : r.start + r.numel
+                        ]
+    return out
+
+
+def load(p: Placement, stored: Stored) -> dict[str, dict[str, np.ndarray]]:
+    """Logical tensors read back from copy 0 of every slice."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for t in p.tensors:
+        for state in p.states(t):
+            dtype = np_dtype(p.dtype(t, state))
+            logical = np.zeros(t.shape if state != STEP else (), dtype)
+            for sl in p.slices(t, state):
+                n = sl.numel
+                flat = np.zeros(n, dtype)
+                for r in p.runs(t, state, sl, 0, 0, n):
+                    flat[r.start : r.start + r.numel] = stored[(r.file, r.key)][
+                        r.offset : r.offset + r.numel
+                    ]
+                local = flat.reshape(sl.shape)
+                for seg in sl.segments:
+                    logical[_sl(seg.logical)] = local[_sl(seg.local)]
+            out.setdefault(t.name, {})[state] = logical
+    return out
+
+
+def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
+    target = np_dtype(dtype)
+    return a if a.dtype == target else a.astype(target)
+
+
+@dataclass
+class Result:
+    stored: Stored
+    peaks: dict[int, int] = field(default_factory=dict)  # unit id -> peak live bytes
+    swap_files: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _last_uses(unit_ops: tuple[O.Op, ...]) -> dict[str, int]:
+    last: dict[str, int] = {}
+    for i, op in enumerate(unit_ops):
+        for name in (*O.inputs(op), *O.outputs(op)):
+            last[name] = i
+    return last
+
+
+def execute(plan: Plan, source: Stored, target: Placement) -> Result:
+    """Run ``plan`` over ``source`` buffers; returns the target's stored buffers."""
+    out: Stored = {(b.file, b.key): np.zeros(b.numel, np_dtype(b.dtype)) for b in target.buffers()}
+    result = Result(out)
+    for unit in plan.units:
+        unit_ops = plan.unit_ops(unit)
+        last = _last_uses(unit_ops)
+        live: dict[str, np.ndarray] = {}
+        peak = 0
+        for i, op in enumerate(unit_ops):
+            _run(op, live, source, out, result.swap_files)
+            peak = max(peak, sum(a.nbytes for a in live.values()))
+            for name in [n for n in live if last.get(n, -1) <= i]:
+                del live[name]
+        result.peaks[unit.id] = peak
+    return result
+
+
+def _run(
+    op: O.Op, live: dict[str, np.ndarray], source: Stored, out: Stored, swap: dict[str, np.ndarray]
+) -> None:
+    if isinstance(op, O.Read):
+        buf = source[(op.file, op.key)]
+        if op.offset < 0 or op.offset + op.numel > buf.size:
+            raise IndexError(
+                f"read {op.file}:{op.key}[{op.offset}:{op.offset + op.numel}] beyond {buf.size}"
+            )
+        live[op.out] = _cast(buf[op.offset : op.offset + op.numel], op.dtype).copy()
+    elif isinstance(op, O.Gather):
+        flat = np.concatenate([live[p].reshape(-1) for p in op.parts]) if op.parts else np.zeros(0)
+        live[op.out] = _cast(flat, op.dtype).reshape(op.shape)
+    elif isinstance(op, O.Merge):
+        m = np.zeros(op.shape, np_dtype(op.dtype))
+        for name, src_box, dst_box in op.copies:
+            m[_sl(dst_box)] = live[name][_sl(src_box)]
+        live[op.out] = m
+    elif isinstance(op, O.Split):
+        src = live[op.src]
+        for name, shape, segs in op.outs:
+            a = np.zeros(shape, np_dtype(op.dtype))
+            for src_box, dst_box in segs:
+                a[_sl(dst_box)] = src[_sl(src_box)]
+            live[name] = a
+    elif isinstance(op, O.Swap):
+        _swap(op, live, swap)
+    elif isinstance(op, O.Write):
+        dst = out[(op.file, op.key)]
+        if op.offset < 0 or op.offset + op.numel > dst.size:
+            raise IndexError(
+                f"write {op.file}:{op.key}[{op.offset}:{op.offset + op.numel}] beyond {dst.size}"
+            )
+        if op.src is None:
+            dst[op.offset : op.offset + op.numel] = 0
+        else:
+            data = live[op.src].reshape(-1)[op.src_offset : op.src_offset + op.numel]
+            dst[op.offset : op.offset + op.numel] = _cast(data, op.dtype)
+
+
+def _logical_index(op: O.Swap) -> np.ndarray:
+    """Logical flat index of each slice element in ``[start, start+numel)``; -1 for padding."""
+    local = np.full(op.slice_shape if op.slice_shape else (), -1, np.int64)
+    logical_ids = np.arange(
+        int(np.prod(op.logical_shape)) if op.logical_shape else 1, dtype=np.int64
+    )
+    logical_ids = (
+        logical_ids.reshape(op.logical_shape) if op.logical_shape else logical_ids.reshape(())
+    )
+    for local_box, logical_box in op.segments:
+        local[_sl(local_box)] = logical_ids[_sl(logical_box)]
+    return local.reshape(-1)[op.start : op.start + op.numel]
+
+
+def _swap(op: O.Swap, live: dict[str, np.ndarray], swap: dict[str, np.ndarray]) -> None:
+    size = int(np.prod(op.logical_shape)) if op.logical_shape else 1
+    file = swap.setdefault(op.path, np.zeros(size, np_dtype(op.file_dtype)))
+    idx = _logical_index(op)
+    data = idx >= 0
+    if op.direction == "out":
+        file[idx[data]] = _cast(live[op.buf].reshape(-1)[data], op.file_dtype)
+    else:
+        a = np.zeros(op.numel, np_dtype(op.dtype))
+        a[data] = _cast(file[idx[data]], op.dtype)
+        live[op.buf] = a
+
+
+def markers(p: Placement, seed: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Logical values for every tensor and state of ``p``: distinct ``arange`` markers
+    (exact in the state's dtype for small sizes), or random data when ``seed`` is given."""
+    rng = np.random.default_rng(seed) if seed is not None else None
+    out: dict[str, dict[str, np.ndarray]] = {}
+    base = 0
+    for t in p.tensors:
+        for state in p.states(t):
+            shape = t.shape if state != STEP else ()
+            n = int(np.prod(shape)) if shape else 1
+            if rng is not None:
+                v = rng.standard_normal(n).astype(np.float32)
+            else:
+                v = (np.arange(n, dtype=np.float64) + base) % 251 + 1  # exact in bf16/fp16
+                base += n
+            out.setdefault(t.name, {})[state] = _cast(v.reshape(shape), p.dtype(t, state))
+    return out
+
+
+def dtype_bytes(dtype: str) -> int:
+    return ir.DTYPE_BYTES[dtype]
