@@ -1,0 +1,36 @@
+"""layoutc: a declarative checkpoint-layout compiler.
+
+Describe how a training job lays out its tensors (mesh, sharding, ZeRO, pipeline stages,
+storage format) in a ``.layout`` file; compile two layouts into a plan of explicit
+read / gather / merge / split / swap / write ops; show it as a dry run; execute it.
+
+Importing layoutc never imports torch: parsing, checking, placing and planning are pure
+Python arithmetic.
+"""
+
+from __future__ import annotations
+
+from layoutc.errors import Diagnostic, InternalError, LayoutError, PlanError, Span, Unsupported
+from layoutc.ir import Layout
+from layoutc.lang.check import load_layout, load_text
+from layoutc.place import place
+from layoutc.plan.compile import compile_plan as compile
+from layoutc.plan.plan import Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Diagnostic",
+    "InternalError",
+    "Layout",
+    "LayoutError",
+    "Plan",
+    "PlanError",
+    "Span",
+    "Unsupported",
+    "__version__",
+    "compile",
+    "load_layout",
+    "load_text",
+    "place",
+]

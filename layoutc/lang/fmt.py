@@ -152,6 +152,9 @@ class _Printer:
             self.leading(end, indent + 1)
             self.emit("}" + self.trailing(end), indent, end)
             return
+        if isinstance(st, ast.Let | ast.Mesh) and end > start and len(self._bindings(st)) > 1:
+            self._multiline(st, indent, start, end)
+            return
         # comments inside a multi-line statement that is printed on one line go above it
         inside = [
             c
@@ -162,6 +165,29 @@ class _Printer:
             self.comments.remove(c)
             self.emit(c.text, indent, start)
         self.emit(statement_head(st) + self.trailing(end), indent, start)
+        self.last_line = max(self.last_line, end)
+
+    @staticmethod
+    def _bindings(st: ast.Let | ast.Mesh) -> tuple[ast.Binding, ...]:
+        return st.bindings if isinstance(st, ast.Let) else st.axes
+
+    def _multiline(self, st: ast.Let | ast.Mesh, indent: int, start: int, end: int) -> None:
+        """A ``let`` or ``mesh`` written over several lines stays one binding per line, each
+        with its own trailing comment."""
+        items = self._bindings(st)
+        texts = [f"{b.name} = {expr(b.expr)}" for b in items]
+        if isinstance(st, ast.Let):
+            head, pad, close = "let ", "    ", ""
+        else:
+            head, pad, close = "mesh { ", "       ", " }"
+        for i, (b, text) in enumerate(zip(items, texts, strict=True)):
+            line = b.span.line
+            self.leading(line, indent) if i else None
+            last = i == len(items) - 1
+            body = (head if i == 0 else pad) + text + ("," if not last else close)
+            comment = self.trailing(line) if not last else ""
+            self.emit(body + comment, indent, line if i == 0 else 0)
+        self.out[-1] += self.trailing(end) or self.trailing(items[-1].span.line)
         self.last_line = max(self.last_line, end)
 
 

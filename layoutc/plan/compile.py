@@ -22,6 +22,7 @@ largest-first onto the least-loaded worker (by bytes moved).
 from __future__ import annotations
 
 import heapq
+import re
 from dataclasses import dataclass, replace
 
 from layoutc import ir
@@ -206,7 +207,7 @@ class Compiler:
         out_bytes = _isz(r.dst_dtype)
         write_bytes = sum(s.numel for s in dst) * copies * out_bytes
         writes = sum(T.count_runs(r.dst, r.state, s, 0, s.numel) for s in dst) * copies
-        where = f"{T.format} {self._where(T, r.dst, r.state, dst[0])}"
+        where = self._where(T, r.dst, r.state, dst[0])
         if r.source_state is None:
             stats = Stats(writes=writes, write_bytes=write_bytes)
             return Unit(uid, r.dst.name, r.state, None, "fill", stats, route=f"zeros -> {where}")
@@ -220,8 +221,8 @@ class Compiler:
                 reads += S.count_runs(r.src, r.source_state, s, a * rl, b * rl)
                 read_elems += (b - a) * rl
         read_bytes = read_elems * in_bytes
-        came = f"{S.format} {self._where(S, r.src, r.source_state, src[0])}"
-        route = f"{r.source_state} from {came} -> {where}"
+        came = self._where(S, r.src, r.source_state, src[0])
+        route = f"{r.source_state}: {came} -> {where}"
         logical = r.src.numel if r.state != STEP else 1
         fits = self.budget is None
         if _same_geometry(src, dst):
@@ -347,17 +348,16 @@ class Compiler:
         )
 
     def _where(self, placement: Placement, t: ir.Tensor, state: str, sl: Slice) -> str:
-        n = len(placement.slices(t, state))
-        runs = placement.runs(t, state, sl, 0, 0, max(1, sl.numel) if sl.shape else 1)
-        first = runs[0] if runs else None
-        key = f"{first.file}:{first.key}" if first else "?"
-        more = (
-            f" (+{placement.count_runs(t, state, sl, 0, sl.numel if sl.shape else 1) - 1} runs)"
-            if len(runs) > 1
-            else ""
-        )
-        slices = f"{n} slices, " if n > 1 else ""
-        return f"[{slices}{key}{more}]"
+        """``4 slices (tp) in bf16_zero_pp_rank_*_mp_rank_*_optim_states.pt``: where a state lives."""
+        slices = placement.slices(t, state)
+        runs = placement.runs(t, state, sl, 0, 0, sl.numel if sl.shape else 1)
+        pattern = re.sub(r"(?<=_)\d+", "*", runs[0].file) if runs else "?"
+        axes = sorted({a for s in slices for a, _ in s.coords})
+        what = f"{len(slices)} slices ({', '.join(axes)})" if len(slices) > 1 else "whole"
+        copies = placement.copies(t, state)
+        if copies > 1:
+            what += f" x{copies} copies"
+        return f"{what} in {pattern}"
 
     def _assign(self, units: list[Unit]) -> list[Unit]:
         heap = [(0, w) for w in range(self.workers)]
