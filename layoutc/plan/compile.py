@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from layoutc import ir
 from layoutc.errors import Diagnostic, LayoutError, Span
 from layoutc.place import Placement, place
-from layoutc.place.shards import MASTER, STEP, WEIGHT, Box, Slice, pad_ranges
+from layoutc.place.shards import MASTER, STEP, WEIGHT, Box, Slice
 from layoutc.plan import ops as O
 from layoutc.plan.plan import Endpoint, Plan, Stats, Unit
 
@@ -70,6 +70,21 @@ def _data_rows(sl: Slice) -> list[tuple[int, int]]:
             out[-1] = (out[-1][0], max(out[-1][1], b))
         else:
             out.append((a, b))
+    return out
+
+
+def _pad_rows(sl: Slice) -> list[tuple[int, int]]:
+    """Element ranges of the rows of a slice that hold no data (padding rows)."""
+    if not sl.shape:
+        return []
+    rl = _row_len(sl.shape)
+    out, pos = [], 0
+    for a, b in _data_rows(sl):
+        if a > pos:
+            out.append((pos * rl, a * rl))
+        pos = b
+    if pos < sl.shape[0]:
+        out.append((pos * rl, sl.shape[0] * rl))
     return out
 
 
@@ -230,7 +245,9 @@ class Compiler:
             peak = max((s.numel * (in_bytes + out_bytes) for s in src), default=0)
             if not fits and peak > (self.budget or 0):
                 return self._spill_unit(uid, r, src, dst, route, write_bytes, copies)
-            pad_writes = sum(len(pad_ranges(s)) for s in dst) * copies
+            pad_writes = sum(
+                self.T.count_runs(r.dst, r.state, d, lo, hi) for d in dst for lo, hi in _pad_rows(d)
+            ) * copies
             stats = Stats(
                 reads=reads,
                 gathers=sum(len(_data_rows(s)) for s in src),
@@ -426,7 +443,7 @@ class Compiler:
                                 run.numel,
                                 dst_dtype,
                             )
-                for lo, hi in pad_ranges(d):
+                for lo, hi in _pad_rows(d):
                     for c in range(copies):
                         for run in self.T.runs(tt, unit.state, d, c, lo, hi):
                             b.write(None, 0, run.file, run.key, run.offset, run.numel, dst_dtype)

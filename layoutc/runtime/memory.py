@@ -210,7 +210,9 @@ def markers(p: Placement, seed: int | None = None) -> dict[str, dict[str, np.nda
         for state in p.states(t):
             shape = t.shape if state != STEP else ()
             n = int(np.prod(shape)) if shape else 1
-            if rng is not None:
+            if state == STEP:
+                v = np.array([7.0])  # one step for the whole run, as in a real checkpoint
+            elif rng is not None:
                 v = rng.standard_normal(n).astype(np.float32)
             else:
                 v = (np.arange(n, dtype=np.float64) + base) % 251 + 1  # exact in bf16/fp16

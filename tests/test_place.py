@@ -1,0 +1,175 @@
+"""Shard maps: every stored element is accounted for exactly once, slices tile tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from layouts import training_layouts, with_format
+
+from layoutc.ir import FORMATS
+from layoutc.lang.check import load_text
+from layoutc.place import place
+from layoutc.place.shards import STEP, box_ranges, pad_ranges, slices_of
+from layoutc.runtime import memory as M
+
+
+def _coverage(p):
+    """How often each element of each stored buffer is covered by a run or a padding range."""
+    counts = {(b.file, b.key): np.zeros(b.numel, np.int32) for b in p.buffers()}
+    for t in p.tensors:
+        for state in p.states(t):
+            for sl in p.slices(t, state):
+                n = sl.numel if sl.shape else 1
+                for c in range(p.copies(t, state)):
+                    runs = p.runs(t, state, sl, c, 0, n)
+                    assert len(runs) == p.count_runs(t, state, sl, 0, n)
+                    assert sum(r.numel for r in runs) == n
+                    for r in runs:
+                        counts[(r.file, r.key)][r.offset : r.offset + r.numel] += 1
+    for r in p.pads():
+        counts[(r.file, r.key)][r.offset : r.offset + r.numel] += 1
+    return counts
+
+
+@settings(max_examples=60, deadline=None)
+@given(training_layouts())
+def test_every_stored_element_is_covered_exactly_once(layout):
+    p = place(layout)
+    step_keys = set()
+    for t in p.trainable:
+        if STEP in p.states(t):
+            for c in range(p.copies(t, STEP)):
+                r = p.runs(t, STEP, p.slices(t, STEP)[0], c, 0, 1)[0]
+                step_keys.add((r.file, r.key))
+    for key, count in _coverage(p).items():
+        if key in step_keys:
+            assert count.min() >= 1  # a group's step is shared by its tensors
+        else:
+            assert count.size == 0 or (count.min() == 1 and count.max() == 1), key
+
+
+@settings(max_examples=40, deadline=None)
+@given(training_layouts(), st.sampled_from(FORMATS))
+def test_every_file_is_listed_and_counted(layout, fmt):
+    p = place(with_format(layout, fmt))
+    files = list(p.files())
+    assert len(files) == len(set(files)) == p.file_count()
+    assert {b.file for b in p.buffers()} <= set(files)
+
+
+@settings(max_examples=60, deadline=None)
+@given(training_layouts())
+def test_slices_tile_each_tensor_exactly_once(layout):
+    for t in layout.tensors:
+        hits = np.zeros(t.shape, np.int32)
+        for sl in slices_of(t, layout.mesh):
+            assert sl.shape == t.local_shape
+            for seg in sl.segments:
+                hits[tuple(slice(a, b) for a, b in seg.logical)] += 1
+        assert hits.min() == 1 and hits.max() == 1, t.name
+
+
+@settings(max_examples=60, deadline=None)
+@given(training_layouts(), st.sampled_from(FORMATS))
+def test_store_then_load_is_identity(layout, fmt):
+    """split then merge (store a logical tensor as slices and runs, read it back) changes nothing."""
+    p = place(with_format(layout, fmt))
+    values = M.markers(p)
+    back = M.load(p, M.store(p, values))
+    for t in p.tensors:
+        for state in p.states(t):
+            assert np.array_equal(back[t.name][state], values[t.name][state]), (t.name, state)
+
+
+def test_box_ranges_merge_whole_trailing_dims():
+    shape = (4, 3, 2)
+    assert list(box_ranges(shape, ((1, 3), (0, 3), (0, 2)))) == [(6, 18)]
+    assert list(box_ranges(shape, ((1, 2), (1, 3), (0, 2)))) == [(8, 12)]
+    assert list(box_ranges(shape, ((0, 2), (0, 3), (1, 2)))) == [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)]
+
+
+def test_vocabulary_padding_sits_at_the_end_of_the_last_slice():
+    layout = load_text("mesh { tp = 2 }\ntensor e [pad(101, 4 * tp) / tp, 3]\nstore deepspeed\n")
+    first, last = slices_of(layout.tensors[0], layout.mesh)
+    assert first.shape == (52, 3) and pad_ranges(first) == []
+    assert last.segments[0].logical == ((52, 101), (0, 3))
+    assert pad_ranges(last) == [(49 * 3, 52 * 3)]
+
+
+def test_fused_blocks_are_split_block_by_block():
+    layout = load_text("mesh { tp = 2 }\ntensor qkv [(q: 4, k: 2, v: 2) / tp, 1]\nstore deepspeed\n")
+    sl = slices_of(layout.tensors[0], layout.mesh)[1]
+    assert [seg.logical[0] for seg in sl.segments] == [(2, 4), (5, 6), (7, 8)]
+    assert [seg.local[0] for seg in sl.segments] == [(0, 2), (2, 3), (3, 4)]
+
+
+def test_deepspeed_file_names_follow_the_zero_stage_and_dtype():
+    base = "mesh {{ dp = 2, tp = 2 }}\ndtype {dt}\noptimizer adam\nzero {z} over dp\ntensor w [4 / tp, 2]\nstore deepspeed\n"
+    files = {(z, dt): sorted(place(load_text(base.format(z=z, dt=dt))).files()) for z in (1, 3) for dt in ("bf16", "fp32")}
+    assert files[(1, "bf16")] == [
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_01_optim_states.pt",
+        "mp_rank_00_model_states.pt",
+        "mp_rank_01_model_states.pt",
+    ]
+    assert "zero_pp_rank_1_mp_rank_01_model_states.pt" in files[(3, "fp32")]
+    assert "zero_pp_rank_1_mp_rank_01_optim_states.pt" in files[(3, "fp32")]
+    assert not any(f.startswith("mp_rank") for f in files[(3, "fp32")])
+
+
+def test_zero1_flat_partitions_pad_the_trailing_ranks():
+    """Two params of 5 and 4 elements over dp = 4: T = 9, padded to 16, P = 4; rank 3 is all padding."""
+    layout = load_text("mesh { dp = 4 }\noptimizer adam\nzero 1 over dp\ntensor a [5]\ntensor b [4]\nstore deepspeed\n")
+    p = place(layout)
+    a, b = p.tensors
+    runs = p.runs(b, "exp_avg", p.slices(b, "exp_avg")[0], 0, 0, 4)
+    assert [(r.file, r.offset, r.start, r.numel) for r in runs] == [
+        ("zero_pp_rank_1_mp_rank_00_optim_states.pt", 1, 0, 3),
+        ("zero_pp_rank_2_mp_rank_00_optim_states.pt", 0, 3, 1),
+    ]
+    pads = sorted((r.file, r.key.rsplit("/", 1)[-1], r.offset, r.numel) for r in p.pads())
+    assert pads == [
+        ("zero_pp_rank_2_mp_rank_00_optim_states.pt", "exp_avg", 1, 3),
+        ("zero_pp_rank_2_mp_rank_00_optim_states.pt", "exp_avg_sq", 1, 3),
+        ("zero_pp_rank_3_mp_rank_00_optim_states.pt", "exp_avg", 0, 4),
+        ("zero_pp_rank_3_mp_rank_00_optim_states.pt", "exp_avg_sq", 0, 4),
+    ]
+    master = {b.file: b.numel for b in p.buffers() if b.key.endswith("single_partition_of_fp32_groups/0")}
+    assert [master[f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] for r in range(4)] == [4, 4, 1, 0]
+
+
+def test_zero3_sub_groups_number_the_fp32_flat_groups():
+    layout = load_text(
+        "mesh { dp = 2 }\noptimizer adam\nzero 3 over dp { sub_group 4 }\n"
+        "tensor a [6]\ntensor b [3]\ntensor c [2]\nstore deepspeed\n"
+    )
+    p = place(layout)
+    keys = {t.name: p.runs(t, "master", p.slices(t, "master")[0], 0, 0, t.numel)[0].key for t in p.tensors}
+    # partitions: a 3, b 2 (closes sub-group 0 at 5 >= 4), c 1 -> sub-group 1
+    assert keys == {
+        "a": "optimizer_state_dict/fp32_flat_groups/0",
+        "b": "optimizer_state_dict/fp32_flat_groups/0",
+        "c": "optimizer_state_dict/fp32_flat_groups/1",
+    }
+
+
+def test_bf16_optimizer_keeps_padding_in_fp32_partitions():
+    layout = load_text(
+        "mesh { dp = 4 }\ndtype bf16\noptimizer adam\nzero 1 over dp { bf16_optimizer }\ntensor a [9]\nstore deepspeed\n"
+    )
+    p = place(layout)
+    sizes = {b.file: b.numel for b in p.buffers() if "fp32" in b.key}
+    assert set(sizes.values()) == {4}
+    assert all(f.startswith("bf16_") for f in sizes)
+
+
+def test_tie_aliases_are_not_stored_twice():
+    layout = load_text(
+        "mesh { dp = 2 }\noptimizer adam\nzero 1 over dp\ntensor e [4, 2]\ntie head = e\nstore safetensors\n"
+    )
+    p = place(layout)
+    assert [t.name for t in p.tensors] == ["e"]
+    assert [b.key for b in p.buffers()] == ["e"]
