@@ -642,6 +642,7 @@ class _Checker:
                 )
             parts *= self.env[a]
         pad_to = 1
+        blocks: tuple[ir.Block, ...]
         if isinstance(size_expr, ast.Call) and size_expr.fn == "pad":
             if len(size_expr.args) != 2:
                 raise self.fail(

@@ -33,4 +33,5 @@ def parser() -> lark.Lark:
         propagate_positions=True,
         maybe_placeholders=True,
         start=["start", "expr"],
+        cache=True,  # the LALR tables, keyed by grammar and lark version, in the temp dir
     )

@@ -83,7 +83,7 @@ def _tok_span(path: str, tok: Token) -> Span:
 
 
 @v_args(meta=True)
-class _Build(Transformer):  # type: ignore[type-arg]
+class _Build(Transformer):
     """Builds AST nodes only; every semantic rule is left to the checker."""
 
     def __init__(self, path: str, text: str) -> None:
@@ -95,7 +95,7 @@ class _Build(Transformer):  # type: ignore[type-arg]
         return _span(self.path, meta)
 
     # expressions
-    def int(self, meta: Any, c: list[Token]) -> ast.Int:
+    def integer(self, meta: Any, c: list[Token]) -> ast.Int:
         return ast.Int(int(str(c[0]).replace("_", "")), str(c[0]), self._s(meta))
 
     def size(self, meta: Any, c: list[Token]) -> ast.Size:
@@ -111,17 +111,20 @@ class _Build(Transformer):  # type: ignore[type-arg]
     def paren(self, meta: Any, c: list[Any]) -> ast.Paren:
         return ast.Paren(c[0], self._s(meta))
 
-    def _bin(op: str):  # type: ignore[no-untyped-def]
-        def method(self: _Build, meta: Any, c: list[Any]) -> ast.BinOp:
-            return ast.BinOp(op, c[0], c[1], self._s(meta))
+    def add(self, meta: Any, c: list[Any]) -> ast.BinOp:
+        return ast.BinOp("+", c[0], c[1], self._s(meta))
 
-        return method
+    def sub(self, meta: Any, c: list[Any]) -> ast.BinOp:
+        return ast.BinOp("-", c[0], c[1], self._s(meta))
 
-    add = _bin("+")
-    sub = _bin("-")
-    mul = _bin("*")
-    div = _bin("/")
-    mod = _bin("%")
+    def mul(self, meta: Any, c: list[Any]) -> ast.BinOp:
+        return ast.BinOp("*", c[0], c[1], self._s(meta))
+
+    def div(self, meta: Any, c: list[Any]) -> ast.BinOp:
+        return ast.BinOp("/", c[0], c[1], self._s(meta))
+
+    def mod(self, meta: Any, c: list[Any]) -> ast.BinOp:
+        return ast.BinOp("%", c[0], c[1], self._s(meta))
 
     def neg(self, meta: Any, c: list[Any]) -> ast.Neg:
         return ast.Neg(c[0], self._s(meta))
@@ -132,7 +135,7 @@ class _Build(Transformer):  # type: ignore[type-arg]
     def plain_item(self, meta: Any, c: list[Any]) -> ast.Item:
         return ast.Item(None, c[0], self._s(meta))
 
-    def tuple(self, meta: Any, c: list[Any]) -> ast.Tuple:
+    def tuple_expr(self, meta: Any, c: list[Any]) -> ast.Tuple:
         return ast.Tuple(tuple(c), self._s(meta))
 
     def single_block(self, meta: Any, c: list[Any]) -> ast.Tuple:
@@ -286,7 +289,7 @@ def _fix_line(node: Any, tok: Token) -> Any:
             changes[f.name] = Span(v.file, tok.line or 0, (tok.column or 0) + delta, v.start, v.end)
         elif is_dataclass(v) or isinstance(v, tuple):
             changes[f.name] = _fix_line(v, tok)
-    return replace(node, **changes)
+    return replace(node, **changes)  # type: ignore[type-var]
 
 
 # ---------------------------------------------------------------- syntax errors
@@ -342,7 +345,8 @@ def _syntax_diagnostic(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
     elif isinstance(e, UnexpectedToken):
         found = f"`{e.token}`"
     elif isinstance(e, UnexpectedCharacters):
-        found = f"`{text[e.pos_in_stream]}`" if e.pos_in_stream < len(text) else "end of file"
+        pos = e.pos_in_stream or 0
+        found = f"`{text[pos]}`" if pos < len(text) else "end of file"
     else:
         found = "input"
     start = _offset(text, line, column)

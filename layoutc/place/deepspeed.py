@@ -341,9 +341,7 @@ class DeepSpeedPlacement(Placement):
         if self.mode in ("flat", "stage3"):
             n += mp * dp
         if self.layer_files:
-            layers = {
-                (_LAYER.match(t.name) or re.match("(.*)", t.name)).group(1) for t in self.tensors
-            }  # type: ignore[union-attr]
+            layers = {m.group(1) for t in self.tensors if (m := _LAYER.match(t.name))}
             n += len(layers) * self.mesh.size(*self.model_axes)
         return n
 

@@ -49,11 +49,15 @@ class Stats:
 
     def __add__(self, o: Stats) -> Stats:
         return Stats(
-            *(
-                getattr(self, f) + getattr(o, f)
-                for f in self.__dataclass_fields__
-                if f != "peak_bytes"
-            ),
+            reads=self.reads + o.reads,
+            gathers=self.gathers + o.gathers,
+            merges=self.merges + o.merges,
+            splits=self.splits + o.splits,
+            swaps=self.swaps + o.swaps,
+            writes=self.writes + o.writes,
+            read_bytes=self.read_bytes + o.read_bytes,
+            write_bytes=self.write_bytes + o.write_bytes,
+            swap_bytes=self.swap_bytes + o.swap_bytes,
             peak_bytes=max(self.peak_bytes, o.peak_bytes),
         )
 
