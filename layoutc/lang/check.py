@@ -60,6 +60,9 @@ class _Checker:
     file: ast.File
     source: str
     diags: list[Diagnostic] = field(default_factory=list)
+    seen: dict[tuple[object, ...], int] = field(default_factory=dict)
+    looping: int = 0  # loop depth, so repeats of one mistake are counted per iteration
+
     env: dict[str, int] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)  # name -> "axis" | "let" | "loop"
     axes: list[ir.Axis] = field(default_factory=list)
@@ -74,9 +77,28 @@ class _Checker:
     # ------------------------------------------------------------ reporting
 
     def error(self, code: str, message: str, span: Span, hint: str = "") -> None:
-        d = Diagnostic(code, message, span, hint)
-        if not any(x.code == d.code and x.message == d.message for x in self.diags):
-            self.diags.append(d)
+        """Record a diagnostic; the same mistake at the same place (a loop body) is reported once."""
+        key = (code, span.file, span.start, span.end) if span.line else (code, message)
+        if key in self.seen:
+            self.seen[key] += 1 if self.looping else 0
+            return
+        self.seen[key] = 1
+        self.diags.append(Diagnostic(code, message, span, hint))
+
+    def finish(self) -> list[Diagnostic]:
+        out = []
+        for d in self.diags:
+            key = (
+                (d.code, d.span.file, d.span.start, d.span.end)
+                if d.span.line
+                else (d.code, d.message)
+            )
+            n = self.seen.get(key, 1)
+            if n > 1:
+                more = f"also in {n - 1} more loop iteration{'s' if n > 2 else ''}"
+                d = Diagnostic(d.code, f"{d.message} ({more})", d.span, d.hint)
+            out.append(d)
+        return out
 
     def fail(self, code: str, message: str, span: Span, hint: str = "") -> _Fail:
         self.error(code, message, span, hint)
@@ -126,9 +148,12 @@ class _Checker:
                 if args[1] == 0:
                     raise self.fail("E111", "division by zero in `cdiv`", e.span)
                 return -(-args[0] // args[1])
+            if e.fn in ("min", "max", "cdiv"):
+                wants = "two arguments" if e.fn == "cdiv" else "at least one argument"
+                raise self.fail("E110", f"`{e.fn}` takes {wants}, got {len(args)}", e.span)
             raise self.fail(
                 "E110",
-                f"unknown function `{e.fn}` with {len(args)} argument(s)",
+                f"unknown function `{e.fn}`",
                 e.span,
                 "functions: pad(n, multiple) at the top of a dim, min(a, ...), max(a, ...), cdiv(a, b)",
             )
@@ -208,7 +233,7 @@ class _Checker:
                     for b in st.bindings:
                         with contextlib.suppress(_Fail):
                             self.declare(b.name, self.eval(b.expr), "let constant", b.span)
-                elif isinstance(st, ast.Dtype):
+                elif isinstance(st, ast.Dtype) and st is self.single(top, ast.Dtype, "dtype"):
                     self.dtype = self.dtype_name(st.name, st.span) or self.dtype
             except _Fail:
                 pass
@@ -226,6 +251,15 @@ class _Checker:
         offloads = tuple(
             x for x in (self.offload_decl(s) for s in top if isinstance(s, ast.Offload)) if x
         )
+        kinds = [o.what for o in offloads]
+        for what in sorted({k for k in kinds if kinds.count(k) > 1}):
+            dup = [x for x in top if isinstance(x, ast.Offload) and x.what == what][-1]
+            self.error(
+                "E115",
+                f"`offload {what}` is declared twice",
+                dup.span,
+                "keep one offload per target",
+            )
         store = self.store_decl(top)
 
         # pass 2: entries
@@ -235,7 +269,7 @@ class _Checker:
         self.check_groups(tensors, zero)
 
         if self.diags:
-            raise LayoutError(self.diags, self.source)
+            raise LayoutError(self.finish(), self.source)
         name = self.file.header.name if self.file.header else Path(self.file.path).stem
         return ir.Layout(
             name=name,
@@ -411,6 +445,8 @@ class _Checker:
                 f"e.g. optimizer {st.name} {{ states (exp_avg), step }}; known: "
                 + ", ".join(_OPTIMIZER_DEFAULTS),
             )
+        if "step" in opts and "no_step" in opts:
+            self.error("E115", "`step` and `no_step` contradict each other", opts["no_step"].span)
         if "step" in opts:
             step = True
         if "no_step" in opts:
@@ -533,7 +569,9 @@ class _Checker:
                     and body is not self.file.body
                 ):
                     self.error(
-                        "E117", "this statement belongs at the top level of the file", st.span
+                        "E132",
+                        "this statement belongs at the top level of the file, not inside a loop or group",
+                        st.span,
                     )
             except _Fail:
                 pass
@@ -551,17 +589,29 @@ class _Checker:
         self.declare(st.var, start, "loop variable", st.span)
         try:
             inner = _Scope(scope.group, st.stage if st.stage is not None else scope.stage)
+            self.looping += 1
             for i in range(start, stop):
                 self.env[st.var] = i
                 self.statements(st.body, inner)
         finally:
+            self.looping -= 1
             del self.env[st.var]
             del self.kinds[st.var]
 
     def template(self, t: ast.Template) -> str:
         out = []
         for p in t.parts:
-            out.append(p if isinstance(p, str) else str(self.eval(p)))
+            if isinstance(p, str):
+                out.append(p)
+                continue
+            v = self.eval(p)
+            if v < 0:
+                raise self.fail(
+                    "E124",
+                    f"{{{_text(self.source, p.span)}}} in {t.text} is {v}; names hold non-negative numbers",
+                    p.span,
+                )
+            out.append(str(v))
         return "".join(out)
 
     def entry(self, st: ast.Entry, scope: _Scope) -> None:
@@ -628,9 +678,13 @@ class _Checker:
         split: tuple[str, ...] = ()
         size_expr: ast.Expr = d
         if isinstance(d, ast.BinOp) and d.op == "/":
+            if isinstance(d.right, ast.Name) and d.right.id not in self.env:
+                self.require_axis(d.right.id, d.right.span)  # `H / tpp`: a misspelt axis
+                raise _Fail()
             axes = self.split_axes(d.right)
             if axes is not None:
                 split, size_expr = axes, d.left
+        self.hidden_split(size_expr, name, index)
         parts = 1
         for a in split:
             if a == self.pipeline:
@@ -661,20 +715,25 @@ class _Checker:
         dim = ir.Dim(blocks, split, pad_to, parts)
         where = f"dim {index} of {name}"
         axes_text = " * ".join(f"{a} = {self.env[a]}" for a in split) if split else ""
-        if total is not None and total != dim.size:
-            self.error(
-                "E108",
-                f"the blocks of {where} sum to {dim.size}, not {total}",
-                _span_of(size_expr),
-                " + ".join(f"{b.name or '_'}: {b.size}" for b in blocks) + f" = {dim.size}",
-            )
+        stated = dim.padded if pad_to > 1 else dim.size
+        if total is not None and total != stated:
+            if dim.fused:
+                self.error(
+                    "E108",
+                    f"the blocks of {where} sum to {dim.size}, not {total}",
+                    _span_of(size_expr),
+                    " + ".join(f"{b.name or '_'}: {b.size}" for b in blocks) + f" = {dim.size}",
+                )
+            else:
+                what = f"padded to {dim.padded}" if pad_to > 1 else f"{dim.size}"
+                self.error("E108", f"{where} is {what}, not {total}", _span_of(size_expr))
         if parts > 1:
             if dim.fused:
                 for b in blocks:
                     if b.size % parts:
                         raise self.fail(
                             "E102",
-                            f"block `{b.name or '?'}` of {where} has {b.size} rows, not divisible by {axes_text}",
+                            f"block `{b.name or '_'}` of {where} has {b.size} rows, not divisible by {axes_text}",
                             whole,
                             "each fused block is split separately, so every block must divide",
                         )
@@ -695,8 +754,38 @@ class _Checker:
                 )
         return dim
 
+    def hidden_split(self, e: ast.Expr, name: str, index: int) -> None:
+        """``H / tp * 2`` or ``(H / tp)`` divides by the axis *size*: almost always a split
+        written in the wrong place, so it is refused rather than silently not splitting."""
+        if isinstance(e, ast.BinOp):
+            right = e.right.expr if isinstance(e.right, ast.Paren) else e.right
+            if (
+                e.op == "/"
+                and isinstance(right, ast.Name)
+                and self.kinds.get(right.id) == "mesh axis"
+            ):
+                raise self.fail(
+                    "E131",
+                    f"dim {index} of {name} divides by the size of mesh axis `{right.id}` inside an expression",
+                    e.span,
+                    f"to split the dim, end it with `/ {right.id}` (e.g. [H * 2 / {right.id}]); "
+                    f"to use the size as a number, name it first: let N = {right.id}",
+                )
+            self.hidden_split(e.left, name, index)
+            self.hidden_split(e.right, name, index)
+        elif isinstance(e, ast.Paren | ast.Neg):
+            self.hidden_split(e.expr, name, index)
+        elif isinstance(e, ast.Call):
+            for a in e.args:
+                self.hidden_split(a, name, index)
+        elif isinstance(e, ast.Tuple):
+            for it in e.items:
+                self.hidden_split(it.expr, name, index)
+
     def split_axes(self, right: ast.Expr) -> tuple[str, ...] | None:
         """``/ tp`` or ``/ (tp, sp)`` at the top of a dim: the axes, else None (arithmetic)."""
+        if isinstance(right, ast.Paren) and isinstance(right.expr, ast.Name):
+            right = right.expr
         if isinstance(right, ast.Name):
             if self.kinds.get(right.id) == "mesh axis":
                 return (right.id,)
@@ -726,7 +815,7 @@ class _Checker:
         for it in t.items:
             if isinstance(it.expr, ast.Call) and it.expr.fn == "pad":
                 raise self.fail("E118", "fused blocks cannot be padded", it.expr.span)
-            size = self.positive(it.expr, f"block `{it.name or '?'}` of dim {index} of {name}")
+            size = self.positive(it.expr, f"block `{it.name or '_'}` of dim {index} of {name}")
             if it.name is not None:
                 if it.name in seen:
                     raise self.fail(

@@ -201,7 +201,19 @@ class _Build(Transformer):
         dtype: str | None = None
         dtype_span = Span(self.path, 0, 0)
         stage = None
+        seen: set[str] = set()
         for key, value in attrs:
+            if key in seen:
+                span = _tok_span(self.path, value) if key == "dtype" else _span(self.path, meta)
+                raise LayoutError(
+                    [
+                        Diagnostic(
+                            "E009", f"`{key}` is given twice for {path}", span, f"give one {key}"
+                        )
+                    ],
+                    self.text,
+                )
+            seen.add(key)
             if key == "dtype":
                 dtype, dtype_span = str(value), _tok_span(self.path, value)
             else:
@@ -325,6 +337,41 @@ _EXAMPLES: dict[str, tuple[str, list[str]]] = {
 }
 
 
+_STATEMENT_TOKENS = {k.upper() for k in KEYWORDS}
+
+
+def _classify(e: UnexpectedInput) -> str | None:
+    """Label a common mistake from the failing token and what the parser expected there.
+
+    Example matching (above) only recognises a mistake in the parser state of its example,
+    i.e. at the same nesting depth; these rules catch the same mistakes anywhere."""
+    allowed = set(getattr(e, "allowed", None) or getattr(e, "expected", None) or ())
+    if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
+        if "RBRACE" in allowed:
+            return "E002"
+        if "RSQB" in allowed:
+            return "E006"
+        return None
+    if not isinstance(e, UnexpectedToken):
+        return None
+    tok = e.token.type
+    if tok == "COLON" and "EQUAL" in allowed:
+        return "E003"
+    if tok == "EQUAL" and "COLON" in allowed:
+        return "E004"
+    if "RSQB" in allowed and (tok in _STATEMENT_TOKENS or tok in ("STAGE", "RBRACE")):
+        return "E006"
+    if (
+        "RBRACE" in allowed
+        and tok in _STATEMENT_TOKENS | {"$END"}
+        and allowed & _STATEMENT_TOKENS == set()
+    ):
+        return "E002"
+    if tok in ("NAME", "PATH") and allowed & _STATEMENT_TOKENS:
+        return "E005"
+    return None
+
+
 def _syntax_diagnostic(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
     label = None
     try:
@@ -335,6 +382,8 @@ def _syntax_diagnostic(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
         )
     except Exception:  # matching is best effort; the plain message is still right
         label = None
+    if label is None:
+        label = _classify(e)
     line = getattr(e, "line", 0) or 0
     column = getattr(e, "column", 0) or 0
     expected = _expected(e)
@@ -352,6 +401,13 @@ def _syntax_diagnostic(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
     start = _offset(text, line, column)
     width = len(str(e.token)) if isinstance(e, UnexpectedToken) and e.token.type != "$END" else 1
     span = Span(path, line, column, start, start + width)
+    if isinstance(e, UnexpectedToken) and e.token.type == "LAYOUT":
+        return Diagnostic(
+            "E008",
+            "`layout NAME` must be the first statement of the file",
+            span,
+            "move the header to the top (comments may come before it)",
+        )
     if label is not None:
         code = label
         message = f"{_EXAMPLES[label][0]}; found {found}"
@@ -362,7 +418,13 @@ def _syntax_diagnostic(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
             if guess:
                 hint = f"did you mean `{guess}`? " + hint
             return Diagnostic(code, message, span, hint)
-        return Diagnostic(code, message, span, f"expected {expected}" if expected else "")
+        hint = {
+            "E002": _unclosed_brace(text),
+            "E003": "write `name = value`",
+            "E004": "name each block with a colon: (q: H, k: KV, v: KV)",
+            "E006": "close the shape with `]` before the tensor's attributes",
+        }.get(code) or (f"expected {expected}" if expected else "")
+        return Diagnostic(code, message, span, hint)
     return Diagnostic(
         "E001", f"unexpected {found}", span, f"expected {expected}" if expected else ""
     )
@@ -402,12 +464,35 @@ def _expected(e: UnexpectedInput) -> str:
             words.append(f"`{name.lower()}`")
         elif name == "__ANON_0":
             words.append("`..`")
-    words = sorted(set(words))
+    first = ["`}`", "`]`", "`)`", "`,`", "`=`", "`:`"]
+    words = sorted(set(words), key=lambda w: (first.index(w) if w in first else len(first), w))
     if not words:
         return ""
     if len(words) > 8:
         words = [*words[:8], "..."]
     return "one of " + ", ".join(words) if len(words) > 1 else words[0]
+
+
+def _unclosed_brace(text: str) -> str:
+    """Where the innermost ``{`` that is never closed was opened (comments and strings skipped)."""
+    stack: list[tuple[int, int]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        in_string = False
+        for col, ch in enumerate(line, start=1):
+            if ch == '"':
+                in_string = not in_string
+            elif in_string:
+                continue
+            elif ch == "#":
+                break
+            elif ch == "{":
+                stack.append((number, col))
+            elif ch == "}" and stack:
+                stack.pop()
+    if not stack:
+        return ""
+    opened_line, opened_col = stack[-1]
+    return f"the `{{` opened at line {opened_line}, column {opened_col} is never closed"
 
 
 def _offset(text: str, line: int, column: int) -> int:

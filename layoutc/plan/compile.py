@@ -245,9 +245,14 @@ class Compiler:
             peak = max((s.numel * (in_bytes + out_bytes) for s in src), default=0)
             if not fits and peak > (self.budget or 0):
                 return self._spill_unit(uid, r, src, dst, route, write_bytes, copies)
-            pad_writes = sum(
-                self.T.count_runs(r.dst, r.state, d, lo, hi) for d in dst for lo, hi in _pad_rows(d)
-            ) * copies
+            pad_writes = (
+                sum(
+                    self.T.count_runs(r.dst, r.state, d, lo, hi)
+                    for d in dst
+                    for lo, hi in _pad_rows(d)
+                )
+                * copies
+            )
             stats = Stats(
                 reads=reads,
                 gathers=sum(len(_data_rows(s)) for s in src),
