@@ -144,7 +144,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render(plan, "markdown" if args.markdown else "text"))
     if args.html:
-        Path(args.html).write_text(render(plan, "html"), encoding="utf-8")
+        from layoutc.place import place
+        from layoutc.plan.compile import target_layout
+        from layoutc.render import drawings
+
+        pictures = drawings(plan, place(source), place(target_layout(source, target)))
+        Path(args.html).write_text(render(plan, "html", drawings=pictures), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
     if args.output:
         Path(args.output).write_text(plan.to_json(indent=1), encoding="utf-8")

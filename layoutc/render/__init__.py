@@ -63,8 +63,120 @@ def render(plan: Plan, fmt: str = "text", **extra: Any) -> str:
     workers = summary["per_worker"]
     shown = workers if len(workers) <= MAX_WORKER_ROWS else workers[:MAX_WORKER_ROWS]
     template = {"text": "plan.txt.j2", "markdown": "plan.md.j2", "html": "plan.html.j2"}[fmt]
-    return (
-        environment()
-        .get_template(template)
-        .render(summary=summary, workers=shown, hidden_workers=len(workers) - len(shown), **extra)
+    if fmt == "html":
+        extra.setdefault("timeline", timeline(plan))
+        extra.setdefault("drawings", [])
+    page = environment().get_template(template)
+    return page.render(
+        summary=summary, workers=shown, hidden_workers=len(workers) - len(shown), **extra
     )
+
+
+_PALETTE = (
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#e15759",
+    "#76b7b2",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+)
+_MODES = {"direct": "#59a14f", "ram": "#4e79a7", "spill": "#e15759", "fill": "#bab0ac"}
+
+
+def _side(
+    placement: Any, tensor: Any, state: str, title: str, width: int = 360, height: int = 180
+) -> dict[str, Any]:
+    """Rectangles of each slice's segments over the logical tensor, scaled to a box."""
+    shape = tensor.shape or (1,)
+    rows = shape[0]
+    cols = 1
+    for n in shape[1:]:
+        cols *= n
+    slices = placement.slices(tensor, state)
+    rects = []
+    for k, sl in enumerate(slices):
+        color = _PALETTE[k % len(_PALETTE)]
+        label = sl.label()
+        for seg in sl.segments:
+            (r0, r1) = seg.logical[0] if seg.logical else (0, 1)
+            c0, c1 = (
+                (seg.logical[1] if len(seg.logical) > 1 else (0, 1)) if len(shape) > 1 else (0, 1)
+            )
+            inner = cols // (shape[1] if len(shape) > 1 else 1)
+            x0 = c0 * inner / cols * width
+            x1 = c1 * inner / cols * width if len(shape) > 1 else width
+            rects.append(
+                {
+                    "x": round(x0, 2),
+                    "y": round(r0 / rows * height, 2),
+                    "w": round(max(x1 - x0, 0.5), 2),
+                    "h": round(max((r1 - r0) / rows * height, 0.5), 2),
+                    "color": color,
+                    "label": label,
+                    "title": f"{label}: rows {r0}:{r1}"
+                    + (f", cols {c0}:{c1}" if len(shape) > 1 else ""),
+                }
+            )
+    copies = placement.copies(tensor, state)
+    caption = f"{len(slices)} slice{'s' if len(slices) != 1 else ''}" + (
+        f", each stored {copies}x" if copies > 1 else ""
+    )
+    return {"title": title, "caption": caption, "rects": rects, "width": width, "height": height}
+
+
+def drawings(plan: Plan, source: Any, target: Any, n: int = 5) -> list[dict[str, Any]]:
+    """Source and target shard maps of the ``n`` tensors moving the most bytes."""
+    out = []
+    for entry in plan.largest(n):
+        name = entry["tensor"]
+        if name not in source.layout.by_name or name not in target.layout.by_name:
+            continue
+        st, tt = source.layout.by_name[name], target.layout.by_name[name]
+        s_state = next(
+            (s for s in source.states(st) if s in ("weight", "master")), source.states(st)[0]
+        )
+        t_state = next(
+            (s for s in target.states(tt) if s in ("weight", "master")), target.states(tt)[0]
+        )
+        out.append(
+            {
+                "tensor": name,
+                "shape": list(st.shape),
+                "routes": entry["routes"],
+                "sides": [
+                    _side(source, st, s_state, f"source: {source.format} {s_state}"),
+                    _side(target, tt, t_state, f"target: {target.format} {t_state}"),
+                ],
+            }
+        )
+    return out
+
+
+def timeline(plan: Plan, width: int = 900, max_workers: int = 16) -> dict[str, Any]:
+    """Per worker, its units in order, widths proportional to bytes."""
+    loads = [0] * plan.workers
+    for u in plan.units:
+        loads[u.worker] += u.bytes
+    scale = width / max(max(loads), 1)
+    bars = []
+    for w in range(min(plan.workers, max_workers)):
+        x = 0.0
+        units = []
+        for u in plan.units:
+            if u.worker != w:
+                continue
+            wpx = u.bytes * scale
+            units.append(
+                {
+                    "x": round(x, 2),
+                    "w": round(max(wpx, 0.3), 2),
+                    "color": _MODES.get(u.mode, "#999"),
+                    "title": f"{u.tensor} {u.state} ({u.mode}, {human_size(u.bytes)})",
+                }
+            )
+            x += wpx
+        bars.append({"worker": w, "y": w * 18, "units": units})
+    return {"bars": bars, "rows": len(bars), "width": width}
