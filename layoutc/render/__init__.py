@@ -90,24 +90,18 @@ def _side(
     placement: Any, tensor: Any, state: str, title: str, width: int = 360, height: int = 180
 ) -> dict[str, Any]:
     """Rectangles of each slice's segments over the logical tensor, scaled to a box."""
-    shape = tensor.shape or (1,)
+    shape: tuple[int, ...] = tensor.shape or (1,)
     rows = shape[0]
-    cols = 1
-    for n in shape[1:]:
-        cols *= n
     slices = placement.slices(tensor, state)
     rects = []
     for k, sl in enumerate(slices):
         color = _PALETTE[k % len(_PALETTE)]
         label = sl.label()
         for seg in sl.segments:
-            (r0, r1) = seg.logical[0] if seg.logical else (0, 1)
-            c0, c1 = (
-                (seg.logical[1] if len(seg.logical) > 1 else (0, 1)) if len(shape) > 1 else (0, 1)
-            )
-            inner = cols // (shape[1] if len(shape) > 1 else 1)
-            x0 = c0 * inner / cols * width
-            x1 = c1 * inner / cols * width if len(shape) > 1 else width
+            r0, r1 = seg.logical[0] if seg.logical else (0, 1)
+            c0, c1 = seg.logical[1] if len(seg.logical) > 1 else (0, 1)
+            ncols = shape[1] if len(shape) > 1 else 1
+            x0, x1 = c0 / ncols * width, c1 / ncols * width
             rects.append(
                 {
                     "x": round(x0, 2),
