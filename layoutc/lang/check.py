@@ -542,32 +542,7 @@ class _Checker:
                     self.ties.append(
                         (self.template(st.alias), self.template(st.source), st.span, st)
                     )
-                elif scope is not None and not isinstance(
-                    st,
-                    ast.Mesh
-                    | ast.Let
-                    | ast.Dtype
-                    | ast.Pipeline
-                    | ast.Zero
-                    | ast.Optimizer
-                    | ast.Offload
-                    | ast.Store,
-                ):
-                    raise AssertionError(st)  # pragma: no cover
-                elif (
-                    isinstance(
-                        st,
-                        ast.Mesh
-                        | ast.Let
-                        | ast.Dtype
-                        | ast.Pipeline
-                        | ast.Zero
-                        | ast.Optimizer
-                        | ast.Offload
-                        | ast.Store,
-                    )
-                    and body is not self.file.body
-                ):
+                elif body is not self.file.body:  # a file-level statement in a loop or group
                     self.error(
                         "E132",
                         "this statement belongs at the top level of the file, not inside a loop or group",
