@@ -75,7 +75,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rows")
     args = ap.parse_args()
     dps = [8, 64, 1024] if args.quick else [8, 32, 128, 512, 1024]
-    print(f"# plan_scale on {platform.node()} ({os.cpu_count()} cores), Python {platform.python_version()}")
+    print(
+        f"# plan_scale on {platform.node()} ({os.cpu_count()} cores), Python {platform.python_version()}"
+    )
     header = (
         "| run | ranks | tensors | parse+check s | compile s | summary s | total s | import s | "
         "peak RSS MiB | units | ops (planned) | files read -> written |"
@@ -94,8 +96,10 @@ def main() -> None:
         print(row(r, f"universal dp=1024 L={layers}"), flush=True)
     big = [r for r in results if r["ranks"] == 65536]
     worst = max(r["check_s"] + r["compile_s"] + r["summary_s"] for r in big)
-    print(f"\n65,536 ranks: slowest plan summary {worst:.3f} s (target < 1 s), "
-          f"peak RSS {max(r['rss_mib'] for r in big):.0f} MiB (target < 500 MiB)")
+    print(
+        f"\n65,536 ranks: slowest plan summary {worst:.3f} s (target < 1 s), "
+        f"peak RSS {max(r['rss_mib'] for r in big):.0f} MiB (target < 500 MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -127,6 +127,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from layoutc.render import render
 
     source = _load(args.source)
+    if args.to not in ir.FORMATS and not Path(args.to).is_file():
+        guess = difflib.get_close_matches(args.to, ir.FORMATS, n=1, cutoff=0.6)
+        hint = f"did you mean `{guess[0]}`? " if guess else ""
+        raise _Usage(
+            f"--to {args.to}: no such file and not a format; {hint}formats: {', '.join(ir.FORMATS)}"
+        )
     target: ir.Layout | str = args.to if args.to in ir.FORMATS else _load(args.to)
     plan = compile_plan(source, target, memory=args.memory, workers=args.workers)
     if args.validate:

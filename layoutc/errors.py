@@ -49,9 +49,9 @@ class Diagnostic:
             head = f"{self.severity}[{self.code}]: {self.message}"
         lines = [head]
         if source is not None and self.span.line > 0:
-            text_lines = source.splitlines()
+            text_lines = source.split("\n")  # lines as the parser counts them
             if self.span.line <= len(text_lines):
-                text = text_lines[self.span.line - 1]
+                text = text_lines[self.span.line - 1].rstrip("\r")
                 width = max(
                     1, min(self.span.end - self.span.start, len(text) - self.span.column + 1)
                 )

@@ -24,15 +24,21 @@ def dims(draw: st.DrawFn, split_axes: list[str], sizes: dict[str, int]) -> list[
         if kind == "split":
             out.append(f"{n * draw(st.integers(1, 4))} / {axis}")
         elif kind == "pad":
-            out.append(f"pad({draw(st.integers(1, 13))}, {draw(st.integers(1, 3))} * {axis}) / {axis}")
+            out.append(
+                f"pad({draw(st.integers(1, 13))}, {draw(st.integers(1, 3))} * {axis}) / {axis}"
+            )
         else:
-            blocks = [f"b{k}: {n * draw(st.integers(1, 3))}" for k in range(draw(st.integers(2, 3)))]
+            blocks = [
+                f"b{k}: {n * draw(st.integers(1, 3))}" for k in range(draw(st.integers(2, 3)))
+            ]
             out.append(f"({', '.join(blocks)}) / {axis}")
     return out
 
 
 @st.composite
-def training_layouts(draw: st.DrawFn, fmt: str = "deepspeed", pipeline: bool | None = None) -> Layout:
+def training_layouts(
+    draw: st.DrawFn, fmt: str = "deepspeed", pipeline: bool | None = None
+) -> Layout:
     """A random layout stored in ``fmt`` that DeepSpeed's rules accept."""
     zero = draw(st.integers(0, 3))
     pp = 1
@@ -43,7 +49,12 @@ def training_layouts(draw: st.DrawFn, fmt: str = "deepspeed", pipeline: bool | N
     tp = draw(st.integers(1, 3))
     dtype = draw(st.sampled_from(["bf16", "fp32"]))
     sizes = {"dp": dp, "tp": tp}
-    lines = [f"mesh {{ pp = {pp}, dp = {dp}, tp = {tp} }}", "pipeline over pp", f"dtype {dtype}", "optimizer adam"]
+    lines = [
+        f"mesh {{ pp = {pp}, dp = {dp}, tp = {tp} }}",
+        "pipeline over pp",
+        f"dtype {dtype}",
+        "optimizer adam",
+    ]
     if zero == 3 and draw(st.booleans()):
         lines.append(f"zero 3 over dp {{ sub_group {draw(st.integers(1, 40))} }}")
     else:
@@ -82,7 +93,9 @@ def model_bodies(draw: st.DrawFn, m: int) -> str:
         shape = []
         split = False
         for _ in range(draw(st.integers(1, 3))):
-            choice = draw(st.sampled_from(["plain", "split", "pad", "fused"])) if not split else "plain"
+            choice = (
+                draw(st.sampled_from(["plain", "split", "pad", "fused"])) if not split else "plain"
+            )
             if choice == "plain":
                 shape.append(str(draw(st.integers(1, 6))))
             elif choice == "split":
@@ -90,7 +103,9 @@ def model_bodies(draw: st.DrawFn, m: int) -> str:
             elif choice == "pad":
                 shape.append(f"pad({draw(st.integers(1, 11))}, 2 * tp) / tp")
             else:
-                blocks = ", ".join(f"b{k}: {m * draw(st.integers(1, 2))}" for k in range(draw(st.integers(2, 3))))
+                blocks = ", ".join(
+                    f"b{k}: {m * draw(st.integers(1, 2))}" for k in range(draw(st.integers(2, 3)))
+                )
                 shape.append(f"({blocks}) / tp")
             split = split or choice != "plain"
         group = draw(st.sampled_from(["", "nd"])) if kind == "tensor" else ""
@@ -105,7 +120,9 @@ def topologies(draw: st.DrawFn, tp: int) -> str:
     pp = draw(st.integers(1, 2)) if zero <= 1 else 1
     dp = draw(st.integers(1, 3))
     dtype = draw(st.sampled_from(["bf16", "fp32"]))
-    zero_line = f"zero {zero} over dp" + (f" {{ sub_group {draw(st.integers(1, 30))} }}" if zero == 3 else "")
+    zero_line = f"zero {zero} over dp" + (
+        f" {{ sub_group {draw(st.integers(1, 30))} }}" if zero == 3 else ""
+    )
     return f"mesh {{ pp = {pp}, dp = {dp}, tp = {tp} }}\npipeline over pp\ndtype {dtype}\noptimizer adam\n{zero_line}\n"
 
 

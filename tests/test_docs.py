@@ -15,7 +15,9 @@ from layoutc.errors import LayoutError
 from layoutc.lang.check import load_text
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "language.md"
-PAIR = re.compile(r"```layout\n(?P<src>.*?)```\n\n```text\n(?P<out>.*?)```", re.S)
+PAIR = re.compile(
+    r"```layout\n(?P<src>(?:(?!```).)*?)```\n\n```text\n(?P<out>(?:(?!```).)*?)```", re.S
+)
 
 
 def _run(src: str) -> str:
@@ -43,11 +45,16 @@ def test_diagnostic_examples_print_what_the_docs_show():
     if os.environ.get("LAYOUTC_UPDATE_DOCS"):
         text = DOC.read_text()
         text = PAIR.sub(
-            lambda m: m.group(0) if m.start() < text.index("## Diagnostics")
-            else f"```layout\n{m['src']}```\n\n```text\n{_run(m['src'])}```",
+            lambda m: (
+                m.group(0)
+                if m.start() < text.index("## Diagnostics")
+                else f"```layout\n{m['src']}```\n\n```text\n{_run(m['src'])}```"
+            ),
             text,
         )
         DOC.write_text(text)
         pytest.skip("docs rewritten")
     wrong = [(m["src"], m["out"], got) for m in _examples() if (got := _run(m["src"])) != m["out"]]
-    assert not wrong, "\n\n".join(f"{src}--- docs say:\n{out}--- layoutc says:\n{got}" for src, out, got in wrong[:3])
+    assert not wrong, "\n\n".join(
+        f"{src}--- docs say:\n{out}--- layoutc says:\n{got}" for src, out, got in wrong[:3]
+    )

@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layoutc import Layout, LayoutError, load_text
+from layoutc.lang.fmt import fmt
+from layoutc.lang.parse import parse
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 SEEDS = {p.name: p.read_text(encoding="utf-8") for p in sorted(SPECS.glob("*.layout"))}
@@ -65,7 +67,6 @@ SETTINGS = settings(
     max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
-    derandomize=True,
 )
 
 _TOKEN = re.compile(r"\s+|[A-Za-z_0-9.{}]+|\S")
@@ -126,7 +127,7 @@ def test_random_printable_text_never_raises_anything_but_layout_error(text: str)
 
 @SETTINGS
 @given(
-    st.lists(st.sampled_from(VOCAB + [" ", " ", "\n", "a", "w", "layers"]), max_size=60).map(
+    st.lists(st.sampled_from([*VOCAB, " ", " ", "\n", "a", "w", "layers"]), max_size=60).map(
         " ".join
     )
 )
@@ -150,6 +151,28 @@ def test_token_mutations_of_a_spec_never_raise_anything_but_layout_error(
     seed: str, edits: list[tuple[str, float, float, str]]
 ) -> None:
     assert_clean("".join(mutate(_TOKEN.findall(SEEDS[seed]), edits)))
+
+
+@SETTINGS
+@given(
+    seed=st.sampled_from(SEED_NAMES),
+    edits=st.lists(mutation, min_size=1, max_size=3),
+    by_token=st.booleans(),
+)
+def test_fmt_round_trips_every_mutation_that_still_parses(
+    seed: str, edits: list[tuple[str, float, float, str]], by_token: bool
+) -> None:
+    items = _TOKEN.findall(SEEDS[seed]) if by_token else list(SEEDS[seed])
+    text = "".join(mutate(items, edits))
+    try:
+        tree = parse(text)
+    except LayoutError:
+        return
+    out = fmt(tree)
+    assert parse(out) == tree
+    assert fmt(parse(out)) == out
+    for comment in tree.comments:
+        assert comment.text in out
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,14 @@ def test_box_ranges_merge_whole_trailing_dims():
     shape = (4, 3, 2)
     assert list(box_ranges(shape, ((1, 3), (0, 3), (0, 2)))) == [(6, 18)]
     assert list(box_ranges(shape, ((1, 2), (1, 3), (0, 2)))) == [(8, 12)]
-    assert list(box_ranges(shape, ((0, 2), (0, 3), (1, 2)))) == [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)]
+    assert list(box_ranges(shape, ((0, 2), (0, 3), (1, 2)))) == [
+        (1, 2),
+        (3, 4),
+        (5, 6),
+        (7, 8),
+        (9, 10),
+        (11, 12),
+    ]
 
 
 def test_vocabulary_padding_sits_at_the_end_of_the_last_slice():
@@ -98,7 +105,9 @@ def test_vocabulary_padding_sits_at_the_end_of_the_last_slice():
 
 
 def test_fused_blocks_are_split_block_by_block():
-    layout = load_text("mesh { tp = 2 }\ntensor qkv [(q: 4, k: 2, v: 2) / tp, 1]\nstore deepspeed\n")
+    layout = load_text(
+        "mesh { tp = 2 }\ntensor qkv [(q: 4, k: 2, v: 2) / tp, 1]\nstore deepspeed\n"
+    )
     sl = slices_of(layout.tensors[0], layout.mesh)[1]
     assert [seg.logical[0] for seg in sl.segments] == [(2, 4), (5, 6), (7, 8)]
     assert [seg.local[0] for seg in sl.segments] == [(0, 2), (2, 3), (3, 4)]
@@ -106,7 +115,11 @@ def test_fused_blocks_are_split_block_by_block():
 
 def test_deepspeed_file_names_follow_the_zero_stage_and_dtype():
     base = "mesh {{ dp = 2, tp = 2 }}\ndtype {dt}\noptimizer adam\nzero {z} over dp\ntensor w [4 / tp, 2]\nstore deepspeed\n"
-    files = {(z, dt): sorted(place(load_text(base.format(z=z, dt=dt))).files()) for z in (1, 3) for dt in ("bf16", "fp32")}
+    files = {
+        (z, dt): sorted(place(load_text(base.format(z=z, dt=dt))).files())
+        for z in (1, 3)
+        for dt in ("bf16", "fp32")
+    }
     assert files[(1, "bf16")] == [
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt",
@@ -122,9 +135,11 @@ def test_deepspeed_file_names_follow_the_zero_stage_and_dtype():
 
 def test_zero1_flat_partitions_pad_the_trailing_ranks():
     """Two params of 5 and 4 elements over dp = 4: T = 9, padded to 16, P = 4; rank 3 is all padding."""
-    layout = load_text("mesh { dp = 4 }\noptimizer adam\nzero 1 over dp\ntensor a [5]\ntensor b [4]\nstore deepspeed\n")
+    layout = load_text(
+        "mesh { dp = 4 }\noptimizer adam\nzero 1 over dp\ntensor a [5]\ntensor b [4]\nstore deepspeed\n"
+    )
     p = place(layout)
-    a, b = p.tensors
+    _, b = p.tensors
     runs = p.runs(b, "exp_avg", p.slices(b, "exp_avg")[0], 0, 0, 4)
     assert [(r.file, r.offset, r.start, r.numel) for r in runs] == [
         ("zero_pp_rank_1_mp_rank_00_optim_states.pt", 1, 0, 3),
@@ -137,8 +152,15 @@ def test_zero1_flat_partitions_pad_the_trailing_ranks():
         ("zero_pp_rank_3_mp_rank_00_optim_states.pt", "exp_avg", 0, 4),
         ("zero_pp_rank_3_mp_rank_00_optim_states.pt", "exp_avg_sq", 0, 4),
     ]
-    master = {b.file: b.numel for b in p.buffers() if b.key.endswith("single_partition_of_fp32_groups/0")}
-    assert [master[f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] for r in range(4)] == [4, 4, 1, 0]
+    master = {
+        b.file: b.numel for b in p.buffers() if b.key.endswith("single_partition_of_fp32_groups/0")
+    }
+    assert [master[f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] for r in range(4)] == [
+        4,
+        4,
+        1,
+        0,
+    ]
 
 
 def test_zero3_sub_groups_number_the_fp32_flat_groups():
@@ -147,7 +169,10 @@ def test_zero3_sub_groups_number_the_fp32_flat_groups():
         "tensor a [6]\ntensor b [3]\ntensor c [2]\nstore deepspeed\n"
     )
     p = place(layout)
-    keys = {t.name: p.runs(t, "master", p.slices(t, "master")[0], 0, 0, t.numel)[0].key for t in p.tensors}
+    keys = {
+        t.name: p.runs(t, "master", p.slices(t, "master")[0], 0, 0, t.numel)[0].key
+        for t in p.tensors
+    }
     # partitions: a 3, b 2 (closes sub-group 0 at 5 >= 4), c 1 -> sub-group 1
     assert keys == {
         "a": "optimizer_state_dict/fp32_flat_groups/0",

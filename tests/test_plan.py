@@ -50,7 +50,11 @@ def test_resharding_moves_every_element_to_its_place(pair, memory, workers):
 
 
 @settings(max_examples=40, deadline=None)
-@given(training_layouts(), st.sampled_from(["universal", "safetensors", "torch"]), st.sampled_from([None, 48]))
+@given(
+    training_layouts(),
+    st.sampled_from(["universal", "safetensors", "torch"]),
+    st.sampled_from([None, 48]),
+)
 def test_conversion_to_whole_tensor_formats_is_exact(layout, fmt, memory):
     plan, values, T, result = run(layout, fmt, memory=memory)
     assert_moved_exactly(plan, values, T, result)
@@ -60,8 +64,8 @@ def test_conversion_to_whole_tensor_formats_is_exact(layout, fmt, memory):
 @given(layout_pairs())
 def test_a_to_b_to_universal_equals_a_to_universal(pair):
     a, b = pair
-    plan_ab, values, _, res_ab = run(a, b, seed=1)
-    direct, _, U, res_au = run(a, "universal", seed=1)
+    *_, res_ab = run(a, b, seed=1)
+    *_, res_au = run(a, "universal", seed=1)
     via = compile_plan(b, "universal")
     res_bu = M.execute(via, res_ab.stored, place(target_layout(b, "universal")))
     keeps_weights = {t.name for t in place(b).tensors if "weight" in place(b).states(t)}
@@ -92,7 +96,9 @@ def test_peak_memory_stays_within_the_budget(pair, memory):
 
 
 def test_a_tensor_larger_than_the_budget_streams_through_swap():
-    layout = load_text("mesh { dp = 2, tp = 2 }\noptimizer adam\nzero 1 over dp\ntensor w [64 / tp, 16]\nstore deepspeed\n")
+    layout = load_text(
+        "mesh { dp = 2, tp = 2 }\noptimizer adam\nzero 1 over dp\ntensor w [64 / tp, 16]\nstore deepspeed\n"
+    )
     plan, values, T, result = run(layout, "universal", memory=1024)
     spilled = [u for u in plan.units if u.mode == "spill"]
     assert {u.state for u in spilled} >= {"master", "exp_avg", "exp_avg_sq"}
@@ -104,7 +110,9 @@ def test_a_tensor_larger_than_the_budget_streams_through_swap():
 
 def test_missing_optimizer_state_becomes_fresh_state_with_a_warning():
     src = load_text("mesh { dp = 1 }\ntensor w [4]\nstore safetensors\n")
-    dst = load_text("mesh { dp = 2 }\noptimizer adam\nzero 1 over dp\ntensor w [4]\nstore deepspeed\n")
+    dst = load_text(
+        "mesh { dp = 2 }\noptimizer adam\nzero 1 over dp\ntensor w [4]\nstore deepspeed\n"
+    )
     plan = compile_plan(src, dst)
     modes = {u.state: (u.mode, u.source_state) for u in plan.units if u.state != "pad"}
     assert modes["exp_avg"] == ("fill", None)
@@ -127,23 +135,43 @@ def test_a_shape_mismatch_names_the_tensor_and_both_shapes():
 
 
 def test_validation_catches_an_element_written_twice():
-    layout = load_text("mesh { dp = 2 }\noptimizer adam\nzero 1 over dp\ntensor w [6]\nstore deepspeed\n")
+    layout = load_text(
+        "mesh { dp = 2 }\noptimizer adam\nzero 1 over dp\ntensor w [6]\nstore deepspeed\n"
+    )
     plan = compile_plan(layout, "universal").materialized()
     unit = plan.units[0]
     ops = unit.ops
     extra = next(op for op in ops if isinstance(op, O.Write))
-    bad = plan.__class__(plan.source, plan.target, (unit.__class__(**{**unit.__dict__, "ops": (*ops, extra)}), *plan.units[1:]))
+    bad = plan.__class__(
+        plan.source,
+        plan.target,
+        (unit.__class__(**{**unit.__dict__, "ops": (*ops, extra)}), *plan.units[1:]),
+    )
     with pytest.raises(PlanError, match="written twice"):
         bad.validate(place(layout), place(target_layout(layout, "universal")))
 
 
 def test_validation_catches_an_implicit_cast():
     layout = load_text("mesh { dp = 1 }\ndtype bf16\ntensor w [6]\nstore safetensors\n")
-    target = load_text("mesh { dp = 2 }\ndtype bf16\noptimizer adam\nzero 1 over dp\ntensor w [6]\nstore deepspeed\n")
+    target = load_text(
+        "mesh { dp = 2 }\ndtype bf16\noptimizer adam\nzero 1 over dp\ntensor w [6]\nstore deepspeed\n"
+    )
     plan = compile_plan(layout, target).materialized()
     unit = next(u for u in plan.units if u.cast)
-    ops = tuple(o.__class__(**{**{f: getattr(o, f) for f in o.__slots__}, "cast": None}) if hasattr(o, "cast") else o for o in unit.ops)
-    bad = plan.__class__(plan.source, plan.target, tuple(u if u is not unit else unit.__class__(**{**unit.__dict__, "ops": ops}) for u in plan.units))
+    ops = tuple(
+        o.__class__(**{**{f: getattr(o, f) for f in o.__slots__}, "cast": None})
+        if hasattr(o, "cast")
+        else o
+        for o in unit.ops
+    )
+    bad = plan.__class__(
+        plan.source,
+        plan.target,
+        tuple(
+            u if u is not unit else unit.__class__(**{**unit.__dict__, "ops": ops})
+            for u in plan.units
+        ),
+    )
     with pytest.raises(PlanError, match="declares cast"):
         bad.validate()
 
@@ -152,7 +180,9 @@ def test_validation_catches_an_implicit_cast():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_shipped_spec_plans_to_every_format(spec, fmt):
     layout = load_layout(spec)
-    if fmt == "deepspeed" and any(set(t.split_axes) & set(layout.zero.axes) for t in layout.tensors):
+    if fmt == "deepspeed" and any(
+        set(t.split_axes) & set(layout.zero.axes) for t in layout.tensors
+    ):
         with pytest.raises(Unsupported, match="per-expert files"):
             compile_plan(layout, fmt)
         return
@@ -163,6 +193,12 @@ def test_every_shipped_spec_plans_to_every_format(spec, fmt):
 
 
 def test_the_shipped_reshard_pairs_plan():
-    for a, b in [("gpt2-small", "gpt2-small-dp4"), ("llama2-7b", "llama2-7b-tp4"), ("llama2-70b-dp8", "llama2-70b")]:
-        plan = compile_plan(load_layout(f"specs/{a}.layout"), load_layout(f"specs/{b}.layout"), memory=4 << 30)
+    for a, b in [
+        ("gpt2-small", "gpt2-small-dp4"),
+        ("llama2-7b", "llama2-7b-tp4"),
+        ("llama2-70b-dp8", "llama2-70b"),
+    ]:
+        plan = compile_plan(
+            load_layout(f"specs/{a}.layout"), load_layout(f"specs/{b}.layout"), memory=4 << 30
+        )
         assert plan.summary()["bytes_read"] > 0

@@ -70,6 +70,7 @@ class _Checker:
     pipeline: str | None = None
     pipeline_span: Span = NO_SPAN
     tensors: list[ir.Tensor] = field(default_factory=list)
+    declared: dict[str, ir.Tensor] = field(default_factory=dict)
     ties: list[tuple[str, str, Span, ast.Tie]] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     dtype: str = "fp32"
@@ -98,7 +99,7 @@ class _Checker:
                 more = f"also in {n - 1} more loop iteration{'s' if n > 2 else ''}"
                 d = Diagnostic(d.code, f"{d.message} ({more})", d.span, d.hint)
             out.append(d)
-        return out
+        return sorted(out, key=lambda d: (d.span.file, d.span.line, d.span.column))
 
     def fail(self, code: str, message: str, span: Span, hint: str = "") -> _Fail:
         self.error(code, message, span, hint)
@@ -635,14 +636,24 @@ class _Checker:
         group = scope.group or "default"
         if group not in self.groups:
             self.groups.append(group)
-        for t in self.tensors:
-            if t.name == name:
+        first = self.declared.get(name)
+        if first is not None:
+            if first.span == st.name.span:  # the same line again: a loop without {i} in the name
                 self.error(
-                    "E103", f"tensor {name} is declared twice (first at {t.span})", st.name.span
+                    "E103",
+                    f"tensor {name} is declared again by every iteration of its loop",
+                    st.name.span,
+                    "make the name depend on the loop variable, e.g. layers.{i}.weight",
                 )
-                return
+            else:
+                self.error(
+                    "E103", f"tensor {name} is declared twice (first at {first.span})", st.name.span
+                )
+            return
         kind = {"tensor": ir.PARAM, "frozen": ir.FROZEN, "buffer": ir.BUFFER}[st.kind]
-        self.tensors.append(ir.Tensor(name, tuple(dims), dtype, kind, stage, group, st.name.span))
+        tensor = ir.Tensor(name, tuple(dims), dtype, kind, stage, group, st.name.span)
+        self.tensors.append(tensor)
+        self.declared[name] = tensor
 
     def dim(self, d: ast.Dim, name: str, index: int) -> ir.Dim:
         total: int | None = None
@@ -689,7 +700,11 @@ class _Checker:
             blocks = (ir.Block(None, self.positive(size_expr, f"dim {index} of {name}")),)
         dim = ir.Dim(blocks, split, pad_to, parts)
         where = f"dim {index} of {name}"
-        axes_text = " * ".join(f"{a} = {self.env[a]}" for a in split) if split else ""
+        if len(split) > 1:
+            sizes = ", ".join(f"{a} = {self.env[a]}" for a in split)
+            axes_text = f"{' * '.join(split)} = {parts} ({sizes})"
+        else:
+            axes_text = f"{split[0]} = {parts}" if split else ""
         stated = dim.padded if pad_to > 1 else dim.size
         if total is not None and total != stated:
             if dim.fused:
@@ -806,7 +821,26 @@ class _Checker:
         by_name = {t.name: t for t in self.tensors}
         out: list[tuple[str, str]] = []
         aliases: set[str] = set()
+        tied = {a: s for a, s, _, _ in self.ties}
         for alias, source, span, st in self.ties:
+            if alias == source:
+                self.error("E127", f"{alias} is tied to itself", span)
+                continue
+            if (source in tied and source not in by_name) or (
+                source in tied and tied[source] in by_name
+            ):
+                root = source
+                while root in tied and root != tied[root]:
+                    root = tied[root]
+                    if root == source:
+                        break
+                self.error(
+                    "E127",
+                    f"tie {alias} = {source}: {source} is itself an alias of {root}",
+                    st.source.span,
+                    f"tie to the tensor itself: tie {alias} = {root}",
+                )
+                continue
             if source not in by_name:
                 guess = difflib.get_close_matches(source, list(by_name), n=1, cutoff=0.6)
                 self.error(
@@ -832,13 +866,6 @@ class _Checker:
                 continue
             aliases.add(alias)
             out.append((alias, source))
-        for alias, source in out:
-            if source in aliases:
-                self.error(
-                    "E127",
-                    f"{source} is itself an alias; tie {alias} to the tensor {source} is tied to",
-                    next(sp for a, _, sp, _ in self.ties if a == alias),
-                )
         return tuple(out)
 
     def check_groups(self, tensors: list[ir.Tensor], zero: ir.Zero) -> None:

@@ -190,11 +190,11 @@ class _Build(Transformer):
     def shape(self, meta: Any, c: list[Any]) -> tuple[Any, ...]:
         return tuple(x for x in c if x is not None)
 
-    def stage(self, meta: Any, c: list[Any]) -> tuple[str, Any]:
-        return ("stage", c[0])
+    def stage(self, meta: Any, c: list[Any]) -> tuple[str, Any, Span]:
+        return ("stage", c[0], self._s(meta))
 
-    def entry_dtype(self, meta: Any, c: list[Token]) -> tuple[str, Any]:
-        return ("dtype", c[0])
+    def entry_dtype(self, meta: Any, c: list[Token]) -> tuple[str, Any, Span]:
+        return ("dtype", c[0], _tok_span(self.path, c[0]))
 
     def entry(self, meta: Any, c: list[Any]) -> ast.Entry:
         kind, path, shape, *attrs = c
@@ -202,9 +202,8 @@ class _Build(Transformer):
         dtype_span = Span(self.path, 0, 0)
         stage = None
         seen: set[str] = set()
-        for key, value in attrs:
+        for key, value, span in attrs:
             if key in seen:
-                span = _tok_span(self.path, value) if key == "dtype" else _span(self.path, meta)
                 raise LayoutError(
                     [
                         Diagnostic(
@@ -215,7 +214,7 @@ class _Build(Transformer):
                 )
             seen.add(key)
             if key == "dtype":
-                dtype, dtype_span = str(value), _tok_span(self.path, value)
+                dtype, dtype_span = str(value), span
             else:
                 stage = value
         return ast.Entry(kind, self._template(path), shape, dtype, stage, self._s(meta), dtype_span)
@@ -340,12 +339,22 @@ _EXAMPLES: dict[str, tuple[str, list[str]]] = {
 _STATEMENT_TOKENS = {k.upper() for k in KEYWORDS}
 
 
+def _allowed(e: UnexpectedInput) -> set[str]:
+    """Tokens that can follow where parsing stopped: lark's exact ``accepts`` when it has
+    them (its LALR ``expected`` set merges lookaheads of other contexts)."""
+    for attr in ("accepts", "allowed", "expected"):
+        value = getattr(e, attr, None)
+        if value:
+            return set(value)
+    return set()
+
+
 def _classify(e: UnexpectedInput) -> str | None:
     """Label a common mistake from the failing token and what the parser expected there.
 
     Example matching (above) only recognises a mistake in the parser state of its example,
     i.e. at the same nesting depth; these rules catch the same mistakes anywhere."""
-    allowed = set(getattr(e, "allowed", None) or getattr(e, "expected", None) or ())
+    allowed = _allowed(e)
     if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
         if "RBRACE" in allowed:
             return "E002"
@@ -388,8 +397,8 @@ def _syntax_diagnostic(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
     column = getattr(e, "column", 0) or 0
     expected = _expected(e)
     if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
-        lines = text.splitlines() or [""]
-        line, column = len(lines), len(lines[-1]) + 1
+        lines = text.rstrip("\r\n").split("\n")
+        line, column = len(lines), len(lines[-1].rstrip("\r")) + 1
         found = "end of file"
     elif isinstance(e, UnexpectedToken):
         found = f"`{e.token}`"
@@ -455,7 +464,7 @@ _TOKEN_WORDS = {
 
 
 def _expected(e: UnexpectedInput) -> str:
-    allowed = getattr(e, "allowed", None) or getattr(e, "expected", None) or set()
+    allowed = _allowed(e)
     words = []
     for name in sorted(allowed):
         if name in _TOKEN_WORDS:
@@ -476,7 +485,7 @@ def _expected(e: UnexpectedInput) -> str:
 def _unclosed_brace(text: str) -> str:
     """Where the innermost ``{`` that is never closed was opened (comments and strings skipped)."""
     stack: list[tuple[int, int]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         in_string = False
         for col, ch in enumerate(line, start=1):
             if ch == '"':
@@ -498,8 +507,8 @@ def _unclosed_brace(text: str) -> str:
 def _offset(text: str, line: int, column: int) -> int:
     if line <= 0:
         return 0
-    lines = text.splitlines(keepends=True)
-    return sum(len(x) for x in lines[: line - 1]) + max(0, column - 1)
+    lines = text.split("\n")
+    return sum(len(x) + 1 for x in lines[: line - 1]) + max(0, column - 1)
 
 
 def _closest(word: str, options: tuple[str, ...] | list[str]) -> str | None:
@@ -516,7 +525,7 @@ def _comments(text: str) -> tuple[tuple[ast.Comment, ...], frozenset[int]]:
     """``#`` comments (outside strings) with their line, and the blank lines, for ``fmt``."""
     comments: list[ast.Comment] = []
     blanks: set[int] = set()
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             blanks.add(number)
             continue

@@ -1,0 +1,311 @@
+"""The ``layoutc`` command line: exit codes, what goes to stdout and stderr, files written.
+
+Exit codes are the contract scripts rely on: 0 success, 1 the input is wrong (diagnostics on
+stderr), 2 a usage error (bad flags, missing files, no subcommand). Commands run in-process
+through ``layoutc.cli.main``; one test runs ``python -m layoutc`` for real.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from layoutc.cli import main
+from layoutc.lang.fmt import fmt
+from layoutc.lang.parse import parse
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = sorted((ROOT / "specs").glob("*.layout"))
+GPT2 = ROOT / "specs" / "gpt2-small.layout"
+LLAMA = ROOT / "specs" / "llama2-7b.layout"
+LLAMA_TP4 = ROOT / "specs" / "llama2-7b-tp4.layout"
+MiB = 2**20
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def broken(tmp_path: Path) -> Path:
+    """llama2-7b with tp = 3: F = 11008 and the fused gate/up no longer divide."""
+    text = LLAMA.read_text(encoding="utf-8")
+    assert "tp = 2" in text
+    path = tmp_path / "broken.layout"
+    path.write_text(text.replace("tp = 2", "tp = 3"), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- check
+
+
+def test_check_accepts_every_spec_and_says_ok_for_each(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "check", *SPECS)
+    assert code == 0, err
+    assert err == ""
+    for spec in SPECS:
+        assert re.search(rf"^{re.escape(str(spec))}: ok — layout \S+, mesh \{{", out, re.M), out
+
+
+def test_check_reports_ranks_tensors_and_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "check", ROOT / "specs" / "llama2-70b.layout")
+    assert code == 0
+    assert "(65,536 ranks)" in out
+    assert "483 tensors" in out
+    assert "trainable parameters" in out
+
+
+def test_check_of_a_broken_spec_exits_1_with_located_diagnostics(
+    capsys: pytest.CaptureFixture[str], broken: Path
+) -> None:
+    code, out, err = run(capsys, "check", broken)
+    assert code == 1
+    assert out == ""
+    lines = broken.read_text(encoding="utf-8").splitlines()
+    first = re.search(rf"^{re.escape(str(broken))}:(\d+):(\d+): error\[E102\]: (.*)$", err, re.M)
+    assert first, err
+    line, col = int(first[1]), int(first[2])
+    assert "tp = 3" in first[3]
+    assert "/ tp" in lines[line - 1][col - 1 :]  # the caret is on a split dim
+    assert re.search(rf"^{re.escape(str(broken))}: \d+ errors?$", err, re.M)
+
+
+def test_check_goes_on_to_the_next_file_after_a_broken_one(
+    capsys: pytest.CaptureFixture[str], broken: Path
+) -> None:
+    code, out, err = run(capsys, "check", broken, GPT2)
+    assert code == 1
+    assert f"{GPT2}: ok" in out
+    assert "error[E102]" in err
+
+
+def test_check_of_a_missing_file_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(capsys, "check", tmp_path / "nope.layout")
+    assert code == 2
+    assert "nope.layout: no such file" in err
+
+
+def test_an_unknown_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "check", "--bogus", GPT2)
+    assert code == 2
+    assert "unrecognized arguments: --bogus" in err
+
+
+def test_no_subcommand_prints_help_and_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys)
+    assert code == 2
+    assert "check" in err and "fmt" in err and "plan" in err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    assert "usage: layoutc" in out
+
+
+def test_python_dash_m_layoutc_checks_a_spec() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "layoutc", "check", "specs/gpt2-small.layout"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("specs/gpt2-small.layout: ok — layout gpt2_small")
+
+
+# ---------------------------------------------------------------- fmt
+
+
+def test_fmt_check_accepts_every_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "fmt", "--check", *SPECS)
+    assert (code, out, err) == (0, "", "")
+
+
+def test_fmt_check_rejects_a_badly_spaced_file_with_a_diff(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "ugly.layout"
+    path.write_text("mesh{dp=2}\ntensor   w [ 4/dp ]\n", encoding="utf-8")
+    code, out, err = run(capsys, "fmt", "--check", path)
+    assert code == 1
+    assert out == ""
+    assert "-tensor   w [ 4/dp ]" in err
+    assert "+tensor w [4 / dp]" in err
+    assert f"{path}: not formatted" in err
+    assert path.read_text(encoding="utf-8") == "mesh{dp=2}\ntensor   w [ 4/dp ]\n"
+
+
+def test_fmt_write_rewrites_the_file_in_canonical_form(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "ugly.layout"
+    path.write_text("mesh{dp=2}  # the mesh\ntensor   w [ 4/dp ]\n", encoding="utf-8")
+    code, out, _ = run(capsys, "fmt", "-w", path)
+    assert code == 0
+    assert f"{path}: formatted" in out
+    assert path.read_text(encoding="utf-8") == "mesh { dp = 2 }  # the mesh\ntensor w [4 / dp]\n"
+    assert run(capsys, "fmt", "--check", path)[0] == 0
+    # a formatted file is left alone and nothing is said
+    assert run(capsys, "fmt", "-w", path) == (0, "", "")
+
+
+def test_fmt_without_flags_prints_the_canonical_text(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "ugly.layout"
+    path.write_text("mesh{dp=2}\n", encoding="utf-8")
+    code, out, _ = run(capsys, "fmt", path)
+    assert (code, out) == (0, "mesh { dp = 2 }\n")
+    assert out == fmt(parse("mesh{dp=2}\n"))
+
+
+def test_fmt_of_a_file_with_a_syntax_error_exits_1(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.layout"
+    path.write_text("mesh { dp: 2 }\n", encoding="utf-8")
+    code, out, err = run(capsys, "fmt", "--check", path)
+    assert code == 1
+    assert out == ""
+    assert f"{path}:1:10: error[E003]" in err
+
+
+def test_fmt_check_and_write_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "fmt", "--check", "-w", GPT2)[0] == 2
+
+
+# ---------------------------------------------------------------- plan
+
+SUMMARY_LINES = ["units", "ops", "read", "written", "peak memory"]
+
+
+@pytest.mark.parametrize("target", ["universal", "safetensors", "torch", "llama2-7b-tp4.layout"])
+def test_plan_prints_a_summary_for_every_kind_of_target(
+    capsys: pytest.CaptureFixture[str], target: str
+) -> None:
+    to = str(ROOT / "specs" / target) if target.endswith(".layout") else target
+    code, out, err = run(capsys, "plan", LLAMA, "--to", to)
+    assert code == 0, err
+    for label in SUMMARY_LINES:
+        assert re.search(rf"^  {label} +\S", out, re.M), f"no `{label}` line in\n{out}"
+    assert re.search(r"^per worker$", out, re.M)
+    assert re.search(r"^largest tensors", out, re.M)
+    assert re.search(r"ops +[\d,]+ +\(read [\d,]+, gather", out)
+
+
+def test_plan_json_summary_parses_and_has_the_totals(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plan", LLAMA, "--to", LLAMA_TP4, "--json")
+    assert code == 0
+    summary = json.loads(out)["summary"]
+    for key in (
+        "ops_by_kind",
+        "bytes_read",
+        "bytes_written",
+        "peak_memory_bytes",
+        "files_read",
+        "files_written",
+        "workers",
+    ):
+        assert key in summary, key
+    assert set(summary["ops_by_kind"]) >= {"read", "write"}
+    assert summary["bytes_read"] > 0 and summary["bytes_written"] > 0
+    assert summary["workers"] == 1
+    assert "plan" not in json.loads(out)
+
+
+def test_plan_json_with_ops_includes_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plan", GPT2, "--to", "torch", "--json", "--ops")
+    assert code == 0
+    assert "plan" in json.loads(out)
+
+
+def test_plan_with_a_memory_budget_keeps_peak_memory_under_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(capsys, "plan", LLAMA, "--to", LLAMA_TP4, "--json")
+    unbounded = json.loads(out)["summary"]["peak_memory_bytes"]
+    assert unbounded > 256 * MiB  # otherwise the budget below proves nothing
+    code, out, _ = run(capsys, "plan", LLAMA, "--to", LLAMA_TP4, "--json", "--memory", "256MiB")
+    assert code == 0
+    summary = json.loads(out)["summary"]
+    assert summary["peak_memory_bytes"] <= 256 * MiB
+    assert summary["memory_budget_bytes"] == 256 * MiB
+
+
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_plan_balances_over_the_requested_workers(
+    capsys: pytest.CaptureFixture[str], workers: str
+) -> None:
+    code, out, _ = run(capsys, "plan", GPT2, "--to", "universal", "--json", "--workers", workers)
+    assert code == 0
+    assert json.loads(out)["summary"]["workers"] == int(workers)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--memory", "abc"], ["--memory", "12XB"], ["--workers", "0"], ["--workers", "two"]],
+)
+def test_plan_with_a_bad_flag_value_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], flags: list[str]
+) -> None:
+    code, out, err = run(capsys, "plan", GPT2, "--to", "universal", *flags)
+    assert code == 2
+    assert out == ""
+    assert flags[0] in err
+
+
+def test_plan_without_a_target_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "plan", GPT2)[0] == 2
+
+
+def test_plan_to_an_unknown_target_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "plan", GPT2, "--to", "safetensor")
+    assert code == 2
+    assert "safetensor" in err
+
+
+def test_plan_to_a_misspelt_format_suggests_the_format(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "plan", GPT2, "--to", "safetensor")
+    assert code == 2
+    assert "safetensors" in err
+
+
+def test_plan_of_a_broken_layout_exits_1_with_diagnostics(
+    capsys: pytest.CaptureFixture[str], broken: Path
+) -> None:
+    code, out, err = run(capsys, "plan", broken, "--to", "universal")
+    assert code == 1
+    assert out == ""
+    assert "error[E102]" in err
+
+
+def test_plan_writes_the_full_plan_and_an_html_report(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    plan_json, html = tmp_path / "plan.json", tmp_path / "plan.html"
+    code, out, err = run(
+        capsys, "plan", GPT2, "--to", "safetensors", "-o", plan_json, "--html", html
+    )
+    assert code == 0
+    assert "peak memory" in out  # the summary is still printed
+    assert f"wrote the plan to {plan_json}" in err
+    assert f"wrote {html}" in err
+    assert json.loads(plan_json.read_text(encoding="utf-8"))
+    assert "<html" in html.read_text(encoding="utf-8").lower()
+
+
+def test_plan_markdown_is_a_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plan", GPT2, "--to", "torch", "--markdown")
+    assert code == 0
+    assert out.startswith("# Plan: ")
+    assert "| units |" in out
