@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from layouts import training_layouts, with_format
 
 from layoutc.ir import FORMATS
-from layoutc.lang.check import load_text
+from layoutc.lang.check import load_layout, load_text
 from layoutc.place import place
 from layoutc.place.shards import STEP, box_ranges, pad_ranges, slices_of
 from layoutc.runtime import memory as M
@@ -198,3 +198,16 @@ def test_tie_aliases_are_not_stored_twice():
     p = place(layout)
     assert [t.name for t in p.tensors] == ["e"]
     assert [b.key for b in p.buffers()] == ["e"]
+
+
+def test_files_are_held_by_the_ranks_that_load_them():
+    layout = load_layout("specs/llama2-7b.layout")  # pp = 2, dp = 4, tp = 2
+    p = place(layout)
+    mesh = layout.mesh
+    optim = p.holders("bf16_zero_pp_rank_3_mp_rank_02_optim_states.pt")
+    assert optim.size(mesh) == 1 and dict(optim.fixed) == {"dp": 3, "pp": 1, "tp": 0}
+    model = p.holders("mp_rank_01_model_states.pt")
+    assert dict(model.fixed) == {"pp": 0, "tp": 1} and model.size(mesh) == 4
+    layer = p.holders("layer_33-model_01-model_states.pt")
+    assert dict(layer.fixed) == {"pp": 1, "tp": 1} and layer.size(mesh) == 4
+    assert all(p.holders(f).size(mesh) >= 1 for f in p.files())

@@ -10,12 +10,11 @@ costs no more to describe than its arithmetic: counts are closed forms, lists ar
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from functools import cached_property
 
 from layoutc import ir
-from layoutc.place.shards import MASTER, STEP, WEIGHT, Run, Slice, StoredBuffer
+from layoutc.place.shards import MASTER, STEP, WEIGHT, RankSet, Run, Slice, StoredBuffer
 
 
 class Placement:
@@ -90,6 +89,11 @@ class Placement:
         """Every stored buffer that holds tensor data (for coverage checks)."""
         raise NotImplementedError
 
+    def holders(self, file: str) -> RankSet:
+        """The ranks that hold ``file`` (read it at load time). Topology-free formats are
+        read by every rank."""
+        return RankSet()
+
     def pads(self) -> Iterator[Run]:
         """Ranges of stored buffers that hold padding, not data: written as zeros."""
         return iter(())
@@ -109,7 +113,3 @@ class Placement:
 
     def describe(self) -> str:
         return f"{self.format} ({self.layout.name}, {self.mesh.world} ranks)"
-
-
-def prod(values: Iterator[int] | list[int] | tuple[int, ...]) -> int:
-    return math.prod(values)

@@ -506,15 +506,25 @@ class DeepSpeedPlacement(Placement):
                             self.model_file(fc), key, have, 0, pn - have, self.dtype(t, WEIGHT)
                         )
 
-    def file_holders(self, file: str) -> RankSet:
-        """Ranks that hold a file (DeepSpeed writes model states from data-parallel rank 0)."""
+    def holders(self, file: str) -> RankSet:
+        """Ranks that hold a file: an optimizer (or ZeRO-3 model-state) file belongs to one
+        rank; an ``mp_rank`` or ``layer`` file to every data-parallel rank of its model-parallel
+        coordinate (DeepSpeed writes it from data-parallel rank 0)."""
         m = re.search(r"zero_pp_rank_(\d+)_mp_rank_(\d+)", file)
         fixed: list[tuple[str, int]] = []
         if m:
             fixed += list(self.mesh.unindex(self.dp_axes, int(m.group(1))).items())
             fixed += list(self.mesh.unindex(self.mp_axes, int(m.group(2))).items())
-        else:
-            m = re.search(r"mp_rank_(\d+)", file)
-            if m:
-                fixed += list(self.mesh.unindex(self.mp_axes, int(m.group(1))).items())
+        elif m := re.search(r"mp_rank_(\d+)", file):
+            fixed += list(self.mesh.unindex(self.mp_axes, int(m.group(1))).items())
+        elif m := re.match(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt$", file):
+            stage = next(
+                self._stage_of(t)
+                for t in self.tensors
+                if t.name.split(".", 1)[0] == str(int(m.group(1)))
+            )
+            if self.layout.pipeline:
+                fixed.append((self.layout.pipeline, stage))
+            if m.group(2) is not None:
+                fixed += list(self.mesh.unindex(self.model_axes, int(m.group(2))).items())
         return RankSet(tuple(fixed))

@@ -90,7 +90,6 @@ class StoredBuffer:
     key: str
     dtype: str
     shape: tuple[int, ...]
-    holders: RankSet = RankSet()
 
     @property
     def numel(self) -> int:
