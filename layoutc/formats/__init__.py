@@ -1,0 +1,1 @@
+"""Storage formats: reading and writing checkpoint files without torch."""
