@@ -333,11 +333,14 @@ class Layout:
     def dp_axes(self) -> tuple[str, ...]:
         return self.zero.axes
 
-    @property
+    @cached_property
     def model_axes(self) -> tuple[str, ...]:
-        """Axes that are neither pipeline nor data-parallel (tensor / expert parallel)."""
+        """Model-parallel axes (tensor / expert parallel): axes some tensor is split over,
+        other than the ZeRO and pipeline axes. An axis no tensor is split over only holds
+        replicas: it is data-parallel whether or not ZeRO partitions over it."""
         skip = {self.pipeline, *self.zero.axes}
-        return tuple(a for a in self.mesh.names if a not in skip)
+        split = {a for t in self.tensors for a in t.split_axes}
+        return tuple(a for a in self.mesh.names if a not in skip and a in split)
 
     def params(self) -> Iterator[Tensor]:
         return (t for t in self.tensors if t.kind == PARAM)

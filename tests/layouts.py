@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import strategies as st
 
 from layoutc.ir import Layout
@@ -49,12 +51,10 @@ def training_layouts(
     tp = draw(st.integers(1, 3))
     dtype = draw(st.sampled_from(["bf16", "fp32"]))
     sizes = {"dp": dp, "tp": tp}
-    lines = [
-        f"mesh {{ pp = {pp}, dp = {dp}, tp = {tp} }}",
-        "pipeline over pp",
-        f"dtype {dtype}",
-        "optimizer adam",
-    ]
+    piped = zero <= 1 and use_pp  # DeepSpeed pipelines run ZeRO 0 or 1 only
+    lines = [f"mesh {{ pp = {pp}, dp = {dp}, tp = {tp} }}", f"dtype {dtype}", "optimizer adam"]
+    if piped:
+        lines.append("pipeline over pp")
     if zero == 3 and draw(st.booleans()):
         lines.append(f"zero 3 over dp {{ sub_group {draw(st.integers(1, 40))} }}")
     else:
@@ -67,7 +67,7 @@ def training_layouts(
         stage = draw(st.integers(0, pp - 1))
         group = draw(st.sampled_from(["", "", "nd"])) if kind == "tensor" else ""
         name = f"{i}.w{i}"
-        decl = f"{kind} {name} [{', '.join(shape)}] stage {stage}"
+        decl = f"{kind} {name} [{', '.join(shape)}]" + (f" stage {stage}" if piped else "")
         lines.append(f"group {group} {{ {decl} }}" if group else decl)
         names.append((name, kind))
     params = [nm for nm, k in names if k == "tensor"]
@@ -118,12 +118,14 @@ def model_bodies(draw: st.DrawFn, m: int) -> str:
 def topologies(draw: st.DrawFn, tp: int) -> str:
     zero = draw(st.integers(0, 3))
     pp = draw(st.integers(1, 2)) if zero <= 1 else 1
+    piped = zero <= 1 and draw(st.booleans())  # DeepSpeed pipelines run ZeRO 0 or 1 only
     dp = draw(st.integers(1, 3))
     dtype = draw(st.sampled_from(["bf16", "fp32"]))
     zero_line = f"zero {zero} over dp" + (
         f" {{ sub_group {draw(st.integers(1, 30))} }}" if zero == 3 else ""
     )
-    return f"mesh {{ pp = {pp}, dp = {dp}, tp = {tp} }}\npipeline over pp\ndtype {dtype}\noptimizer adam\n{zero_line}\n"
+    pipeline = "pipeline over pp\n" if piped else ""
+    return f"mesh {{ pp = {pp}, dp = {dp}, tp = {tp} }}\n{pipeline}dtype {dtype}\noptimizer adam\n{zero_line}\n"
 
 
 @st.composite
@@ -137,7 +139,9 @@ def layout_pairs(draw: st.DrawFn) -> tuple[Layout, Layout]:
     b = draw(topologies(tp_b))
     dtype = "bf16" if "bf16" in a else "fp32"
     b = b.replace("dtype bf16", f"dtype {dtype}").replace("dtype fp32", f"dtype {dtype}")
-    return (
-        load_text(a + body + "\nstore deepspeed\n"),
-        load_text(b + body + "\nstore deepspeed\n"),
-    )
+
+    def text(top: str) -> str:
+        decls = body if "pipeline over pp" in top else re.sub(r" stage [^\n}]*", "", body)
+        return top + decls + "\nstore deepspeed\n"
+
+    return load_text(text(a)), load_text(text(b))

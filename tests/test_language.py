@@ -609,10 +609,14 @@ def test_zero_records_stage_axes_and_options() -> None:
 
 def test_layout_axis_roles_follow_pipeline_and_zero() -> None:
     layout = load_text(
-        "mesh { pp = 2, dp = 2, ep = 2, tp = 2 }\npipeline over pp\nzero 1 over (dp, ep)"
+        "mesh { pp = 2, dp = 2, ep = 2, tp = 2 }\npipeline over pp\nzero 1 over (dp, ep)\n"
+        "tensor 0.w [4 / tp]"
     )
     assert layout.dp_axes == ("dp", "ep")
     assert layout.model_axes == ("tp",)
+    # an axis no tensor is split over only holds replicas: data parallel, not model parallel
+    assert load_text("mesh { dp = 2, tp = 2 }\ntensor w [4 / tp]").model_axes == ("tp",)
+    assert load_text("mesh { dp = 2, tp = 2 }\ntensor w [4]").model_axes == ()
 
 
 def test_offload_records_what_where_and_the_aio_options_with_defaults() -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from layouts import training_layouts, with_format
 
+from layoutc.errors import Unsupported
 from layoutc.ir import FORMATS
 from layoutc.lang.check import load_layout, load_text
 from layoutc.place import place
@@ -211,3 +215,45 @@ def test_files_are_held_by_the_ranks_that_load_them():
     layer = p.holders("layer_33-model_01-model_states.pt")
     assert dict(layer.fixed) == {"pp": 1, "tp": 1} and layer.size(mesh) == 4
     assert all(p.holders(f).size(mesh) >= 1 for f in p.files())
+
+
+def test_zero2_keeps_frozen_parameters_also_in_frozen_param_fragments():
+    layout = load_text(
+        "mesh { dp = 2 }\noptimizer adam\nzero 2 over dp\ntensor w [4]\nfrozen f [3]\nstore deepspeed\n"
+    )
+    p = place(layout)
+    f = next(t for t in p.tensors if t.name == "f")
+    keys = sorted(
+        r.key
+        for c in range(p.copies(f, "weight"))
+        for r in p.runs(f, "weight", p.slices(f, "weight")[0], c, 0, 3)
+    )
+    assert keys == ["frozen_param_fragments/f", "module/f"]
+
+
+def test_a_data_parallel_axis_without_zero_does_not_multiply_model_files():
+    layout = load_text("mesh { dp = 4, tp = 2 }\ntensor w [4 / tp]\nstore deepspeed\n")
+    assert sorted(place(layout).files()) == [
+        "mp_rank_00_model_states.pt",
+        "mp_rank_01_model_states.pt",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (
+            "mesh { pp = 2, dp = 2 }\npipeline over pp\noptimizer adam\nzero 2 over dp\ntensor 0.w [4]",
+            "refuses ZeRO-2 with pipeline",
+        ),
+        (
+            "mesh { dp = 2 }\noptimizer adam\nzero 1 over dp { round_robin }\ntensor w [4]",
+            "round_robin",
+        ),
+        ("mesh { dp = 2 }\nzero 3 over dp\ntensor w [4]", "without an optimizer"),
+        ("mesh { pp = 1, dp = 2 }\npipeline over pp\ntensor w [4]", "<layer>.<param>"),
+    ],
+)
+def test_configurations_deepspeed_cannot_hold_are_refused(text, match):
+    with pytest.raises(Unsupported, match=re.escape(match)):
+        place(load_text(text + "\nstore deepspeed\n"))

@@ -74,7 +74,16 @@ class DeepSpeedPlacement(Placement):
         self.bf16 = layout.dtype == "bf16"
         opt = layout.optimizer
         # Which optimizer DeepSpeed builds for this configuration.
+        if z.round_robin:
+            raise Unsupported(
+                f"{layout.source}: zero {z.stage} with round_robin: DeepSpeed's own slice mappings disagree "
+                "with its flat buffers under round-robin gradients, so layoutc does not place it"
+            )
         if opt is None:
+            if z.stage == 3:
+                raise Unsupported(
+                    f"{layout.source}: zero 3 without an optimizer does not describe a DeepSpeed checkpoint"
+                )
             self.mode = "none"
         elif z.stage == 3:
             self.mode = "stage3"
@@ -87,7 +96,7 @@ class DeepSpeedPlacement(Placement):
             )
         else:
             self.mode = "plain"
-        if layout.pipeline and layout.stages > 1 and z.stage >= 2:
+        if layout.pipeline and z.stage >= 2:
             raise Unsupported(
                 f"{layout.source}: DeepSpeed refuses ZeRO-{z.stage} with pipeline parallelism; use zero 0 or 1"
             )
@@ -98,7 +107,8 @@ class DeepSpeedPlacement(Placement):
                 "DeepSpeed stores experts in per-expert files, which layoutc does not place yet. "
                 "Use store universal, safetensors or torch for this layout"
             )
-        self.layer_files = bool(layout.pipeline and layout.stages > 1)
+        # DeepSpeed's pipeline engine writes layer files whatever the number of stages.
+        self.layer_files = layout.pipeline is not None
         if self.layer_files:
             bad = [t.name for t in self.tensors if not _LAYER.match(t.name)]
             if bad:
@@ -206,12 +216,17 @@ class DeepSpeedPlacement(Placement):
             return model + tuple(a for a in self.dp_axes if a not in split)
         return model
 
+    def _variants(self, t: ir.Tensor, state: str) -> int:
+        """Keys a slice is stored under in one file: ZeRO-2 keeps frozen parameters both in
+        ``module`` and in ``frozen_param_fragments``."""
+        return 2 if state == WEIGHT and t.kind == ir.FROZEN and self.layout.zero.stage == 2 else 1
+
     def copies(self, t: ir.Tensor, state: str) -> int:
-        return self.mesh.size(*self.copy_axes(t, state))
+        return self.mesh.size(*self.copy_axes(t, state)) * self._variants(t, state)
 
     def _coords(self, t: ir.Tensor, state: str, sl: Slice, copy: int) -> dict[str, int]:
         coords = dict(sl.coords)
-        coords.update(self.mesh.unindex(self.copy_axes(t, state), copy))
+        coords.update(self.mesh.unindex(self.copy_axes(t, state), copy // self._variants(t, state)))
         if self.layout.pipeline:
             coords[self.layout.pipeline] = self._stage_of(t)
         return coords
@@ -222,7 +237,7 @@ class DeepSpeedPlacement(Placement):
         if state == WEIGHT:
             if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
                 return self._stage3_frozen(t, coords, lo, hi, dtype)
-            file, key = self._weight_location(t, coords)
+            file, key = self._weight_location(t, coords, copy % self._variants(t, state))
             return [Run(file, key, lo, lo, hi - lo, dtype)]
         m = self._members[t.name]
         if state == STEP:
@@ -265,9 +280,13 @@ class DeepSpeedPlacement(Placement):
         assert group is not None
         return group.count(m.index, lo, hi)
 
-    def _weight_location(self, t: ir.Tensor, coords: dict[str, int]) -> tuple[str, str]:
+    def _weight_location(
+        self, t: ir.Tensor, coords: dict[str, int], variant: int = 0
+    ) -> tuple[str, str]:
         if self.layer_files:
             return self.layer_file(t.name, coords)
+        if variant == 1:
+            return self.model_file(coords), f"frozen_param_fragments/{t.name}"
         return self.model_file(coords), f"module/{t.name}"
 
     def _state_key(self, m: _Member, state: str) -> str:
@@ -366,7 +385,7 @@ class DeepSpeedPlacement(Placement):
                                 (pn,),
                             )
                         continue
-                    f, k = self._weight_location(t, coords)
+                    f, k = self._weight_location(t, coords, c % self._variants(t, WEIGHT))
                     yield StoredBuffer(f, k, dtype, sl.shape)
         yield from self._optimizer_buffers()
 
