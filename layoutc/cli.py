@@ -76,7 +76,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             failed = True
             continue
         except Unsupported as e:
-            print(f"{path}: unsupported: {e}", file=sys.stderr)
+            print(f"unsupported: {e}", file=sys.stderr)
             failed = True
             continue
         params = sum(t.numel for t in p.tensors if t.trainable)
@@ -126,6 +126,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from layoutc.plan.compile import compile_plan
     from layoutc.render import render
 
+    if args.ops and not args.json:
+        raise _Usage("--ops adds every op to the JSON output; use it with --json")
     source = _load(args.source)
     if args.to not in ir.FORMATS and not Path(args.to).is_file():
         guess = difflib.get_close_matches(args.to, ir.FORMATS, n=1, cutoff=0.6)
@@ -134,7 +136,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"--to {args.to}: no such file and not a format; {hint}formats: {', '.join(ir.FORMATS)}"
         )
     target: ir.Layout | str = args.to if args.to in ir.FORMATS else _load(args.to)
-    plan = compile_plan(source, target, memory=args.memory, workers=args.workers)
+    try:
+        plan = compile_plan(source, target, memory=args.memory, workers=args.workers)
+    except ValueError as e:
+        raise _Usage(str(e)) from None
     if args.validate:
         from layoutc.place import place
         from layoutc.plan.compile import target_layout

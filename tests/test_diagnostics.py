@@ -130,6 +130,7 @@ CASES: dict[str, str] = {
     "E131": "mesh { tp = 2 }\ntensor w [4096 / tp * 2, 64]\n",
     "E131-paren": "mesh { tp = 2 }\ntensor w [(4096 / tp), 64]\n",
     "E132": "mesh { dp = 2 }\nfor i in 0..2 {\n  let H = 64\n  tensor layers.{i}.w [64]\n}\n",
+    "E133": "mesh { dp = 2 }\ntensor w [1e30]\n",
 }
 
 

@@ -257,3 +257,15 @@ def test_a_data_parallel_axis_without_zero_does_not_multiply_model_files():
 def test_configurations_deepspeed_cannot_hold_are_refused(text, match):
     with pytest.raises(Unsupported, match=re.escape(match)):
         place(load_text(text + "\nstore deepspeed\n"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    training_layouts(),
+    st.sets(st.sampled_from(["weight", "master", "exp_avg", "exp_avg_sq", "step"]), min_size=1),
+)
+def test_the_closed_form_count_of_files_read_matches_the_runs(layout, states):
+    from layoutc.place.base import Placement
+
+    p = place(layout)
+    assert p.files_holding(states) == Placement.files_holding(p, states)

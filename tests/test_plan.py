@@ -103,7 +103,7 @@ def test_a_tensor_larger_than_the_budget_streams_through_swap():
     spilled = [u for u in plan.units if u.mode == "spill"]
     assert {u.state for u in spilled} >= {"master", "exp_avg", "exp_avg_sq"}
     assert all(u.stats.swap_bytes > 0 for u in spilled)
-    assert any("does not fit the memory budget" in w for w in plan.warnings)
+    assert any("budget; it streams through the swap tier" in w for w in plan.warnings)
     assert plan.summary()["ops_by_kind"]["swap"] > 0
     assert_moved_exactly(plan, values, T, result)
 
@@ -202,3 +202,23 @@ def test_the_shipped_reshard_pairs_plan():
             load_layout(f"specs/{a}.layout"), load_layout(f"specs/{b}.layout"), memory=4 << 30
         )
         assert plan.summary()["bytes_read"] > 0
+
+
+def test_equally_sliced_tensors_over_the_budget_copy_in_chunks_without_swap():
+    a = load_text(
+        "mesh { dp = 2 }\noptimizer adam\nzero 1 over dp\ntensor w [64, 16]\nstore deepspeed\n"
+    )
+    b = load_text(
+        "mesh { dp = 3 }\noptimizer adam\nzero 2 over dp\ntensor w [64, 16]\nstore deepspeed\n"
+    )
+    plan, values, T, result = run(a, b, memory=1024)
+    assert {u.mode for u in plan.units if u.state != "pad"} == {"direct"}
+    assert plan.summary()["bytes_swapped"] == 0
+    assert all(u.stats.peak_bytes <= 1024 for u in plan.units)
+    assert_moved_exactly(plan, values, T, result)
+
+
+def test_a_budget_too_small_for_one_element_is_refused():
+    layout = load_text("mesh { dp = 1 }\ntensor w [4]\nstore torch\n")
+    with pytest.raises(ValueError, match="too small"):
+        compile_plan(layout, "safetensors", memory=8)

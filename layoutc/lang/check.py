@@ -25,6 +25,7 @@ from layoutc.lang import ast
 from layoutc.lang.parse import parse
 
 _FUNCTIONS = ("pad", "min", "max", "cdiv")
+_LIMIT = 2**62
 
 _OPTIMIZER_DEFAULTS: dict[str, tuple[tuple[str, ...], bool]] = {
     "adam": (("exp_avg", "exp_avg_sq"), True),
@@ -108,6 +109,17 @@ class _Checker:
     # ------------------------------------------------------------ expressions
 
     def eval(self, e: ast.Expr) -> int:
+        value = self._eval(e)
+        if abs(value) > _LIMIT:
+            raise self.fail(
+                "E133",
+                f"`{_text(self.source, e.span)}` is out of range (beyond ±2**62)",
+                e.span,
+                "sizes, counts and indices must fit in 64 bits",
+            )
+        return value
+
+    def _eval(self, e: ast.Expr) -> int:
         if isinstance(e, ast.Int | ast.Size):
             return e.value
         if isinstance(e, ast.Name):

@@ -85,6 +85,18 @@ class Placement:
     def file_count(self) -> int:
         return sum(1 for _ in self.files())
 
+    def files_holding(self, states: set[str]) -> int:
+        """How many files hold any of ``states`` (what a plan reading them opens)."""
+        files: set[str] = set()
+        for t in self.tensors:
+            for s in set(self.states(t)) & states:
+                for sl in self.slices(t, s):
+                    for c in range(self.copies(t, s)):
+                        files.update(
+                            r.file for r in self.runs(t, s, sl, c, 0, sl.numel if sl.shape else 1)
+                        )
+        return len(files)
+
     def buffers(self) -> Iterator[StoredBuffer]:
         """Every stored buffer that holds tensor data (for coverage checks)."""
         raise NotImplementedError

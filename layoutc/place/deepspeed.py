@@ -364,6 +364,60 @@ class DeepSpeedPlacement(Placement):
             n += len(layers) * self.mesh.size(*self.model_axes)
         return n
 
+    def files_holding(self, states: set[str]) -> int:
+        """Closed form: optimizer files if any optimizer state is wanted, weight files
+        (layer, model-state) if weights are."""
+        mp = self.mesh.size(*self.mp_axes)
+        dp = self.mesh.size(*self.dp_axes)
+        n = 0
+        states = states & {s for t in self.tensors for s in self.states(t)}  # only what is stored
+        opt = states - {WEIGHT}
+        if opt and self.mode in ("flat", "stage3"):
+            # every partition's file records the step; other states only where data lies
+            n += self._optim_files_with_data(every_partition=STEP in opt)
+        per_stage = mp // max(1, self.layout.stages)
+        if self.layout.zero.stage == 3:
+            # ZeRO-3 weights: buffers in every rank's file, frozen params partitioned
+            held = 0
+            for t in self.tensors:
+                if t.kind == ir.BUFFER:
+                    held = dp
+                elif t.kind == ir.FROZEN:
+                    pn = -(-t.local_numel // self.mesh.size(*self.partition_axes(t)))
+                    held = max(held, -(-t.local_numel // pn) if pn else 0)
+            n += mp * held if WEIGHT in states else 0
+        else:
+            stages: set[int] = set()
+            if WEIGHT in states and not self.layer_files:
+                stages |= {self._stage_of(t) for t in self.tensors if WEIGHT in self.states(t)}
+            if opt and self.mode == "plain":
+                stages |= {self._stage_of(t) for t in self.trainable}
+            n += per_stage * len(stages)
+        if WEIGHT in states and self.layer_files:
+            layers = {m.group(1) for t in self.tensors if (m := _LAYER.match(t.name))}
+            n += len(layers) * self.mesh.size(*self.model_axes)
+        return n
+
+    def _optim_files_with_data(self, every_partition: bool = False) -> int:
+        """Optimizer files holding at least one element of data: trailing partitions of a
+        tiny model can hold padding only (data always fills partitions from rank 0 up)."""
+        ranks: dict[int, int] = {}
+        for t in self.trainable:
+            m = self._members[t.name]
+            if m.flat is not None:
+                g = m.flat
+                held = -(-g.total // g.partition_size) if g.partition_size else 0
+            else:
+                assert m.stage3 is not None
+                pn = m.stage3.partition_numel(m.index)
+                held = -(-m.stage3.numels[m.index] // pn) if pn else 0
+            stage = self._stage_of(t)
+            if every_partition:
+                held = self.mesh.size(*self.partition_axes(t))
+            ranks[stage] = max(ranks.get(stage, 0), held)
+        per_stage = self.mesh.size(*self.mp_axes) // max(1, self.layout.stages)
+        return sum(per_stage * held for held in ranks.values())
+
     def buffers(self) -> Iterator[StoredBuffer]:
         # weights and frozen / buffer tensors
         for t in self.tensors:

@@ -78,9 +78,16 @@ class UniversalPlacement(FullPlacement):
             return self.MODEL_FILE, f"module/{t.name}"
         return f"zero/{t.name}/{UNIVERSAL_FILES.get(state, state)}.pt", "param"
 
+    OPTIMIZER_FILE = "zero/optimizer_state.pt"  # scalars and param groups; no tensor data
+
+    def files(self) -> Iterator[str]:
+        yield from super().files()
+        if self.layout.optimizer is not None:
+            yield self.OPTIMIZER_FILE
+
     def file_count(self) -> int:
         per_param = len(self.optimizer_states(self.trainable[0])) if self.trainable else 0
-        return 1 + per_param * len(self.trainable)
+        return 1 + per_param * len(self.trainable) + (self.layout.optimizer is not None)
 
 
 class _ExportPlacement(FullPlacement):

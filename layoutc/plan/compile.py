@@ -32,6 +32,8 @@ from layoutc.place.shards import MASTER, STEP, WEIGHT, Box, Slice
 from layoutc.plan import ops as O
 from layoutc.plan.plan import Endpoint, Plan, Stats, Unit
 
+MIN_BUDGET = 2 * max(ir.DTYPE_BYTES.values())  # one element read and one converted
+
 
 @dataclass(frozen=True)
 class _Route:
@@ -106,6 +108,10 @@ class Compiler:
     ) -> None:
         self.S = source
         self.T = target
+        if budget is not None and budget < MIN_BUDGET:
+            raise ValueError(
+                f"a memory budget of {budget} bytes is too small to move any tensor; give at least {MIN_BUDGET}"
+            )
         self.budget = budget
         self.workers = max(1, workers)
         self.warnings: list[str] = []
@@ -197,7 +203,8 @@ class Compiler:
             if WEIGHT in have:
                 if _isz(self.S.dtype(st, WEIGHT)) < _isz(want):
                     self.warnings.append(
-                        f"{st.name}: no fp32 master in the source; the master is cast from {self.S.dtype(st, WEIGHT)} weights"
+                        f"{st.name}: the source has no master copy; the {want} master is cast from "
+                        f"{self.S.dtype(st, WEIGHT)} weights"
                     )
                 return WEIGHT
             return None
@@ -241,25 +248,25 @@ class Compiler:
         logical = r.src.numel if r.state != STEP else 1
         fits = self.budget is None
         if _same_geometry(src, dst):
-            # slice by slice: reads, gather, writes (padding rows written as zeros)
-            peak = max((s.numel * (in_bytes + out_bytes) for s in src), default=0)
-            if not fits and peak > (self.budget or 0):
-                return self._spill_unit(uid, r, src, dst, route, write_bytes, copies)
-            pad_writes = (
-                sum(
-                    self.T.count_runs(r.dst, r.state, d, lo, hi)
-                    for d in dst
-                    for lo, hi in _pad_rows(d)
+            # slice by slice, in chunks that fit the budget: read, gather, write; no swap needed
+            chunk = self._direct_chunk(r)
+            reads = gathers = writes = largest = 0
+            for sl, d in zip(src, dst, strict=True):
+                for lo, hi in self._direct_ranges(sl, chunk):
+                    reads += S.count_runs(r.src, r.source_state, sl, lo, hi)
+                    writes += T.count_runs(r.dst, r.state, d, lo, hi) * copies
+                    gathers += 1
+                    largest = max(largest, hi - lo)
+                writes += (
+                    sum(T.count_runs(r.dst, r.state, d, lo, hi) for lo, hi in _pad_rows(d)) * copies
                 )
-                * copies
-            )
             stats = Stats(
                 reads=reads,
-                gathers=sum(len(_data_rows(s)) for s in src),
-                writes=writes + pad_writes,
+                gathers=gathers,
+                writes=writes,
                 read_bytes=read_bytes,
                 write_bytes=write_bytes,
-                peak_bytes=peak,
+                peak_bytes=largest * (in_bytes + out_bytes),
             )
             return Unit(
                 uid, r.dst.name, r.state, r.source_state, "direct", stats, cast=r.cast, route=route
@@ -283,7 +290,21 @@ class Compiler:
             return Unit(
                 uid, r.dst.name, r.state, r.source_state, "ram", stats, cast=r.cast, route=route
             )
-        return self._spill_unit(uid, r, src, dst, route, write_bytes, copies)
+        return self._spill_unit(uid, r, src, dst, route, write_bytes, copies, peak)
+
+    def _direct_chunk(self, r: _Route) -> int | None:
+        """Elements per chunk of a direct copy: read and converted buffers must fit together."""
+        if self.budget is None:
+            return None
+        return max(1, self.budget // (_isz(r.src_dtype) + _isz(r.dst_dtype)))
+
+    def _direct_ranges(self, sl: Slice, chunk: int | None) -> list[tuple[int, int]]:
+        rl = _row_len(sl.shape)
+        out = []
+        for a, b in _data_rows(sl):
+            lo, hi = a * rl, b * rl
+            out.extend([(lo, hi)] if chunk is None else self._chunks(lo, hi, chunk))
+        return out
 
     def _chunk(self, r: _Route) -> int:
         assert self.budget is not None
@@ -302,6 +323,7 @@ class Compiler:
         route: str,
         write_bytes: int,
         copies: int,
+        need: int,
     ) -> Unit:
         S, T = self.S, self.T
         assert r.source_state is not None
@@ -326,8 +348,8 @@ class Compiler:
                 writes += T.count_runs(r.dst, r.state, s, lo, hi) * copies
         peak = chunk * 2 * max(_isz(r.src_dtype), _isz(r.dst_dtype))
         self.warnings.append(
-            f"{r.dst.name} {r.state} ({r.src.numel * _isz(r.dst_dtype)} bytes) does not fit the memory budget; "
-            f"it streams through the swap tier in chunks of {chunk} elements"
+            f"{r.dst.name} {r.state}: merging its slices in memory needs {need} bytes, over the "
+            f"{self.budget}-byte budget; it streams through the swap tier in chunks of {chunk} elements"
         )
         stats = Stats(
             reads=reads,
@@ -426,17 +448,15 @@ class Compiler:
                 b, unit, st, tt, ss, src, dst, src_dtype, dst_dtype, cast, copy, copies
             )
         if unit.mode == "direct":
-            # slice by slice: each region is gathered, written to every copy, then dropped
+            # slice by slice, chunk by chunk: gathered, written to every copy, then dropped
+            chunk = self._direct_chunk(_Route(st, tt, unit.state, ss, src_dtype, dst_dtype))
             for s, d in zip(src, dst, strict=True):
-                rl = _row_len(s.shape)
-                for a, bb in _data_rows(s):
-                    lo, hi = a * rl, bb * rl
+                for lo, hi in self._direct_ranges(s, chunk):
                     parts = [
                         b.read(run.file, run.key, run.offset, run.numel, src_dtype)
                         for run in self.S.runs(st, ss, s, copy, lo, hi)
                     ]
-                    shape = (bb - a, *s.shape[1:]) if s.shape else ()
-                    buf = b.gather(parts, shape, dst_dtype, cast)
+                    buf = b.gather(parts, (hi - lo,), dst_dtype, cast)
                     for c in range(copies):
                         for run in self.T.runs(tt, unit.state, d, c, lo, hi):
                             b.write(
@@ -673,14 +693,13 @@ def compile_plan(
     c = Compiler(S, T, memory, workers)
     units = c.units()
 
-    def endpoint(p: Placement) -> Endpoint:
-        return Endpoint(
-            p.layout.name, p.format, p.mesh.world, p.file_count(), tuple(p.mesh.sizes.items())
-        )
+    def endpoint(p: Placement, files: int) -> Endpoint:
+        return Endpoint(p.layout.name, p.format, p.mesh.world, files, tuple(p.mesh.sizes.items()))
 
+    read_states = {u.source_state for u in units if u.source_state is not None}
     return Plan(
-        endpoint(S),
-        endpoint(T),
+        endpoint(S, S.files_holding(read_states)),
+        endpoint(T, T.file_count()),
         tuple(units),
         c.workers,
         memory,
