@@ -205,6 +205,23 @@ def _size(dims: Any = ()) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class _TensorClass:
+    """``torch.Tensor`` or ``torch.nn.Parameter`` named in a pickle: a type tag, nothing more."""
+
+    name: str
+
+
+def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any = None) -> TensorRef:
+    """What torch pickles for a tensor of a (sub)class: ``func(*args)`` retyped. Only the
+    allowlisted rebuild functions and plain tensor classes are accepted."""
+    if func not in (_rebuild_tensor, _rebuild_parameter) or not isinstance(new_type, _TensorClass):
+        raise UnsafePickle(f"a tensor rebuilt by {func!r:.60} as {new_type!r:.60}")
+    ref = func(*args)
+    assert isinstance(ref, TensorRef)
+    return ref
+
+
+@dataclass(frozen=True)
 class _StorageType:
     name: str
 
@@ -238,12 +255,15 @@ DEEPSPEED_CLASSES = (
     "deepspeed.checkpoint.universal_checkpoint.SubparamShape",
 )
 
-_FUNCTIONS: dict[tuple[str, str], Callable[..., Any]] = {
+_FUNCTIONS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch", "Size"): _size,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("torch", "Tensor"): _TensorClass("Tensor"),
+    ("torch.nn.parameter", "Parameter"): _TensorClass("Parameter"),
     ("collections", "OrderedDict"): OrderedDict,
 }
 
