@@ -62,10 +62,8 @@ class DeepSpeedCheckpoint:
 
     @property
     def zero3(self) -> bool:
-        return any(
-            MODEL.match(p.name) and MODEL.match(p.name).group(1) is not None
-            for p in self.model_files
-        )  # type: ignore[union-attr]
+        """ZeRO-3 writes one model-states file per data-parallel rank."""
+        return any((m := MODEL.match(p.name)) and m.group(1) is not None for p in self.model_files)
 
     @property
     def dp(self) -> int:
