@@ -419,7 +419,33 @@ class DeepSpeedPlacement(Placement):
         return sum(per_stage * held for held in ranks.values())
 
     def buffers(self) -> Iterator[StoredBuffer]:
-        # weights and frozen / buffer tensors
+        yield from self.weight_buffers()
+        yield from self._optimizer_buffers()
+
+    def model_files(self) -> list[str]:
+        """The model-states files (weights, buffers, frozen parameters, run metadata)."""
+        out: list[str] = []
+        for mp in self._mp_coords():
+            if self.layout.zero.stage == 3:
+                out.extend(
+                    self.model_file({**mp, **dp}) for dp in iter_coords(self.mesh, self.dp_axes)
+                )
+            else:
+                out.append(self.model_file(mp))
+        if self.layer_files:
+            out.extend(
+                dict.fromkeys(b.file for b in self.weight_buffers() if b.file.startswith("layer_"))
+            )
+        return out
+
+    def weight_pads(self) -> Iterator[Run]:
+        """Padding inside model-states files (ZeRO-3 frozen fragments)."""
+        for t in self.tensors:
+            if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
+                yield from self._frozen_pads(t)
+
+    def weight_buffers(self) -> Iterator[StoredBuffer]:
+        """Buffers holding the ``weight`` state: 16-bit weights, frozen parameters, buffers."""
         for t in self.tensors:
             if WEIGHT not in self.states(t):
                 continue
@@ -441,7 +467,6 @@ class DeepSpeedPlacement(Placement):
                         continue
                     f, k = self._weight_location(t, coords, c % self._variants(t, WEIGHT))
                     yield StoredBuffer(f, k, dtype, sl.shape)
-        yield from self._optimizer_buffers()
 
     def _optimizer_buffers(self) -> Iterator[StoredBuffer]:
         if self.mode == "none":
@@ -515,9 +540,7 @@ class DeepSpeedPlacement(Placement):
     def pads(self) -> Iterator[Run]:
         """Stored elements outside every slice: flat-buffer alignment padding and the tails of
         ZeRO-3 partitions. (Padding inside a slice, e.g. vocabulary rows, is part of the slice.)"""
-        for t in self.tensors:
-            if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
-                yield from self._frozen_pads(t)
+        yield from self.weight_pads()
         if self.mode not in ("flat", "stage3"):
             return
         opt = self.layout.optimizer

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import cached_property
+from typing import Any
 
 from layoutc import ir
 from layoutc.place.base import Placement
@@ -69,25 +70,77 @@ class FullPlacement(Placement):
 
 
 class UniversalPlacement(FullPlacement):
+    """DeepSpeed's universal checkpoint: optimizer states whole per parameter, and the
+    model-states files as the layout's DeepSpeed placement has them (DeepSpeed reads those
+    for run state — step counts, lr scheduler — and layoutc for frozen parameters and
+    buffers; its converter copies them the same way)."""
+
     format = "universal"
-
-    MODEL_FILE = "mp_rank_00_model_states.pt"
-
-    def location(self, t: ir.Tensor, state: str) -> tuple[str, str]:
-        if state == WEIGHT:
-            return self.MODEL_FILE, f"module/{t.name}"
-        return f"zero/{t.name}/{UNIVERSAL_FILES.get(state, state)}.pt", "param"
-
     OPTIMIZER_FILE = "zero/optimizer_state.pt"  # scalars and param groups; no tensor data
 
+    @cached_property
+    def model(self) -> Any:
+        """Where the model-states files keep weights: the DeepSpeed placement of the layout, or
+        — for layouts DeepSpeed's files cannot hold (expert tensors) — whole tensors in one
+        ``mp_rank_00_model_states.pt``."""
+        from dataclasses import replace
+
+        from layoutc.errors import Unsupported
+        from layoutc.place.deepspeed import DeepSpeedPlacement
+
+        try:
+            return DeepSpeedPlacement(
+                self.layout.with_store(replace(self.layout.store, format="deepspeed"))
+            )
+        except Unsupported:
+            return _WholeModel(self.layout)
+
+    def states(self, t: ir.Tensor) -> tuple[str, ...]:
+        weight = (WEIGHT,) if WEIGHT in self.model.states(t) else ()
+        return (*weight, *self.optimizer_states(t))
+
+    def slices(self, t: ir.Tensor, state: str) -> tuple[Slice, ...]:
+        return self.model.slices(t, state) if state == WEIGHT else super().slices(t, state)
+
+    def copies(self, t: ir.Tensor, state: str) -> int:
+        return self.model.copies(t, state) if state == WEIGHT else 1
+
+    def runs(self, t: ir.Tensor, state: str, sl: Slice, copy: int, lo: int, hi: int) -> list[Run]:
+        if state == WEIGHT:
+            return self.model.runs(t, state, sl, copy, lo, hi)
+        return super().runs(t, state, sl, copy, lo, hi)
+
+    def count_runs(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
+        return self.model.count_runs(t, state, sl, lo, hi) if state == WEIGHT else 1
+
+    def location(self, t: ir.Tensor, state: str) -> tuple[str, str]:
+        return f"zero/{t.name}/{UNIVERSAL_FILES.get(state, state)}.pt", "param"
+
+    def buffers(self) -> Iterator[StoredBuffer]:
+        yield from self.model.weight_buffers()
+        for t in self.trainable:
+            for s in self.optimizer_states(t):
+                file, key = self.location(t, s)
+                yield StoredBuffer(file, key, self.dtype(t, s), () if s == STEP else t.shape)
+
+    def pads(self) -> Iterator[Run]:
+        return self.model.weight_pads()
+
     def files(self) -> Iterator[str]:
-        yield from super().files()
+        yield from self.model.model_files()
+        for t in self.trainable:
+            for s in self.optimizer_states(t):
+                yield self.location(t, s)[0]
         if self.layout.optimizer is not None:
             yield self.OPTIMIZER_FILE
 
     def file_count(self) -> int:
         per_param = len(self.optimizer_states(self.trainable[0])) if self.trainable else 0
-        return 1 + per_param * len(self.trainable) + (self.layout.optimizer is not None)
+        return (
+            len(self.model.model_files())
+            + per_param * len(self.trainable)
+            + (self.layout.optimizer is not None)
+        )
 
 
 class _ExportPlacement(FullPlacement):
@@ -147,3 +200,25 @@ class TorchPlacement(_ExportPlacement):
 
     def file_count(self) -> int:
         return 1
+
+
+class _WholeModel(FullPlacement):
+    """Weights whole, in one model-states file (universal output of layouts DeepSpeed's own
+    files cannot hold)."""
+
+    FILE = "mp_rank_00_model_states.pt"
+
+    def states(self, t: ir.Tensor) -> tuple[str, ...]:
+        return (WEIGHT,)
+
+    def location(self, t: ir.Tensor, state: str) -> tuple[str, str]:
+        return self.FILE, f"module/{t.name}"
+
+    def weight_buffers(self) -> Iterator[StoredBuffer]:
+        return self.buffers()
+
+    def weight_pads(self) -> Iterator[Run]:
+        return iter(())
+
+    def model_files(self) -> list[str]:
+        return [self.FILE]
