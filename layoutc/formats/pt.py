@@ -592,6 +592,41 @@ def _chunks(t: Tensor) -> Iterator[bytes]:
 
 def save(obj: Any, path: str | os.PathLike[str], archive: str | None = None) -> int:
     """Write ``obj`` as a torch zip container; returns the bytes written."""
+    return create(obj, path, archive).size
+
+
+@dataclass
+class Created:
+    """A container written with holes: where each storage's bytes go, and what to finish."""
+
+    path: Path
+    size: int
+    storages: dict[str, tuple[int, int]]  # storage key -> (data offset, bytes)
+    holes: list[tuple[int, int, int, int]]
+    cd_at: list[int]
+
+    def finish_crcs(self) -> None:
+        """Compute the CRC of every member written after creation and patch both headers."""
+        import zlib
+
+        if not self.holes:
+            return
+        with open(self.path, "r+b") as f:
+            m = mmap.mmap(f.fileno(), 0)
+            try:
+                for header_at, data_at, size, index in self.holes:
+                    crc = 0
+                    for start in range(data_at, data_at + size, 1 << 26):
+                        crc = zlib.crc32(m[start : min(data_at + size, start + (1 << 26))], crc)
+                    struct.pack_into("<I", m, header_at + 14, crc)
+                    struct.pack_into("<I", m, self.cd_at[index] + 16, crc)
+            finally:
+                m.close()
+
+
+def create(obj: Any, path: str | os.PathLike[str], archive: str | None = None) -> Created:
+    """Write ``obj``; tensors whose ``data`` is None become pre-sized holes to fill later
+    (then call :meth:`Created.finish_crcs`)."""
     path = Path(path)
     archive = archive or path.stem or "archive"
     pkl, storages = dumps_pickle(obj)
@@ -602,11 +637,13 @@ def save(obj: Any, path: str | os.PathLike[str], archive: str | None = None) -> 
         zw.add(f"{archive}/.storage_alignment", [b"64"])
         zw.add(f"{archive}/byteorder", [b"little"])
         for key, t in storages.items():
-            zw.add(f"{archive}/data/{key}", _chunks(t), size=t.nbytes)
+            zw.add(f"{archive}/data/{key}", _chunks(t), size=t.nbytes, hole=t.data is None)
         zw.add(f"{archive}/version", [b"3\n"])
         zw.add(f"{archive}/.data/serialization_id", [b"0" * 40])
         zw.finish()
-        return f.tell()
+        size = f.tell()
+    offsets = {key: zw.data_at[f"{archive}/data/{key}"] for key in storages}
+    return Created(path, size, offsets, zw.holes, zw.cd_at)
 
 
 class _ZipWriter:
@@ -615,8 +652,13 @@ class _ZipWriter:
     def __init__(self, f: Any) -> None:
         self.f = f
         self.entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, header offset
+        self.data_at: dict[str, tuple[int, int]] = {}  # member -> (data offset, size)
+        self.holes: list[
+            tuple[int, int, int, int]
+        ] = []  # (header offset, data offset, size, entry index)
+        self.cd_at: list[int] = []  # central directory entry offsets
 
-    def add(self, name: str, chunks: Any, size: int | None = None) -> None:
+    def add(self, name: str, chunks: Any, size: int | None = None, hole: bool = False) -> None:
         import zlib
 
         bname = name.encode()
@@ -632,10 +674,18 @@ class _ZipWriter:
         self.f.write(b"\0" * (30 + len(bname) + len(extra)))  # header, rewritten below
         crc = 0
         n = 0
-        for c in chunks:
-            crc = zlib.crc32(c, crc)
-            n += len(c)
-            self.f.write(c)
+        data_at = self.f.tell()
+        if hole:  # pre-sized, filled later at known offsets; CRC fixed by finish_crcs
+            assert size is not None
+            self.f.seek(size, os.SEEK_CUR)
+            n = size
+            self.holes.append((header_at, data_at, size, len(self.entries)))
+        else:
+            for c in chunks:
+                crc = zlib.crc32(c, crc)
+                n += len(c)
+                self.f.write(c)
+        self.data_at[name] = (data_at, n)
         if size is not None and n != size:
             raise ValueError(f"{name}: wrote {n} bytes, expected {size}")
         end = self.f.tell()
@@ -665,6 +715,7 @@ class _ZipWriter:
     def finish(self) -> None:
         cd_at = self.f.tell()
         for bname, crc, n, off in self.entries:
+            self.cd_at.append(self.f.tell())
             big = n >= 0xFFFFFFFF or off >= 0xFFFFFFFF
             extra = b""
             if big:

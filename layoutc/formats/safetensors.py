@@ -372,7 +372,9 @@ def plan_file(
                 f"tensor {name!r}: dtype {dtype!r} cannot be written to safetensors "
                 f"(layoutc writes {', '.join(DTYPE_CODES)})"
             )
-        dims = tuple(shape)
+        dims = tuple(
+            int(s) if isinstance(s, np.integer) else s for s in shape
+        )  # numpy integers are fine
         if not all(_is_count(s) for s in dims):
             raise SafetensorsError(
                 f"tensor {name!r}: shape {dims!r:.80} is not a tuple of non-negative integers"

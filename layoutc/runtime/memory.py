@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -115,9 +116,19 @@ def _last_uses(unit_ops: tuple[O.Op, ...]) -> dict[str, int]:
     return last
 
 
-def execute(plan: Plan, source: Stored, target: Placement) -> Result:
-    """Run ``plan`` over ``source`` buffers; returns the target's stored buffers."""
-    out: Stored = {(b.file, b.key): np.zeros(b.numel, np_dtype(b.dtype)) for b in target.buffers()}
+def execute(
+    plan: Plan,
+    source: Mapping[tuple[str, str], np.ndarray],
+    target: Placement | Mapping[tuple[str, str], np.ndarray],
+    on_unit: Any = None,
+) -> Result:
+    """Run ``plan`` over ``source`` buffers into ``target``: a placement (fresh arrays are
+    made for its buffers) or a mapping of writable 1-D arrays (e.g. maps of output files).
+    ``on_unit(unit)`` is called after each unit (progress)."""
+    if isinstance(target, Placement):
+        out: Any = {(b.file, b.key): np.zeros(b.numel, np_dtype(b.dtype)) for b in target.buffers()}
+    else:
+        out = target
     result = Result(out)
     for unit in plan.units:
         unit_ops = plan.unit_ops(unit)
@@ -130,11 +141,13 @@ def execute(plan: Plan, source: Stored, target: Placement) -> Result:
             for name in [n for n in live if last.get(n, -1) <= i]:
                 del live[name]
         result.peaks[unit.id] = peak
+        if on_unit is not None:
+            on_unit(unit)
     return result
 
 
 def _run(
-    op: O.Op, live: dict[str, np.ndarray], source: Stored, out: Stored, swap: dict[str, np.ndarray]
+    op: O.Op, live: dict[str, np.ndarray], source: Any, out: Any, swap: dict[str, np.ndarray]
 ) -> None:
     if isinstance(op, O.Read):
         buf = source[(op.file, op.key)]

@@ -1,0 +1,269 @@
+"""Convert a checkpoint on disk: infer or check its layout, plan, execute, commit.
+
+The steps, each refusing to go on if the previous one found a problem:
+
+1. the source layout is inferred from the checkpoint (or read from ``--spec``) and checked
+   against the files — every buffer the layout places must be there, with its size and
+   dtype — before a byte of tensor data is read;
+2. the plan is compiled and validated;
+3. the target's files are created with their structure under a temporary folder next to
+   the output, then filled by running the plan over memory maps of the source (read in
+   place) and of the output files;
+4. the output is committed: CRCs patched, files fsynced, a manifest of SHA-256 checksums
+   written (``layoutc-manifest.json``, with the plan's digest and layoutc's version), the
+   folder renamed into place, and only then the marker a loader looks for
+   (``latest_universal``, the safetensors index).
+
+Nothing pickled runs: the source is read with the restricted unpickler, and DeepSpeed need
+not be installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layoutc import ir
+from layoutc.errors import LayoutcError
+from layoutc.formats import pt
+from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer, open_checkpoint
+from layoutc.formats.match import check_against
+from layoutc.formats.writers import prepare
+from layoutc.lang.check import load_layout, load_text
+from layoutc.place import place
+from layoutc.plan.compile import compile_plan, target_layout
+from layoutc.plan.plan import Plan
+from layoutc.runtime import memory
+
+MANIFEST = "layoutc-manifest.json"
+
+
+class OutputExists(LayoutcError):
+    """The output folder exists and is not empty."""
+
+
+class SourceFiles(Mapping[tuple[str, str], np.ndarray]):
+    """``(file, key) -> flat read-only view`` of a checkpoint's tensors, memory-mapped."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.opener = pt.Opener()
+        self._objs: dict[str, Any] = {}
+        self._views: dict[tuple[str, str], np.ndarray] = {}
+
+    def __getitem__(self, fk: tuple[str, str]) -> np.ndarray:
+        if fk not in self._views:
+            file, key = fk
+            if file not in self._objs:
+                self._objs[file] = pt.load(self.folder / file)
+            ref = pt.at(self._objs[file], key)
+            view = ref.numpy(self.opener)
+            self._views[fk] = (
+                view.reshape(-1) if ref.contiguous else np.ascontiguousarray(view).reshape(-1)
+            )
+        return self._views[fk]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def close(self) -> None:
+        self._views.clear()
+        self.opener.close()
+
+
+@dataclass
+class Report:
+    output: Path
+    files: list[str]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    plan: Plan = field(repr=False)
+    warnings: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        rate = self.bytes_written / self.seconds / 1e9 if self.seconds else 0.0
+        from layoutc.render import human_size
+
+        return (
+            f"wrote {len(self.files)} files, {human_size(self.bytes_written)} to {self.output} "
+            f"in {self.seconds:.2f} s ({rate:.2f} GB/s); read {human_size(self.bytes_read)}; "
+            f"peak RSS {human_size(self.peak_rss_bytes)}"
+        )
+
+
+def source_layout(ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None) -> ir.Layout:
+    """The layout of ``ckpt``: ``spec`` if given, else inferred; checked against the files."""
+    layout = (
+        load_layout(spec)
+        if spec is not None
+        else load_text(infer(ckpt), f"{ckpt.folder} (inferred)")
+    )
+    check_against(place(layout), ckpt.folder)
+    return layout
+
+
+def with_dtype(layout: ir.Layout, dtype: str | None) -> ir.Layout:
+    """The layout with every floating tensor stored as ``dtype`` (for safetensors / torch)."""
+    if dtype is None:
+        return layout
+    floats = {"fp32", "fp16", "bf16", "fp64"}
+    tensors = tuple(replace(t, dtype=dtype) if t.dtype in floats else t for t in layout.tensors)
+    opt = layout.optimizer
+    return replace(
+        layout, tensors=tensors, dtype=dtype, optimizer=replace(opt, master=dtype) if opt else None
+    )
+
+
+def convert(
+    checkpoint: str | Path,
+    output: str | Path,
+    to: str | Path,
+    *,
+    spec: str | Path | None = None,
+    tag: str | None = None,
+    memory_budget: int | None = None,
+    workers: int = 1,
+    dtype: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> Report:
+    """Convert ``checkpoint`` into ``output`` in format (or layout file) ``to``."""
+    start = time.perf_counter()
+    ckpt = open_checkpoint(checkpoint, tag)
+    src = source_layout(ckpt, spec)
+    target: ir.Layout | str = str(to) if str(to) in ir.FORMATS else load_layout(to)
+    tgt = target_layout(src, target)
+    if tgt.store.format in ("safetensors", "torch"):
+        tgt = with_dtype(tgt, dtype)
+    elif dtype is not None:
+        raise ValueError(
+            f"--dtype applies to safetensors and torch outputs, not {tgt.store.format}"
+        )
+    plan = compile_plan(src, tgt, memory=memory_budget, workers=workers)
+    S, T = place(src), place(tgt)
+    plan.validate(S, T)
+    if on_plan is not None:
+        on_plan(plan)
+
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise OutputExists(f"{out}: exists and is not empty; choose a new output folder")
+    partial = out.with_name(out.name + f".partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    source = SourceFiles(ckpt.folder)
+    try:
+        prepared = prepare(T, partial, ckpt.folder, ckpt.tag)
+        total = sum(u.bytes for u in plan.units) or 1
+        done = 0
+
+        def on_unit(unit: Any) -> None:
+            nonlocal done
+            done += unit.bytes
+            if progress is not None:
+                progress(done, total)
+
+        memory.execute(plan, source, prepared.views, on_unit=on_unit)
+        prepared.finish()
+        files = _commit(partial, out, prepared, plan)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        source.close()
+    seconds = time.perf_counter() - start
+    t = plan.totals
+    return Report(
+        out,
+        files,
+        t.read_bytes,
+        t.write_bytes,
+        seconds,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        plan,
+        plan.warnings,
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def plan_digest(plan: Plan) -> str:
+    return hashlib.sha256(plan.to_json(with_ops=False).encode()).hexdigest()
+
+
+def _commit(partial: Path, out: Path, prepared: Any, plan: Plan) -> list[str]:
+    from layoutc import __version__
+
+    files = sorted(p for p in partial.rglob("*") if p.is_file())
+    for p in files:
+        _fsync(p)
+    manifest = {
+        "layoutc": __version__,
+        "plan_sha256": plan_digest(plan),
+        "source": plan.source.to_dict(),
+        "target": plan.target.to_dict(),
+        "files": {
+            str(p.relative_to(partial)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in files
+        },
+    }
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _fsync(partial / MANIFEST)
+    if out.exists():
+        out.rmdir()  # empty, checked before
+    partial.rename(out)
+    for marker, text in prepared.markers.items():
+        final = out / marker.relative_to(partial)
+        tmp = final.with_name(final.name + ".tmp")
+        tmp.write_text(text)
+        _fsync(tmp)
+        tmp.rename(final)
+    return [str(p.relative_to(partial)) for p in files] + [
+        str(m.relative_to(partial)) for m in prepared.markers
+    ]
+
+
+def verify(output: str | Path) -> list[str]:
+    """Files of ``output`` whose size or SHA-256 differs from the manifest (or are missing)."""
+    out = Path(output)
+    manifest = json.loads((out / MANIFEST).read_text())
+    bad = []
+    for rel, entry in sorted(manifest["files"].items()):
+        p = out / rel
+        if not p.is_file():
+            bad.append(f"{rel}: missing")
+        elif p.stat().st_size != entry["bytes"]:
+            bad.append(f"{rel}: {p.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        elif _sha256(p) != entry["sha256"]:
+            bad.append(f"{rel}: SHA-256 differs from the manifest")
+    return bad

@@ -1,0 +1,287 @@
+"""Create a target's files with their structure, ready to be filled at known offsets.
+
+:func:`prepare` writes every output file of a target placement — pickled metadata and
+pre-sized, not yet written storages (holes) — and returns writable memory maps of the
+stored buffers the plan's ``write`` ops address. Metadata a plan does not move (step
+counts, lr scheduler state, loss scaler, param groups, client state) is carried over from
+the source checkpoint's files. :meth:`Prepared.finish` patches the zip CRCs once the data
+is in place. Markers a loader looks for (``latest_universal``, the safetensors index) are
+returned to the caller to write last.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layoutc.errors import InternalError, Unsupported
+from layoutc.formats import pt
+from layoutc.place.base import Placement
+from layoutc.place.shards import STEP, StoredBuffer
+from layoutc.runtime.memory import np_dtype
+
+
+@dataclass
+class Prepared:
+    root: Path  # where files go (the tag folder for DeepSpeed formats)
+    views: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    created: list[pt.Created] = field(default_factory=list)
+    markers: dict[Path, str] = field(default_factory=dict)  # written last, in this order
+    files: list[Path] = field(default_factory=list)
+
+    def finish(self) -> None:
+        for view in self.views.values():
+            if isinstance(view, np.memmap):
+                view.flush()
+        self.views.clear()
+        for c in self.created:
+            c.finish_crcs()
+
+
+def _map(
+    p: Prepared, c: pt.Created, buffers: dict[str, StoredBuffer], keys: dict[str, str]
+) -> None:
+    """Memory-map each stored buffer of a created file (``keys``: key path -> storage key)."""
+    for path, buf in buffers.items():
+        storage = keys[path]
+        offset, size = c.storages[storage]
+        if buf.nbytes > size:
+            raise InternalError(
+                f"{c.path}: {path} needs {buf.nbytes} bytes but its storage holds {size}"
+            )
+        if buf.numel == 0:
+            p.views[(buf.file, path)] = np.zeros(0, np_dtype(buf.dtype))
+            continue
+        p.views[(buf.file, path)] = np.memmap(
+            c.path, dtype=np_dtype(buf.dtype), mode="r+", offset=offset, shape=(buf.numel,)
+        )
+
+
+def _view(ref: pt.TensorRef) -> tuple[Any, ...]:
+    return (ref.storage.path, ref.storage.key, ref.offset, ref.shape, ref.stride)
+
+
+def _carry(obj: Any, planned: dict[str, StoredBuffer], keys: dict[str, str]) -> Any:
+    """A copy of a loaded object to write again: tensors the plan writes become holes of
+    their own (a tied alias — the same view — shares its source's), other tensors are copied
+    from the source compactly (a view no longer drags its whole storage along); records and
+    containers are kept as they are. ``keys`` receives each planned key path's storage."""
+    views: dict[tuple[Any, ...], str] = {}
+    for path, ref in pt.tensors(obj):
+        if path in planned and _view(ref) not in views:
+            views[_view(ref)] = f"p{len(views)}"
+    return _rebuild(obj, views, planned, keys, "")
+
+
+def _rebuild(
+    obj: Any,
+    views: dict[tuple[Any, ...], str],
+    planned: dict[str, StoredBuffer],
+    keys: dict[str, str],
+    prefix: str,
+) -> Any:
+    def sub(k: Any, v: Any) -> Any:
+        return _rebuild(v, views, planned, keys, f"{prefix}/{k}" if prefix else str(k))
+
+    if isinstance(obj, pt.TensorRef):
+        key = views.get(_view(obj))
+        if key is not None:
+            if prefix in planned:
+                keys[prefix] = key
+            return pt.Tensor(obj.dtype, obj.shape, None, key=key, requires_grad=obj.requires_grad)
+        return pt.Tensor(obj.dtype, obj.shape, np.ascontiguousarray(obj.numpy()))
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, sub(k, v)) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: sub(k, v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [sub(i, v) for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(sub(i, v) for i, v in enumerate(obj))
+    if isinstance(obj, set):
+        return sorted(obj)  # sparse_tensor_module_names: written as a sorted list
+    return obj
+
+
+def _by_file(target: Placement) -> dict[str, dict[str, StoredBuffer]]:
+    out: dict[str, dict[str, StoredBuffer]] = {}
+    for b in target.buffers():
+        out.setdefault(b.file, {})[b.key] = b
+    return out
+
+
+def prepare(
+    target: Placement, out: Path, source_folder: Path | None = None, tag: str | None = None
+) -> Prepared:
+    """Create ``target``'s files under ``out``; see the module docstring."""
+    fmt = target.format
+    if fmt == "universal":
+        return _universal(target, out, source_folder, tag or "global_step0")
+    if fmt == "torch":
+        return _torch(target, out)
+    if fmt == "safetensors":
+        return _safetensors(target, out)
+    raise Unsupported(f"writing the {fmt} format is not supported yet")
+
+
+def _universal(target: Any, out: Path, source: Path | None, tag: str) -> Prepared:
+    root = out / tag
+    p = Prepared(root)
+    by_file = _by_file(target)
+    for f in target.model.model_files():
+        path = root / f
+        path.parent.mkdir(parents=True, exist_ok=True)
+        planned = by_file.get(f, {})
+        keys: dict[str, str] = {}
+        src = source / f if source is not None else None
+        if src is not None and src.is_file():
+            obj = _carry(pt.load(src), planned, keys)
+        else:
+            obj = {"module": OrderedDict()}
+            for key, b in planned.items():
+                keys[key] = key
+                obj["module"][key.split("/", 1)[1]] = pt.Tensor(b.dtype, b.shape, None, key=key)
+        missing = set(planned) - set(keys)
+        if missing:
+            raise Unsupported(
+                f"{src}: the source file has no {sorted(missing)[0]} to carry into {f}"
+            )
+        c = pt.create(obj, path)
+        p.created.append(c)
+        p.files.append(path)
+        _map(p, c, planned, keys)
+    for t in target.trainable:
+        for state in target.optimizer_states(t):
+            f, key = target.location(t, state)
+            b = by_file[f][key]
+            path = root / f
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tensor = pt.Tensor(b.dtype, b.shape, None, key="0")
+            c = pt.create(tensor if state == STEP else {"param": tensor}, path)
+            p.created.append(c)
+            p.files.append(path)
+            _map(p, c, {key: b}, {key: "0"})
+    if target.layout.optimizer is not None:
+        path = root / target.OPTIMIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pt.save(_optimizer_state(source), path)
+        p.files.append(path)
+    p.markers[out / "latest_universal"] = tag
+    return p
+
+
+def _optimizer_state(source: Path | None) -> dict[str, Any]:
+    """The global optimizer state DeepSpeed's universal loader reads: rank 0's scalars and
+    param groups, without the partitions (ZeRO-3 keeps only each sub-group's step)."""
+    files = sorted(source.glob("*optim_states.pt")) if source is not None else []
+    if not files:
+        return {"param_groups": []}
+    inner = pt.load(files[0])["optimizer_state_dict"]
+    drop = {
+        "base_optimizer_state",
+        "param_slice_mappings",
+        "single_partition_of_fp32_groups",
+        "fp32_flat_groups",
+    }
+    out = {
+        k: _carry(v, {}, {})
+        for k, v in inner.items()
+        if k not in drop and k != "optimizer_state_dict"
+    }
+    if "base_optimizer_state" in inner:  # ZeRO-1/2 and the bf16 optimizer
+        out["param_groups"] = _carry(inner["base_optimizer_state"]["param_groups"], {}, {})
+    if "optimizer_state_dict" in inner:  # ZeRO-3
+        osd = inner["optimizer_state_dict"]
+        steps = {
+            s: {"step": _carry(v["step"], {}, {})} for s, v in osd["state"].items() if "step" in v
+        }
+        out["optimizer_state_dict"] = {
+            "state": steps,
+            "param_groups": _carry(osd["param_groups"], {}, {}),
+        }
+        out["param_groups"] = out["optimizer_state_dict"]["param_groups"]
+    return out
+
+
+def _torch(target: Placement, out: Path) -> Prepared:
+    """One state dict, ``pytorch_model.bin``; tie aliases share their source's storage."""
+    p = Prepared(out)
+    out.mkdir(parents=True, exist_ok=True)
+    buffers = {b.key: b for b in target.buffers()}
+    obj: OrderedDict[str, Any] = OrderedDict()
+    for t in target.layout.tensors:
+        name = target.layout.tie_source.get(t.name, t.name)
+        b = buffers[name]
+        obj[t.name] = pt.Tensor(b.dtype, b.shape, None, key=name)
+    for alias, source in target.layout.ties:
+        if alias not in obj:
+            b = buffers[source]
+            obj[alias] = pt.Tensor(b.dtype, b.shape, None, key=source)
+    path = out / "pytorch_model.bin"
+    c = pt.create(obj, path)
+    p.created.append(c)
+    p.files.append(path)
+    _map(p, c, {b.key: b for b in buffers.values()}, {k: k for k in buffers})
+    return p
+
+
+def _safetensors(target: Placement, out: Path) -> Prepared:
+    """HF layout: shards in declaration order, an index when there are several; ties are
+    stored once and recorded in the metadata (``layoutc.ties``)."""
+    from layoutc.formats import safetensors as st
+
+    p = Prepared(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ties = dict(target.layout.ties)
+    meta = {"format": "pt"}
+    if ties:
+        meta["layoutc.ties"] = json.dumps(ties, sort_keys=True)
+    by_file = _by_file(target)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for f, buffers in by_file.items():
+        entries = [(b.key, b.dtype, b.shape) for b in buffers.values()]
+        header, offsets = st.plan_file(entries, meta)
+        size = len(header) + sum(b.nbytes for b in buffers.values())
+        path = out / f
+        with open(path, "wb") as fh:
+            fh.write(header)
+            fh.truncate(size)
+        p.files.append(path)
+        for b in buffers.values():
+            weight_map[b.key] = f
+            total += b.nbytes
+            if b.numel:
+                p.views[(f, b.key)] = np.memmap(
+                    path,
+                    dtype=np_dtype(b.dtype),
+                    mode="r+",
+                    offset=offsets[b.key],
+                    shape=(b.numel,),
+                )
+            else:
+                p.views[(f, b.key)] = np.zeros(0, np_dtype(b.dtype))
+    if len(by_file) > 1:
+        for alias, source in ties.items():
+            weight_map.setdefault(alias, weight_map[source])
+        index = out / "model.safetensors.index.json"
+        p.markers[index] = (
+            json.dumps(
+                {
+                    "metadata": {
+                        "total_size": total,
+                        **({"layoutc.ties": json.dumps(ties, sort_keys=True)} if ties else {}),
+                    },
+                    "weight_map": dict(sorted(weight_map.items())),
+                },
+                indent=2,
+                sort_keys=True,
+            )
+            + "\n"
+        )
+    return p
