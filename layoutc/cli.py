@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from layoutc import ir
-from layoutc.errors import LayoutError, PlanError, Unsupported
+from layoutc.errors import LayoutcError, LayoutError, PlanError, Unsupported
 
 EXIT_OK, EXIT_USER, EXIT_USAGE = 0, 1, 2
 
@@ -56,8 +56,14 @@ def _read(path: str) -> str:
 
 
 def _load(path: str) -> ir.Layout:
+    """A layout from a ``.layout`` file, or inferred from a checkpoint folder."""
     from layoutc.lang.check import load_text
 
+    if Path(path).is_dir():
+        from layoutc.convert import source_layout
+        from layoutc.formats.deepspeed import open_checkpoint
+
+        return source_layout(open_checkpoint(path))
     return load_text(_read(path), path)
 
 
@@ -129,7 +135,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.ops and not args.json:
         raise _Usage("--ops adds every op to the JSON output; use it with --json")
     source = _load(args.source)
-    if args.to not in ir.FORMATS and not Path(args.to).is_file():
+    if args.to not in ir.FORMATS and not Path(args.to).exists():
         guess = difflib.get_close_matches(args.to, ir.FORMATS, n=1, cutoff=0.6)
         hint = f"did you mean `{guess[0]}`? " if guess else ""
         raise _Usage(
@@ -165,6 +171,135 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(plan.to_json(indent=1), encoding="utf-8")
         print(f"wrote the plan to {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from layoutc.formats.deepspeed import infer, open_checkpoint
+
+    text = infer(open_checkpoint(args.checkpoint, args.tag))
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+class _Progress:
+    """One line on stderr: bytes done, rate, ETA (redrawn in place on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        import time
+
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        from layoutc.render import human_size
+
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.2 and done < total):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate else 0.0
+        width = 30
+        filled = int(width * done / max(total, 1))
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {100 * done / max(total, 1):5.1f}% "
+            f"{human_size(done)}/{human_size(total)}  {human_size(rate)}/s  ETA {eta:4.1f}s"
+        )
+        end = "\n" if done >= total or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from layoutc.convert import convert
+    from layoutc.render import render
+
+    def show(plan: object) -> None:
+        text = render(plan, "text")  # type: ignore[arg-type]
+        head = text.split("\nper worker")[0]
+        print(head.rstrip() + "\n", file=sys.stderr)
+
+    to = args.to
+    if to not in ir.FORMATS and not Path(to).is_file():
+        guess = difflib.get_close_matches(to, ir.FORMATS, n=1, cutoff=0.6)
+        raise _Usage(
+            f"--to {to}: no such file and not a format"
+            + (f"; did you mean `{guess[0]}`?" if guess else "")
+        )
+    try:
+        report = convert(
+            args.checkpoint,
+            args.output,
+            to,
+            spec=args.spec,
+            tag=args.tag,
+            memory_budget=args.memory,
+            workers=args.workers,
+            dtype=args.dtype,
+            progress=_Progress(not args.quiet),
+            on_plan=show,
+        )
+    except ValueError as e:
+        raise _Usage(str(e)) from None
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(report.summary())
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from layoutc.convert import MANIFEST, verify
+
+    if not (Path(args.output) / MANIFEST).is_file():
+        raise _Usage(f"{args.output}: no {MANIFEST} (not written by layoutc convert)")
+    bad = verify(args.output)
+    for line in bad:
+        print(f"{args.output}/{line}", file=sys.stderr)
+    if bad:
+        print(f"{args.output}: {len(bad)} file(s) differ from the manifest", file=sys.stderr)
+        return EXIT_USER
+    print(f"{args.output}: every file matches its checksum")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from layoutc.convert import source_layout
+    from layoutc.formats.deepspeed import open_checkpoint
+    from layoutc.place import place
+    from layoutc.render import human_size
+
+    ckpt = open_checkpoint(args.checkpoint, args.tag)
+    layout = source_layout(ckpt)
+    p = place(layout)
+    mesh = ", ".join(f"{a.name} = {a.size}" for a in layout.mesh.axes)
+    params = sum(t.numel for t in p.tensors if t.trainable)
+    print(f"{ckpt.folder}: deepspeed checkpoint, tag {ckpt.tag}")
+    print(
+        f"  mesh {{ {mesh} }}, zero {layout.zero.stage}{' (bf16 optimizer)' if layout.zero.bf16_optimizer else ''}, dtype {layout.dtype}"
+    )
+    kinds = {
+        k: sum(1 for t in layout.tensors if t.kind == k) for k in ("param", "frozen", "buffer")
+    }
+    print(
+        f"  {kinds['param']} parameters ({params:,} elements), {kinds['frozen']} frozen, {kinds['buffer']} buffers, {len(layout.ties)} ties"
+    )
+    per_file: dict[str, int] = {}
+    for b in p.buffers():
+        per_file[b.file] = per_file.get(b.file, 0) + b.nbytes
+    print(f"  {'file':<56}{'tensor bytes':>14}{'on disk':>12}")
+    for f in sorted(per_file):
+        size = (ckpt.folder / f).stat().st_size
+        print(f"  {f:<56}{human_size(per_file[f]):>14}{human_size(size):>12}")
+    print(f"  {'':<56}{human_size(sum(per_file.values())):>14}")
     return EXIT_OK
 
 
@@ -233,6 +368,78 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the full plan validation (slow for huge plans)",
     )
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "infer",
+        help="write the .layout of a DeepSpeed checkpoint",
+        description="Describe an existing DeepSpeed checkpoint as a .layout (reads metadata only).",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint root (with `latest`) or tag folder"
+    )
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint",
+        description="Convert a DeepSpeed checkpoint: check its layout, plan, execute, commit atomically with a checksum manifest.",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint root (with `latest`) or tag folder"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output folder (must not exist or be empty)",
+    )
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="TARGET",
+        help="universal, safetensors, torch, or a TARGET.layout",
+    )
+    p.add_argument(
+        "--spec",
+        metavar="SRC.layout",
+        help="the source layout (default: inferred from the checkpoint)",
+    )
+    p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
+    p.add_argument("--memory", type=parse_size, metavar="SIZE", help="memory budget, e.g. 256MiB")
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="workers to balance over (default 1)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        help="dtype of safetensors/torch output (default: the fp32 masters)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "verify",
+        help="check an output against its checksum manifest",
+        description="Recompute the checksums of a layoutc output and name any file that differs.",
+    )
+    p.add_argument("output", metavar="OUT")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "inspect",
+        help="what a checkpoint holds",
+        description="Print a DeepSpeed checkpoint's layout facts and bytes per file.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
+    p.set_defaults(func=cmd_inspect)
     return ap
 
 
@@ -258,6 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER
     except PlanError as e:
         print(f"layoutc {args.command}: internal error, the plan is invalid: {e}", file=sys.stderr)
+        return EXIT_USER
+    except LayoutcError as e:
+        print(f"layoutc {args.command}: {e}", file=sys.stderr)
         return EXIT_USER
     except BrokenPipeError:
         return EXIT_OK
