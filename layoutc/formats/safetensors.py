@@ -516,3 +516,33 @@ def shard_names(n: int) -> list[str]:
     if n == 1:
         return ["model.safetensors"]
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+TIES_KEY = "layoutc.ties"  # metadata: JSON {alias: source} of tensors stored once
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors checkpoint (one file, or a folder with
+    ``model.safetensors`` or an index), as numpy arrays, with the tie aliases layoutc
+    recorded in the metadata restored as the same array as their source."""
+    p = Path(path)
+    if p.is_dir():
+        index = p / "model.safetensors.index.json"
+        files = (
+            sorted({p / f for f in json.loads(index.read_text())["weight_map"].values()})
+            if index.is_file()
+            else [p / "model.safetensors"]
+        )
+    else:
+        files = [p]
+    out: dict[str, np.ndarray] = {}
+    ties: dict[str, str] = {}
+    for f in files:
+        entries, metadata = read_header(f)
+        for name in entries:
+            out[name] = read(f, name).reshape(entries[name].shape)
+        if TIES_KEY in metadata:
+            ties.update(json.loads(metadata[TIES_KEY]))
+    for alias, source in ties.items():
+        out[alias] = out[source]
+    return out

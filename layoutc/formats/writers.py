@@ -240,7 +240,7 @@ def _safetensors(target: Placement, out: Path) -> Prepared:
     ties = dict(target.layout.ties)
     meta = {"format": "pt"}
     if ties:
-        meta["layoutc.ties"] = json.dumps(ties, sort_keys=True)
+        meta[st.TIES_KEY] = json.dumps(ties, sort_keys=True)
     by_file = _by_file(target)
     weight_map: dict[str, str] = {}
     total = 0
@@ -275,7 +275,7 @@ def _safetensors(target: Placement, out: Path) -> Prepared:
                 {
                     "metadata": {
                         "total_size": total,
-                        **({"layoutc.ties": json.dumps(ties, sort_keys=True)} if ties else {}),
+                        **({st.TIES_KEY: json.dumps(ties, sort_keys=True)} if ties else {}),
                     },
                     "weight_map": dict(sorted(weight_map.items())),
                 },

@@ -42,6 +42,7 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,9 @@ for _stage in (1, 2, 3):
 CASES["z2_w2_fp16"] = _case(2, "fp16", 2)
 # bf16 with fp32 gradient accumulation at ZeRO-1: DeepSpeed's BF16_Optimizer.
 CASES["bf16opt_w2"] = _case(1, "bf16", 2, extra={"data_types": {"grad_accum_dtype": "fp32"}})
-# ZeRO-3 with a tiny sub_group_size: six sub-groups (four in the decay group, two in no_decay)
-# at world 2; a torch scheduler instead of WarmupLR.
+# ZeRO-3 with a tiny sub_group_size: at world 2, five sub-groups (embed.weight | fc1.weight |
+# fc2.weight in decay, scale+fc1.bias+fc2.bias | norm.* in no_decay); a torch StepLR scheduler
+# instead of WarmupLR.
 CASES["z3_w2_subgroups"] = _case(3, "bf16", 2, zero={"sub_group_size": 8}, sched="steplr")
 
 del _stage, _world, _dtype
@@ -145,9 +147,11 @@ def ds_config(case: dict[str, Any], world: int, universal: bool = False) -> dict
         cfg["scheduler"] = {
             "type": "WarmupLR",
             "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": 0.01,
-                "warmup_num_steps": 5,
+                # WarmupLR runs both of the first two steps at warmup_min_lr (iterations -1
+                # and 0): keep it non-zero, or the fp32 masters never move.
+                "warmup_min_lr": 0.01,
+                "warmup_max_lr": 0.05,
+                "warmup_num_steps": 4,
                 "warmup_type": "linear",
             },
         }
@@ -184,7 +188,9 @@ def make_model(vocab: int, hidden: int, ffn: int):  # -> torch.nn.Module
             self.register_buffer("scratch", torch.zeros(3), persistent=False)
 
         def forward(self, tokens):
-            h = self.embed(tokens) * self.table
+            h = self.embed(tokens)
+            # DeepSpeed keeps fp32 buffers fp32 in bf16/fp16 runs (it casts params only).
+            h = h * self.table.to(h.dtype)
             h = h + self.fc2(torch.relu(self.fc1(h)))
             h = self.norm(h) * self.scale
             logits = self.head(h) + self.logit_bias
@@ -367,13 +373,21 @@ def capture(engine, case: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
         meta["group"] = group_of.get(canon)
 
     base = _base_optimizer(engine)
-    opt_steps = [
-        [
-            float(base.state[p]["step"]) if "step" in base.state.get(p, {}) else None
-            for p in g["params"]
-        ]
-        for g in base.param_groups
-    ]
+    # The flat buffers the base optimizer steps: one per param group at ZeRO-1/2 and with the
+    # BF16_Optimizer, one per sub-group at ZeRO-3 (these are param_shapes' groups on disk).
+    if case["stage"] == 3:
+        flats = list(opt.fp32_partitioned_groups_flat)
+        flat_group = [opt.sub_group_to_group_id[i] for i in range(len(flats))]
+        flat_params = [[names[p] for p in g] for g in opt.fp16_groups]
+    else:
+        flats = [p for g in base.param_groups for p in g["params"]]
+        flat_group = [gi for gi, g in enumerate(base.param_groups) for _ in g["params"]]
+        lp_groups = getattr(opt, "round_robin_bit16_groups", None) or opt.bf16_groups
+        flat_params = [[names[p] for p in g] for g in lp_groups]
+    opt_steps: list[list[float | None]] = [[] for _ in base.param_groups]
+    for f, gi in zip(flats, flat_group, strict=True):
+        st = base.state.get(f, {})
+        opt_steps[gi].append(float(st["step"]) if "step" in st else None)
     flat_steps = {s for g in opt_steps for s in g if s is not None}
     scaler = getattr(opt, "loss_scaler", None)
     loss_scaler = None
@@ -390,6 +404,10 @@ def capture(engine, case: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     meta = {
         "step": int(flat_steps.pop()) if len(flat_steps) == 1 else None,
         "optimizer_steps": opt_steps,
+        "flat_groups": [
+            {"param_group": gi, "params": ps}
+            for gi, ps in zip(flat_group, flat_params, strict=True)
+        ],
         "global_steps": int(engine.global_steps),
         "global_samples": int(engine.global_samples),
         "skipped_steps": int(engine.skipped_steps),
@@ -434,7 +452,9 @@ def init_dist():
     import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    # A short collective timeout: a rank that died leaves the others failing in minutes, not
+    # after gloo's default 30.
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(minutes=3))
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -1,0 +1,95 @@
+"""Interop tests: real DeepSpeed 0.19.8 as the oracle (CPU, torchrun, gloo).
+
+DeepSpeed runs in its own interpreter, ``$LAYOUTC_DS_PYTHON`` (default: the one running
+pytest), which needs the CPU torch pinned in constraints.txt, deepspeed and safetensors::
+
+    python3 -m venv /tmp/dsvenv
+    /tmp/dsvenv/bin/pip install torch==2.13.0            # pinned: unpinned pulls CUDA wheels
+    DS_BUILD_OPS=0 /tmp/dsvenv/bin/pip install --no-build-isolation deepspeed==0.19.8
+    /tmp/dsvenv/bin/pip install numpy safetensors pytest
+    /tmp/dsvenv/bin/pip install -c constraints.txt -e .     # layoutc itself, for tests using it
+
+    /tmp/dsvenv/bin/python -m pytest tests/interop -m interop -q -p no:cacheprovider
+    # or keep layoutc's own venv for pytest and point at DeepSpeed's:
+    LAYOUTC_DS_PYTHON=/tmp/dsvenv/bin/python python -m pytest tests/interop -m interop
+
+Every test in this folder is marked ``interop``. Without a DeepSpeed-capable interpreter the
+``ds_corpus`` fixture fails with instructions (deselect with ``-m 'not interop'``). Checkpoints are built once and cached under
+``$LAYOUTC_INTEROP_CACHE`` (default ``~/.cache/layoutc-interop``), keyed by a hash of
+ds_make.py and the DeepSpeed/torch versions.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import corpus
+
+MARKER = "interop: compares against real DeepSpeed (slow; generates checkpoints once per session)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.interop)
+
+
+def cache_root() -> Path:
+    return Path(
+        os.environ.get("LAYOUTC_INTEROP_CACHE") or Path.home() / ".cache" / "layoutc-interop"
+    ).expanduser()
+
+
+class Corpus(Mapping[str, Path]):
+    """{case: checkpoint root} for every case in ds_make.CASES, plus loading helpers."""
+
+    def __init__(self, root: Path, python: str) -> None:
+        self.root = root
+        self.python = python
+        self.paths = corpus.build(None, root, python=python)
+        self.cases = corpus.CASES
+
+    def __getitem__(self, case: str) -> Path:
+        return self.paths[case]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def truth(self, case: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(fp32 numpy tensors, json meta) DeepSpeed reported at save time."""
+        return corpus.read_truth(self.paths[case])
+
+    def load(self, case: str, ckpt: Path | str, **kw: Any) -> corpus.Loaded:
+        """corpus.load with this corpus's interpreter and cache (world=, universal=, ...)."""
+        kw.setdefault("root", self.root)
+        kw.setdefault("python", self.python)
+        return corpus.load(case, ckpt, **kw)
+
+
+@pytest.fixture(scope="session")
+def ds_corpus() -> Corpus:
+    python = corpus.ds_python()
+    if corpus.versions(python) is None:
+        pytest.fail(
+            f"DeepSpeed/torch/safetensors not importable by {python}: install them as the README's "
+            f"test command does, set {corpus.PYTHON_ENV} to an interpreter that has them, or "
+            "deselect these tests with -m 'not interop'",
+            pytrace=False,
+        )
+    return Corpus(cache_root(), python)

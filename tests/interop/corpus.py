@@ -1,0 +1,288 @@
+"""A cached corpus of real DeepSpeed checkpoints with their ground truth, and a DeepSpeed loader.
+
+    build(cases, root) -> {case: checkpoint root}    runs ds_make.py under torchrun (cached)
+    load(case, ckpt, world=..., universal=...)       runs ds_load.py under torchrun
+    ds_to_universal(tag_dir, out_root)                DeepSpeed's own converter (a baseline)
+    read_truth(path) -> (tensors, meta)               numpy arrays + json, no torch needed
+
+DeepSpeed runs in a separate interpreter: ``$LAYOUTC_DS_PYTHON`` if set, else this one. It
+needs torch, deepspeed and safetensors (see /tmp/dsvenv recipe in the interop README, the
+docstring of conftest.py). This module itself imports neither torch nor DeepSpeed.
+
+Cache layout: ``root/ds<deepspeed version>-<hash of ds_make.py + versions>/<case>/`` holding
+the checkpoint root (``latest``, ``global_step2/``), ``ground_truth.safetensors``,
+``ground_truth.json`` and ``DONE`` (written last: a case without it is rebuilt);
+``root/torch_extensions`` caches DeepSpeed's JIT-built CPU comm op; ``root/logs`` keeps the
+torchrun output of each launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+MAKE = HERE / "ds_make.py"
+LOAD = HERE / "ds_load.py"
+PYTHON_ENV = "LAYOUTC_DS_PYTHON"
+TIMEOUT_S = 600
+
+
+def _ds_make_module() -> Any:
+    """ds_make.py as a module (it imports torch/deepspeed only inside functions)."""
+    spec = importlib.util.spec_from_file_location("layoutc_interop_ds_make", MAKE)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CASES: dict[str, dict[str, Any]] = _ds_make_module().CASES
+
+
+def ds_python() -> str:
+    return os.environ.get(PYTHON_ENV) or sys.executable
+
+
+@cache
+def versions(python: str | None = None) -> dict[str, str] | None:
+    """{'deepspeed': ..., 'torch': ...} as seen by ``python``; None if it cannot run them."""
+    python = python or ds_python()
+    code = (
+        "import importlib.metadata as m, json\n"
+        "import deepspeed, torch, safetensors\n"
+        "print(json.dumps({k: m.version(k) for k in ('deepspeed', 'torch', 'safetensors')}))\n"
+    )
+    env = _env(None)
+    try:
+        out = subprocess.run(
+            [python, "-c", code], capture_output=True, text=True, timeout=300, env=env
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cache_key(python: str | None = None) -> str:
+    vers = versions(python)
+    if vers is None:
+        raise RuntimeError(f"DeepSpeed is not importable by {python or ds_python()}")
+    h = hashlib.sha256(MAKE.read_bytes())
+    h.update(json.dumps(vers, sort_keys=True).encode())
+    return f"ds{vers['deepspeed']}-{h.hexdigest()[:12]}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(ext_dir: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    if ext_dir is not None:
+        env["TORCH_EXTENSIONS_DIR"] = str(ext_dir)
+    return env
+
+
+def torchrun(
+    script: Path,
+    args: list[str],
+    nproc: int,
+    *,
+    python: str | None = None,
+    ext_dir: Path,
+    log: Path,
+    attempts: int = 2,
+) -> int:
+    """Run ``script`` under torchrun on a free port; retried once (port races, rare aborts)."""
+    python = python or ds_python()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    code = -1
+    for attempt in range(attempts):
+        cmd = [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            *args,
+        ]
+        with log.open("a") as fh:
+            fh.write(f"$ {' '.join(cmd)}  # attempt {attempt + 1}\n")
+            fh.flush()
+            try:
+                code = subprocess.run(
+                    cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(ext_dir), timeout=TIMEOUT_S
+                ).returncode
+            except subprocess.TimeoutExpired:
+                code = -9
+            fh.write(f"# exit {code}\n")
+        if code == 0:
+            return code
+    tail = log.read_text(errors="replace")[-6000:]
+    raise RuntimeError(f"torchrun {script.name} {' '.join(args)} failed ({code}):\n{tail}")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build(
+    cases: Iterable[str] | None, root: Path | str, *, python: str | None = None
+) -> dict[str, Path]:
+    """Make (or reuse) the checkpoints of ``cases`` (all when None) under ``root``.
+
+    Cases of one world size share one torchrun launch. Returns {case: checkpoint root}.
+    """
+    names = list(CASES) if cases is None else list(cases)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise KeyError(f"unknown interop case(s) {unknown}; known: {sorted(CASES)}")
+    root = Path(root).expanduser()
+    base = root / cache_key(python)
+    out = {n: base / n for n in names}
+    with _locked(base / ".lock"):
+        todo = [n for n in names if not (base / n / "DONE").is_file()]
+        by_world: dict[int, list[str]] = {}
+        for n in todo:
+            by_world.setdefault(CASES[n]["world"], []).append(n)
+        for world, group in sorted(by_world.items()):
+            target = base / group[0] if len(group) == 1 else base
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            torchrun(
+                MAKE,
+                ["--case", ",".join(group), "--out", str(target)],
+                world,
+                python=python,
+                ext_dir=root / "torch_extensions",
+                log=root / "logs" / f"make-w{world}-{stamp}-{os.getpid()}.log",
+            )
+        missing = [n for n in names if not (base / n / "DONE").is_file()]
+        if missing:
+            raise RuntimeError(f"ds_make.py finished but left no DONE for {missing} in {base}")
+    return out
+
+
+def read_truth(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors as float32 numpy arrays, json meta) of a ground-truth or ds_load dump.
+
+    ``path`` is the ``.safetensors`` file or a checkpoint root holding ground_truth.*.
+    """
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ground_truth.safetensors"
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return load_file(str(path)), meta
+
+
+@dataclass
+class Loaded:
+    """What DeepSpeed loaded (ds_load.py), or why it refused (``error``)."""
+
+    tensors: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    log: Path | None = None
+
+
+def load(
+    case: str,
+    ckpt: Path | str,
+    *,
+    world: int | None = None,
+    universal: bool = False,
+    tag: str | None = None,
+    root: Path | str | None = None,
+    python: str | None = None,
+    expect_error: bool = False,
+) -> Loaded:
+    """Have real DeepSpeed load ``ckpt`` as ``case`` at ``world`` ranks (default: the case's).
+
+    A refusal by DeepSpeed raises unless ``expect_error``; then ``Loaded.error`` holds it.
+    ``root`` is where torch extensions / logs are cached (default: a temp dir).
+    """
+    if case not in CASES:
+        raise KeyError(f"unknown interop case {case!r}")
+    world = world or CASES[case]["world"]
+    root = Path(root).expanduser() if root else Path(tempfile.gettempdir()) / "layoutc-interop"
+    with tempfile.TemporaryDirectory(prefix="ds_load-") as tmp:
+        dump = Path(tmp) / "loaded.safetensors"
+        args = ["--case", case, "--ckpt", str(ckpt), "--dump", str(dump)]
+        if universal:
+            args.append("--universal")
+        if tag is not None:
+            args += ["--tag", tag]
+        log = (
+            root
+            / "logs"
+            / f"load-{case}-w{world}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        )
+        torchrun(LOAD, args, world, python=python, ext_dir=root / "torch_extensions", log=log)
+        if not dump.exists():
+            meta = json.loads(dump.with_suffix(".json").read_text())
+            if not expect_error:
+                raise RuntimeError(f"DeepSpeed refused {ckpt} as {case}: {meta['error']}")
+            return Loaded(meta=meta, error=meta["error"], log=log)
+        tensors, meta = read_truth(dump)
+        if expect_error:
+            raise AssertionError(f"DeepSpeed loaded {ckpt} as {case}; an error was expected")
+        return Loaded(tensors=tensors, meta=meta, log=log)
+
+
+def ds_to_universal(
+    tag_dir: Path | str, out_root: Path | str, *, python: str | None = None
+) -> Path:
+    """Run DeepSpeed's ``ds_to_universal`` on ``tag_dir`` (``<root>/global_stepN``).
+
+    Writes ``out_root/<tag>_universal`` and ``out_root/latest_universal``; returns
+    ``out_root`` (what ``load(..., universal=True)`` takes). ``--inject_missing_state`` is
+    passed: without it DeepSpeed refuses checkpoints lacking universal_checkpoint_info.
+    """
+    tag_dir, out_root = Path(tag_dir), Path(out_root)
+    cmd = [
+        python or ds_python(),
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(tag_dir),
+        "--output_folder",
+        str(out_root / f"{tag_dir.name}_universal"),
+        "--inject_missing_state",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(None), timeout=TIMEOUT_S)
+    if out.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed ({out.returncode}):\n{out.stderr[-6000:]}")
+    return out_root

@@ -1,0 +1,96 @@
+"""Load a checkpoint with real DeepSpeed and dump what it loaded (the other half of the oracle).
+
+Run under torchrun with W ranks (W may differ from the world size the checkpoint was saved at
+when ``--universal`` is given)::
+
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=/tmp/ext \\
+        torchrun --nproc_per_node 3 --master_port 29512 tests/interop/ds_load.py \\
+        --case z2_w2_bf16 --ckpt ROOT [--universal] [--tag TAG] --dump OUT.safetensors
+
+It builds the case's model and DeepSpeed config (ds_make.CASES) at world size W, with
+``"checkpoint": {"load_universal": true}`` under ``--universal``, calls
+``engine.load_checkpoint(ROOT[, tag])`` and has rank 0 write ``OUT.safetensors`` and
+``OUT.json`` in exactly the format of ds_make's ground truth: fp32/, exp_avg/, exp_avg_sq/,
+weight16/, frozen/, buffer/ tensors and step, global_steps, lr scheduler state, ... (see
+ds_make.capture). The json also holds ``load_path`` (what load_checkpoint returned) and
+``client_state`` keys. If DeepSpeed raises while loading, rank 0 writes only ``OUT.json`` with
+``"error"`` holding the exception text, and the run still exits 0 (torchrun turns any
+non-zero worker exit into its own 1), so callers can assert on refusals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ds_make  # after the sys.path insert above
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", required=True, choices=sorted(ds_make.CASES))
+    ap.add_argument("--ckpt", required=True, type=Path, help="checkpoint root (holds latest)")
+    ap.add_argument("--universal", action="store_true", help="load_universal (latest_universal)")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--dump", required=True, type=Path, help="OUT.safetensors (+ OUT.json)")
+    args = ap.parse_args(argv)
+
+    rank, world = ds_make.init_dist()
+    import torch.distributed as dist
+
+    try:
+        case = ds_make.CASES[args.case]
+        engine, cfg = ds_make.build_engine(case, world, universal=args.universal)
+        error = None
+        try:
+            load_path, client_state = engine.load_checkpoint(str(args.ckpt), tag=args.tag)
+            if load_path is None:
+                error = f"load_checkpoint found nothing to load in {args.ckpt}"
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        # Agree on failure across ranks before any collective in capture().
+        import torch
+
+        flag = torch.tensor([1 if error else 0])
+        dist.all_reduce(flag)
+        if flag.item():
+            if rank == 0:
+                args.dump.with_suffix(".json").write_text(
+                    json.dumps({"error": error or "failed on another rank", "case": args.case})
+                    + "\n"
+                )
+        else:
+            tensors, meta = ds_make.capture(engine, case)
+            if rank == 0:
+                meta.update(
+                    {
+                        "case": args.case,
+                        "case_config": case,
+                        "ds_config": cfg,
+                        "world_size": world,
+                        "universal": args.universal,
+                        "load_path": load_path,
+                        "client_state": sorted(client_state or {}),
+                    }
+                )
+                ds_make.write_truth(tensors, meta, args.dump)
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""The DeepSpeed corpus is what we think it is.
+
+For every case: DeepSpeed's file names; a ground-truth entry for every parameter; the ground
+truth agrees with the files themselves (decoded with the padding rules of
+shared/reference/deepspeed.md §1.4/§1.5, which this also checks); and ds_load.py, reloading
+the original checkpoint at the same world size, reproduces the ground truth exactly (which
+validates the loader that other interop tests use on layoutc's output).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import corpus
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.interop
+
+CASES = corpus.CASES
+NAMES = list(CASES)
+TAG = "global_step2"
+# Scalar state that a reload must reproduce exactly (ds_make.capture's json keys).
+RELOADED_META = (
+    "step",
+    "optimizer_steps",
+    "flat_groups",
+    "global_steps",
+    "global_samples",
+    "skipped_steps",
+    "lr_scheduler",
+    "lr_scheduler_class",
+    "lr",
+    "loss_scaler",
+    "optimizer_class",
+    "zero_stage",
+    "param_groups",
+    "params",
+    "trainable",
+    "frozen",
+    "tied",
+    "buffers",
+)
+
+
+def expected_files(case: dict[str, Any]) -> set[str]:
+    world, stage = case["world"], case["stage"]
+    prefix = "bf16_" if case["dtype"] == "bf16" else ""
+    files = {f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)}
+    if stage == 3:
+        files |= {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)}
+    else:
+        files.add("mp_rank_00_model_states.pt")
+    return files
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_files_have_deepspeeds_names(ds_corpus, name):
+    root: Path = ds_corpus[name]
+    assert (root / "latest").read_text() == TAG
+    top = {p.name for p in root.iterdir()}
+    assert top == {
+        "latest",
+        TAG,
+        "ground_truth.safetensors",
+        "ground_truth.json",
+        "DONE",
+    }, "zero_to_fp32.py / zero_to_torch.py must be gone"
+    assert {p.name for p in (root / TAG).iterdir()} == expected_files(CASES[name])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ground_truth_covers_every_param(ds_corpus, name):
+    case = CASES[name]
+    tensors, meta = ds_corpus.truth(name)
+    assert meta["case"] == name and meta["world_size"] == case["world"]
+    assert meta["versions"]["deepspeed"] == corpus.versions(ds_corpus.python)["deepspeed"]
+    assert meta["zero_stage"] == case["stage"]
+    assert meta["step"] == 2 and meta["global_steps"] == 2 and meta["skipped_steps"] == 0
+    assert meta["tag"] == TAG
+    assert meta["lr_scheduler"] is not None
+    assert meta["tied"] == {"head.weight": "embed.weight"}
+    assert meta["frozen"] == ["logit_bias"]
+    assert meta["buffers"] == ["counter", "table"]
+    assert meta["non_persistent_buffers"] == ["scratch"]
+    assert [len(g["params"]) for g in meta["param_groups"]] == [3, 5]
+    if name == "bf16opt_w2":
+        assert meta["optimizer_class"] == "BF16_Optimizer"
+    if name == "z3_w2_subgroups":
+        assert len(meta["flat_groups"]) == 5
+
+    shapes = {p["name"]: tuple(p["shape"]) for p in meta["params"]}
+    trainable = meta["trainable"]
+    assert sorted(trainable) == sorted(n for g in meta["param_groups"] for n in g["params"])
+    expected = {f"{k}/{n}" for n in trainable for k in ("fp32", "exp_avg", "exp_avg_sq")}
+    expected |= {f"weight16/{p['name']}" for p in meta["params"] if p["requires_grad"]}
+    expected |= {"frozen/logit_bias", "buffer/counter", "buffer/table"}
+    assert set(tensors) == expected
+    for key, t in tensors.items():
+        assert t.dtype == np.float32, key
+        kind, _, pname = key.partition("/")
+        if kind != "buffer":
+            assert t.shape == shapes[pname], key
+        assert np.isfinite(t).all(), key
+    assert (tensors["exp_avg_sq/embed.weight"] > 0).any()
+    np.testing.assert_array_equal(tensors["weight16/head.weight"], tensors["weight16/embed.weight"])
+    np.testing.assert_array_equal(tensors["buffer/counter"], [2.0])
+
+    # The 16-bit weights are the fp32 masters rounded to nearest (even).
+    for n in trainable:
+        np.testing.assert_array_equal(
+            tensors[f"weight16/{n}"], _round(tensors[f"fp32/{n}"], case["dtype"]), err_msg=n
+        )
+    if case["dtype"] != "fp32":
+        # ... and the masters hold bits that the 16-bit copies lack (the steps moved them).
+        assert any(
+            not np.array_equal(tensors[f"weight16/{n}"], tensors[f"fp32/{n}"]) for n in trainable
+        )
+
+
+def _round(x: np.ndarray, dtype: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "fp32":
+        return x
+    if dtype == "fp16":
+        return x.astype(np.float16).astype(np.float32)
+    bits = x.view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The files themselves (needs torch, and deepspeed for the optimizer files' pickled classes)
+# --------------------------------------------------------------------------------------------
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_files_agree_with_ground_truth(ds_corpus, name):
+    torch = pytest.importorskip("torch")
+    case = CASES[name]
+    tensors, meta = ds_corpus.truth(name)
+    tagdir = ds_corpus[name] / TAG
+    files = sorted(tagdir.glob("*model_states.pt"))
+    for f in files:
+        # Model-state files need no DeepSpeed class to unpickle.
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+        assert sd["ds_version"] == meta["versions"]["deepspeed"]
+        assert sd["global_steps"] == 2
+        assert sd["dp_world_size"] == case["world"] and sd["mp_world_size"] == 1
+        assert sd["buffer_names"] == meta["buffers"]
+        # shared_params is computed on global rank 0 only: other ranks' ZeRO-3 files hold {}.
+        rank0 = f.name.startswith(("mp_rank_", "zero_pp_rank_0_"))
+        assert sd["shared_params"] == ({"head.weight": "embed.weight"} if rank0 else {})
+        assert _jsonish(sd["lr_scheduler"]) == meta["lr_scheduler"]
+        flat = [[n for n in g] for g in sd["param_shapes"]]
+        assert flat == [g["params"] for g in meta["flat_groups"]]
+        for g in sd["param_shapes"]:
+            for n, shape in g.items():
+                assert tuple(shape) == tensors[f"fp32/{n}"].shape
+        for b in meta["buffers"]:
+            np.testing.assert_array_equal(_np(sd["module"][b]), tensors[f"buffer/{b}"])
+        if case["stage"] == 3:
+            assert all(sd["module"][p["name"]].numel() == 0 for p in meta["params"])
+        else:
+            for p in meta["params"]:
+                kind = "weight16" if p["requires_grad"] else "frozen"
+                np.testing.assert_array_equal(
+                    _np(sd["module"][p["name"]]), tensors[f"{kind}/{p['name']}"]
+                )
+        if case["stage"] == 1:
+            assert sd["frozen_param_shapes"] is None
+        else:
+            assert dict(sd["frozen_param_shapes"]) == {"logit_bias": torch.Size([37])}
+
+
+def _jsonish(x: Any) -> Any:
+    """``x`` as ds_make.capture's json holds it (tuples as lists, keys as str)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonish(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonish(v) for v in x]
+    return x
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_optimizer_files_agree_with_ground_truth(ds_corpus, name):
+    """Decode the optimizer files with the documented ZeRO rules; get the ground truth back."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("deepspeed")  # the optimizer files pickle DeepSpeed classes
+    case = CASES[name]
+    world = case["world"]
+    tensors, meta = ds_corpus.truth(name)
+    tagdir = ds_corpus[name] / TAG
+    prefix = "bf16_" if case["dtype"] == "bf16" else ""
+    optim = [
+        torch.load(
+            tagdir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+            map_location="cpu",
+            weights_only=False,
+        )["optimizer_state_dict"]
+        for r in range(world)
+    ]
+    groups = [g["params"] for g in meta["flat_groups"]]
+    shapes = {n: tensors[f"fp32/{n}"].shape for g in groups for n in g}
+    got: dict[str, np.ndarray] = {}
+    if case["stage"] == 3:
+        assert all(o["partition_count"] == world for o in optim)
+        for s, names in enumerate(groups):
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                if key == "fp32":
+                    flats = [_np(o["fp32_flat_groups"][s]) for o in optim]
+                else:
+                    flats = [_np(o["optimizer_state_dict"]["state"][s][key]) for o in optim]
+                off = 0
+                for n in names:
+                    numel = math.prod(shapes[n])
+                    pn = math.ceil(numel / world)  # per-rank piece, padding at the tail
+                    full = np.concatenate([f[off : off + pn] for f in flats])
+                    # Padding of the Adam moments is 0; the fp32 masters' ZeRO-3 padding is
+                    # uninitialised memory (arbitrary bytes, differing run to run).
+                    if key != "fp32":
+                        assert not full[numel:].any(), f"non-zero padding in {key}/{n}"
+                    got[f"{key}/{n}"] = full[:numel].reshape(shapes[n])
+                    off += pn
+                assert all(len(f) == off for f in flats)
+                assert all(o["optimizer_state_dict"]["state"][s]["step"] == 2 for o in optim)
+        frozen = [
+            torch.load(f, map_location="cpu", weights_only=True)["frozen_param_fragments"]
+            for f in sorted(tagdir.glob("zero_pp_rank_*_model_states.pt"))
+        ]
+        full = np.concatenate([_np(fr["logit_bias"]).ravel() for fr in frozen])
+        np.testing.assert_array_equal(full[:37], tensors["frozen/logit_bias"])
+    else:
+        bf16opt = meta["optimizer_class"] == "BF16_Optimizer"
+        assert all(("zero_stage" in o) != bf16opt for o in optim)
+        for g, names in enumerate(groups):
+            total = sum(math.prod(shapes[n]) for n in names)
+            align = 2 * world
+            part = math.ceil(total / align) * align // world
+            for r, o in enumerate(optim):
+                assert o["partition_count"][g] == world
+                pad = min(max((r + 1) * part - total, 0), part)
+                assert o["group_paddings"][g] == pad
+                fp32_len = part if bf16opt else part - pad  # BF16_Optimizer keeps the padding
+                assert o["single_partition_of_fp32_groups"][g].numel() == fp32_len
+                st = o["base_optimizer_state"]["state"][g]
+                assert st["exp_avg"].numel() == part and st["step"] == 2
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                if key == "fp32":
+                    flat = np.concatenate(
+                        [_np(o["single_partition_of_fp32_groups"][g]) for o in optim]
+                    )
+                else:
+                    flat = np.concatenate(
+                        [_np(o["base_optimizer_state"]["state"][g][key]) for o in optim]
+                    )
+                off = 0
+                for n in names:
+                    numel = math.prod(shapes[n])
+                    got[f"{key}/{n}"] = flat[off : off + numel].reshape(shapes[n])
+                    off += numel
+                assert off == total and not flat[total:].any()
+    for key, value in got.items():
+        np.testing.assert_array_equal(value, tensors[key], err_msg=key)
+    assert set(got) == {k for k in tensors if k.split("/")[0] in ("fp32", "exp_avg", "exp_avg_sq")}
+
+
+# --------------------------------------------------------------------------------------------
+# The loader: DeepSpeed reloading its own checkpoint at the same world size
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reload_same_world_reproduces_ground_truth(ds_corpus, name):
+    tensors, meta = ds_corpus.truth(name)
+    loaded = ds_corpus.load(name, ds_corpus[name])
+    assert loaded.meta["world_size"] == CASES[name]["world"]
+    assert set(loaded.tensors) == set(tensors)
+    for key, t in tensors.items():
+        np.testing.assert_array_equal(loaded.tensors[key], t, err_msg=key)
+    for key in RELOADED_META:
+        assert loaded.meta[key] == meta[key], key
+
+
+def test_reload_at_another_world_is_refused(ds_corpus):
+    """Without universal loading DeepSpeed refuses a DP-size change: the loader reports it."""
+    loaded = ds_corpus.load("z2_w2_bf16", ds_corpus["z2_w2_bf16"], world=3, expect_error=True)
+    assert "world size" in loaded.error
+
+
+@pytest.mark.parametrize("name", ["z2_w2_bf16", "z3_w2_bf16"])
+def test_universal_reload_via_deepspeeds_converter(ds_corpus, name, tmp_path):
+    """The loader's --universal path, fed by DeepSpeed's own ds_to_universal, at world 3.
+
+    Everything comes back exactly except persistent buffers: universal loading restores no
+    buffers (nor frozen params: logit_bias matches only because the model is re-initialised
+    from the same seed).
+    """
+    tensors, meta = ds_corpus.truth(name)
+    uni = corpus.ds_to_universal(ds_corpus[name] / TAG, tmp_path, python=ds_corpus.python)
+    assert (uni / "latest_universal").read_text().strip() == f"{TAG}_universal"
+    loaded = ds_corpus.load(name, uni, world=3, universal=True)
+    assert loaded.meta["world_size"] == 3
+    assert set(loaded.tensors) == set(tensors)
+    for key, t in tensors.items():
+        if key == "buffer/counter":
+            np.testing.assert_array_equal(loaded.tensors[key], [0.0])  # fresh, not restored
+        else:
+            np.testing.assert_array_equal(loaded.tensors[key], t, err_msg=key)
+    for key in ("step", "global_steps", "global_samples", "lr_scheduler", "lr"):
+        assert loaded.meta[key] == meta[key], key
+    groups = loaded.meta["param_groups"]
+    if CASES[name]["stage"] == 3:
+        # DeepSpeed bug: a ZeRO-3 universal load applies param group 0's hyperparameters to
+        # every group, so no_decay comes back with weight_decay 0.1.
+        assert [g["weight_decay_loaded"] for g in groups] == [0.1, 0.1]
+        for g in groups:
+            g["weight_decay_loaded"] = g["weight_decay"]
+    assert groups == meta["param_groups"]
