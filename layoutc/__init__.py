@@ -10,12 +10,22 @@ Python arithmetic.
 
 from __future__ import annotations
 
+from typing import Any
+
 from layoutc.errors import Diagnostic, InternalError, LayoutError, PlanError, Span, Unsupported
 from layoutc.ir import Layout
 from layoutc.lang.check import load_layout, load_text
 from layoutc.place import place
 from layoutc.plan.compile import compile_plan as compile
 from layoutc.plan.plan import Plan
+
+
+def convert(checkpoint: Any, output: Any, to: Any, **kwargs: Any) -> Any:
+    """Convert a checkpoint; see :func:`layoutc.conversion.convert` (imported lazily)."""
+    from layoutc.conversion import convert as _convert
+
+    return _convert(checkpoint, output, to, **kwargs)
+
 
 __version__ = "0.1.0"
 
@@ -30,6 +40,7 @@ __all__ = [
     "Unsupported",
     "__version__",
     "compile",
+    "convert",
     "load_layout",
     "load_text",
     "place",

@@ -60,7 +60,7 @@ def _load(path: str) -> ir.Layout:
     from layoutc.lang.check import load_text
 
     if Path(path).is_dir():
-        from layoutc.convert import source_layout
+        from layoutc.conversion import source_layout
         from layoutc.formats.deepspeed import open_checkpoint
 
         return source_layout(open_checkpoint(path))
@@ -220,7 +220,7 @@ class _Progress:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from layoutc.convert import convert
+    from layoutc.conversion import convert
     from layoutc.render import render
 
     def show(plan: object) -> None:
@@ -257,7 +257,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from layoutc.convert import MANIFEST, verify
+    from layoutc.conversion import MANIFEST, verify
 
     if not (Path(args.output) / MANIFEST).is_file():
         raise _Usage(f"{args.output}: no {MANIFEST} (not written by layoutc convert)")
@@ -272,7 +272,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from layoutc.convert import source_layout
+    from layoutc.conversion import source_layout
     from layoutc.formats.deepspeed import open_checkpoint
     from layoutc.place import place
     from layoutc.render import human_size

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from layoutc.convert import convert, verify
+from layoutc.conversion import convert, verify
 from layoutc.errors import LayoutError
 from layoutc.formats import pt
 from layoutc.formats import safetensors as st

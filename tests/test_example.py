@@ -1,0 +1,39 @@
+"""The README's main job on the shipped example: a real DeepSpeed checkpoint, converted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import layoutc
+from layoutc.conversion import MANIFEST, verify
+from layoutc.formats import pt
+from layoutc.formats import safetensors as st
+from layoutc.formats.deepspeed import open_checkpoint
+
+EXAMPLE = "examples/deepspeed-zero2"
+
+
+def test_the_example_converts_to_universal_and_verifies(tmp_path):
+    out = tmp_path / "u"
+    report = layoutc.convert(EXAMPLE, out, "universal")
+    assert (out / "latest_universal").read_text() == "global_step2"
+    assert verify(out) == []
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert set(manifest["files"]) == {f for f in report.files if f != "latest_universal"}
+    fp32 = pt.load(out / "global_step2" / "zero" / "embed.weight" / "fp32.pt")["param"]
+    assert fp32.shape == (37, 10) and fp32.dtype == "fp32"
+
+
+def test_the_example_exports_its_fp32_masters_to_safetensors(tmp_path):
+    layoutc.convert(EXAMPLE, tmp_path / "s", "safetensors")
+    values = st.load_state_dict(tmp_path / "s")
+    ckpt = open_checkpoint(EXAMPLE)
+    module = ckpt.model_states["module"]
+    for name, arr in values.items():
+        assert arr.shape == module[name].shape
+        if module[name].dtype == "bf16":  # the 16-bit weights are the masters rounded
+            rounded = np.asarray(arr, np.float32).astype(module[name].numpy().dtype)
+            assert np.array_equal(rounded, module[name].numpy()), name
+    assert values["head.weight"] is values["embed.weight"]
