@@ -1,0 +1,694 @@
+"""layoutc convert vs DeepSpeed's own converters on a real >= 1 GB ZeRO-2 checkpoint.
+
+One run builds (or reuses) a real DeepSpeed checkpoint, then times and measures, side by
+side, each of:
+
+    build            torchrun (world 2, CPU, gloo) of a ~101M-param model (6 x
+                     Linear(4096, 4096) + a small head), bf16, ZeRO-2, AdamW, 2 steps,
+                     engine.save_checkpoint  -> ~1.4 GB; cached under
+                     ~/.cache/layoutc-bench/<key> (key: generator source + versions)
+    cp -r            copying the checkpoint folder (the anchor: bytes in, bytes out)
+    layoutc univ     layoutc convert CKPT --to universal -o OUT -q        (+ --memory 256MiB)
+    ds_to_universal  python -m deepspeed.checkpoint.ds_to_universal --input_folder CKPT/<tag>
+                     --output_folder OUT/<tag> --inject_missing_state (default workers)
+    layoutc st       layoutc convert CKPT --to safetensors -o OUT -q
+    zero_to_fp32     deepspeed.utils.zero_to_fp32.convert_zero_checkpoint_to_fp32_state_dict(
+                     CKPT, OUT, safe_serialization=True, max_shard_size=None)
+
+For every command: wall time (best of ``--repeat``, default 2), CPU time, the time of a
+``sync`` right after it (layoutc fsyncs its output before it returns, cp and DeepSpeed do
+not: "wall + sync" puts them on the same footing), the peak RSS that ``/usr/bin/time -f %M``
+reports (or ``getrusage(RUSAGE_CHILDREN)`` of a fresh wrapper process when there is no
+/usr/bin/time) — that is the largest single process of the tree, file-backed pages (mmaps)
+included — and, sampled every 0.1 s over the whole process tree, the peak sum of PSS and of
+anonymous PSS (``/proc/PID/smaps_rollup``), which is what a multi-process tool really
+holds and what memory a memory-mapping tool holds beyond the page cache.
+
+Page cache: the source is read once before anything is measured (``cat > /dev/null``) and
+stays cached (it is ~1.4 GB), so every run reads from a warm page cache; ``sync`` runs
+before each measured command so no earlier dirty pages are flushed inside it.
+
+For the layoutc runs it also prints the plan's predicted bytes written (``layoutc plan
+--json``) against the bytes in the output (sum of file sizes minus metadata: the checksum
+manifest and the loader markers). All outputs go to a temp folder deleted at the end.
+
+Run (the main process needs only the standard library)::
+
+    LAYOUTC_DS_PYTHON=/tmp/dsvenv/bin/python /tmp/v/bin/python benchmarks/convert_vs_deepspeed.py
+
+``--ds-python`` (default ``$LAYOUTC_DS_PYTHON``, else this interpreter) needs torch and
+deepspeed; ``--layoutc`` (default: the ``layoutc`` next to this interpreter, else on PATH).
+The script launches itself under torchrun with ``--worker`` to build the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+CACHE = Path("~/.cache/layoutc-bench").expanduser()
+
+# The checkpoint: 6 x Linear(4096, 4096) (with biases) + Linear(4096, 16): 100,753,424
+# params. ZeRO-2, bf16 (fp32 masters + Adam states in the optimizer files): ~1.4 GB.
+MODEL = {"hidden": 4096, "layers": 6, "head": 16}
+WORLD = 2
+STEPS = 2
+MICRO_BATCH = 2
+SEED = 1234
+MEMORY_BUDGET = "256MiB"
+METADATA = {"layoutc-manifest.json", "latest_universal", "model.safetensors.index.json"}
+
+
+# ------------------------------------------------------------------------------------------
+# The checkpoint generator (runs under torchrun, one process per rank; torch and deepspeed
+# are imported here only)
+# ------------------------------------------------------------------------------------------
+
+
+def ds_config(world: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": MICRO_BATCH * world,
+        "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": True},
+        "zero_force_ds_cpu_optimizer": False,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def worker(out: Path) -> None:
+    """Train the model ``STEPS`` steps with ZeRO-2 and save a checkpoint to ``out``."""
+    from datetime import timedelta
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(minutes=10))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(SEED)
+    h = MODEL["hidden"]
+    layers: list[nn.Module] = []
+    for _ in range(MODEL["layers"]):
+        layers += [nn.Linear(h, h), nn.GELU()]
+    model = nn.Sequential(*layers, nn.Linear(h, MODEL["head"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(world))
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(1000 + 97 * step + rank)
+        x = torch.randn(MICRO_BATCH, h, generator=g).to(torch.bfloat16)
+        loss = engine(x).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+    engine.save_checkpoint(str(out))
+    dist.barrier()
+    if rank == 0:
+        params = sum(p.numel() for p in model.parameters())
+        (out / "GENERATED").write_text(json.dumps({"params": params, "world": world}) + "\n")
+    dist.barrier()
+
+
+def worker_main(out: Path) -> None:
+    import traceback
+
+    try:
+        worker(out)
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # DeepSpeed/gloo sometimes abort at interpreter exit after all work is done
+
+
+# ------------------------------------------------------------------------------------------
+# Measuring a command: wall, CPU, /usr/bin/time %M, sampled process-tree PSS
+# ------------------------------------------------------------------------------------------
+
+TIME_BIN = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+RUSAGE_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[2:])\n"
+    "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "open(sys.argv[1], 'w').write(f'{r.ru_maxrss} {r.ru_utime + r.ru_stime}\\n')\n"
+    "sys.exit(rc)\n"
+)
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
+def _tree(pid: int) -> list[int]:
+    kids = _children()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, ()))
+    return out
+
+
+def _rollup(pid: int) -> dict[str, int]:
+    vals: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                k, _, rest = line.partition(":")
+                parts = rest.split()
+                if len(parts) == 2 and parts[1] == "kB":
+                    vals[k] = int(parts[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return vals
+
+
+class TreeSampler(threading.Thread):
+    """Peak over time of the summed PSS (and anonymous PSS, and RSS) of a process tree."""
+
+    def __init__(self, pid: int, period: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.period = pid, period
+        self.peak = {"Pss": 0, "Pss_Anon": 0, "Rss": 0, "procs": 0}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            tot = {"Pss": 0, "Pss_Anon": 0, "Rss": 0}
+            pids = _tree(self.pid)
+            for p in pids:
+                r = _rollup(p)
+                for k in tot:
+                    tot[k] += r.get(k, 0)
+            for k, v in tot.items():
+                self.peak[k] = max(self.peak[k], v)
+            self.peak["procs"] = max(self.peak["procs"], len(pids))
+            self.stop.wait(self.period)
+
+
+@dataclass
+class Run:
+    rc: int
+    wall: float
+    sync: float
+    cpu: float
+    maxrss: int  # bytes, largest single process (wait4 / getrusage)
+    pss: int  # bytes, peak of summed PSS over the tree (sampled)
+    pss_anon: int
+    procs: int
+    log: str = ""
+
+
+@dataclass
+class Result:
+    name: str
+    cmd: list[str]
+    runs: list[Run] = field(default_factory=list)
+    out: Path | None = None
+    files: int = 0
+    disk: int = 0
+    data: int = 0  # disk minus metadata files
+    note: str = ""
+    cached: bool = False
+
+    @property
+    def ok(self) -> list[Run]:
+        return [r for r in self.runs if r.rc == 0]
+
+    @property
+    def best(self) -> Run | None:
+        ok = self.ok
+        return min(ok, key=lambda r: r.wall) if ok else None
+
+    def stat(self, attr: str, fn=max) -> float | None:
+        ok = self.ok
+        return fn(getattr(r, attr) for r in ok) if ok else None
+
+
+def _sync() -> float:
+    t = time.perf_counter()
+    os.sync()
+    return time.perf_counter() - t
+
+
+def measure(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> Run:
+    """Run ``cmd`` once in a fresh process; sync before (untimed) and after (timed)."""
+    _sync()
+    stats = log.with_suffix(".time")
+    if TIME_BIN:
+        full = [TIME_BIN, "-f", "%M %U %S", "-o", str(stats), *cmd]
+    else:
+        full = [sys.executable, "-c", RUSAGE_WRAPPER, str(stats), *cmd]
+    with log.open("w") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(full, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        rc = proc.wait()
+        wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
+    sync = _sync()
+    maxrss, cpu = 0, 0.0
+    try:
+        parts = stats.read_text().split()
+        # GNU time appends "Command exited with non-zero status N" before the format line.
+        parts = parts[-3:] if TIME_BIN else parts[-2:]
+        maxrss = int(parts[0]) * 1024
+        cpu = sum(float(x) for x in parts[1:])
+    except (OSError, ValueError, IndexError):
+        pass
+    text = log.read_text(errors="replace")
+    return Run(
+        rc,
+        wall,
+        sync,
+        cpu,
+        maxrss,
+        sampler.peak["Pss"],
+        sampler.peak["Pss_Anon"],
+        sampler.peak["procs"],
+        text[-4000:],
+    )
+
+
+def du(path: Path) -> tuple[int, int, int]:
+    """(files, bytes, bytes minus metadata files) under ``path``."""
+    files = total = meta = 0
+    for p in path.rglob("*"):
+        if p.is_file():
+            files += 1
+            size = p.stat().st_size
+            total += size
+            if p.name in METADATA:
+                meta += size
+    return files, total, total - meta
+
+
+# ------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ds_env(ext_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "TORCH_EXTENSIONS_DIR": str(ext_dir)}
+    )
+    env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    return env
+
+
+def versions(ds_python: str) -> dict[str, str]:
+    code = (
+        "import importlib.metadata as m, json\n"
+        "print(json.dumps({k: m.version(k) for k in ('deepspeed', 'torch')}))\n"
+    )
+    out = subprocess.run([ds_python, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cache_key(vers: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for fn in (ds_config, worker):
+        h.update(inspect.getsource(fn).encode())
+    h.update(json.dumps([MODEL, WORLD, STEPS, MICRO_BATCH, SEED, vers], sort_keys=True).encode())
+    return f"z2_w{WORLD}_bf16_{MODEL['layers']}x{MODEL['hidden']}-ds{vers['deepspeed']}-{h.hexdigest()[:12]}"
+
+
+def build(ds_python: str, vers: dict[str, str], rebuild: bool, tmp: Path) -> tuple[Path, Result]:
+    """The cached checkpoint (built now if missing) and the build's measurements."""
+    base = CACHE / cache_key(vers)
+    ckpt = base / "ckpt"
+    done = base / "DONE"
+    ext = CACHE / "torch_extensions"
+    cmd = [
+        ds_python,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        "PORT",
+        str(HERE),
+        "--worker",
+        "--out",
+        str(ckpt),
+    ]
+    res = Result("build (torchrun, 2 ranks)", cmd, out=ckpt)
+    if done.is_file() and not rebuild:
+        rec = json.loads(done.read_text())
+        res.runs = [Run(**rec["run"])]
+        res.cached = True
+        res.note = f"cached, built {rec['date']}"
+    else:
+        if base.exists():
+            shutil.rmtree(base)
+        base.mkdir(parents=True)
+        env = ds_env(ext)
+        env["OMP_NUM_THREADS"] = "1"
+        for attempt in range(2):  # port races and the rare abort at exit
+            if ckpt.exists():
+                shutil.rmtree(ckpt)
+            cmd[cmd.index("--master_port") + 1] = str(free_port())
+            print(f"building the checkpoint in {ckpt} (attempt {attempt + 1}) ...", flush=True)
+            run = measure(cmd, env, tmp, tmp / f"build{attempt}.log")
+            if run.rc == 0 and (ckpt / "GENERATED").is_file():
+                break
+            print(run.log, file=sys.stderr)
+        else:
+            raise SystemExit(f"building the checkpoint failed (rc {run.rc})")
+        res.runs = [run]
+        rec = {"run": {**run.__dict__, "log": ""}, "date": time.strftime("%Y-%m-%d %H:%M")}
+        done.write_text(json.dumps(rec) + "\n")
+    res.files, res.disk, res.data = du(ckpt)
+    return ckpt, res
+
+
+def plan_prediction(layoutc: str, ckpt: Path, to: str, memory: str | None) -> dict:
+    cmd = [layoutc, "plan", str(ckpt), "--to", to, "--json"]
+    if memory:
+        cmd += ["--memory", memory]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-500:]}
+    return json.loads(out.stdout)["summary"]
+
+
+def mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
+def secs(n: float | None) -> str:
+    return "-" if n is None else f"{n:.1f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--ds-python",
+        default=os.environ.get("LAYOUTC_DS_PYTHON") or sys.executable,
+        help="interpreter with torch + deepspeed (default: $LAYOUTC_DS_PYTHON, else this one)",
+    )
+    ap.add_argument(
+        "--layoutc",
+        default=shutil.which("layoutc", path=str(Path(sys.executable).parent))
+        or shutil.which("layoutc"),
+        help="the layoutc command (default: next to this interpreter, else on PATH)",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=2, help="measured runs per command (best is shown)"
+    )
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
+    ap.add_argument("--tmp", type=Path, help="parent of the temp output folder (default: $TMPDIR)")
+    args = ap.parse_args()
+    if args.worker:
+        worker_main(args.out)
+        return
+    if not args.layoutc:
+        raise SystemExit("no `layoutc` command found; pass --layoutc")
+
+    vers = versions(args.ds_python)
+    lc_version = subprocess.run(
+        [args.layoutc, "--help"], capture_output=True, text=True
+    ).returncode  # is it runnable at all
+    if lc_version != 0:
+        raise SystemExit(f"{args.layoutc} does not run")
+    lc_python = Path(args.layoutc).resolve().parent / "python"
+    lc_ver = (
+        subprocess.run(
+            [
+                str(lc_python) if lc_python.exists() else sys.executable,
+                "-c",
+                "import layoutc; print(layoutc.__version__)",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        or "?"
+    )
+    load_start = os.getloadavg()
+    date = time.strftime("%Y-%m-%d")
+
+    tmp = Path(tempfile.mkdtemp(prefix="layoutc-bench-", dir=args.tmp))
+    try:
+        ckpt, build_res = build(args.ds_python, vers, args.rebuild, tmp)
+        tag = (ckpt / "latest").read_text().strip()
+        if build_res.disk < 10**9:
+            raise SystemExit(f"{ckpt}: only {build_res.disk:,} bytes; expected >= 1 GB")
+        # Warm the page cache: every measured run reads the source from memory.
+        subprocess.run(
+            f"find '{ckpt}' -type f -exec cat {{}} + > /dev/null", shell=True, check=True
+        )
+
+        env_lc = dict(os.environ)
+        env_ds = ds_env(CACHE / "torch_extensions")
+        z2f = (
+            "import sys\n"
+            "from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict as c\n"
+            "c(sys.argv[1], sys.argv[2], safe_serialization=True, max_shard_size=None)\n"
+        )
+        OUTDIR = "{OUT}"
+        jobs = [
+            ("cp -r", ["cp", "-r", str(ckpt), OUTDIR], env_lc, None),
+            (
+                "layoutc → universal",
+                [args.layoutc, "convert", str(ckpt), "--to", "universal", "-o", OUTDIR, "-q"],
+                env_lc,
+                ("universal", None),
+            ),
+            (
+                f"layoutc → universal --memory {MEMORY_BUDGET}",
+                [
+                    args.layoutc,
+                    "convert",
+                    str(ckpt),
+                    "--to",
+                    "universal",
+                    "-o",
+                    OUTDIR,
+                    "-q",
+                    "--memory",
+                    MEMORY_BUDGET,
+                ],
+                env_lc,
+                ("universal", MEMORY_BUDGET),
+            ),
+            (
+                "DeepSpeed ds_to_universal",
+                [
+                    args.ds_python,
+                    "-m",
+                    "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder",
+                    str(ckpt / tag),
+                    "--output_folder",
+                    f"{OUTDIR}/{tag}",
+                    "--inject_missing_state",
+                ],
+                env_ds,
+                None,
+            ),
+            (
+                "layoutc → safetensors",
+                [args.layoutc, "convert", str(ckpt), "--to", "safetensors", "-o", OUTDIR, "-q"],
+                env_lc,
+                ("safetensors", None),
+            ),
+            (
+                "DeepSpeed zero_to_fp32 (safetensors)",
+                [args.ds_python, "-c", z2f, str(ckpt), OUTDIR],
+                env_ds,
+                None,
+            ),
+        ]
+        results: list[Result] = [build_res]
+        predictions: dict[str, dict] = {}
+        for i, (name, cmd, env, plan) in enumerate(jobs):
+            res = Result(name, cmd)
+            if plan is not None:
+                predictions[name] = plan_prediction(args.layoutc, ckpt, *plan)
+            for k in range(args.repeat):
+                out = tmp / f"out{i}-{k}"
+                real = [c.replace(OUTDIR, str(out)) for c in cmd]
+                print(f"[{name}] run {k + 1}/{args.repeat} ...", flush=True)
+                run = measure(real, env, tmp, tmp / f"job{i}-{k}.log")
+                res.runs.append(run)
+                if run.rc != 0:
+                    print(f"[{name}] FAILED rc={run.rc}:\n{run.log[-3000:]}", flush=True)
+                elif out.exists():
+                    res.files, res.disk, res.data = du(out)
+                    if plan is not None:  # what layoutc says about itself
+                        res.note = run.log.strip().splitlines()[-1][:300]
+                shutil.rmtree(out, ignore_errors=True)
+            results.append(res)
+        load_end = os.getloadavg()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # ----------------------------------------------------------------------------- report
+    by = {r.name: r for r in results}
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    nproc = len(os.sched_getaffinity(0))
+    print()
+    print("## layoutc convert vs DeepSpeed's converters (`benchmarks/convert_vs_deepspeed.py`)")
+    print()
+    print(
+        f"Machine: {platform.platform()}, {nproc} cores (nproc), {mem / 2**30:.1f} GiB RAM, "
+        f"Python {platform.python_version()}; deepspeed {vers['deepspeed']}, torch "
+        f"{vers['torch']}, layoutc {lc_ver}. Date: {date}. Load average (1/5/15 min) "
+        f"{'/'.join(f'{x:.2f}' for x in load_start)} at the start, "
+        f"{'/'.join(f'{x:.2f}' for x in load_end)} at the end."
+    )
+    print()
+    gp = json.loads((ckpt / "GENERATED").read_text())
+    print(
+        f"Checkpoint: real DeepSpeed {vers['deepspeed']} ZeRO-2, world {WORLD}, bf16, AdamW, "
+        f"{STEPS} steps; {MODEL['layers']} x Linear({MODEL['hidden']}, {MODEL['hidden']}) + "
+        f"Linear({MODEL['hidden']}, {MODEL['head']}) = {gp['params']:,} params; "
+        f"{build_res.files} files, {build_res.disk / 1e9:.2f} GB. All runs read it from a warm "
+        f'page cache; wall = best of {args.repeat}; "+ sync" adds the `sync` right after '
+        f"(layoutc fsyncs its output itself). Max-process RSS is `/usr/bin/time -f %M` "
+        f"(mmapped file pages included); tree PSS is the peak sum over the process tree, "
+        f"sampled every 0.1 s, and its anonymous part; procs counts the tree's processes "
+        f"(the `time` wrapper included)."
+    )
+    print()
+    print(
+        "| step | wall s | wall + sync s | CPU s | max-process RSS MiB | tree PSS MiB | "
+        "tree anon PSS MiB | procs | output files | output MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        b = r.best
+        label = r.name + (" (cached)" if r.cached else "")
+        if b is None:
+            rc = ", ".join(str(x.rc) for x in r.runs)
+            print(f"| {label} | failed (rc {rc}) | | | | | | | | |")
+            continue
+        print(
+            f"| {label} | {secs(b.wall)} | {secs(b.wall + b.sync)} | {secs(b.cpu)} | "
+            f"{mib(r.stat('maxrss'))} | {mib(r.stat('pss'))} | {mib(r.stat('pss_anon'))} | "
+            f"{max(x.procs for x in r.ok)} | {r.files} | {r.disk / 1e6:,.0f} |"
+        )
+    print()
+    print(
+        "Memory columns are the worst of the measured runs; times are the best run's. "
+        "Every run: "
+        + "; ".join(
+            f"{r.name}: "
+            + ", ".join(f"{x.wall:.1f}s" if x.rc == 0 else f"rc {x.rc}" for x in r.runs)
+            for r in results[1:]
+        )
+        + "."
+    )
+    print()
+    print("Plan prediction vs output (layoutc):")
+    print()
+    print(
+        "| run | predicted bytes written | bytes on disk (minus metadata) | difference | "
+        "predicted peak memory MiB | units by mode |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, s in predictions.items():
+        r = by[name]
+        if "error" in s:
+            print(f"| {name} | plan failed: {s['error']} | | | | |")
+            continue
+        w = s["bytes_written"]
+        diff = r.data - w
+        print(
+            f"| {name} | {w:,} | {r.data:,} | {diff:+,} ({100 * diff / w:+.3f} %) | "
+            f"{mib(s['peak_memory_bytes'])} | "
+            f"{', '.join(f'{k} {v}' for k, v in s['units_by_mode'].items())} |"
+        )
+    print()
+
+    def w(n: str, attr: str = "wall") -> float | None:
+        b = by[n].best
+        return None if b is None else (b.wall + b.sync if attr == "sync" else getattr(b, attr))
+
+    U, C, D = "layoutc → universal", "cp -r", "DeepSpeed ds_to_universal"
+    S, Z = "layoutc → safetensors", "DeepSpeed zero_to_fp32 (safetensors)"
+    print("Ratios:")
+    print()
+    print("| ratio | wall | wall + sync | tree PSS | max-process RSS |")
+    print("|---|---|---|---|---|")
+    for label, a, b, memory in (
+        ("ds_to_universal / layoutc universal", D, U, True),
+        ("layoutc universal / cp -r", U, C, False),  # cp holds ~nothing: no memory ratio
+        ("zero_to_fp32 / layoutc safetensors", Z, S, True),
+    ):
+        mem_cols = (
+            f"{ratio(by[a].stat('pss'), by[b].stat('pss'))} | "
+            f"{ratio(by[a].stat('maxrss'), by[b].stat('maxrss'))}"
+            if memory
+            else "n/a | n/a"
+        )
+        print(
+            f"| {label} | {ratio(w(a), w(b))} | {ratio(w(a, 'sync'), w(b, 'sync'))} | {mem_cols} |"
+        )
+    print()
+    print(
+        "The predicted-vs-disk difference is file-format overhead (the zip entries and pickled "
+        "records of the .pt files, the safetensors JSON header) and carried non-tensor state; "
+        "metadata left out: " + ", ".join(sorted(METADATA)) + "."
+    )
+    print()
+    for r in results:
+        if r.note:
+            print(f"- {r.name}: {r.note}")
+    failed = [r.name for r in results if any(x.rc != 0 for x in r.runs)]
+    if failed:
+        print(f"- failures: {', '.join(failed)} (see the logs printed above)")
+
+
+if __name__ == "__main__":
+    main()
