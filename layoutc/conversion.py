@@ -180,8 +180,8 @@ def convert(
                 progress(done, total)
 
         memory.execute(plan, source, prepared.views, on_unit=on_unit)
-        prepared.finish()
-        files = _commit(partial, out, prepared, plan)
+        hashes = prepared.finish()
+        files = _commit(partial, out, prepared, plan, hashes)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -203,9 +203,11 @@ def convert(
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
+    buf = bytearray(1 << 24)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -221,7 +223,9 @@ def plan_digest(plan: Plan) -> str:
     return hashlib.sha256(plan.to_json(with_ops=False).encode()).hexdigest()
 
 
-def _commit(partial: Path, out: Path, prepared: Any, plan: Plan) -> list[str]:
+def _commit(
+    partial: Path, out: Path, prepared: Any, plan: Plan, hashes: dict[Path, str]
+) -> list[str]:
     from layoutc import __version__
 
     files = sorted(p for p in partial.rglob("*") if p.is_file())
@@ -233,7 +237,10 @@ def _commit(partial: Path, out: Path, prepared: Any, plan: Plan) -> list[str]:
         "source": plan.source.to_dict(),
         "target": plan.target.to_dict(),
         "files": {
-            str(p.relative_to(partial)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            str(p.relative_to(partial)): {
+                "bytes": p.stat().st_size,
+                "sha256": hashes.get(p) or _sha256(p),
+            }
             for p in files
         },
     }

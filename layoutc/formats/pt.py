@@ -605,23 +605,32 @@ class Created:
     holes: list[tuple[int, int, int, int]]
     cd_at: list[int]
 
-    def finish_crcs(self) -> None:
-        """Compute the CRC of every member written after creation and patch both headers."""
+    def finish_crcs(self) -> str:
+        """Compute the CRC of every member written after creation, patch both headers, and
+        return the file's SHA-256. Two sequential passes over memory views, no copies."""
+        import hashlib
         import zlib
 
-        if not self.holes:
-            return
+        digest = hashlib.sha256()
+        if self.size == 0:
+            return digest.hexdigest()
+        step = 1 << 24
         with open(self.path, "r+b") as f:
             m = mmap.mmap(f.fileno(), 0)
+            view = memoryview(m)
             try:
                 for header_at, data_at, size, index in self.holes:
                     crc = 0
-                    for start in range(data_at, data_at + size, 1 << 26):
-                        crc = zlib.crc32(m[start : min(data_at + size, start + (1 << 26))], crc)
+                    for start in range(data_at, data_at + size, step):
+                        crc = zlib.crc32(view[start : min(data_at + size, start + step)], crc)
                     struct.pack_into("<I", m, header_at + 14, crc)
                     struct.pack_into("<I", m, self.cd_at[index] + 16, crc)
+                for start in range(0, self.size, step):
+                    digest.update(view[start : min(self.size, start + step)])
             finally:
+                view.release()
                 m.close()
+        return digest.hexdigest()
 
 
 def create(obj: Any, path: str | os.PathLike[str], archive: str | None = None) -> Created:

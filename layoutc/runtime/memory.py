@@ -155,9 +155,15 @@ def _run(
             raise IndexError(
                 f"read {op.file}:{op.key}[{op.offset}:{op.offset + op.numel}] beyond {buf.size}"
             )
-        live[op.out] = _cast(buf[op.offset : op.offset + op.numel], op.dtype).copy()
+        # a view: sources are read-only (memory maps of checkpoint files), so no copy is needed
+        live[op.out] = _cast(buf[op.offset : op.offset + op.numel], op.dtype)
     elif isinstance(op, O.Gather):
-        flat = np.concatenate([live[p].reshape(-1) for p in op.parts]) if op.parts else np.zeros(0)
+        if len(op.parts) == 1:  # one run: the read itself, no copy
+            flat = live[op.parts[0]].reshape(-1)
+        else:
+            flat = (
+                np.concatenate([live[p].reshape(-1) for p in op.parts]) if op.parts else np.zeros(0)
+            )
         live[op.out] = _cast(flat, op.dtype).reshape(op.shape)
     elif isinstance(op, O.Merge):
         m = np.zeros(op.shape, np_dtype(op.dtype))
