@@ -17,6 +17,7 @@ from layoutc import ir
 from layoutc.errors import LayoutcError, LayoutError, PlanError, Unsupported
 
 EXIT_OK, EXIT_USER, EXIT_USAGE = 0, 1, 2
+MIN_MEMORY = 1 << 20  # smallest --memory the command line accepts
 
 
 class _Usage(Exception):
@@ -28,14 +29,17 @@ def parse_size(text: str) -> int:
     from layoutc.lang.parse import size_value
 
     t = text.strip().replace("_", "")
-    if t.isdigit():
-        return int(t)
     try:
-        return size_value(t)
+        value = int(t) if t.isdigit() else size_value(t)
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(
             f"not a size: {text!r} (use bytes or a unit: 512MiB, 2GiB, 1e9, 5GB)"
         ) from None
+    if value < MIN_MEMORY:
+        raise argparse.ArgumentTypeError(
+            f"{text} is below 1MiB: a budget that small would cut tensors into millions of chunks"
+        )
+    return value
 
 
 def _positive(text: str) -> int:
