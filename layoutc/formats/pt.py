@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from layoutc.errors import LayoutcError
+from layoutc.ir import DTYPE_BYTES
 
 # torch storage class name <-> layoutc dtype
 STORAGE_DTYPES = {
@@ -72,20 +73,7 @@ TORCH_DTYPES = {
     "uint8": "uint8",
     "bool": "bool",
 }
-ITEMSIZE = {
-    "fp32": 4,
-    "fp64": 8,
-    "fp16": 2,
-    "bf16": 2,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
-    "fp8_e4m3": 1,
-    "fp8_e5m2": 1,
-}
+ITEMSIZE: dict[str, int] = DTYPE_BYTES  # one table of dtype sizes: the IR's
 
 
 class UnsafePickle(LayoutcError):

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from layoutc.errors import LayoutcError, Unsupported
+from layoutc.ir import DTYPE_BYTES
 
 # layoutc dtype -> safetensors dtype code
 DTYPE_CODES: dict[str, str] = {
@@ -69,20 +70,7 @@ DTYPE_CODES: dict[str, str] = {
     "fp8_e5m2": "F8_E5M2",
 }
 CODE_DTYPES: dict[str, str] = {v: k for k, v in DTYPE_CODES.items()}
-ITEMSIZE: dict[str, int] = {
-    "fp32": 4,
-    "bf16": 2,
-    "fp16": 2,
-    "fp64": 8,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
-    "fp8_e4m3": 1,
-    "fp8_e5m2": 1,
-}
+ITEMSIZE: dict[str, int] = DTYPE_BYTES  # one table of dtype sizes: the IR's
 
 MAX_HEADER_SIZE = 100_000_000  # bytes of JSON; the reference reader's limit
 ALIGN = 8  # the data buffer starts at a multiple of this
