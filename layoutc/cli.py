@@ -42,6 +42,19 @@ def parse_size(text: str) -> int:
     return value
 
 
+def _shard_size(text: str) -> int:
+    from layoutc.lang.parse import size_value
+
+    t = text.strip().replace("_", "")
+    try:
+        value = int(t) if t.isdigit() else size_value(t)
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("a shard size must be positive")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -249,6 +262,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             memory_budget=args.memory,
             workers=args.workers,
             dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
             progress=_Progress(not args.quiet),
             on_plan=show,
         )
@@ -424,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("fp32", "bf16", "fp16"),
         help="dtype of safetensors/torch output (default: the fp32 masters)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=_shard_size,
+        metavar="SIZE",
+        help="safetensors: shards of at most SIZE (default 5GB)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)

@@ -139,6 +139,7 @@ def convert(
     memory_budget: int | None = None,
     workers: int = 1,
     dtype: str | None = None,
+    max_shard_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> Report:
@@ -154,6 +155,12 @@ def convert(
         raise ValueError(
             f"--dtype applies to safetensors and torch outputs, not {tgt.store.format}"
         )
+    if max_shard_size is not None:
+        if tgt.store.format != "safetensors":
+            raise ValueError(
+                f"--max-shard-size applies to safetensors output, not {tgt.store.format}"
+            )
+        tgt = tgt.with_store(replace(tgt.store, max_shard_bytes=max_shard_size))
     plan = compile_plan(src, tgt, memory=memory_budget, workers=workers)
     S, T = place(src), place(tgt)
     plan.validate(S, T)

@@ -37,3 +37,23 @@ def test_the_example_exports_its_fp32_masters_to_safetensors(tmp_path):
             rounded = np.asarray(arr, np.float32).astype(module[name].numpy().dtype)
             assert np.array_equal(rounded, module[name].numpy()), name
     assert values["head.weight"] is values["embed.weight"]
+
+
+def test_safetensors_output_is_sharded_with_an_index_above_the_shard_size(tmp_path):
+    out = tmp_path / "s"
+    layoutc.convert(EXAMPLE, out, "safetensors", max_shard_size=600)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted({p.name for p in out.glob("model-*-of-*.safetensors")})
+    assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
+    assert index["weight_map"]["head.weight"] == index["weight_map"]["embed.weight"]
+    values = st.load_state_dict(out)
+    whole = st.load_state_dict(_single(tmp_path))
+    assert values.keys() == whole.keys()
+    assert all(np.array_equal(values[k], whole[k]) for k in values)
+    assert verify(out) == []
+
+
+def _single(tmp_path):
+    out = tmp_path / "one"
+    layoutc.convert(EXAMPLE, out, "safetensors")
+    return out
