@@ -557,13 +557,3 @@ def parse(text: str, path: str = "<string>") -> ast.File:
 
     comments, blanks = _comments(text)
     return replace(file, comments=comments, blank_before=blanks)
-
-
-def parse_expr(text: str, path: str = "<string>") -> ast.Expr:
-    """Parse one integer expression (used for ``--set NAME=EXPR`` overrides)."""
-    try:
-        tree = parser().parse(text, start="expr")
-    except UnexpectedInput as e:
-        raise LayoutError([_syntax_diagnostic(e, text, path)], text) from None
-    result: ast.Expr = _Build(path, text).transform(tree)
-    return result

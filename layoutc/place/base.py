@@ -110,18 +110,10 @@ class Placement:
         """Ranges of stored buffers that hold padding, not data: written as zeros."""
         return iter(())
 
-    def pad_numel(self) -> int:
-        return sum(r.numel for r in self.pads())
-
-    # -------------------------------------------------------------- summary
-
     def state_bytes(self, t: ir.Tensor, state: str) -> int:
         """Bytes of one full copy of ``state`` of ``t`` (logical elements, no padding)."""
         numel = 1 if state == STEP else t.numel
         return numel * ir.DTYPE_BYTES[self.dtype(t, state)]
-
-    def total_bytes(self) -> int:
-        return sum(self.state_bytes(t, s) for t in self.tensors for s in self.states(t))
 
     def describe(self) -> str:
         return f"{self.format} ({self.layout.name}, {self.mesh.world} ranks)"

@@ -165,18 +165,6 @@ def box_ranges(shape: tuple[int, ...], box: Box) -> Iterator[tuple[int, int]]:
         yield (base + box[k][0] * inner, base + box[k][1] * inner)
 
 
-def box_range_count(shape: tuple[int, ...], box: Box) -> int:
-    nd = len(shape)
-    if nd == 0:
-        return 1
-    if any(b <= a for a, b in box):
-        return 0
-    k = nd - 1
-    while k > 0 and box[k] == (0, shape[k]):
-        k -= 1
-    return math.prod(b - a for a, b in box[:k])
-
-
 def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for a, b in sorted(intervals):

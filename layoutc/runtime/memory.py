@@ -17,7 +17,6 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from layoutc import ir
 from layoutc.place import Placement
 from layoutc.place.shards import STEP, Box, Slice
 from layoutc.plan import ops as O
@@ -311,7 +310,3 @@ def markers(p: Placement, seed: int | None = None) -> dict[str, dict[str, np.nda
                 base += n
             out.setdefault(t.name, {})[state] = _cast(v.reshape(shape), p.dtype(t, state))
     return out
-
-
-def dtype_bytes(dtype: str) -> int:
-    return ir.DTYPE_BYTES[dtype]
