@@ -44,6 +44,7 @@ from layoutc.place import place
 from layoutc.plan.compile import compile_plan, target_layout
 from layoutc.plan.plan import Plan
 from layoutc.runtime import memory
+from layoutc.runtime.fileio import Files
 
 MANIFEST = "layoutc-manifest.json"
 
@@ -52,25 +53,35 @@ class OutputExists(LayoutcError):
     """The output folder exists and is not empty."""
 
 
-class SourceFiles(Mapping[tuple[str, str], np.ndarray]):
-    """``(file, key) -> flat read-only view`` of a checkpoint's tensors, memory-mapped."""
+class SourceFiles(Mapping[tuple[str, str], Any]):
+    """``(file, key) -> flat tensor`` of a checkpoint, read in place: a contiguous tensor is a
+    :class:`~layoutc.runtime.fileio.Region` of its file (pread, nothing mapped); a strided
+    view (rare in checkpoints) is made contiguous once."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.opener = pt.Opener()
+        self.files = Files()
         self._objs: dict[str, Any] = {}
-        self._views: dict[tuple[str, str], np.ndarray] = {}
+        self._views: dict[tuple[str, str], Any] = {}
 
-    def __getitem__(self, fk: tuple[str, str]) -> np.ndarray:
+    def __getitem__(self, fk: tuple[str, str]) -> Any:
         if fk not in self._views:
             file, key = fk
             if file not in self._objs:
                 self._objs[file] = pt.load(self.folder / file)
             ref = pt.at(self._objs[file], key)
-            view = ref.numpy(self.opener)
-            self._views[fk] = (
-                view.reshape(-1) if ref.contiguous else np.ascontiguousarray(view).reshape(-1)
-            )
+            if ref.contiguous:
+                data_at, _ = self.opener.member(str(self.folder / file), ref.storage.member)
+                itemsize = memory.np_dtype(ref.dtype).itemsize
+                self._views[fk] = self.files.region(
+                    str(self.folder / file),
+                    data_at + ref.offset * itemsize,
+                    ref.numel,
+                    memory.np_dtype(ref.dtype),
+                )
+            else:
+                self._views[fk] = np.ascontiguousarray(ref.numpy(self.opener)).reshape(-1)
         return self._views[fk]
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
@@ -81,6 +92,7 @@ class SourceFiles(Mapping[tuple[str, str], np.ndarray]):
 
     def close(self) -> None:
         self._views.clear()
+        self.files.close()
         self.opener.close()
 
 

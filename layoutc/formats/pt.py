@@ -595,29 +595,36 @@ class Created:
 
     def finish_crcs(self) -> str:
         """Compute the CRC of every member written after creation, patch both headers, and
-        return the file's SHA-256. Two sequential passes over memory views, no copies."""
+        return the file's SHA-256: two sequential passes through one reused buffer."""
         import hashlib
         import zlib
 
         digest = hashlib.sha256()
-        if self.size == 0:
-            return digest.hexdigest()
-        step = 1 << 24
-        with open(self.path, "r+b") as f:
-            m = mmap.mmap(f.fileno(), 0)
-            view = memoryview(m)
-            try:
-                for header_at, data_at, size, index in self.holes:
-                    crc = 0
-                    for start in range(data_at, data_at + size, step):
-                        crc = zlib.crc32(view[start : min(data_at + size, start + step)], crc)
-                    struct.pack_into("<I", m, header_at + 14, crc)
-                    struct.pack_into("<I", m, self.cd_at[index] + 16, crc)
-                for start in range(0, self.size, step):
-                    digest.update(view[start : min(self.size, start + step)])
-            finally:
-                view.release()
-                m.close()
+        buf = bytearray(1 << 24)
+        view = memoryview(buf)
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+
+            def chunks(start: int, stop: int) -> Iterator[memoryview]:
+                pos = start
+                while pos < stop:
+                    n = os.preadv(fd, [view[: min(len(buf), stop - pos)]], pos)
+                    if n <= 0:
+                        raise BadContainer(f"{self.path}: short read at byte {pos}")
+                    yield view[:n]
+                    pos += n
+
+            for header_at, data_at, size, index in self.holes:
+                crc = 0
+                for chunk in chunks(data_at, data_at + size):
+                    crc = zlib.crc32(chunk, crc)
+                packed = struct.pack("<I", crc)
+                os.pwrite(fd, packed, header_at + 14)
+                os.pwrite(fd, packed, self.cd_at[index] + 16)
+            for chunk in chunks(0, self.size):
+                digest.update(chunk)
+        finally:
+            os.close(fd)
         return digest.hexdigest()
 
 

@@ -12,6 +12,7 @@ returned to the caller to write last.
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,21 +24,23 @@ from layoutc.errors import InternalError, Unsupported
 from layoutc.formats import pt
 from layoutc.place.base import Placement
 from layoutc.place.shards import STEP, StoredBuffer
+from layoutc.runtime.fileio import Files
 from layoutc.runtime.memory import np_dtype
 
 
 @dataclass
 class Prepared:
     root: Path  # where files go (the tag folder for DeepSpeed formats)
-    views: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    views: dict[tuple[str, str], Any] = field(default_factory=dict)  # Regions of the output files
     created: list[pt.Created] = field(default_factory=list)
     markers: dict[Path, str] = field(default_factory=dict)  # written last, in this order
     files: list[Path] = field(default_factory=list)
+    io: Files = field(default_factory=lambda: Files(os.O_RDWR))
 
     def finish(self) -> dict[Path, str]:
-        """Patch CRCs; returns the SHA-256 of each container computed on the way. (Maps are
-        not msync'ed: the commit fsyncs every file, which writes their dirty pages.)"""
+        """Patch CRCs; returns the SHA-256 of each container computed on the way."""
         self.views.clear()
+        self.io.close()
         return {c.path: c.finish_crcs() for c in self.created}
 
 
@@ -55,9 +58,7 @@ def _map(
         if buf.numel == 0:
             p.views[(buf.file, path)] = np.zeros(0, np_dtype(buf.dtype))
             continue
-        p.views[(buf.file, path)] = np.memmap(
-            c.path, dtype=np_dtype(buf.dtype), mode="r+", offset=offset, shape=(buf.numel,)
-        )
+        p.views[(buf.file, path)] = p.io.region(str(c.path), offset, buf.numel, np_dtype(buf.dtype))
 
 
 def _view(ref: pt.TensorRef) -> tuple[Any, ...]:
@@ -255,12 +256,8 @@ def _safetensors(target: Placement, out: Path) -> Prepared:
             weight_map[b.key] = f
             total += b.nbytes
             if b.numel:
-                p.views[(f, b.key)] = np.memmap(
-                    path,
-                    dtype=np_dtype(b.dtype),
-                    mode="r+",
-                    offset=offsets[b.key],
-                    shape=(b.numel,),
+                p.views[(f, b.key)] = p.io.region(
+                    str(path), offsets[b.key], b.numel, np_dtype(b.dtype)
                 )
             else:
                 p.views[(f, b.key)] = np.zeros(0, np_dtype(b.dtype))
