@@ -27,6 +27,13 @@ def convert(checkpoint: Any, output: Any, to: Any, **kwargs: Any) -> Any:
     return _convert(checkpoint, output, to, **kwargs)
 
 
+def execute(plan: Plan, source: Any, output: Any, **kwargs: Any) -> Any:
+    """Run a compiled plan on files; see :func:`layoutc.conversion.execute`."""
+    from layoutc.conversion import execute as _execute
+
+    return _execute(plan, source, output, **kwargs)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -41,6 +48,7 @@ __all__ = [
     "__version__",
     "compile",
     "convert",
+    "execute",
     "load_layout",
     "load_text",
     "place",

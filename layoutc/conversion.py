@@ -174,11 +174,31 @@ def convert(
             )
         tgt = tgt.with_store(replace(tgt.store, max_shard_bytes=max_shard_size))
     plan = compile_plan(src, tgt, memory=memory_budget, workers=workers)
-    S, T = place(src), place(tgt)
-    plan.validate(S, T)
+    plan.validate(plan.source_placement, plan.target_placement)
     if on_plan is not None:
         on_plan(plan)
+    return execute(plan, ckpt.folder, output, tag=ckpt.tag, progress=progress, started=start)
 
+
+def execute(
+    plan: Plan,
+    source: str | Path,
+    output: str | Path,
+    *,
+    tag: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    started: float | None = None,
+) -> Report:
+    """Run a compiled plan: read ``source`` (the folder holding the source's files, e.g. a
+    DeepSpeed tag folder), write ``output`` atomically with its manifest. The plan must come
+    from :func:`layoutc.compile` in this process (it carries the shard maps the output's
+    files are created from); validate it first."""
+    start = started if started is not None else time.perf_counter()
+    if plan.target_placement is None:
+        raise ValueError(
+            "this plan has no shard maps (loaded from JSON?): compile it with layoutc.compile"
+        )
+    folder = Path(source)
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise OutputExists(f"{out}: exists and is not empty; choose a new output folder")
@@ -186,9 +206,9 @@ def convert(
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    source = SourceFiles(ckpt.folder)
+    files_in = SourceFiles(folder)
     try:
-        prepared = prepare(T, partial, ckpt.folder, ckpt.tag)
+        prepared = prepare(plan.target_placement, partial, folder, tag or folder.name)
         total = sum(u.bytes for u in plan.units) or 1
         done = 0
 
@@ -198,14 +218,14 @@ def convert(
             if progress is not None:
                 progress(done, total)
 
-        memory.execute(plan, source, prepared.views, on_unit=on_unit)
+        memory.execute(plan, files_in, prepared.views, on_unit=on_unit)
         hashes = prepared.finish()
         files = _commit(partial, out, prepared, plan, hashes)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
-        source.close()
+        files_in.close()
     seconds = time.perf_counter() - start
     t = plan.totals
     return Report(

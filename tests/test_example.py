@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import layoutc
 from layoutc.conversion import MANIFEST, verify
 from layoutc.formats import pt
 from layoutc.formats import safetensors as st
-from layoutc.formats.deepspeed import open_checkpoint
+from layoutc.formats.deepspeed import infer, open_checkpoint
 
 EXAMPLE = "examples/deepspeed-zero2"
 
@@ -57,3 +58,16 @@ def _single(tmp_path):
     out = tmp_path / "one"
     layoutc.convert(EXAMPLE, out, "safetensors")
     return out
+
+
+def test_a_compiled_plan_executes_on_files_and_a_loaded_one_is_refused(tmp_path):
+    ckpt = open_checkpoint(EXAMPLE)
+    source = layoutc.load_text(infer(ckpt))
+    plan = layoutc.compile(source, "torch", memory=1 << 20, workers=2)
+    plan.validate(plan.source_placement, plan.target_placement)
+    report = layoutc.execute(plan, ckpt.folder, tmp_path / "t", tag=ckpt.tag)
+    assert report.files == ["pytorch_model.bin"] and verify(tmp_path / "t") == []
+    assert report.bytes_written == plan.summary()["bytes_written"]
+    loaded = layoutc.Plan.from_json(plan.to_json())
+    with pytest.raises(ValueError, match="no shard maps"):
+        layoutc.execute(loaded, ckpt.folder, tmp_path / "again")

@@ -705,4 +705,6 @@ def compile_plan(
         memory,
         tuple(c.warnings),
         builder=c.build,
+        source_placement=S,
+        target_placement=T,
     )

@@ -149,6 +149,9 @@ class Plan:
     builder: Callable[[Unit], tuple[O.Op, ...]] | None = field(
         default=None, compare=False, repr=False
     )
+    # the shard maps a compiled plan came from (not serialised): what execution creates files from
+    source_placement: Any = field(default=None, compare=False, repr=False)
+    target_placement: Any = field(default=None, compare=False, repr=False)
 
     # -------------------------------------------------------------- ops
 
