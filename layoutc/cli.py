@@ -24,17 +24,22 @@ class _Usage(Exception):
     pass
 
 
-def parse_size(text: str) -> int:
+def _bytes(text: str) -> int:
     """``2GiB``, ``512MiB``, ``1e9``, ``1.5GB`` or a plain number of bytes."""
     from layoutc.lang.parse import size_value
 
     t = text.strip().replace("_", "")
     try:
-        value = int(t) if t.isdigit() else size_value(t)
+        return int(t) if t.isdigit() else size_value(t)
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(
             f"not a size: {text!r} (use bytes or a unit: 512MiB, 2GiB, 1e9, 5GB)"
         ) from None
+
+
+def parse_size(text: str) -> int:
+    """A memory budget: a size of at least 1 MiB."""
+    value = _bytes(text)
     if value < MIN_MEMORY:
         raise argparse.ArgumentTypeError(
             f"{text} is below 1MiB: a budget that small would cut tensors into millions of chunks"
@@ -43,13 +48,7 @@ def parse_size(text: str) -> int:
 
 
 def _shard_size(text: str) -> int:
-    from layoutc.lang.parse import size_value
-
-    t = text.strip().replace("_", "")
-    try:
-        value = int(t) if t.isdigit() else size_value(t)
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)") from None
+    value = _bytes(text)
     if value < 1:
         raise argparse.ArgumentTypeError("a shard size must be positive")
     return value
