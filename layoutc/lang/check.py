@@ -238,6 +238,7 @@ class _Checker:
             self.error(
                 "E116", "the mesh is declared twice", extra.span, "declare one `mesh { ... }`"
             )
+        first_dtype = self.single(top, ast.Dtype, "dtype")
         for st in top:
             try:
                 if isinstance(st, ast.Mesh) and st is meshes[0]:
@@ -246,7 +247,7 @@ class _Checker:
                     for b in st.bindings:
                         with contextlib.suppress(_Fail):
                             self.declare(b.name, self.eval(b.expr), "let constant", b.span)
-                elif isinstance(st, ast.Dtype) and st is self.single(top, ast.Dtype, "dtype"):
+                elif isinstance(st, ast.Dtype) and st is first_dtype:
                     self.dtype = self.dtype_name(st.name, st.span) or self.dtype
             except _Fail:
                 pass

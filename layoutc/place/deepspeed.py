@@ -193,6 +193,12 @@ class DeepSpeedPlacement(Placement):
                 g += 1
         return out
 
+    def _frozen_partition(self, t: ir.Tensor) -> tuple[tuple[str, ...], int, int]:
+        """ZeRO-3 frozen parameter: (partition axes, partition count, elements per partition)."""
+        axes = self.partition_axes(t)
+        parts = self.mesh.size(*axes)
+        return axes, parts, -(-t.local_numel // parts)
+
     def partition_axes(self, t: ir.Tensor) -> tuple[str, ...]:
         return tuple(a for a in self.dp_axes if a not in t.split_axes)
 
@@ -270,7 +276,7 @@ class DeepSpeedPlacement(Placement):
     def count_runs(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
         if state == WEIGHT:
             if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
-                pn = -(-t.local_numel // self.mesh.size(*self.partition_axes(t)))
+                _, _, pn = self._frozen_partition(t)
                 return (hi - 1) // pn - lo // pn + 1 if hi > lo else 0
             return 1
         if state == STEP or self.mode == "plain":
@@ -305,9 +311,7 @@ class DeepSpeedPlacement(Placement):
     def _stage3_frozen(
         self, t: ir.Tensor, coords: dict[str, int], lo: int, hi: int, dtype: str
     ) -> list[Run]:
-        axes = self.partition_axes(t)
-        parts = self.mesh.size(*axes)
-        pn = -(-t.local_numel // parts)
+        axes, _, pn = self._frozen_partition(t)
         out = []
         r = lo // pn
         while r * pn < hi:
@@ -383,7 +387,7 @@ class DeepSpeedPlacement(Placement):
                 if t.kind == ir.BUFFER:
                     held = dp
                 elif t.kind == ir.FROZEN:
-                    pn = -(-t.local_numel // self.mesh.size(*self.partition_axes(t)))
+                    _, _, pn = self._frozen_partition(t)
                     held = max(held, -(-t.local_numel // pn) if pn else 0)
             n += mp * held if WEIGHT in states else 0
         else:
@@ -454,9 +458,8 @@ class DeepSpeedPlacement(Placement):
                 for c in range(self.copies(t, WEIGHT)):
                     coords = self._coords(t, WEIGHT, sl, c)
                     if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
-                        axes = self.partition_axes(t)
-                        pn = -(-t.local_numel // self.mesh.size(*axes))
-                        for r in range(self.mesh.size(*axes)):
+                        axes, parts, pn = self._frozen_partition(t)
+                        for r in range(parts):
                             fc = {**coords, **self.mesh.unindex(axes, r)}
                             yield StoredBuffer(
                                 self.model_file(fc),
@@ -587,9 +590,7 @@ class DeepSpeedPlacement(Placement):
                                 )
 
     def _frozen_pads(self, t: ir.Tensor) -> Iterator[Run]:
-        axes = self.partition_axes(t)
-        parts = self.mesh.size(*axes)
-        pn = -(-t.local_numel // parts)
+        axes, parts, pn = self._frozen_partition(t)
         for sl in self.slices(t, WEIGHT):
             for c in range(self.copies(t, WEIGHT)):
                 coords = self._coords(t, WEIGHT, sl, c)

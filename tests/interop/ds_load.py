@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     rank, world = ds_make.init_dist()
     import torch.distributed as dist
 
-    try:
+    def work() -> None:
         case = ds_make.CASES[args.case]
         engine, cfg = ds_make.build_engine(case, world, universal=args.universal)
         error = None
@@ -82,14 +81,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 ds_make.write_truth(tensors, meta, args.dump)
         dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+
+    ds_make.exit_process(work)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,11 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 SEED = 1234
 STEPS = 2
@@ -494,6 +495,22 @@ def make_case(name: str, out: Path, rank: int, world: int) -> None:
     dist.barrier()
 
 
+def exit_process(work: Callable[[], None]) -> NoReturn:
+    """Run a torchrun worker's ``work``, then leave through ``os._exit``: DeepSpeed/gloo
+    sometimes abort at interpreter exit after all work is done; a failure exits 1 after
+    printing its traceback."""
+    try:
+        work()
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", required=True, help="case name(s), comma separated")
@@ -503,22 +520,15 @@ def main(argv: list[str] | None = None) -> None:
     rank, world = init_dist()
     import torch.distributed as dist
 
-    try:
+    def work() -> None:
         for name in names:
             out = args.out if len(names) == 1 else args.out / name
             make_case(name, out, rank, world)
             if rank == 0:
                 print(f"ds_make: {name} -> {out}", flush=True)
         dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # DeepSpeed/gloo sometimes abort at interpreter exit after all work is done.
-    os._exit(0)
+
+    exit_process(work)
 
 
 if __name__ == "__main__":
