@@ -7,8 +7,8 @@ The steps, each refusing to go on if the previous one found a problem:
    dtype — before a byte of tensor data is read;
 2. the plan is compiled and validated;
 3. the target's files are created with their structure under a temporary folder next to
-   the output, then filled by running the plan over memory maps of the source (read in
-   place) and of the output files;
+   the output, then filled by running the plan: it reads exactly the runs it needs from the
+   source files and writes at known offsets of the output files (pread / pwrite);
 4. the output is committed: CRCs patched, files fsynced, a manifest of SHA-256 checksums
    written (``layoutc-manifest.json``, with the plan's digest and layoutc's version), the
    folder renamed into place, and only then the marker a loader looks for

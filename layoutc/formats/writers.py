@@ -1,7 +1,7 @@
 """Create a target's files with their structure, ready to be filled at known offsets.
 
 :func:`prepare` writes every output file of a target placement — pickled metadata and
-pre-sized, not yet written storages (holes) — and returns writable memory maps of the
+pre-sized, not yet written storages (holes) — and returns writable file regions (pwrite) of the
 stored buffers the plan's ``write`` ops address. Metadata a plan does not move (step
 counts, lr scheduler state, loss scaler, param groups, client state) is carried over from
 the source checkpoint's files. :meth:`Prepared.finish` patches the zip CRCs once the data
