@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +63,26 @@ def _positive(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on (at most 16)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 16))
+
+
+def _workers_option(p: argparse.ArgumentParser) -> None:
+    n = default_workers()
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=n,
+        metavar="N",
+        help=f"workers (threads) to balance the plan over (default: one per CPU, here {n})",
+    )
 
 
 def _read(path: str) -> str:
@@ -366,13 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="memory budget, e.g. 2GiB (default: unbounded)",
     )
-    p.add_argument(
-        "--workers",
-        type=_positive,
-        default=1,
-        metavar="N",
-        help="workers (threads or ranks) to balance over (default 1)",
-    )
+    _workers_option(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the summary as JSON")
     out.add_argument("--markdown", action="store_true", help="print the summary as Markdown")
@@ -426,13 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
     p.add_argument("--memory", type=parse_size, metavar="SIZE", help="memory budget, e.g. 256MiB")
-    p.add_argument(
-        "--workers",
-        type=_positive,
-        default=1,
-        metavar="N",
-        help="workers to balance over (default 1)",
-    )
+    _workers_option(p)
     p.add_argument(
         "--dtype",
         choices=("fp32", "bf16", "fp16"),

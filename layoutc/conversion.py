@@ -9,8 +9,8 @@ The steps, each refusing to go on if the previous one found a problem:
 3. the target's files are created with their structure under a temporary folder next to
    the output, then filled by running the plan: it reads exactly the runs it needs from the
    source files and writes at known offsets of the output files (pread / pwrite);
-4. the output is committed: CRCs patched, files fsynced, a manifest of SHA-256 checksums
-   written (``layoutc-manifest.json``, with the plan's digest and layoutc's version), the
+4. the output is committed: CRCs patched, files fsynced, a manifest of each file's size and
+   CRC-32 written (``layoutc-manifest.json``, with the plan's digest and layoutc's version), the
    folder renamed into place, and only then the marker a loader looks for
    (``latest_universal``, the safetensors index).
 
@@ -44,6 +44,7 @@ from layoutc.place import place
 from layoutc.plan.compile import compile_plan, target_layout
 from layoutc.plan.plan import Plan
 from layoutc.runtime import memory
+from layoutc.runtime.checksum import file_crc
 from layoutc.runtime.fileio import Files
 
 MANIFEST = "layoutc-manifest.json"
@@ -219,8 +220,8 @@ def execute(
                 progress(done, total)
 
         memory.execute(plan, files_in, prepared.views, on_unit=on_unit)
-        hashes = prepared.finish()
-        files = _commit(partial, out, prepared, plan, hashes)
+        crcs = prepared.finish()
+        files = _commit(partial, out, prepared, plan, crcs)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -240,16 +241,6 @@ def execute(
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(1 << 24)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -263,7 +254,7 @@ def plan_digest(plan: Plan) -> str:
 
 
 def _commit(
-    partial: Path, out: Path, prepared: Any, plan: Plan, hashes: dict[Path, str]
+    partial: Path, out: Path, prepared: Any, plan: Plan, crcs: dict[Path, int]
 ) -> list[str]:
     from layoutc import __version__
 
@@ -278,7 +269,7 @@ def _commit(
         "files": {
             str(p.relative_to(partial)): {
                 "bytes": p.stat().st_size,
-                "sha256": hashes.get(p) or _sha256(p),
+                "crc32": f"{crcs[p] if p in crcs else file_crc(p):08x}",
             }
             for p in files
         },
@@ -300,7 +291,7 @@ def _commit(
 
 
 def verify(output: str | Path) -> list[str]:
-    """Files of ``output`` whose size or SHA-256 differs from the manifest (or are missing)."""
+    """Files of ``output`` whose size or CRC-32 differs from the manifest (or are missing)."""
     out = Path(output)
     manifest = json.loads((out / MANIFEST).read_text())
     bad = []
@@ -310,6 +301,6 @@ def verify(output: str | Path) -> list[str]:
             bad.append(f"{rel}: missing")
         elif p.stat().st_size != entry["bytes"]:
             bad.append(f"{rel}: {p.stat().st_size} bytes, the manifest says {entry['bytes']}")
-        elif _sha256(p) != entry["sha256"]:
-            bad.append(f"{rel}: SHA-256 differs from the manifest")
+        elif f"{file_crc(p):08x}" != entry["crc32"]:
+            bad.append(f"{rel}: CRC-32 differs from the manifest")
     return bad

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from layoutc.cli import main
+from layoutc.cli import default_workers, main
 from layoutc.lang.fmt import fmt
 from layoutc.lang.parse import parse
 
@@ -219,7 +219,7 @@ def test_plan_json_summary_parses_and_has_the_totals(capsys: pytest.CaptureFixtu
         assert key in summary, key
     assert set(summary["ops_by_kind"]) >= {"read", "write"}
     assert summary["bytes_read"] > 0 and summary["bytes_written"] > 0
-    assert summary["workers"] == 1
+    assert summary["workers"] == default_workers()
     assert "plan" not in json.loads(out)
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from layoutc.errors import LayoutcError
 from layoutc.ir import DTYPE_BYTES
+from layoutc.runtime.checksum import Pieces
 
 # torch storage class name <-> layoutc dtype
 STORAGE_DTYPES = {
@@ -593,39 +594,23 @@ class Created:
     holes: list[tuple[int, int, int, int]]
     cd_at: list[int]
 
-    def finish_crcs(self) -> str:
-        """Compute the CRC of every member written after creation, patch both headers, and
-        return the file's SHA-256: two sequential passes through one reused buffer."""
-        import hashlib
-        import zlib
-
-        digest = hashlib.sha256()
-        buf = bytearray(1 << 24)
-        view = memoryview(buf)
+    def finish_crcs(self, pieces: Pieces | None = None) -> int:
+        """Patch the CRC of every member written after creation into both of its headers,
+        and return the CRC-32 of the whole file. ``pieces`` (the writes into the file, with
+        their CRCs) spares reading the members back; what they do not cover is read."""
+        pieces = pieces or Pieces()
         fd = os.open(self.path, os.O_RDWR)
         try:
-
-            def chunks(start: int, stop: int) -> Iterator[memoryview]:
-                pos = start
-                while pos < stop:
-                    n = os.preadv(fd, [view[: min(len(buf), stop - pos)]], pos)
-                    if n <= 0:
-                        raise BadContainer(f"{self.path}: short read at byte {pos}")
-                    yield view[:n]
-                    pos += n
-
+            members = Pieces()
             for header_at, data_at, size, index in self.holes:
-                crc = 0
-                for chunk in chunks(data_at, data_at + size):
-                    crc = zlib.crc32(chunk, crc)
+                crc = pieces.crc(fd, data_at, data_at + size)
                 packed = struct.pack("<I", crc)
                 os.pwrite(fd, packed, header_at + 14)
                 os.pwrite(fd, packed, self.cd_at[index] + 16)
-            for chunk in chunks(0, self.size):
-                digest.update(chunk)
+                members.record(data_at, size, crc)
+            return members.crc(fd, 0, self.size)
         finally:
             os.close(fd)
-        return digest.hexdigest()
 
 
 def create(obj: Any, path: str | os.PathLike[str], archive: str | None = None) -> Created:

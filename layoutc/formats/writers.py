@@ -24,6 +24,7 @@ from layoutc.errors import InternalError, Unsupported
 from layoutc.formats import pt
 from layoutc.place.base import Placement
 from layoutc.place.shards import STEP, StoredBuffer
+from layoutc.runtime.checksum import file_crc
 from layoutc.runtime.fileio import Files
 from layoutc.runtime.memory import np_dtype
 
@@ -37,11 +38,20 @@ class Prepared:
     files: list[Path] = field(default_factory=list)
     io: Files = field(default_factory=lambda: Files(os.O_RDWR))
 
-    def finish(self) -> dict[Path, str]:
-        """Patch CRCs; returns the SHA-256 of each container computed on the way."""
+    def finish(self) -> dict[Path, int]:
+        """Patch the zip CRCs; returns the CRC-32 of every file, combined from the CRCs of
+        the writes into it (only bytes no write covered are read back)."""
         self.views.clear()
         self.io.close()
-        return {c.path: c.finish_crcs() for c in self.created}
+        created = {c.path: c for c in self.created}
+        crcs: dict[Path, int] = {}
+        for path in self.files:
+            pieces = self.io.pieces.get(str(path))
+            if path in created:
+                crcs[path] = created[path].finish_crcs(pieces)
+            else:
+                crcs[path] = file_crc(path, pieces)
+        return crcs
 
 
 def _map(

@@ -10,6 +10,8 @@ for real checkpoints (see the runtime for those).
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,7 @@ from layoutc.place import Placement
 from layoutc.place.shards import STEP, Box, Slice
 from layoutc.plan import ops as O
 from layoutc.plan.plan import Plan
+from layoutc.runtime.fileio import Region
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "fp64": np.dtype(np.float64),
@@ -130,8 +133,6 @@ def execute(
     the plan's budget while it runs, so concurrent units never exceed the budget. Units
     write disjoint ranges (validation proves it), so threads need no other coordination.
     ``on_unit(unit)`` is called after each unit (progress), from the thread that ran it."""
-    import threading
-
     if isinstance(target, Placement):
         out: Any = {(b.file, b.key): np.zeros(b.numel, np_dtype(b.dtype)) for b in target.buffers()}
     else:
@@ -143,7 +144,7 @@ def execute(
     def run_unit(unit: Any) -> None:
         unit_ops = plan.unit_ops(unit)
         last = _last_uses(unit_ops)
-        live: dict[str, np.ndarray] = {}
+        live = _Live()
         peak = 0
         swap = result.swap_files
         with budget.hold(unit.stats.peak_bytes):
@@ -190,8 +191,6 @@ class _Budget:
     """Bytes of the memory budget held by running units (a counting semaphore)."""
 
     def __init__(self, total: int | None) -> None:
-        import threading
-
         self.total = total
         self.used = 0
         self.cond = threading.Condition()
@@ -218,25 +217,98 @@ class _Budget:
         return held()
 
 
-def _run(
-    op: O.Op, live: dict[str, np.ndarray], source: Any, out: Any, swap: dict[str, np.ndarray]
-) -> None:
+class _Pending:
+    """Runs of file elements not read yet, one after the other (a read, or a gather of
+    reads). A write that only copies them streams them from file to file through a small
+    buffer; anything else reads them into an array (:class:`_Live`)."""
+
+    def __init__(self, runs: tuple[tuple[Region, int, int], ...], shape: tuple[int, ...]) -> None:
+        self.runs = runs  # (region, first element, elements)
+        self.shape = shape
+        self.dtype = runs[0][0].dtype
+        self.numel = sum(n for _, _, n in runs)
+        self.nbytes = self.numel * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:
+        parts = [region[lo : lo + n] for region, lo, n in self.runs]
+        flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return flat.reshape(self.shape)
+
+    def copy_to(self, dst: Region, dst_start: int, start: int, numel: int) -> None:
+        """Elements ``[start, start + numel)`` of these into ``dst`` at element ``dst_start``."""
+        size = self.dtype.itemsize
+        view = memoryview(_bounce())
+        at = dst_start * size
+        for region, lo, n in self.runs:
+            if start >= n:
+                start -= n
+                continue
+            take = min(n - start, numel)
+            src_at = region.offset + (lo + start) * size
+            done, total = 0, take * size
+            while done < total:
+                got = os.preadv(region.fd, [view[: min(len(view), total - done)]], src_at + done)
+                if got <= 0:
+                    raise OSError(f"{region.path}: short read at byte {src_at + done}")
+                dst.write_bytes(at, view[:got])
+                done += got
+                at += got
+            numel -= take
+            start = 0
+            if not numel:
+                return
+
+
+_local = threading.local()
+
+
+def _bounce() -> bytearray:
+    """This thread's copy buffer (a few MiB: reads, CRCs and writes stay in cache)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(1 << 22)
+    return buf
+
+
+class _Live(dict[str, Any]):
+    """A unit's live buffers by name; a pending region is read when first used as an array."""
+
+    def __getitem__(self, name: str) -> Any:
+        value = super().__getitem__(name)
+        if isinstance(value, _Pending):
+            value = value.load()
+            self[name] = value
+        return value
+
+    def peek(self, name: str) -> Any:
+        return super().__getitem__(name)
+
+
+def _run(op: O.Op, live: _Live, source: Any, out: Any, swap: dict[str, np.ndarray]) -> None:
     if isinstance(op, O.Read):
         buf = source[(op.file, op.key)]
         if op.offset < 0 or op.offset + op.numel > buf.size:
             raise IndexError(
                 f"read {op.file}:{op.key}[{op.offset}:{op.offset + op.numel}] beyond {buf.size}"
             )
-        # a view: sources are read-only (memory maps of checkpoint files), so no copy is needed
-        live[op.out] = _cast(buf[op.offset : op.offset + op.numel], op.dtype)
+        if isinstance(buf, Region) and buf.dtype == np_dtype(op.dtype) and op.numel:
+            live[op.out] = _Pending(((buf, op.offset, op.numel),), (op.numel,))
+        else:  # arrays are read-only sources here, so a view needs no copy
+            live[op.out] = _cast(buf[op.offset : op.offset + op.numel], op.dtype)
     elif isinstance(op, O.Gather):
-        if len(op.parts) == 1:  # one run: the read itself, no copy
-            flat = live[op.parts[0]].reshape(-1)
+        parts = [live.peek(p) for p in op.parts]
+        if parts and all(isinstance(p, _Pending) and p.dtype == np_dtype(op.dtype) for p in parts):
+            live[op.out] = _Pending(tuple(r for p in parts for r in p.runs), op.shape)
         else:
-            flat = (
-                np.concatenate([live[p].reshape(-1) for p in op.parts]) if op.parts else np.zeros(0)
-            )
-        live[op.out] = _cast(flat, op.dtype).reshape(op.shape)
+            if len(op.parts) == 1:  # one run: the read itself, no copy
+                flat = live[op.parts[0]].reshape(-1)
+            else:
+                flat = (
+                    np.concatenate([live[p].reshape(-1) for p in op.parts])
+                    if op.parts
+                    else np.zeros(0)
+                )
+            live[op.out] = _cast(flat, op.dtype).reshape(op.shape)
     elif isinstance(op, O.Merge):
         m = np.zeros(op.shape, np_dtype(op.dtype))
         for name, src_box, dst_box in op.copies:
@@ -257,8 +329,15 @@ def _run(
             raise IndexError(
                 f"write {op.file}:{op.key}[{op.offset}:{op.offset + op.numel}] beyond {dst.size}"
             )
+        src = live.peek(op.src) if op.src is not None else None
         if op.src is None:
             dst[op.offset : op.offset + op.numel] = 0
+        elif (
+            isinstance(src, _Pending)
+            and isinstance(dst, Region)
+            and src.dtype == dst.dtype == np_dtype(op.dtype)
+        ):
+            src.copy_to(dst, op.offset, op.src_offset, op.numel)
         else:
             data = live[op.src].reshape(-1)[op.src_offset : op.src_offset + op.numel]
             dst[op.offset : op.offset + op.numel] = _cast(data, op.dtype)
