@@ -94,14 +94,44 @@ def _read(path: str) -> str:
 
 def _load(path: str) -> ir.Layout:
     """A layout from a ``.layout`` file, or inferred from a checkpoint folder."""
+    return _load_with_text(path)[0]
+
+
+def _load_with_text(path: str) -> tuple[ir.Layout, tuple[str, str]]:
+    """:func:`_load`, with the layout's text and name (for ``--set``)."""
     from layoutc.lang.check import load_text
 
     if Path(path).is_dir():
-        from layoutc.conversion import source_layout
+        from layoutc.conversion import source_layout, source_text
         from layoutc.formats.deepspeed import open_checkpoint
 
-        return source_layout(open_checkpoint(path))
-    return load_text(_read(path), path)
+        ckpt = open_checkpoint(path)
+        return source_layout(ckpt), source_text(ckpt)
+    text = (_read(path), path)
+    return load_text(*text), text
+
+
+def _setting(text: str) -> tuple[str, int]:
+    name, eq, value = text.partition("=")
+    if not eq or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value must be an integer") from None
+
+
+def _set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a mesh axis size or let constant of the target layout, e.g. --set dp=3 "
+        "(repeatable; with a format as --to, the target is the source layout with these)",
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -171,14 +201,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.ops and not args.json:
         raise _Usage("--ops adds every op to the JSON output; use it with --json")
-    source = _load(args.source)
+    source, source_text = _load_with_text(args.source)
     if args.to not in ir.FORMATS and not Path(args.to).exists():
         guess = difflib.get_close_matches(args.to, ir.FORMATS, n=1, cutoff=0.6)
         hint = f"did you mean `{guess[0]}`? " if guess else ""
         raise _Usage(
             f"--to {args.to}: no such file and not a format; {hint}formats: {', '.join(ir.FORMATS)}"
         )
-    target: ir.Layout | str = args.to if args.to in ir.FORMATS else _load(args.to)
+    from layoutc.conversion import target_for
+
+    target = target_for(source, source_text, args.to, dict(args.overrides))
     try:
         plan = compile_plan(source, target, memory=args.memory, workers=args.workers)
     except ValueError as e:
@@ -285,6 +317,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             progress=_Progress(not args.quiet),
             on_plan=show,
+            overrides=dict(args.overrides),
         )
     except ValueError as e:
         raise _Usage(str(e)) from None
@@ -388,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory budget, e.g. 2GiB (default: unbounded)",
     )
     _workers_option(p)
+    _set_option(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the summary as JSON")
     out.add_argument("--markdown", action="store_true", help="print the summary as Markdown")
@@ -442,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
     p.add_argument("--memory", type=parse_size, metavar="SIZE", help="memory budget, e.g. 256MiB")
     _workers_option(p)
+    _set_option(p)
     p.add_argument(
         "--dtype",
         choices=("fp32", "bf16", "fp16"),

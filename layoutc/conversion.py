@@ -41,7 +41,7 @@ from layoutc.formats.match import check_against
 from layoutc.formats.writers import prepare
 from layoutc.lang.check import load_layout, load_text
 from layoutc.place import place
-from layoutc.plan.compile import compile_plan, target_layout
+from layoutc.plan.compile import compile_plan
 from layoutc.plan.plan import Plan
 from layoutc.runtime import memory
 from layoutc.runtime.checksum import file_crc
@@ -119,15 +119,33 @@ class Report:
         )
 
 
+def source_text(ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None) -> tuple[str, str]:
+    """The text of ``ckpt``'s layout and the name diagnostics use: ``spec``, or inferred."""
+    if spec is not None:
+        return Path(spec).read_text(encoding="utf-8"), str(spec)
+    return infer(ckpt), f"{ckpt.folder} (inferred)"
+
+
 def source_layout(ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None) -> ir.Layout:
     """The layout of ``ckpt``: ``spec`` if given, else inferred; checked against the files."""
-    layout = (
-        load_layout(spec)
-        if spec is not None
-        else load_text(infer(ckpt), f"{ckpt.folder} (inferred)")
-    )
+    layout = load_text(*source_text(ckpt, spec))
     check_against(place(layout), ckpt.folder)
     return layout
+
+
+def target_for(
+    source: ir.Layout,
+    source_text: tuple[str, str],
+    to: str | Path,
+    overrides: Mapping[str, int] | None = None,
+) -> ir.Layout:
+    """The target layout: a ``.layout`` file, or a format name meaning the source layout
+    stored in that format; ``overrides`` (``--set``) change mesh axes and let constants of
+    whichever it is."""
+    if str(to) not in ir.FORMATS:
+        return load_layout(to, dict(overrides or {}))
+    base = load_text(*source_text, dict(overrides)) if overrides else source
+    return base.with_store(replace(base.store, format=str(to)))
 
 
 def with_dtype(layout: ir.Layout, dtype: str | None) -> ir.Layout:
@@ -155,13 +173,16 @@ def convert(
     max_shard_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    overrides: Mapping[str, int] | None = None,
 ) -> Report:
-    """Convert ``checkpoint`` into ``output`` in format (or layout file) ``to``."""
+    """Convert ``checkpoint`` into ``output`` in format (or layout file) ``to``;
+    ``overrides`` set mesh axes or let constants of the target (``--set``)."""
     start = time.perf_counter()
     ckpt = open_checkpoint(checkpoint, tag)
-    src = source_layout(ckpt, spec)
-    target: ir.Layout | str = str(to) if str(to) in ir.FORMATS else load_layout(to)
-    tgt = target_layout(src, target)
+    text = source_text(ckpt, spec)
+    src = load_text(*text)
+    check_against(place(src), ckpt.folder)
+    tgt = target_for(src, text, to, overrides)
     if tgt.store.format in ("safetensors", "torch"):
         tgt = with_dtype(tgt, dtype)
     elif dtype is not None:

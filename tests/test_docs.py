@@ -21,8 +21,11 @@ PAIR = re.compile(
 
 
 def _run(src: str) -> str:
+    """Check an example; a first line ``# layoutc ... --set NAME=VALUE`` sets overrides."""
+    first = src.splitlines()[0] if src else ""
+    overrides = {name: int(value) for name, value in re.findall(r"--set (\w+)=(-?\d+)", first)}
     try:
-        load_text(src, "example.layout")
+        load_text(src, "example.layout", overrides)
     except LayoutError as e:
         return e.render() + "\n"
     return "ok\n"

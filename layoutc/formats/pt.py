@@ -189,8 +189,14 @@ def _rebuild_parameter(data: TensorRef, requires_grad: bool = True, *_: Any) -> 
     return TensorRef(data.storage, data.offset, data.shape, data.stride, bool(requires_grad))
 
 
-def _size(dims: Any = ()) -> tuple[int, ...]:
-    return tuple(int(x) for x in dims)
+class Size(tuple[int, ...]):
+    """A ``torch.Size``: a tuple of ints that is written back as ``torch.Size``."""
+
+    __slots__ = ()
+
+
+def _size(dims: Any = ()) -> Size:
+    return Size(int(x) for x in dims)
 
 
 @dataclass(frozen=True)
@@ -442,6 +448,7 @@ class _Writer:
         self.out = io.BytesIO()
         self.storages: dict[str, Tensor] = {}
         self.next_key = 0
+        self.taken: set[str] = set()  # keys given explicitly somewhere in the object
 
     def w(self, b: bytes) -> None:
         self.out.write(b)
@@ -483,6 +490,10 @@ class _Writer:
                 for x in v:
                     self.value(x)
                 self.w(b"e")
+        elif isinstance(v, Size):
+            self.global_("torch", "Size")
+            self.value((tuple(v),))
+            self.w(b"R")
         elif isinstance(v, tuple):
             self.w(b"(")
             for x in v:
@@ -513,7 +524,9 @@ class _Writer:
     def tensor(self, t: Tensor) -> None:
         key = t.key
         if key is None or key not in self.storages:
-            if key is None:
+            if key is None:  # the next number no keyed tensor uses
+                while str(self.next_key) in self.taken:
+                    self.next_key += 1
                 key = str(self.next_key)
                 self.next_key += 1
             self.storages[key] = t
@@ -558,9 +571,25 @@ class _Writer:
             self.w(b"b")  # BUILD
 
 
+def _explicit_keys(obj: Any) -> Iterator[str]:
+    if isinstance(obj, Tensor):
+        if obj.key is not None:
+            yield obj.key
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _explicit_keys(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _explicit_keys(v)
+    elif isinstance(obj, Record):
+        yield from _explicit_keys(obj.args)
+        yield from _explicit_keys(obj.state)
+
+
 def dumps_pickle(obj: Any) -> tuple[bytes, dict[str, Tensor]]:
     """The data.pkl bytes of ``obj`` and the storages it refers to, by key."""
     w = _Writer()
+    w.taken = set(_explicit_keys(obj))
     w.w(b"\x80\x02")
     w.value(obj)
     w.w(b".")

@@ -104,6 +104,8 @@ def _rebuild(
                 keys[prefix] = key
             return pt.Tensor(obj.dtype, obj.shape, None, key=key, requires_grad=obj.requires_grad)
         return pt.Tensor(obj.dtype, obj.shape, np.ascontiguousarray(obj.numpy()))
+    if isinstance(obj, pt.Size):
+        return obj
     if isinstance(obj, OrderedDict):
         return OrderedDict((k, sub(k, v)) for k, v in obj.items())
     if isinstance(obj, dict):
@@ -135,7 +137,37 @@ def prepare(
         return _torch(target, out)
     if fmt == "safetensors":
         return _safetensors(target, out)
+    if fmt == "deepspeed":
+        return _deepspeed(target, out, source_folder, tag or "global_step0")
     raise Unsupported(f"writing the {fmt} format is not supported yet")
+
+
+def _deepspeed(target: Any, out: Path, source: Path | None, tag: str) -> Prepared:
+    """A native DeepSpeed checkpoint: ``OUT/<tag>/`` and ``OUT/latest``."""
+    from layoutc.formats import deepspeed_write as dw
+
+    root = target.layout.store.tag or tag
+    p = Prepared(out / root)
+    p.root.mkdir(parents=True, exist_ok=True)
+    by_file = _by_file(target)
+    carried = dw.Carried.read(source)
+    written: set[str] = set()
+    for f, obj, holes in dw.files(target, carried, by_file):
+        path = p.root / f
+        c = pt.create(obj, path)
+        p.created.append(c)
+        p.files.append(path)
+        planned = by_file.get(f, {})
+        missing = set(planned) - set(holes.keys)
+        if missing:
+            raise InternalError(f"{f}: the placement stores {sorted(missing)[0]}, the writer not")
+        _map(p, c, planned, holes.keys)
+        written.add(f)
+    unplaced = set(by_file) - written
+    if unplaced:
+        raise InternalError(f"the placement stores {sorted(unplaced)[0]}, the writer not")
+    p.markers[out / "latest"] = root
+    return p
 
 
 def _universal(target: Any, out: Path, source: Path | None, tag: str) -> Prepared:

@@ -75,6 +75,7 @@ class _Checker:
     ties: list[tuple[str, str, Span, ast.Tie]] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     dtype: str = "fp32"
+    overrides: dict[str, int] = field(default_factory=dict)  # --set NAME=VALUE
 
     # ------------------------------------------------------------ reporting
 
@@ -246,7 +247,8 @@ class _Checker:
                 elif isinstance(st, ast.Let):
                     for b in st.bindings:
                         with contextlib.suppress(_Fail):
-                            self.declare(b.name, self.eval(b.expr), "let constant", b.span)
+                            value = self.overridden(b.name, b.expr, "let constant")
+                            self.declare(b.name, value, "let constant", b.span)
                 elif isinstance(st, ast.Dtype) and st is first_dtype:
                     self.dtype = self.dtype_name(st.name, st.span) or self.dtype
             except _Fail:
@@ -258,6 +260,7 @@ class _Checker:
                 Span(self.file.path, 1, 1),
                 "every layout declares its device mesh, e.g. mesh { dp = 8 }",
             )
+        self.unused_overrides(meshes, top)
         mesh = ir.Mesh(tuple(self.axes))
         self.pipeline_decl(top)
         zero = self.zero_decl(top)
@@ -306,11 +309,39 @@ class _Checker:
             self.error("E116", "the mesh has no axes", st.span, "e.g. mesh { dp = 8 }")
         for b in st.axes:
             try:
-                size = self.positive(b.expr, f"mesh axis `{b.name}`")
+                size = self.overridden(b.name, b.expr, "mesh axis")
                 self.declare(b.name, size, "mesh axis", b.span)
                 self.axes.append(ir.Axis(b.name, size))
             except _Fail:
                 pass
+
+    def overridden(self, name: str, e: ast.Expr, kind: str) -> int:
+        """The value of a mesh axis or let constant: its ``--set`` override, if any."""
+        if name not in self.overrides:
+            return self.positive(e, f"mesh axis `{name}`") if kind == "mesh axis" else self.eval(e)
+        v = self.overrides[name]
+        if kind == "mesh axis" and v <= 0:
+            raise self.fail(
+                "E109", f"mesh axis `{name}` is set to {v} (--set); it must be positive", e.span
+            )
+        return v
+
+    def unused_overrides(self, meshes: list[ast.Mesh], top: Iterable[ast.Statement]) -> None:
+        settable = [b.name for m in meshes[:1] for b in m.axes]
+        settable += [b.name for st in top if isinstance(st, ast.Let) for b in st.bindings]
+        for name in self.overrides:
+            if name in settable:
+                continue
+            guess = difflib.get_close_matches(name, settable, n=1, cutoff=0.5)
+            self.error(
+                "E134",
+                f"--set {name}={self.overrides[name]}: {self.file.path} has no mesh axis or "
+                f"let constant `{name}`",
+                Span("<command line>", 0, 0),
+                (f"did you mean `{guess[0]}`? " if guess else "")
+                + "settable names: "
+                + (", ".join(settable) if settable else "none"),
+            )
 
     def single(self, top: Iterable[ast.Statement], kind: type, what: str) -> ast.Statement | None:
         found = [s for s in top if isinstance(s, kind)]
@@ -923,17 +954,20 @@ def _text(source: str, span: Span) -> str:
     return source[span.start : span.end] if span.end > span.start else "?"
 
 
-def check(file: ast.File, source: str) -> ir.Layout:
-    """Check a parsed file; raises LayoutError with every diagnostic found."""
-    return _Checker(file, source).run()
+def check(file: ast.File, source: str, overrides: dict[str, int] | None = None) -> ir.Layout:
+    """Check a parsed file; raises LayoutError with every diagnostic found. ``overrides``
+    replace the values of mesh axes and let constants (``--set NAME=VALUE``)."""
+    return _Checker(file, source, overrides=dict(overrides or {})).run()
 
 
-def load_text(text: str, path: str = "<string>") -> ir.Layout:
-    return check(parse(text, path), text)
+def load_text(
+    text: str, path: str = "<string>", overrides: dict[str, int] | None = None
+) -> ir.Layout:
+    return check(parse(text, path), text, overrides)
 
 
-def load_layout(path: str | Path) -> ir.Layout:
+def load_layout(path: str | Path, overrides: dict[str, int] | None = None) -> ir.Layout:
     """Read, parse and check a ``.layout`` file."""
     p = Path(path)
     text = p.read_text(encoding="utf-8")
-    return load_text(text, str(path))
+    return load_text(text, str(path), overrides)

@@ -51,7 +51,7 @@ _LAYER = re.compile(r"^(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
-class _Member:
+class Member:
     """Where one trainable tensor sits in the optimizer of its stage."""
 
     group: int  # flat group (ZeRO 1/2) or param group (ZeRO-3) index on its stage
@@ -160,12 +160,12 @@ class DeepSpeedPlacement(Placement):
         return t.stage if self.layout.pipeline else 0
 
     @cached_property
-    def _members(self) -> dict[str, _Member]:
+    def _members(self) -> dict[str, Member]:
         """Flat groups per pipeline stage: the trainable tensors of each param group, in order.
 
         DeepSpeed drops param groups with no parameters, so group numbers count only the
         non-empty groups of the stage."""
-        out: dict[str, _Member] = {}
+        out: dict[str, Member] = {}
         stages = sorted({self._stage_of(t) for t in self.trainable})
         sub_group_base = 0
         for stage in stages:
@@ -186,12 +186,29 @@ class DeepSpeedPlacement(Placement):
                     else None
                 )
                 for i, t in enumerate(members):
-                    out[t.name] = _Member(g, i, flat, s3, sub_group_base, param_index)
+                    out[t.name] = Member(g, i, flat, s3, sub_group_base, param_index)
                     param_index += 1
                 if s3 is not None:
                     sub_group_base += len(s3.sub_groups)
                 g += 1
         return out
+
+    def optimizer_groups(self, stage: int = 0) -> list[tuple[int, list[ir.Tensor], Member]]:
+        """The optimizer's flat groups (ZeRO-1/2, bf16 optimizer) or param groups (ZeRO-3)
+        on one pipeline stage, in DeepSpeed's order: (index, trainable tensors, member of
+        the first) — the member carries the group's :class:`FlatGroup` or
+        :class:`Stage3Group`."""
+        out: dict[int, tuple[int, list[ir.Tensor], Member]] = {}
+        for t in self.trainable:
+            if self._stage_of(t) != stage:
+                continue
+            m = self._members[t.name]
+            out.setdefault(m.group, (m.group, [], m))[1].append(t)
+        return [out[g] for g in sorted(out)]
+
+    def partition_rank(self, t: ir.Tensor, coords: dict[str, int]) -> int:
+        """The ZeRO partition that the rank at ``coords`` holds of ``t``'s group."""
+        return self.mesh.index(self.partition_axes(t), coords)
 
     def _frozen_partition(self, t: ir.Tensor) -> tuple[tuple[str, ...], int, int]:
         """ZeRO-3 frozen parameter: (partition axes, partition count, elements per partition)."""
@@ -295,7 +312,7 @@ class DeepSpeedPlacement(Placement):
             return self.model_file(coords), f"frozen_param_fragments/{t.name}"
         return self.model_file(coords), f"module/{t.name}"
 
-    def _state_key(self, m: _Member, state: str) -> str:
+    def _state_key(self, m: Member, state: str) -> str:
         if self.mode == "plain":
             return f"optimizer/state/{m.param_index}/{state}"
         if self.mode == "stage3":
@@ -496,7 +513,7 @@ class DeepSpeedPlacement(Placement):
                             )
             return
         # one flat buffer per (group or sub-group, state) in every optimizer file
-        seen: dict[tuple[int, int], list[tuple[_Member, ir.Tensor]]] = {}
+        seen: dict[tuple[int, int], list[tuple[Member, ir.Tensor]]] = {}
         for t in self.trainable:
             m = self._members[t.name]
             seen.setdefault((self._stage_of(t), m.group), []).append((m, t))
@@ -519,7 +536,7 @@ class DeepSpeedPlacement(Placement):
                     else:
                         assert m.stage3 is not None
                         for sg in range(len(m.stage3.sub_groups)):
-                            probe = _Member(
+                            probe = Member(
                                 m.group,
                                 m.stage3.sub_groups[sg][0],
                                 None,

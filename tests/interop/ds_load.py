@@ -13,7 +13,8 @@ It builds the case's model and DeepSpeed config (ds_make.CASES) at world size W,
 ``OUT.json`` in exactly the format of ds_make's ground truth: fp32/, exp_avg/, exp_avg_sq/,
 weight16/, frozen/, buffer/ tensors and step, global_steps, lr scheduler state, ... (see
 ds_make.capture). The json also holds ``load_path`` (what load_checkpoint returned) and
-``client_state`` keys. If DeepSpeed raises while loading, rank 0 writes only ``OUT.json`` with
+``client_state`` keys, then, after one more training step, ``next_loss`` and
+``global_steps_after``. If DeepSpeed raises while loading, rank 0 writes only ``OUT.json`` with
 ``"error"`` holding the exception text, and the run still exits 0 (torchrun turns any
 non-zero worker exit into its own 1), so callers can assert on refusals.
 """
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
         else:
             tensors, meta = ds_make.capture(engine, case)
+            # then go on training: one more step must run on what was loaded
+            next_loss = ds_make.train(engine, case, rank, steps=1)[0]
             if rank == 0:
                 meta.update(
                     {
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                         "universal": args.universal,
                         "load_path": load_path,
                         "client_state": sorted(client_state or {}),
+                        "next_loss": next_loss,
+                        "global_steps_after": engine.global_steps,
                     }
                 )
                 ds_make.write_truth(tensors, meta, args.dump)

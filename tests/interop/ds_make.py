@@ -243,12 +243,12 @@ def build_engine(case: dict[str, Any], world: int, universal: bool = False):
     return engine, cfg
 
 
-def train(engine, case: dict[str, Any], rank: int) -> list[float]:
+def train(engine, case: dict[str, Any], rank: int, steps: int = STEPS) -> list[float]:
     import torch
 
     vocab = case["model"]["vocab"]
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         g = torch.Generator().manual_seed(1000 + 97 * step + rank)
         tokens = torch.randint(0, vocab, (MICRO_BATCH, SEQ), generator=g)
         targets = torch.randint(0, vocab, (MICRO_BATCH, SEQ), generator=g)

@@ -1,0 +1,346 @@
+"""The objects DeepSpeed's ``load_checkpoint`` reads, for any layout DeepSpeed can run.
+
+:func:`files` builds, for every file of a DeepSpeed target placement, the dict DeepSpeed
+0.19 pickles into it (``docs/formats.md``): the model-states files with their run metadata
+and the optimizer files with the partition bookkeeping of the target topology
+(``partition_count``, ``group_paddings``, ``param_slice_mappings`` from
+:mod:`layoutc.place.zero`). Every tensor the plan fills is a hole (:class:`Holes`); the
+DeepSpeed classes the files pickle (``ZeroStageEnum``, ``fragment_address``, loss scalers)
+are written as :class:`~layoutc.formats.pt.Record` s, so DeepSpeed need not be installed.
+
+What is not sharded — loss scaler, gradient clipping, param-group hyperparameters, lr
+scheduler, step counters, ``ds_config``, client state — is carried over from the source
+checkpoint (:class:`Carried`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layoutc import ir
+from layoutc.errors import Unsupported
+from layoutc.formats import pt
+from layoutc.place.deepspeed import DeepSpeedPlacement
+from layoutc.place.shards import STEP, StoredBuffer, iter_coords
+from layoutc.runtime.memory import np_dtype
+
+DS_VERSION = "0.19.8"
+"""The DeepSpeed version whose format layoutc writes, recorded when the source has none."""
+FRAGMENT = "deepspeed.utils.tensor_fragment.fragment_address"
+ZERO_STAGE = "deepspeed.runtime.zero.config.ZeroStageEnum"
+
+# Model-state keys DeepSpeed writes itself; anything else in a source file is client state.
+_ENGINE_KEYS = (
+    "module",
+    "buffer_names",
+    "optimizer",
+    "param_shapes",
+    "frozen_param_shapes",
+    "shared_params",
+    "frozen_param_fragments",
+    "lr_scheduler",
+    "data_sampler",
+    "random_ltd",
+    "sparse_tensor_module_names",
+    "skipped_steps",
+    "global_steps",
+    "global_samples",
+    "dp_world_size",
+    "mp_world_size",
+    "checkpoint_parallel_dimensions",
+    "ds_config",
+    "ds_version",
+)
+# The optimizer scalars DeepSpeed's ZeRO-1/2 loader restores from the file when present.
+_OPTIM_SCALARS = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad")
+
+
+@dataclass
+class Carried:
+    """The unsharded state of a source DeepSpeed checkpoint (its first model-states and
+    optimizer files); empty when the source is not a DeepSpeed checkpoint."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    optim: dict[str, Any] = field(default_factory=dict)  # the inner optimizer_state_dict
+    optim_outer: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: Path | None) -> Carried:
+        if folder is None:
+            return cls()
+        models = sorted(folder.glob("mp_rank_*_model_states.pt")) or sorted(
+            folder.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")
+        )
+        optims = sorted(folder.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))
+        model = pt.load(models[0]) if models else {}
+        outer = pt.load(optims[0]) if optims else {}
+        return cls(model, outer.get("optimizer_state_dict", {}), outer)
+
+    def param_groups(self, count: int) -> list[Any] | None:
+        """The source's param groups (hyperparameters), if it has ``count`` of them."""
+        base = self.optim.get("base_optimizer_state")
+        if isinstance(base, dict):
+            groups = base.get("param_groups")
+        else:
+            groups = self.optim.get("optimizer_state_dict", {}).get("param_groups")
+        if isinstance(groups, list) and len(groups) == count:
+            return [_plain(g) for g in groups]
+        return None
+
+
+def _plain(obj: Any) -> Any:
+    """A carried value with every tensor reference read into a tensor to write."""
+    if isinstance(obj, pt.TensorRef):
+        return pt.Tensor(obj.dtype, obj.shape, np.ascontiguousarray(obj.numpy()))
+    if isinstance(obj, pt.Size):
+        return obj
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, _plain(v)) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    if isinstance(obj, set):
+        return sorted(obj)
+    return obj
+
+
+class Holes:
+    """Tensors a plan fills, one storage each, recorded by the key path the placement
+    gives their buffer."""
+
+    def __init__(self, buffers: dict[str, StoredBuffer]) -> None:
+        self.buffers = buffers
+        self.keys: dict[str, str] = {}  # buffer key path -> storage key
+
+    def __call__(self, path: str) -> pt.Tensor:
+        b = self.buffers.get(path)
+        if b is None:
+            raise Unsupported(f"the target placement stores nothing under {path}")
+        key = self.keys.setdefault(path, str(len(self.keys)))
+        return pt.Tensor(b.dtype, b.shape, None, key=key)
+
+
+def files(
+    target: DeepSpeedPlacement, carried: Carried, by_file: dict[str, dict[str, StoredBuffer]]
+) -> Iterator[tuple[str, Any, Holes]]:
+    """``(file, object to pickle, its holes)`` for every file of ``target``."""
+    if target.layer_files:
+        raise Unsupported(
+            f"{target.layout.source}: writing DeepSpeed pipeline (layer_*) files is not supported yet"
+        )
+    if target.mode == "plain":
+        raise Unsupported(
+            f"{target.layout.source}: writing DeepSpeed ZeRO-0 checkpoints with a torch optimizer "
+            "is not supported yet; use zero 1, 2 or 3 (or store universal)"
+        )
+    for f in target.model_files():
+        holes = Holes(by_file.get(f, {}))
+        yield f, _model_states(target, carried, holes), holes
+    optim = {"flat": _flat_optim, "stage3": _stage3_optim}.get(target.mode)
+    if optim is not None:
+        for mp in iter_coords(target.mesh, target.mp_axes):
+            for dp in iter_coords(target.mesh, target.dp_axes):
+                coords = {**mp, **dp}
+                f = target.optim_file(coords)
+                holes = Holes(by_file.get(f, {}))
+                yield f, optim(target, carried, coords, holes), holes
+
+
+def _model_states(target: DeepSpeedPlacement, carried: Carried, holes: Holes) -> dict[str, Any]:
+    layout = target.layout
+    src = carried.model
+    stage3 = target.mode == "stage3"
+    module: OrderedDict[str, Any] = OrderedDict()
+    for t in layout.tensors:
+        if stage3 and t.kind != ir.BUFFER:  # partitioned parameters leave a 0-element stub
+            module[t.name] = pt.Tensor(t.dtype, (0,), np.zeros(0, np_dtype(t.dtype)))
+        else:
+            module[t.name] = holes(f"module/{t.name}")
+    for alias, source in layout.ties:  # the same storage, as a tied module saves it
+        module.setdefault(alias, module[source])
+    zero = layout.zero.stage > 0 or target.mode == "flat"
+    frozen = [t for t in layout.tensors if t.kind == ir.FROZEN]
+    stage2 = layout.zero.stage >= 2
+    obj: dict[str, Any] = {
+        "module": module,
+        "buffer_names": [t.name for t in layout.tensors if t.kind == ir.BUFFER],
+        "optimizer": None,
+        "param_shapes": [
+            OrderedDict((t.name, pt.Size(t.local_shape)) for t in members)
+            for members in _flat_members(target)
+        ]
+        if zero
+        else None,
+        "frozen_param_shapes": OrderedDict((t.name, pt.Size(t.local_shape)) for t in frozen)
+        if stage2
+        else None,
+        "shared_params": {alias: source for alias, source in layout.ties} if zero else None,
+        "frozen_param_fragments": OrderedDict(
+            (t.name, holes(f"frozen_param_fragments/{t.name}")) for t in frozen
+        )
+        if stage2
+        else None,
+        "lr_scheduler": _plain(src.get("lr_scheduler")),
+        "data_sampler": _plain(src.get("data_sampler")),
+        "random_ltd": _plain(src.get("random_ltd")),
+        "skipped_steps": src.get("skipped_steps", 0),
+        "global_steps": src.get("global_steps", 0),
+        "global_samples": src.get("global_samples", 0),
+        "dp_world_size": target.mesh.size(*target.dp_axes),
+        "mp_world_size": target.mesh.size(*target.mp_axes),
+        "checkpoint_parallel_dimensions": {
+            "pp_degree": layout.stages,
+            "tp_degree": target.mesh.size(*target.model_axes),
+        },
+        "ds_config": _plain(src.get("ds_config", {})),
+        "ds_version": src.get("ds_version", DS_VERSION),
+    }
+    if "sparse_tensor_module_names" in src:
+        obj["sparse_tensor_module_names"] = _plain(src["sparse_tensor_module_names"])
+    for key, value in src.items():  # client state, as the source had it
+        if key not in _ENGINE_KEYS:
+            obj[key] = _plain(value)
+    return obj
+
+
+def _flat_members(target: DeepSpeedPlacement) -> list[list[ir.Tensor]]:
+    """The tensors of each flat buffer, in order: ZeRO-1/2 param groups, ZeRO-3 sub-groups."""
+    out = []
+    for _, members, m in target.optimizer_groups():
+        if m.stage3 is None:
+            out.append(members)
+        else:
+            out.extend([members[i] for i in sub] for sub in m.stage3.sub_groups)
+    return out
+
+
+def _param_groups(target: DeepSpeedPlacement, carried: Carried, params: list[list[int]]) -> Any:
+    """The source's param groups (hyperparameters) with the target's flat-param indices."""
+    groups = carried.param_groups(len(params))
+    if groups is None:
+        raise Unsupported(
+            f"{target.layout.source}: the source has no optimizer param groups for {len(params)} "
+            "groups to carry (learning rate, betas, ...); writing fresh ones is not supported yet"
+        )
+    for g, indices in zip(groups, params, strict=True):
+        g["params"] = indices
+    return groups
+
+
+def _stage3_optim(
+    target: DeepSpeedPlacement, carried: Carried, coords: dict[str, int], holes: Holes
+) -> dict[str, Any]:
+    """A ZeRO-3 file: the rank's piece of every sub-group, padded, with its Adam state."""
+    opt = target.layout.optimizer
+    assert opt is not None
+    src = carried.optim
+    state: dict[int, dict[str, Any]] = {}
+    masters = []
+    params = []
+    for _, _, m in target.optimizer_groups():
+        assert m.stage3 is not None
+        indices = []
+        for sg in range(len(m.stage3.sub_groups)):
+            s = m.first_sub_group + sg
+            indices.append(s)
+            state[s] = _optimizer_state(
+                holes, f"optimizer_state_dict/optimizer_state_dict/state/{s}", opt
+            )
+            if opt.master:
+                masters.append(holes(f"optimizer_state_dict/fp32_flat_groups/{s}"))
+        params.append(indices)
+    inner: dict[str, Any] = {"zero_stage": pt.Record(ZERO_STAGE, (3,))}
+    for k in ("loss_scaler", "dynamic_loss_scale", "overflow"):
+        if k in src:
+            inner[k] = _plain(src[k])
+    inner["partition_count"] = target.mesh.size(*target.dp_axes)
+    inner["optimizer_state_dict"] = {
+        "state": state,
+        "param_groups": _param_groups(target, carried, params),
+    }
+    inner["fp32_flat_groups"] = masters
+    return _outer(inner, carried)
+
+
+def _optimizer_state(holes: Holes, key: str, opt: ir.Optimizer) -> dict[str, Any]:
+    """One flat param's torch optimizer state (``step``, then the moments), as holes."""
+    entry: dict[str, Any] = {}
+    if opt.step:
+        entry[STEP] = holes(f"{key}/{STEP}")
+    for name in opt.states:
+        entry[name] = holes(f"{key}/{name}")
+    return entry
+
+
+def _outer(inner: dict[str, Any], carried: Carried) -> dict[str, Any]:
+    return {
+        "optimizer_state_dict": inner,
+        "ds_config": _plain(
+            carried.optim_outer.get("ds_config", carried.model.get("ds_config", {}))
+        ),
+        "ds_version": carried.optim_outer.get("ds_version", DS_VERSION),
+    }
+
+
+def _flat_optim(
+    target: DeepSpeedPlacement, carried: Carried, coords: dict[str, int], holes: Holes
+) -> dict[str, Any]:
+    """A ZeRO-1/2 or bf16-optimizer file: the rank's flat partitions and their bookkeeping."""
+    layout = target.layout
+    opt = layout.optimizer
+    assert opt is not None
+    bf16_optimizer = layout.zero.bf16_optimizer or (layout.zero.stage == 0 and target.bf16)
+    groups = target.optimizer_groups(coords.get(layout.pipeline, 0) if layout.pipeline else 0)
+    src = carried.optim
+    state: dict[int, dict[str, Any]] = {}
+    masters = []
+    paddings = []
+    mappings = []
+    counts = []
+    for g, members, m in groups:
+        assert m.flat is not None
+        rank = target.partition_rank(members[0], coords)
+        state[g] = _optimizer_state(
+            holes, f"optimizer_state_dict/base_optimizer_state/state/{g}", opt
+        )
+        if opt.master:
+            masters.append(holes(f"optimizer_state_dict/single_partition_of_fp32_groups/{g}"))
+        paddings.append(m.flat.padding(rank))
+        counts.append(m.flat.dp)
+        mappings.append(
+            OrderedDict(
+                (
+                    members[i].name,
+                    pt.Record(FRAGMENT, (), {"numel": f.numel, "start": f.buffer_offset}),
+                )
+                for i, f in m.flat.rank_mapping(rank)
+            )
+        )
+    param_groups = _param_groups(target, carried, [[g] for g, _, _ in groups])
+    inner: dict[str, Any] = {}
+    if not bf16_optimizer:
+        for k in _OPTIM_SCALARS:
+            if k in src:
+                inner[k] = _plain(src[k])
+    elif "clip_grad" in src:
+        inner["clip_grad"] = src["clip_grad"]
+    inner["base_optimizer_state"] = {"state": state, "param_groups": param_groups}
+    inner["single_partition_of_fp32_groups"] = masters
+    if not bf16_optimizer:
+        inner["zero_stage"] = pt.Record(ZERO_STAGE, (layout.zero.stage,))
+    inner["group_paddings"] = paddings
+    if not bf16_optimizer:
+        inner["param_alignment_paddings"] = [[0] * len(members) for _, members, _ in groups]
+    inner["partition_count"] = counts
+    inner["ds_version"] = src.get("ds_version", DS_VERSION)
+    inner["param_slice_mappings"] = mappings
+    return _outer(inner, carried)
