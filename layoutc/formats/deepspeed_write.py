@@ -142,9 +142,9 @@ def files(
             f"{target.layout.source}: writing DeepSpeed ZeRO-0 checkpoints with a torch optimizer "
             "is not supported yet; use zero 1, 2 or 3 (or store universal)"
         )
-    for f in target.model_files():
+    for i, f in enumerate(target.model_files()):
         holes = Holes(by_file.get(f, {}))
-        yield f, _model_states(target, carried, holes), holes
+        yield f, _model_states(target, carried, holes, first_rank=i == 0), holes
     optim = {"flat": _flat_optim, "stage3": _stage3_optim}.get(target.mode)
     if optim is not None:
         for mp in iter_coords(target.mesh, target.mp_axes):
@@ -155,7 +155,13 @@ def files(
                 yield f, optim(target, carried, coords, holes), holes
 
 
-def _model_states(target: DeepSpeedPlacement, carried: Carried, holes: Holes) -> dict[str, Any]:
+def _index(names: list[str], name: str) -> int:
+    return names.index(name) if name in names else 0
+
+
+def _model_states(
+    target: DeepSpeedPlacement, carried: Carried, holes: Holes, first_rank: bool
+) -> dict[str, Any]:
     layout = target.layout
     src = carried.model
     stage3 = target.mode == "stage3"
@@ -167,6 +173,10 @@ def _model_states(target: DeepSpeedPlacement, carried: Carried, holes: Holes) ->
             module[t.name] = holes(f"module/{t.name}")
     for alias, source in layout.ties:  # the same storage, as a tied module saves it
         module.setdefault(alias, module[source])
+    before = list(src.get("module") or ())  # the source module's order (registration order)
+    module = OrderedDict(
+        (k, module[k]) for k in sorted(module, key=lambda k: (k not in before, _index(before, k)))
+    )
     zero = layout.zero.stage > 0 or target.mode == "flat"
     frozen = [t for t in layout.tensors if t.kind == ir.FROZEN]
     stage2 = layout.zero.stage >= 2
@@ -183,7 +193,8 @@ def _model_states(target: DeepSpeedPlacement, carried: Carried, holes: Holes) ->
         "frozen_param_shapes": OrderedDict((t.name, pt.Size(t.local_shape)) for t in frozen)
         if stage2
         else None,
-        "shared_params": {alias: source for alias, source in layout.ties} if zero else None,
+        # DeepSpeed records ties on global rank 0 only
+        "shared_params": (dict(layout.ties) if first_rank else {}) if zero else None,
         "frozen_param_fragments": OrderedDict(
             (t.name, holes(f"frozen_param_fragments/{t.name}")) for t in frozen
         )
