@@ -7,6 +7,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import corpus  # tests/interop, on the path through conftest
 import numpy as np
 import pytest
 import torch
@@ -22,12 +23,7 @@ from layoutc.lang.fmt import fmt
 from layoutc.lang.parse import parse
 from layoutc.place import place
 
-CASES = [
-    "z1_w2_bf16", "z1_w2_fp32", "z1_w3_bf16", "z1_w3_fp32",
-    "z2_w2_bf16", "z2_w2_fp32", "z2_w3_bf16", "z2_w3_fp32",
-    "z3_w2_bf16", "z3_w2_fp32", "z3_w3_bf16", "z3_w3_fp32",
-    "z2_w2_fp16", "bf16opt_w2", "z3_w2_subgroups",
-]  # fmt: skip
+CASES = sorted(corpus.CASES)  # every checkpoint of the corpus
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 
+import corpus  # tests/interop, on the path through conftest
 import numpy as np
 import pytest
 
@@ -20,12 +21,7 @@ from layoutc.formats.deepspeed import infer, open_checkpoint
 from layoutc.lang.check import load_text
 from layoutc.place import place
 
-CASES = [
-    "z1_w2_bf16", "z1_w2_fp32", "z1_w3_bf16", "z1_w3_fp32",
-    "z2_w2_bf16", "z2_w2_fp32", "z2_w3_bf16", "z2_w3_fp32",
-    "z3_w2_bf16", "z3_w2_fp32", "z3_w3_bf16", "z3_w3_fp32",
-    "z2_w2_fp16", "bf16opt_w2", "z3_w2_subgroups",
-]  # fmt: skip
+CASES = sorted(corpus.CASES)  # every checkpoint of the corpus
 STATES = ("fp32", "exp_avg", "exp_avg_sq", "frozen", "buffer")
 
 
