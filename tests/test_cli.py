@@ -309,3 +309,49 @@ def test_plan_markdown_is_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert out.startswith("# Plan: ")
     assert "| units |" in out
+
+
+# ---------------------------------------------------------------- --set
+
+
+EXAMPLE = ROOT / "examples" / "deepspeed-zero2"
+
+
+def test_set_changes_a_mesh_axis_of_the_target(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plan", EXAMPLE, "--to", "deepspeed", "--set", "dp=3")
+    assert code == 0
+    assert "(deepspeed, 2 ranks) -> global_step2 (deepspeed, 3 ranks)" in out
+    code, out, _ = run(capsys, "plan", LLAMA, "--to", LLAMA_TP4, "--set", "dp=4", "--json")
+    assert code == 0 and json.loads(out)["summary"]["target"]["world"] == 16
+
+
+def test_set_of_a_name_the_target_lacks_is_a_diagnostic(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "plan", GPT2, "--to", "universal", "--set", "pd=3")
+    assert code == 1
+    assert "error[E134]: --set pd=3:" in err and "did you mean `dp`?" in err
+
+
+@pytest.mark.parametrize("bad", ["dp", "=3", "dp=three"])
+def test_set_needs_name_equals_integer(capsys: pytest.CaptureFixture[str], bad: str) -> None:
+    code, out, err = run(capsys, "plan", GPT2, "--to", "universal", "--set", bad)
+    assert code == 2 and out == ""
+    assert "--set" in err
+
+
+def test_convert_to_deepspeed_at_another_world_size(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "ds3"
+    code, stdout, err = run(
+        capsys, "convert", EXAMPLE, "--to", "deepspeed", "--set", "dp=3", "-o", out, "-q"
+    )
+    assert code == 0, err
+    assert "wrote 5 files" in stdout
+    names = sorted(p.name for p in (out / "global_step2").iterdir())
+    assert names == [
+        *(f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(3)),
+        "mp_rank_00_model_states.pt",
+    ]
+    assert (out / "latest").read_text() == "global_step2"
+    code, _, _ = run(capsys, "verify", out)
+    assert code == 0

@@ -80,3 +80,19 @@ def test_a_compiled_plan_executes_on_files_and_a_loaded_one_is_refused(tmp_path)
     loaded = layoutc.Plan.from_json(plan.to_json())
     with pytest.raises(ValueError, match="no shard maps"):
         layoutc.execute(loaded, ckpt.folder, tmp_path / "again")
+
+
+def test_the_plan_counts_bytes_per_source_file_and_per_target_rank():
+    ckpt = open_checkpoint(EXAMPLE)
+    source = layoutc.load_text(infer(ckpt))
+    target = layoutc.load_text(infer(ckpt), overrides={"dp": 3})
+    plan = layoutc.compile(source, target)
+    io = plan.summary()["io"]
+    totals = plan.totals
+    assert sum(r["bytes"] for r in io["read_by_file"]) == totals.read_bytes
+    assert sum(r["bytes"] for r in io["written_by_rank"]) == totals.write_bytes
+    assert {r["file"] for r in io["read_by_file"]} == {
+        p.name for p in ckpt.model_files + ckpt.optim_files
+    }
+    ranks = {r["ranks"]: r["files"] for r in io["written_by_rank"]}
+    assert ranks == {"{dp=0}": 1, "{dp=1}": 1, "{dp=2}": 1, "every rank": 1}

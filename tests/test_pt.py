@@ -88,6 +88,26 @@ def test_entries_with_one_key_share_a_storage_in_torch(tmp_path: Path):
     assert back["embed"].data_ptr() == back["head"].data_ptr()
 
 
+def test_unkeyed_tensors_never_take_a_key_a_keyed_tensor_uses(tmp_path: Path):
+    a, b = np.zeros(0, np.float32), np.arange(3, dtype=np.float32)
+    pt.save(
+        {"stub": pt.Tensor("fp32", (0,), a), "w": pt.Tensor("fp32", (3,), b, key="0")},
+        tmp_path / "t.pt",
+    )
+    back = torch.load(tmp_path / "t.pt", weights_only=True)
+    assert back["stub"].numel() == 0 and back["w"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_torch_size_survives_reading_and_writing_again(tmp_path: Path):
+    torch.save({"shapes": [torch.Size([37, 10])], "plain": (37, 10)}, tmp_path / "a.pt")
+    mine = pt.load(tmp_path / "a.pt")
+    assert isinstance(mine["shapes"][0], pt.Size) and not isinstance(mine["plain"], pt.Size)
+    pt.save(mine, tmp_path / "b.pt")
+    back = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert type(back["shapes"][0]) is torch.Size and back["shapes"][0].numel() == 370
+    assert type(back["plain"]) is tuple
+
+
 def test_containers_scalars_and_parameters_round_trip_through_torch(tmp_path: Path):
     obj = {
         "ints": [0, 255, 65535, -1, 2**31 - 1, -(2**31), 2**40, -(2**70)],

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from layoutc.ir import DTYPE_BYTES
 from layoutc.plan import ops as O
 
 PLAN_VERSION = 1
@@ -219,6 +220,35 @@ class Plan:
             for name, units in ranked
         ]
 
+    def by_file(self, n: int = 10, max_ops: int = 200_000) -> dict[str, Any] | None:
+        """Bytes read per source file and written per target rank (the ranks that hold each
+        written file, as the target format assigns them), the ``n`` largest of each; None
+        for plans of more than ``max_ops`` ops, whose ops are not built for a summary."""
+        if sum(self.totals.ops_by_kind().values()) > max_ops:
+            return None
+        read: Counter[str] = Counter()
+        written: Counter[str] = Counter()
+        for _, op in self.ops():
+            if isinstance(op, O.Read):
+                read[op.file] += op.numel * DTYPE_BYTES[op.dtype]
+            elif isinstance(op, O.Write):
+                written[op.file] += op.numel * DTYPE_BYTES[op.dtype]
+        ranks: Counter[str] = Counter()
+        files: Counter[str] = Counter()
+        for f, b in written.items():
+            holder = str(self.target_placement.holders(f)) if self.target_placement else "?"
+            holder = "every rank" if holder == "{all}" else holder
+            ranks[holder] += b
+            files[holder] += 1
+        return {
+            "read_by_file": [{"file": f, "bytes": b} for f, b in _top(read, n)],
+            "source_files_read": len(read),
+            "written_by_rank": [
+                {"ranks": r, "files": files[r], "bytes": b} for r, b in _top(ranks, n)
+            ],
+            "target_rank_sets": len(ranks),
+        }
+
     def summary(self) -> dict[str, Any]:
         t = self.totals
         modes = Counter(u.mode for u in self.units)
@@ -239,6 +269,7 @@ class Plan:
             "workers": self.workers,
             "per_worker": self.per_worker(),
             "largest": self.largest(),
+            "io": self.by_file(),
             "warnings": list(self.warnings),
         }
 
@@ -283,3 +314,7 @@ class Plan:
         from layoutc.plan.validate import validate
 
         validate(self, source, target)
+
+
+def _top(counts: Counter[str], n: int) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
