@@ -11,6 +11,8 @@ side, each of:
     layoutc univ     layoutc convert CKPT --to universal -o OUT -q        (+ --memory 256MiB)
     ds_to_universal  python -m deepspeed.checkpoint.ds_to_universal --input_folder CKPT/<tag>
                      --output_folder OUT/<tag> --inject_missing_state (default workers)
+    layoutc ds dp=3  layoutc convert CKPT --to deepspeed --set dp=3 -o OUT -q (a native
+                     reshard; DeepSpeed's own path is ds_to_universal, then a universal load)
     layoutc st       layoutc convert CKPT --to safetensors -o OUT -q
     zero_to_fp32     deepspeed.utils.zero_to_fp32.convert_zero_checkpoint_to_fp32_state_dict(
                      CKPT, OUT, safe_serialization=True, max_shard_size=None)
@@ -70,7 +72,9 @@ STEPS = 2
 MICRO_BATCH = 2
 SEED = 1234
 MEMORY_BUDGET = "256MiB"
-METADATA = {"layoutc-manifest.json", "latest_universal", "model.safetensors.index.json"}
+RESHARD_SHORT = f"deepspeed dp={WORLD + 1}"
+RESHARD = f"layoutc → {RESHARD_SHORT} (native reshard)"
+METADATA = {"layoutc-manifest.json", "latest", "latest_universal", "model.safetensors.index.json"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -406,10 +410,12 @@ def build(ds_python: str, vers: dict[str, str], rebuild: bool, tmp: Path) -> tup
     return ckpt, res
 
 
-def plan_prediction(layoutc: str, ckpt: Path, to: str, memory: str | None) -> dict:
+def plan_prediction(layoutc: str, ckpt: Path, to: str, memory: str | None, *settings: str) -> dict:
     cmd = [layoutc, "plan", str(ckpt), "--to", to, "--json"]
     if memory:
         cmd += ["--memory", memory]
+    for setting in settings:
+        cmd += ["--set", setting]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip()[-500:]}
@@ -535,6 +541,23 @@ def main() -> None:
                 ],
                 env_ds,
                 None,
+            ),
+            (
+                RESHARD,
+                [
+                    args.layoutc,
+                    "convert",
+                    str(ckpt),
+                    "--to",
+                    "deepspeed",
+                    "--set",
+                    f"dp={WORLD + 1}",
+                    "-o",
+                    OUTDIR,
+                    "-q",
+                ],
+                env_lc,
+                ("deepspeed", None, f"dp={WORLD + 1}"),
             ),
             (
                 "layoutc → safetensors",
@@ -664,6 +687,8 @@ def main() -> None:
     for label, a, b, memory in (
         ("ds_to_universal / layoutc universal", D, U, True),
         ("layoutc universal / cp -r", U, C, False),  # cp holds ~nothing: no memory ratio
+        (f"ds_to_universal / layoutc {RESHARD_SHORT}", D, RESHARD, True),
+        (f"layoutc {RESHARD_SHORT} / cp -r", RESHARD, C, False),
         ("zero_to_fp32 / layoutc safetensors", Z, S, True),
     ):
         mem_cols = (

@@ -231,12 +231,12 @@ def execute(
     files_in = SourceFiles(folder)
     try:
         prepared = prepare(plan.target_placement, partial, folder, tag or folder.name)
-        total = sum(u.bytes for u in plan.units) or 1
+        total = sum(u.stats.write_bytes for u in plan.units) or 1  # progress: bytes written
         done = 0
 
         def on_unit(unit: Any) -> None:
             nonlocal done
-            done += unit.bytes
+            done += unit.stats.write_bytes
             if progress is not None:
                 progress(done, total)
 

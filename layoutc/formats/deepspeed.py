@@ -234,9 +234,12 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
         f"dtype {dtype}",
     ]
     if opt is not None:
-        opts = [f"states ({', '.join(states)})" if len(states) != 1 else f"states {states[0]}"]
-        opts.append("step" if step else "no_step")
-        lines.append(f"optimizer adam {{ master fp32, {', '.join(opts)} }}")
+        if first_state:
+            opts = [f"states ({', '.join(states)})" if len(states) != 1 else f"states {states[0]}"]
+            opts.append("step" if step else "no_step")
+            lines.append(f"optimizer adam {{ master fp32, {', '.join(opts)} }}")
+        else:  # no trainable parameter, so no state to read the names from
+            lines.append("optimizer adam")
         zopts = []
         if stage == 3:
             zopts.append(f"sub_group {int(zcfg.get('sub_group_size', 1_000_000_000))}")

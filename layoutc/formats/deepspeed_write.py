@@ -212,7 +212,7 @@ def _model_states(
             "pp_degree": layout.stages,
             "tp_degree": target.mesh.size(*target.model_axes),
         },
-        "ds_config": _plain(src.get("ds_config", {})),
+        "ds_config": _ds_config(target, carried),
         "ds_version": src.get("ds_version", DS_VERSION),
     }
     if "sparse_tensor_module_names" in src:
@@ -279,7 +279,7 @@ def _stage3_optim(
         "param_groups": _param_groups(target, carried, params),
     }
     inner["fp32_flat_groups"] = masters
-    return _outer(inner, carried)
+    return _outer(target, inner, carried)
 
 
 def _optimizer_state(holes: Holes, key: str, opt: ir.Optimizer) -> dict[str, Any]:
@@ -292,14 +292,26 @@ def _optimizer_state(holes: Holes, key: str, opt: ir.Optimizer) -> dict[str, Any
     return entry
 
 
-def _outer(inner: dict[str, Any], carried: Carried) -> dict[str, Any]:
+def _outer(target: DeepSpeedPlacement, inner: dict[str, Any], carried: Carried) -> dict[str, Any]:
     return {
         "optimizer_state_dict": inner,
-        "ds_config": _plain(
-            carried.optim_outer.get("ds_config", carried.model.get("ds_config", {}))
-        ),
+        "ds_config": _ds_config(target, carried),
         "ds_version": carried.optim_outer.get("ds_version", DS_VERSION),
     }
+
+
+def _ds_config(target: DeepSpeedPlacement, carried: Carried) -> dict[str, Any]:
+    """The source's DeepSpeed config, with the ZeRO settings of the target (DeepSpeed runs
+    with its live config; readers of the files, ``layoutc infer`` among them, use this)."""
+    cfg = _plain(carried.optim_outer.get("ds_config", carried.model.get("ds_config"))) or {}
+    zero = target.layout.zero
+    zcfg = cfg.setdefault("zero_optimization", {})
+    zcfg["stage"] = zero.stage
+    if zero.stage != 3:
+        zcfg.pop("sub_group_size", None)
+    elif "sub_group_size" in zcfg or zero.sub_group_size != ir.Zero().sub_group_size:
+        zcfg["sub_group_size"] = zero.sub_group_size
+    return cfg
 
 
 def _flat_optim(
@@ -354,4 +366,4 @@ def _flat_optim(
     inner["partition_count"] = counts
     inner["ds_version"] = src.get("ds_version", DS_VERSION)
     inner["param_slice_mappings"] = mappings
-    return _outer(inner, carried)
+    return _outer(target, inner, carried)

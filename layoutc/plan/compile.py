@@ -192,7 +192,8 @@ class Compiler:
     ) -> str | None:
         want = self.T.dtype(tt, state)
         if state == WEIGHT:
-            if MASTER in have and self.S.dtype(st, MASTER) == want:
+            keeps_master = MASTER in self.T.states(tt)
+            if MASTER in have and self.S.dtype(st, MASTER) == want and not keeps_master:
                 return MASTER  # export the fp32 master, not a cast of the 16-bit copy
             if WEIGHT in have:
                 return WEIGHT

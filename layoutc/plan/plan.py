@@ -252,6 +252,7 @@ class Plan:
     def summary(self) -> dict[str, Any]:
         t = self.totals
         modes = Counter(u.mode for u in self.units)
+        io = self.by_file()
         return {
             "source": self.source.to_dict(),
             "target": self.target.to_dict(),
@@ -264,12 +265,13 @@ class Plan:
             "bytes_swapped": t.swap_bytes,
             "peak_memory_bytes": self.peak_memory_bytes,
             "memory_budget_bytes": self.budget,
-            "files_read": self.source.files,
+            # counted from the ops when they are listed, else the closed form (an upper bound)
+            "files_read": io["source_files_read"] if io else self.source.files,
             "files_written": self.target.files,
             "workers": self.workers,
             "per_worker": self.per_worker(),
             "largest": self.largest(),
-            "io": self.by_file(),
+            "io": io,
             "warnings": list(self.warnings),
         }
 

@@ -1,0 +1,77 @@
+"""ZeRO partitioning of full tensors, exactly as DeepSpeed saves it, for any layout.
+
+:func:`partition` takes a layout stored as ``deepspeed`` and the full (or, with tensor
+parallelism, logical) tensors of every state, and returns each stored buffer of each file:
+ZeRO-1/2 flat groups padded to a multiple of 2·dp and cut into equal partitions (the fp32
+masters with their padding stripped, as DeepSpeed strips it), the bf16 optimizer's whole
+partitions, ZeRO-3 per-parameter pieces of ceil(n / dp) elements grouped in sub-groups,
+frozen fragments and replicated buffers. :func:`reassemble` is its inverse. The
+arithmetic is :mod:`layoutc.place.zero` (re-exported here): the same code plans every
+conversion, so what this module produces is what a conversion writes.
+
+The tensor-facing half needs numpy (torch tensors are accepted and read through numpy);
+nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from layoutc import ir
+from layoutc.place import place
+from layoutc.place.zero import NCCL_START_ALIGNMENT, FlatGroup, Fragment, Stage3Group
+
+
+def _array(value: Any) -> Any:
+    """A numpy array of ``value`` (a numpy array, a torch tensor, or a sequence)."""
+    import numpy as np
+
+    if hasattr(value, "detach"):  # a torch tensor; torch is loaded if one exists
+        import torch
+
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+def partition(
+    layout: ir.Layout, values: Mapping[str, Mapping[str, Any]]
+) -> dict[tuple[str, str], Any]:
+    """``{(file, key): 1-D array}`` of every buffer ``layout`` stores, filled from
+    ``values[tensor][state]`` (states: ``weight``, ``master``, ``exp_avg``, ``exp_avg_sq``,
+    ``step``; each the logical tensor, cast to the layout's dtype for that state)."""
+    from layoutc.runtime import memory
+
+    p = place(layout)
+    arrays = {
+        t.name: {
+            s: _array(values[t.name][s]).astype(memory.np_dtype(p.dtype(t, s))) for s in p.states(t)
+        }
+        for t in p.tensors
+    }
+    return memory.store(p, arrays)
+
+
+def reassemble(
+    layout: ir.Layout, stored: Mapping[tuple[str, str], Any]
+) -> dict[str, dict[str, Any]]:
+    """The logical tensors of every state, read back from the buffers :func:`partition`
+    makes (or a checkpoint's, read into arrays)."""
+    from layoutc.runtime import memory
+
+    return memory.load(place(layout), {k: _array(v) for k, v in stored.items()})
+
+
+__all__ = [
+    "NCCL_START_ALIGNMENT",
+    "FlatGroup",
+    "Fragment",
+    "Stage3Group",
+    "partition",
+    "reassemble",
+]
