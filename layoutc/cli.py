@@ -288,6 +288,20 @@ class _Progress:
         print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 
+def _param_groups(path: str | None) -> list[dict[str, object]] | None:
+    if path is None:
+        return None
+    import json
+
+    try:
+        groups = json.loads(_read(path))
+    except json.JSONDecodeError as e:
+        raise _Usage(f"--param-groups {path}: not JSON: {e}") from None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise _Usage(f"--param-groups {path}: expected a JSON list of objects, one per group")
+    return groups
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from layoutc.conversion import convert
     from layoutc.render import render
@@ -318,6 +332,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             progress=_Progress(not args.quiet),
             on_plan=show,
             overrides=dict(args.overrides),
+            param_groups=_param_groups(args.param_groups),
         )
     except ValueError as e:
         raise _Usage(str(e)) from None
@@ -450,10 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert",
         help="convert a checkpoint",
-        description="Convert a DeepSpeed checkpoint: check its layout, plan, execute, commit atomically with a checksum manifest.",
+        description="Convert a DeepSpeed checkpoint, or full weights with --spec: check the "
+        "layout against the files, plan, execute, commit atomically with a checksum manifest.",
     )
     p.add_argument(
-        "checkpoint", metavar="CKPT", help="checkpoint root (with `latest`) or tag folder"
+        "checkpoint",
+        metavar="CKPT",
+        help="DeepSpeed checkpoint root (with `latest`) or tag folder; or full weights: "
+        "a .safetensors file, a torch state dict, a Hugging Face folder (needs --spec)",
     )
     p.add_argument(
         "-o",
@@ -466,12 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--to",
         required=True,
         metavar="TARGET",
-        help="universal, safetensors, torch, or a TARGET.layout",
+        help="deepspeed, universal, safetensors, torch, or a TARGET.layout",
     )
     p.add_argument(
         "--spec",
         metavar="SRC.layout",
-        help="the source layout (default: inferred from the checkpoint)",
+        help="the source layout (default: inferred from the checkpoint); for full weights, "
+        "the model's layout, whose topology a format target (--to deepspeed) takes",
     )
     p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
     p.add_argument("--memory", type=parse_size, metavar="SIZE", help="memory budget, e.g. 256MiB")
@@ -487,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_shard_size,
         metavar="SIZE",
         help="safetensors: shards of at most SIZE (default 5GB)",
+    )
+    p.add_argument(
+        "--param-groups",
+        metavar="FILE.json",
+        help="optimizer hyperparameters for a fresh optimizer state (from full weights): a "
+        "JSON list, one object per param group (lr, betas, eps, weight_decay, ...)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)

@@ -35,12 +35,14 @@ import numpy as np
 
 from layoutc import ir
 from layoutc.errors import LayoutcError
-from layoutc.formats import pt
+from layoutc.formats import pt, weights
+from layoutc.formats import safetensors as st
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer, open_checkpoint
 from layoutc.formats.match import check_against
 from layoutc.formats.writers import prepare
 from layoutc.lang.check import load_layout, load_text
 from layoutc.place import place
+from layoutc.place.full import WeightsPlacement
 from layoutc.plan.compile import compile_plan
 from layoutc.plan.plan import Plan
 from layoutc.runtime import memory
@@ -67,6 +69,14 @@ class SourceFiles(Mapping[tuple[str, str], Any]):
         self._views: dict[tuple[str, str], Any] = {}
 
     def __getitem__(self, fk: tuple[str, str]) -> Any:
+        if fk not in self._views and fk[0].endswith(".safetensors"):
+            file, key = fk
+            if file not in self._objs:
+                self._objs[file] = st.read_header(self.folder / file)[0]
+            e = self._objs[file][key]
+            self._views[fk] = self.files.region(
+                str(self.folder / file), e.begin, e.numel, memory.np_dtype(e.dtype)
+            )
         if fk not in self._views:
             file, key = fk
             if file not in self._objs:
@@ -174,14 +184,35 @@ def convert(
     progress: Callable[[int, int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     overrides: Mapping[str, int] | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
 ) -> Report:
-    """Convert ``checkpoint`` into ``output`` in format (or layout file) ``to``;
-    ``overrides`` set mesh axes or let constants of the target (``--set``)."""
+    """Convert ``checkpoint`` — a DeepSpeed checkpoint, or full weights (safetensors, a
+    torch state dict, a Hugging Face folder) with ``spec`` describing the model — into
+    ``output`` in format (or layout file) ``to``; ``overrides`` set mesh axes or let
+    constants of the target (``--set``); ``param_groups`` are the optimizer
+    hyperparameters written with fresh optimizer state (a source without any)."""
     start = time.perf_counter()
-    ckpt = open_checkpoint(checkpoint, tag)
-    text = source_text(ckpt, spec)
-    src = load_text(*text)
-    check_against(place(src), ckpt.folder)
+    source: Any
+    if weights.is_weights(checkpoint) and not is_deepspeed(checkpoint):
+        if spec is None:
+            raise ValueError(
+                f"{checkpoint}: full weights carry no layout to infer; give --spec MODEL.layout "
+                "(the model's tensors and the topology to lay them out for)"
+            )
+        w = weights.open_weights(checkpoint)
+        text = (Path(spec).read_text(encoding="utf-8"), str(spec))
+        src = load_text(*text)
+        weights.check_weights(src, w)
+        source = WeightsPlacement(
+            src.with_store(replace(src.store, format=w.format)), w.entries, w.format
+        )
+        folder, src_tag = w.folder, None
+    else:
+        ckpt = open_checkpoint(checkpoint, tag)
+        text = source_text(ckpt, spec)
+        src = load_text(*text)
+        check_against(place(src), ckpt.folder)
+        source, folder, src_tag = src, ckpt.folder, ckpt.tag
     tgt = target_for(src, text, to, overrides)
     if tgt.store.format in ("safetensors", "torch"):
         tgt = with_dtype(tgt, dtype)
@@ -195,11 +226,35 @@ def convert(
                 f"--max-shard-size applies to safetensors output, not {tgt.store.format}"
             )
         tgt = tgt.with_store(replace(tgt.store, max_shard_bytes=max_shard_size))
-    plan = compile_plan(src, tgt, memory=memory_budget, workers=workers)
+    plan = compile_plan(source, tgt, memory=memory_budget, workers=workers)
     plan.validate(plan.source_placement, plan.target_placement)
+    if src_tag is None and tgt.store.format == "deepspeed":
+        plan = replace(
+            plan,
+            warnings=(
+                *plan.warnings,
+                "the weights carry no run state: the checkpoint starts at step 0 with no lr "
+                "scheduler state; an engine with an lr scheduler loads it with "
+                "load_checkpoint(OUT, load_lr_scheduler_states=False)",
+            ),
+        )
     if on_plan is not None:
         on_plan(plan)
-    return execute(plan, ckpt.folder, output, tag=ckpt.tag, progress=progress, started=start)
+    return execute(
+        plan,
+        folder,
+        output,
+        tag=src_tag or tgt.store.tag or "global_step0",
+        progress=progress,
+        started=start,
+        param_groups=param_groups,
+    )
+
+
+def is_deepspeed(path: str | Path) -> bool:
+    """A DeepSpeed checkpoint root (``latest``) or tag folder (``*_model_states.pt``)."""
+    p = Path(path)
+    return p.is_dir() and ((p / "latest").is_file() or any(p.glob("*model_states.pt")))
 
 
 def execute(
@@ -210,6 +265,7 @@ def execute(
     tag: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     started: float | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
 ) -> Report:
     """Run a compiled plan: read ``source`` (the folder holding the source's files, e.g. a
     DeepSpeed tag folder), write ``output`` atomically with its manifest. The plan must come
@@ -230,7 +286,9 @@ def execute(
     partial.mkdir(parents=True)
     files_in = SourceFiles(folder)
     try:
-        prepared = prepare(plan.target_placement, partial, folder, tag or folder.name)
+        prepared = prepare(
+            plan.target_placement, partial, folder, tag or folder.name, param_groups=param_groups
+        )
         total = sum(u.stats.write_bytes for u in plan.units) or 1  # progress: bytes written
         done = 0
 

@@ -34,6 +34,7 @@ DS_VERSION = "0.19.8"
 """The DeepSpeed version whose format layoutc writes, recorded when the source has none."""
 FRAGMENT = "deepspeed.utils.tensor_fragment.fragment_address"
 ZERO_STAGE = "deepspeed.runtime.zero.config.ZeroStageEnum"
+LOSS_SCALER = "deepspeed.runtime.fp16.loss_scaler.LossScaler"
 
 # Model-state keys DeepSpeed writes itself; anything else in a source file is client state.
 _ENGINE_KEYS = (
@@ -69,6 +70,7 @@ class Carried:
     model: dict[str, Any] = field(default_factory=dict)
     optim: dict[str, Any] = field(default_factory=dict)  # the inner optimizer_state_dict
     optim_outer: dict[str, Any] = field(default_factory=dict)
+    fresh_param_groups: list[dict[str, Any]] | None = None  # given, for a source without
 
     @classmethod
     def read(cls, folder: Path | None) -> Carried:
@@ -83,7 +85,15 @@ class Carried:
         return cls(model, outer.get("optimizer_state_dict", {}), outer)
 
     def param_groups(self, count: int) -> list[Any] | None:
-        """The source's param groups (hyperparameters), if it has ``count`` of them."""
+        """The source's param groups (hyperparameters), if it has ``count`` of them; else
+        the ones given for fresh optimizer state."""
+        if not self.optim and self.fresh_param_groups is not None:
+            if len(self.fresh_param_groups) != count:
+                raise Unsupported(
+                    f"--param-groups gives {len(self.fresh_param_groups)} param groups; the "
+                    f"target's optimizer has {count}"
+                )
+            return [{**_plain(g), "params": []} for g in self.fresh_param_groups]
         base = self.optim.get("base_optimizer_state")
         if isinstance(base, dict):
             groups = base.get("param_groups")
@@ -239,8 +249,11 @@ def _param_groups(target: DeepSpeedPlacement, carried: Carried, params: list[lis
     groups = carried.param_groups(len(params))
     if groups is None:
         raise Unsupported(
-            f"{target.layout.source}: the source has no optimizer param groups for {len(params)} "
-            "groups to carry (learning rate, betas, ...); writing fresh ones is not supported yet"
+            f"the source has no optimizer param groups to carry for the target's {len(params)} "
+            "group(s), and DeepSpeed's loader replaces the optimizer's hyperparameters with the "
+            "checkpoint's: give them with --param-groups FILE.json (a JSON list, one object "
+            "per group: lr, betas, eps, weight_decay, ... as torch's optimizer.param_groups "
+            "has them)"
         )
     for g, indices in zip(groups, params, strict=True):
         g["params"] = indices
@@ -270,9 +283,7 @@ def _stage3_optim(
                 masters.append(holes(f"optimizer_state_dict/fp32_flat_groups/{s}"))
         params.append(indices)
     inner: dict[str, Any] = {"zero_stage": pt.Record(ZERO_STAGE, (3,))}
-    for k in ("loss_scaler", "dynamic_loss_scale", "overflow"):
-        if k in src:
-            inner[k] = _plain(src[k])
+    inner.update(_zero3_scaler(target, src))
     inner["partition_count"] = target.mesh.size(*target.dp_axes)
     inner["optimizer_state_dict"] = {
         "state": state,
@@ -290,6 +301,26 @@ def _optimizer_state(holes: Holes, key: str, opt: ir.Optimizer) -> dict[str, Any
     for name in opt.states:
         entry[name] = holes(f"{key}/{name}")
     return entry
+
+
+def _zero3_scaler(target: DeepSpeedPlacement, src: dict[str, Any]) -> dict[str, Any]:
+    """The loss-scaler state ZeRO-3's loader requires: the source's, or for a fresh state
+    the static scale of 1 that bf16 and fp32 training run with."""
+    keys = ("loss_scaler", "dynamic_loss_scale", "overflow")
+    if all(k in src for k in keys):
+        return {k: _plain(src[k]) for k in keys}
+    if target.layout.dtype == "fp16":
+        raise Unsupported(
+            f"{target.layout.source}: the source has no loss-scaler state, and ZeRO-3 replaces "
+            "its own with the checkpoint's; an fp16 scaler's settings (initial scale, window, "
+            "hysteresis) are the training config's, which layoutc cannot know. Write ZeRO-1/2 "
+            "(whose loader keeps its own scaler) or convert from a checkpoint that has one"
+        )
+    return {
+        "loss_scaler": pt.Record(LOSS_SCALER, (), {"cur_scale": 1.0, "dynamic": False}),
+        "dynamic_loss_scale": False,
+        "overflow": False,
+    }
 
 
 def _outer(target: DeepSpeedPlacement, inner: dict[str, Any], carried: Carried) -> dict[str, Any]:

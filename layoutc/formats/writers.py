@@ -127,9 +127,14 @@ def _by_file(target: Placement) -> dict[str, dict[str, StoredBuffer]]:
 
 
 def prepare(
-    target: Placement, out: Path, source_folder: Path | None = None, tag: str | None = None
+    target: Placement,
+    out: Path,
+    source_folder: Path | None = None,
+    tag: str | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
 ) -> Prepared:
-    """Create ``target``'s files under ``out``; see the module docstring."""
+    """Create ``target``'s files under ``out``; see the module docstring. ``param_groups``
+    (optimizer hyperparameters) are used where the source has none."""
     fmt = target.format
     if fmt == "universal":
         return _universal(target, out, source_folder, tag or "global_step0")
@@ -138,11 +143,17 @@ def prepare(
     if fmt == "safetensors":
         return _safetensors(target, out)
     if fmt == "deepspeed":
-        return _deepspeed(target, out, source_folder, tag or "global_step0")
+        return _deepspeed(target, out, source_folder, tag or "global_step0", param_groups)
     raise Unsupported(f"writing the {fmt} format is not supported yet")
 
 
-def _deepspeed(target: Any, out: Path, source: Path | None, tag: str) -> Prepared:
+def _deepspeed(
+    target: Any,
+    out: Path,
+    source: Path | None,
+    tag: str,
+    param_groups: list[dict[str, Any]] | None = None,
+) -> Prepared:
     """A native DeepSpeed checkpoint: ``OUT/<tag>/`` and ``OUT/latest``."""
     from layoutc.formats import deepspeed_write as dw
 
@@ -151,6 +162,7 @@ def _deepspeed(target: Any, out: Path, source: Path | None, tag: str) -> Prepare
     p.root.mkdir(parents=True, exist_ok=True)
     by_file = _by_file(target)
     carried = dw.Carried.read(source)
+    carried.fresh_param_groups = param_groups
     written: set[str] = set()
     for f, obj, holes in dw.files(target, carried, by_file):
         path = p.root / f

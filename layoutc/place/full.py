@@ -222,3 +222,24 @@ class _WholeModel(FullPlacement):
 
     def model_files(self) -> list[str]:
         return [self.FILE]
+
+
+class WeightsPlacement(FullPlacement):
+    """Full weights as they lie in existing files (a conversion source): every tensor whole,
+    one state, ``weight``, at the file, key and dtype the files say (``entries``:
+    name -> object with ``file``, ``key``, ``dtype``)."""
+
+    def __init__(self, layout: ir.Layout, entries: Any, fmt: str) -> None:
+        super().__init__(layout)
+        self.entries = entries
+        self.format = fmt
+
+    def states(self, t: ir.Tensor) -> tuple[str, ...]:
+        return (WEIGHT,)
+
+    def dtype(self, t: ir.Tensor, state: str) -> str:
+        return str(self.entries[t.name].dtype)
+
+    def location(self, t: ir.Tensor, state: str) -> tuple[str, str]:
+        e = self.entries[t.name]
+        return e.file, e.key

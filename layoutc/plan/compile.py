@@ -115,6 +115,7 @@ class Compiler:
         self.budget = budget
         self.workers = max(1, workers)
         self.warnings: list[str] = []
+        self.upcast_masters: list[tuple[str, str, str]] = []  # (tensor, from, to)
 
     # -------------------------------------------------------------- routes
 
@@ -169,6 +170,15 @@ class Compiler:
                 )
         if diags:
             raise LayoutError(diags)
+        if self.upcast_masters:
+            names = [n for n, _, _ in self.upcast_masters]
+            kinds = sorted({f"{a} -> {b}" for _, a, b in self.upcast_masters})
+            self.warnings.append(
+                f"the source has no master copy of {len(names)} tensor(s) ("
+                + ", ".join(names[:3])
+                + (" ..." if len(names) > 3 else "")
+                + f"): their masters are cast up from the weights ({', '.join(kinds)})"
+            )
         for state, n in sorted(fresh.items()):
             what = "0" if state == STEP else "zeros"
             self.warnings.append(
@@ -203,10 +213,7 @@ class Compiler:
                 return MASTER
             if WEIGHT in have:
                 if _isz(self.S.dtype(st, WEIGHT)) < _isz(want):
-                    self.warnings.append(
-                        f"{st.name}: the source has no master copy; the {want} master is cast from "
-                        f"{self.S.dtype(st, WEIGHT)} weights"
-                    )
+                    self.upcast_masters.append((st.name, self.S.dtype(st, WEIGHT), want))
                 return WEIGHT
             return None
         return state if state in have else None
@@ -682,15 +689,17 @@ def target_layout(source: ir.Layout, target: ir.Layout | str) -> ir.Layout:
 
 
 def compile_plan(
-    source: ir.Layout,
+    source: ir.Layout | Placement,
     target: ir.Layout | str,
     *,
     memory: int | None = None,
     workers: int = 1,
 ) -> Plan:
-    """Plan moving a checkpoint stored as ``source`` into ``target`` (a layout or a format name)."""
-    tgt = target_layout(source, target)
-    S, T = place(source), place(tgt)
+    """Plan moving a checkpoint stored as ``source`` into ``target`` (a layout or a format
+    name). ``source`` may be a placement of its own (files as they are, e.g. full weights)."""
+    S = source if isinstance(source, Placement) else place(source)
+    tgt = target_layout(S.layout, target)
+    T = place(tgt)
     c = Compiler(S, T, memory, workers)
     units = c.units()
 

@@ -228,10 +228,12 @@ def load(
     root: Path | str | None = None,
     python: str | None = None,
     expect_error: bool = False,
+    fresh: bool = False,
 ) -> Loaded:
     """Have real DeepSpeed load ``ckpt`` as ``case`` at ``world`` ranks (default: the case's).
 
     A refusal by DeepSpeed raises unless ``expect_error``; then ``Loaded.error`` holds it.
+    ``fresh``: the checkpoint has no lr scheduler state (load_lr_scheduler_states=False).
     ``root`` is where torch extensions / logs are cached (default: a temp dir).
     """
     if case not in CASES:
@@ -243,6 +245,8 @@ def load(
         args = ["--case", case, "--ckpt", str(ckpt), "--dump", str(dump)]
         if universal:
             args.append("--universal")
+        if fresh:
+            args.append("--fresh")
         if tag is not None:
             args += ["--tag", tag]
         log = (

@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ckpt", required=True, type=Path, help="checkpoint root (holds latest)")
     ap.add_argument("--universal", action="store_true", help="load_universal (latest_universal)")
     ap.add_argument("--tag", default=None)
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="a checkpoint without lr scheduler state: load_lr_scheduler_states=False",
+    )
     ap.add_argument("--dump", required=True, type=Path, help="OUT.safetensors (+ OUT.json)")
     args = ap.parse_args(argv)
 
@@ -49,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         engine, cfg = ds_make.build_engine(case, world, universal=args.universal)
         error = None
         try:
-            load_path, client_state = engine.load_checkpoint(str(args.ckpt), tag=args.tag)
+            load_path, client_state = engine.load_checkpoint(
+                str(args.ckpt), tag=args.tag, load_lr_scheduler_states=not args.fresh
+            )
             if load_path is None:
                 error = f"load_checkpoint found nothing to load in {args.ckpt}"
         except Exception as e:

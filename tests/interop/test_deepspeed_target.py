@@ -14,9 +14,11 @@ import re
 import corpus  # tests/interop, on the path through conftest
 import numpy as np
 import pytest
+import torch
 
 from layoutc.conversion import convert, verify
 from layoutc.formats import pt
+from layoutc.formats import safetensors as st
 from layoutc.formats.deepspeed import infer, open_checkpoint
 from layoutc.lang.check import load_text
 from layoutc.place import place
@@ -117,3 +119,40 @@ def test_same_size_conversion_reproduces_deepspeeds_own_files(ds_corpus, case, t
                 assert not y[lo:hi].any(), (f, key, "padding is zero")
                 x[lo:hi] = 0
             assert np.array_equal(x, y), (f, key)
+
+
+GROUPS = [{"lr": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": wd} for wd in (0.1, 0)]
+
+
+@pytest.mark.parametrize(
+    ("case", "fmt", "dtype"),
+    [
+        ("z2_w2_bf16", "safetensors", None),  # fp32 weights -> bf16 ZeRO-2
+        ("z3_w2_bf16", "torch", "bf16"),  # bf16 weights -> ZeRO-3 (masters cast up)
+        ("bf16opt_w2", "safetensors", None),  # -> DeepSpeed's bf16 optimizer
+    ],
+)
+def test_full_weights_become_a_checkpoint_deepspeed_trains_from(
+    ds_corpus, case, fmt, dtype, tmp_path
+):
+    weights = tmp_path / "weights"
+    convert(ds_corpus[case], weights, fmt, **({"dtype": dtype} if dtype else {}))
+    spec = tmp_path / "model.layout"
+    spec.write_text(infer(open_checkpoint(ds_corpus[case])))
+    out = tmp_path / "ds"
+    convert(weights, out, "deepspeed", spec=spec, overrides={"dp": 3}, param_groups=GROUPS)
+    if fmt == "torch":
+        sd = torch.load(weights / "pytorch_model.bin", weights_only=True)
+        values = {k: v.float().numpy() for k, v in sd.items()}
+    else:
+        values = {k: np.asarray(v, np.float32) for k, v in st.load_state_dict(weights).items()}
+    loaded = ds_corpus.load(case, out, world=3, fresh=True)
+    truth, _ = ds_corpus.truth(case)
+    for key, want in truth.items():
+        kind, name = key.split("/", 1)
+        if kind == "fp32":  # the masters are the weights, cast to fp32
+            assert np.array_equal(loaded.tensors[key], values[name].reshape(want.shape)), key
+        elif kind in ("exp_avg", "exp_avg_sq"):
+            assert not loaded.tensors[key].any(), key
+    assert loaded.meta["step"] == 0 and loaded.meta["global_steps"] == 0
+    assert math.isfinite(loaded.meta["next_loss"]) and loaded.meta["global_steps_after"] == 1

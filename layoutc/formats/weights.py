@@ -1,0 +1,155 @@
+"""Full model weights as a conversion source: safetensors, torch state dicts, HF folders.
+
+:func:`open_weights` finds every tensor of a weights checkpoint — a ``.safetensors`` file,
+a ``pytorch_model.bin`` / ``.pt`` state dict, or a Hugging Face folder with
+``model.safetensors``, ``pytorch_model.bin`` or either's ``.index.json`` — without reading
+tensor data: name, file, key, dtype and shape. Weights have no layout of their own to
+infer; the layout of the model comes from ``--spec``, and :func:`check_weights` checks it
+against the files (every tensor present, with the shape the layout declares) before a
+byte is read. Dtypes may differ from the layout's: the plan casts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from layoutc import ir
+from layoutc.errors import Diagnostic, LayoutcError, LayoutError
+from layoutc.formats import pt
+from layoutc.formats import safetensors as st
+
+
+class NotWeights(LayoutcError):
+    """The path holds no weights layoutc can read."""
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    file: str  # relative to the weights folder
+    key: str  # "/"-joined key path in the file (the tensor name in safetensors)
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Weights:
+    folder: Path
+    format: str  # "safetensors" | "torch"
+    entries: dict[str, WeightEntry] = field(default_factory=dict)
+    ties: dict[str, str] = field(default_factory=dict)  # alias -> source, stored once
+
+    @property
+    def files(self) -> list[str]:
+        return sorted({e.file for e in self.entries.values()})
+
+
+def is_weights(path: str | Path) -> bool:
+    p = Path(path)
+    if p.is_file():
+        return p.suffix in (".safetensors", ".bin", ".pt", ".pth")
+    return any(
+        (p / n).is_file()
+        for n in (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
+    )
+
+
+def open_weights(path: str | Path) -> Weights:
+    p = Path(path)
+    if p.is_file():
+        files = [p.name]
+        folder = p.parent
+        fmt = "safetensors" if p.suffix == ".safetensors" else "torch"
+    elif p.is_dir():
+        folder = p
+        fmt, files = _folder_files(p)
+    else:
+        raise NotWeights(f"{p}: no such file or directory")
+    w = Weights(folder, fmt)
+    for f in files:
+        if fmt == "safetensors":
+            entries, metadata = st.read_header(folder / f)
+            for name, e in entries.items():
+                w.entries[name] = WeightEntry(f, name, e.dtype, tuple(e.shape))
+            if st.TIES_KEY in metadata:
+                w.ties.update(json.loads(metadata[st.TIES_KEY]))
+        else:
+            _torch_entries(w, folder, f)
+    for alias, source in w.ties.items():  # a tie stored once is found under both names
+        if source in w.entries:
+            w.entries.setdefault(alias, w.entries[source])
+    return w
+
+
+def _folder_files(p: Path) -> tuple[str, list[str]]:
+    for fmt, single, index in (
+        ("safetensors", "model.safetensors", "model.safetensors.index.json"),
+        ("torch", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (p / index).is_file():
+            weight_map = json.loads((p / index).read_text())["weight_map"]
+            return fmt, sorted(set(weight_map.values()))
+        if (p / single).is_file():
+            return fmt, [single]
+    raise NotWeights(
+        f"{p}: no model.safetensors, pytorch_model.bin or index of either (a weights folder), "
+        "and no `latest` or *_model_states.pt (a DeepSpeed checkpoint)"
+    )
+
+
+def _torch_entries(w: Weights, folder: Path, f: str) -> None:
+    """A torch state dict: top-level tensors by name; the first name of a shared view is
+    stored, later names of the same view become ties."""
+    obj = pt.load(folder / f)
+    if not isinstance(obj, dict):
+        raise NotWeights(f"{folder / f}: not a state dict (a {type(obj).__name__})")
+    seen: dict[tuple[object, ...], str] = {}
+    for name, ref in obj.items():
+        if not isinstance(ref, pt.TensorRef):
+            continue
+        view = (ref.storage.key, ref.offset, tuple(ref.shape), tuple(ref.stride))
+        if view in seen:
+            w.ties[str(name)] = seen[view]
+            continue
+        seen[view] = str(name)
+        w.entries[str(name)] = WeightEntry(f, str(name), ref.dtype, tuple(ref.shape))
+
+
+def check_weights(layout: ir.Layout, w: Weights) -> None:
+    """Every tensor of ``layout`` is in the weights with its logical shape (ties may be
+    stored once); raises LayoutError naming each file, tensor and both shapes."""
+    diags: list[Diagnostic] = []
+    for t in layout.tensors:
+        if t.name in layout.tie_source:
+            continue  # stored as its source
+        e = w.entries.get(t.name)
+        where = str(w.folder / e.file) if e else str(w.folder)
+        if e is None:
+            diags.append(
+                Diagnostic(
+                    "E302",
+                    f"{where}: no tensor {t.name}, which the layout declares",
+                    t.span,
+                    f"the weights hold {len(w.entries)} tensors"
+                    + (f", e.g. {next(iter(w.entries))}" if w.entries else ""),
+                )
+            )
+        elif tuple(e.shape) != tuple(t.shape):
+            diags.append(
+                Diagnostic(
+                    "E303",
+                    f"{where}: {t.name} has shape {list(e.shape)}; the layout says {list(t.shape)}",
+                    t.span,
+                )
+            )
+    if diags:
+        raise LayoutError(diags)
+
+
+__all__ = ["NotWeights", "WeightEntry", "Weights", "check_weights", "is_weights", "open_weights"]

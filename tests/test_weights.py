@@ -1,0 +1,141 @@
+"""Full weights as a conversion source: reading safetensors, torch state dicts and HF
+folders, checking them against a model layout, and laying them out as a DeepSpeed
+checkpoint with fresh optimizer state."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import layoutc
+from layoutc.cli import main
+from layoutc.conversion import SourceFiles, verify
+from layoutc.errors import LayoutError, Unsupported
+from layoutc.formats import pt
+from layoutc.formats import safetensors as st
+from layoutc.formats.deepspeed import infer, open_checkpoint
+from layoutc.formats.weights import check_weights, open_weights
+from layoutc.place import place
+
+EXAMPLE = "examples/deepspeed-zero2"
+GROUPS = [{"lr": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": wd} for wd in (0.1, 0)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """The example model's weights exported to safetensors, and its layout as a spec."""
+    tmp = tmp_path_factory.mktemp("weights")
+    layoutc.convert(EXAMPLE, tmp / "st", "safetensors")
+    spec = tmp / "model.layout"
+    spec.write_text(infer(open_checkpoint(EXAMPLE)))
+    return tmp / "st", spec, st.load_state_dict(tmp / "st")
+
+
+def test_safetensors_torch_and_hf_folders_list_every_tensor(model, tmp_path):
+    folder, _, values = model
+    w = open_weights(folder)
+    assert w.format == "safetensors" and w.files == ["model.safetensors"]
+    assert w.ties == {"head.weight": "embed.weight"}
+    assert w.entries["head.weight"] == w.entries["embed.weight"]  # a tie stored once
+    assert set(w.entries) == set(values)
+    sd = OrderedDict(
+        (k, torch.from_numpy(np.asarray(v, np.float32)).to(torch.bfloat16))
+        for k, v in values.items()
+    )
+    sd["head.weight"] = sd["embed.weight"]  # shared storage, as a tied module saves it
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    w = open_weights(tmp_path)
+    assert w.format == "torch" and w.entries["fc1.weight"].dtype == "bf16"
+    assert w.ties == {"head.weight": "embed.weight"}
+    assert open_weights(tmp_path / "pytorch_model.bin").entries == w.entries
+
+
+def test_sharded_safetensors_are_read_through_their_index(model, tmp_path):
+    layoutc.convert(EXAMPLE, tmp_path / "sharded", "safetensors", max_shard_size=600)
+    w = open_weights(tmp_path / "sharded")
+    assert len(w.files) > 1 and set(w.entries) == set(model[2])
+
+
+def test_a_spec_that_disagrees_with_the_weights_names_file_tensor_and_shapes(model, tmp_path):
+    folder, spec, _ = model
+    text = spec.read_text()
+    bad = tmp_path / "bad.layout"
+    bad.write_text(
+        text.replace("tensor fc1.weight [6, 10]", "tensor fc1.weight [6, 11]")
+        + "tensor extra.weight [3]\n"
+    )
+    with pytest.raises(LayoutError) as e:
+        check_weights(layoutc.load_layout(bad), open_weights(folder))
+    out = e.value.render()
+    assert "error[E303]:" in out and "model.safetensors: fc1.weight has shape [6, 10]" in out
+    assert "the layout says [6, 11]" in out
+    assert "error[E302]:" in out and "no tensor extra.weight" in out
+
+
+def test_weights_become_a_deepspeed_checkpoint_with_fresh_optimizer_state(model, tmp_path):
+    folder, spec, values = model
+    out = tmp_path / "ds"
+    report = layoutc.convert(
+        folder, out, "deepspeed", spec=spec, overrides={"dp": 3}, param_groups=GROUPS
+    )
+    assert verify(out) == []
+    assert any("fresh exp_avg" in w for w in report.warnings)
+    assert any("load_lr_scheduler_states=False" in w for w in report.warnings)
+    ckpt = open_checkpoint(out)
+    assert ckpt.tag == "global_step2" and len(ckpt.optim_files) == 3
+    layout = layoutc.load_text(infer(ckpt))
+    p = place(layout)
+    files = SourceFiles(ckpt.folder)
+    from layoutc import zero
+
+    try:
+        back = zero.reassemble(
+            layout, {(b.file, b.key): files[(b.file, b.key)][:] for b in p.buffers()}
+        )
+    finally:
+        files.close()
+    for t in p.trainable:
+        assert np.array_equal(back[t.name]["master"], np.asarray(values[t.name], np.float32)), (
+            t.name
+        )
+        assert not back[t.name]["exp_avg"].any() and not back[t.name]["exp_avg_sq"].any()
+        assert float(back[t.name]["step"]) == 0.0
+    inner = pt.load(ckpt.optim_files[0])["optimizer_state_dict"]
+    groups = inner["base_optimizer_state"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0] and [g["params"] for g in groups] == [
+        [0],
+        [1],
+    ]
+    states = pt.load(ckpt.model_files[0])
+    assert states["global_steps"] == 0 and states["lr_scheduler"] is None
+    assert states["dp_world_size"] == 3
+
+
+def test_fresh_optimizer_state_needs_param_groups_and_weights_need_a_spec(model, tmp_path):
+    folder, spec, _ = model
+    with pytest.raises(Unsupported, match=r"--param-groups FILE\.json"):
+        layoutc.convert(folder, tmp_path / "a", "deepspeed", spec=spec)
+    with pytest.raises(Unsupported, match="gives 1 param groups; the target's optimizer has 2"):
+        layoutc.convert(folder, tmp_path / "b", "deepspeed", spec=spec, param_groups=GROUPS[:1])
+    with pytest.raises(ValueError, match=r"give --spec MODEL\.layout"):
+        layoutc.convert(folder, tmp_path / "c", "deepspeed")
+    assert not any(tmp_path.iterdir())  # nothing committed, nothing left behind
+
+
+def test_the_cli_converts_weights_with_a_spec_and_param_groups(model, tmp_path, capsys):
+    folder, spec, _ = model
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps(GROUPS))
+    argv = ["convert", folder, "--spec", spec, "--to", "deepspeed", "--set", "dp=3"]
+    code = main([str(a) for a in [*argv, "--param-groups", groups, "-o", tmp_path / "ds", "-q"]])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "warning: the weights carry no run state" in err and "wrote 5 files" in out
+    groups.write_text('{"lr": 1}')
+    code = main([str(a) for a in [*argv, "--param-groups", groups, "-o", tmp_path / "x", "-q"]])
+    assert code == 2 and "expected a JSON list of objects" in capsys.readouterr().err
