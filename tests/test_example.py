@@ -96,3 +96,25 @@ def test_the_plan_counts_bytes_per_source_file_and_per_target_rank():
     }
     ranks = {r["ranks"]: r["files"] for r in io["written_by_rank"]}
     assert ranks == {"{dp=0}": 1, "{dp=1}": 1, "{dp=2}": 1, "every rank": 1}
+
+
+def _files(root):
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def test_a_universal_checkpoint_is_a_source_too(tmp_path):
+    layoutc.convert(EXAMPLE, tmp_path / "u", "universal")
+    text = infer(open_checkpoint(tmp_path / "u"))
+    assert 'store universal { tag "global_step2" }' in text
+    body = text.split("\n", 1)[1]  # after the comment naming the folder
+    assert (
+        body.replace("universal", "deepspeed") == infer(open_checkpoint(EXAMPLE)).split("\n", 1)[1]
+    )
+    for to, kw in (("safetensors", {}), ("deepspeed", {"overrides": {"dp": 3}})):
+        layoutc.convert(EXAMPLE, tmp_path / f"direct-{to}", to, **kw)
+        layoutc.convert(tmp_path / "u", tmp_path / f"via-{to}", to, **kw)
+        assert _files(tmp_path / f"direct-{to}") == _files(tmp_path / f"via-{to}"), to

@@ -41,6 +41,9 @@ class DeepSpeedCheckpoint:
     model_files: list[Path] = field(default_factory=list)
     optim_files: list[Path] = field(default_factory=list)
     layer_files: list[Path] = field(default_factory=list)
+    universal: bool = False  # DeepSpeed's universal format: zero/<param>/<state>.pt
+
+    UNIVERSAL_OPTIMIZER = "zero/optimizer_state.pt"
 
     @cached_property
     def model_states(self) -> dict[str, Any]:
@@ -52,6 +55,14 @@ class DeepSpeedCheckpoint:
 
     @cached_property
     def optim_states(self) -> dict[str, Any] | None:
+        if self.universal:  # the optimizer's scalars and param groups, without partitions
+            path = self.folder / self.UNIVERSAL_OPTIMIZER
+            if not path.is_file():
+                return None
+            universal = pt.load(path)
+            if not isinstance(universal, dict):
+                raise NotACheckpoint(f"{path}: not an optimizer state dict")
+            return universal
         if not self.optim_files:
             return None
         obj = pt.load(self.optim_files[0])
@@ -92,6 +103,9 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> DeepSpeedCheckp
     elif (path / "latest").is_file():
         root = path
         folder = path / (path / "latest").read_text().strip()
+    elif (path / "latest_universal").is_file():
+        root = path
+        folder = path / (path / "latest_universal").read_text().strip()
     if not folder.is_dir():
         raise NotACheckpoint(f"{folder}: the tag folder does not exist")
     ckpt = DeepSpeedCheckpoint(folder, folder.name, root)
@@ -105,6 +119,7 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> DeepSpeedCheckp
     if not ckpt.model_files:
         hint = "" if root else " (give the checkpoint root holding `latest`, or a tag folder)"
         raise NotACheckpoint(f"{folder}: no DeepSpeed *_model_states.pt files{hint}")
+    ckpt.universal = not ckpt.optim_files and (folder / "zero").is_dir()
     return ckpt
 
 
@@ -218,7 +233,11 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     # the optimizer
     states: list[str] = []
     step = False
-    if opt is not None:
+    if opt is not None and ckpt.universal:
+        first_state = _universal_states(ckpt, params[0][1]) if params else {}
+        states = [k for k in first_state if k != "step"]
+        step = "step" in first_state
+    elif opt is not None:
         inner = opt.get("optimizer_state_dict") if ckpt.zero3 else opt.get("base_optimizer_state")
         first_state = (inner or {}).get("state", {}).get(0, {}) if isinstance(inner, dict) else {}
         states = [k for k in first_state if k != "step"]
@@ -262,9 +281,27 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     lines.extend(f"frozen {f} {_dims(s)}" + (f" {d}" if d != dtype else "") for f, s, d in frozen)
     lines.extend(f"buffer {b} {_dims(s)}" + (f" {d}" if d != dtype else "") for b, s, d in buffers)
     lines.extend(f"tie {alias} = {source}" for alias, source in shared.items())
-    lines.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
+    store = "universal" if ckpt.universal else "deepspeed"
+    lines.append(f'store {store} {{ tag "{ckpt.tag}" }}')
     text = "\n".join(lines) + "\n"
     return fmt(parse(text, f"{ckpt.folder}.layout"))
+
+
+def _universal_states(ckpt: DeepSpeedCheckpoint, param: str) -> dict[str, bool]:
+    """The optimizer states a universal checkpoint keeps per parameter, in Adam's order
+    (``fp32.pt`` is the master; the others are named for their state)."""
+    folder = ckpt.folder / "zero" / param
+    master = folder / "fp32.pt"
+    if master.is_file() and not isinstance(pt.load(master), dict):
+        raise Unsupported(
+            f"{master}: a bare tensor, not a dict with `param` — what ds_to_universal writes "
+            "for ZeRO-3 (flattened, without step.pt); layoutc reads universal checkpoints that "
+            "keep each state's shape under `param`"
+        )
+    found = {p.stem for p in folder.glob("*.pt")} - {"fp32"}
+    order = ["exp_avg", "exp_avg_sq"]
+    names = [s for s in order if s in found] + sorted(found - {*order, "step"})
+    return dict.fromkeys([*names, *(["step"] if "step" in found else [])], True)
 
 
 def _own_dtype(module: dict[str, Any], name: str, default: str) -> bool:

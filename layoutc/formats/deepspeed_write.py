@@ -81,6 +81,9 @@ class Carried:
         )
         optims = sorted(folder.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))
         model = pt.load(models[0]) if models else {}
+        universal = folder / "zero" / "optimizer_state.pt"  # DeepSpeed's universal format
+        if not optims and universal.is_file():
+            return cls(model, pt.load(universal), {})
         outer = pt.load(optims[0]) if optims else {}
         return cls(model, outer.get("optimizer_state_dict", {}), outer)
 
@@ -97,6 +100,8 @@ class Carried:
         base = self.optim.get("base_optimizer_state")
         if isinstance(base, dict):
             groups = base.get("param_groups")
+        elif "param_groups" in self.optim:  # a universal checkpoint's optimizer_state.pt
+            groups = self.optim["param_groups"]
         else:
             groups = self.optim.get("optimizer_state_dict", {}).get("param_groups")
         if isinstance(groups, list) and len(groups) == count:
@@ -327,7 +332,9 @@ def _outer(target: DeepSpeedPlacement, inner: dict[str, Any], carried: Carried) 
     return {
         "optimizer_state_dict": inner,
         "ds_config": _ds_config(target, carried),
-        "ds_version": carried.optim_outer.get("ds_version", DS_VERSION),
+        "ds_version": carried.optim_outer.get(
+            "ds_version", carried.model.get("ds_version", DS_VERSION)
+        ),
     }
 
 

@@ -397,8 +397,9 @@ def tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, TensorRef]]:
 
 
 def at(obj: Any, key: str) -> Any:
-    """The value at a ``/``-joined key path (``optimizer_state_dict/fp32_flat_groups/0``)."""
-    for part in key.split("/"):
+    """The value at a ``/``-joined key path (``optimizer_state_dict/fp32_flat_groups/0``);
+    the empty path is the object itself."""
+    for part in key.split("/") if key else ():
         if isinstance(obj, list | tuple):
             obj = obj[int(part)]
         elif isinstance(obj, dict):

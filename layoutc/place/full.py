@@ -114,7 +114,12 @@ class UniversalPlacement(FullPlacement):
         return self.model.count_runs(t, state, sl, lo, hi) if state == WEIGHT else 1
 
     def location(self, t: ir.Tensor, state: str) -> tuple[str, str]:
-        return f"zero/{t.name}/{UNIVERSAL_FILES.get(state, state)}.pt", "param"
+        """``zero/<name>/<state>.pt``; the tensor is the file's ``param`` entry, except
+        ``step.pt``, which holds the step tensor itself (key path ``""``)."""
+        return (
+            f"zero/{t.name}/{UNIVERSAL_FILES.get(state, state)}.pt",
+            "" if state == STEP else "param",
+        )
 
     def buffers(self) -> Iterator[StoredBuffer]:
         yield from self.model.weight_buffers()

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from layoutc.conversion import convert, verify
+from layoutc.errors import Unsupported
 from layoutc.formats import pt
 from layoutc.formats import safetensors as st
 from layoutc.formats.deepspeed import infer, open_checkpoint
@@ -156,3 +157,43 @@ def test_full_weights_become_a_checkpoint_deepspeed_trains_from(
             assert not loaded.tensors[key].any(), key
     assert loaded.meta["step"] == 0 and loaded.meta["global_steps"] == 0
     assert math.isfinite(loaded.meta["next_loss"]) and loaded.meta["global_steps_after"] == 1
+
+
+def _tree_bytes(root):
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "layoutc-manifest.json"
+    }
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_resharding_directly_equals_resharding_through_universal(ds_corpus, case, tmp_path):
+    world = _other_world(case)
+    convert(ds_corpus[case], tmp_path / "direct", "deepspeed", overrides={"dp": world})
+    convert(ds_corpus[case], tmp_path / "universal", "universal")
+    convert(tmp_path / "universal", tmp_path / "via", "deepspeed", overrides={"dp": world})
+    direct, via = _tree_bytes(tmp_path / "direct"), _tree_bytes(tmp_path / "via")
+    assert direct.keys() == via.keys()
+    assert [f for f in direct if direct[f] != via[f]] == []  # byte for byte
+
+
+@pytest.mark.parametrize("case", ["z2_w2_bf16", "z1_w3_fp32", "bf16opt_w2"])
+def test_deepspeeds_own_universal_output_becomes_a_native_checkpoint(ds_corpus, case, tmp_path):
+    src = open_checkpoint(ds_corpus[case])
+    universal = corpus.ds_to_universal(
+        src.folder, tmp_path / "ds_universal", python=ds_corpus.python
+    )
+    world = _other_world(case)
+    out = tmp_path / "ds"
+    convert(universal, out, "deepspeed", overrides={"dp": world})
+    truth, meta = ds_corpus.truth(case)
+    _assert_resumes_exactly(ds_corpus.load(case, out, world=world), truth, meta)
+
+
+def test_deepspeeds_flattened_zero3_universal_output_is_refused_by_name(ds_corpus, tmp_path):
+    src = open_checkpoint(ds_corpus["z3_w2_fp32"])
+    universal = corpus.ds_to_universal(src.folder, tmp_path / "u", python=ds_corpus.python)
+    with pytest.raises(Unsupported, match=r"fp32\.pt: a bare tensor, not a dict with `param`"):
+        convert(universal, tmp_path / "ds", "deepspeed")
+    assert not (tmp_path / "ds").exists()
