@@ -1,0 +1,340 @@
+"""A swap tier: move arrays between memory and files under a folder (NVMe offload).
+
+``pool = SwapPool(folder)``; ``handle = pool.swap_out(array)`` starts writing the array and
+returns at once; ``handle.wait()`` waits for the write; ``handle.prefetch()`` starts
+reading it back; ``handle.swap_in(out=None)`` returns it (into ``out`` if given, waiting
+for a prefetch if one is running); ``handle.free()`` deletes its file. ``pool.close()``
+frees what is left.
+
+IO is done in blocks of ``block_size`` bytes by ``threads`` threads, at most
+``queue_depth`` blocks in flight per pool, with ``pwrite`` / ``preadv`` (which release the
+GIL). Where the filesystem supports it the files are opened with ``O_DIRECT`` and padded
+to the device's block size, so data bypasses the page cache — what an offload tier wants
+for data larger than memory. Arrays from :func:`aligned_empty` (and those ``swap_in``
+returns) start on a page boundary and move without a copy; others go block by block
+through page-aligned staging buffers. Elsewhere (tmpfs, some network filesystems) IO is buffered.
+Arrays of any size and dtype come back bit for bit.
+
+These settings are the ``offload ... to nvme`` clause of the layout language.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ALIGN = 4096  # O_DIRECT offsets, lengths and buffers are multiples of this
+
+
+def _direct_supported(folder: Path) -> bool:
+    """Whether files in ``folder`` take aligned O_DIRECT writes."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    probe = folder / f".direct-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | flag, 0o600)
+    except OSError:
+        return False
+    try:
+        buf = mmap.mmap(-1, ALIGN)
+        try:
+            os.pwrite(fd, buf, 0)
+            return True
+        except OSError:
+            return False
+        finally:
+            buf.close()
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def aligned_empty(shape: tuple[int, ...] | int, dtype: Any) -> np.ndarray:
+    """An uninitialised array whose data starts on a page boundary: direct IO reads into
+    and writes from it without a staging copy (the swap tier's counterpart of a
+    page-locked buffer)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    buf = mmap.mmap(-1, max(ALIGN, -(-count * dt.itemsize // ALIGN) * ALIGN))
+    return np.frombuffer(buf, dt, count).reshape(shape)
+
+
+def _aligned(a: np.ndarray) -> bool:
+    return a.ctypes.data % ALIGN == 0
+
+
+class SwapError(Exception):
+    """A swap file could not be written or read back."""
+
+
+class Handle:
+    """One array in the swap tier."""
+
+    def __init__(self, pool: SwapPool, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.pool = pool
+        self.path = path
+        self.shape = shape
+        self.dtype = dtype
+        self.nbytes = (
+            int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+        )
+        self._writes: Future[None] | None = None
+        self._reads: Future[None] | None = None
+        self._prefetched: np.ndarray | None = None
+        self.freed = False
+
+    # ---------------------------------------------------------------- writing
+
+    def wait(self) -> None:
+        """Wait for the write; raises the first IO error."""
+        if self._writes is not None:
+            self._writes.result()
+            self._writes = None
+
+    # ---------------------------------------------------------------- reading
+
+    def prefetch(self) -> None:
+        """Start reading the array back (``swap_in`` then returns it)."""
+        self._check()
+        if self._reads is None:
+            self.wait()
+            self._prefetched = aligned_empty(self.shape, self.dtype)
+            self._reads = self.pool._read(self.path, self._prefetched, self.nbytes)
+
+    def swap_in(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The array, read back (into ``out``, a C-contiguous array of its shape and dtype,
+        when given)."""
+        self._check()
+        if out is not None and (
+            out.shape != self.shape or out.dtype != self.dtype or not out.flags.c_contiguous
+        ):
+            raise ValueError(
+                f"{self.path.name}: out must be C-contiguous {self.dtype} {self.shape}, "
+                f"got {out.dtype} {out.shape}"
+            )
+        if self._reads is None:
+            self.wait()
+            target = out if out is not None else aligned_empty(self.shape, self.dtype)
+            self.pool._read(self.path, target, self.nbytes).result()
+            return target
+        self._reads.result()
+        data = self._prefetched
+        self._reads, self._prefetched = None, None
+        assert data is not None
+        if out is None:
+            return data
+        np.copyto(out, data)
+        return out
+
+    def free(self) -> None:
+        """Delete the file (after any IO in flight)."""
+        if self.freed:
+            return
+        try:
+            self.wait()
+            if self._reads is not None:
+                self._reads.result()
+        finally:
+            self.freed = True
+            self.path.unlink(missing_ok=True)
+            self.pool._forget(self)
+
+    def _check(self) -> None:
+        if self.freed:
+            raise SwapError(f"{self.path.name}: swapped-out array was freed")
+
+
+class SwapPool:
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        block_size: int = 8 << 20,
+        queue_depth: int = 8,
+        threads: int = 4,
+        direct: bool | None = None,
+    ) -> None:
+        if block_size < ALIGN or block_size % ALIGN:
+            raise ValueError(f"block_size must be a positive multiple of {ALIGN}, got {block_size}")
+        if queue_depth < 1 or threads < 1:
+            raise ValueError(f"queue_depth and threads must be >= 1, got {queue_depth}, {threads}")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.block_size = block_size
+        self.queue_depth = queue_depth
+        self.direct = _direct_supported(self.folder) if direct is None else direct
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="layoutc-swap")
+        self._slots = threading.BoundedSemaphore(queue_depth)
+        self._staging: list[mmap.mmap] = []
+        self._staging_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._handles: set[Handle] = set()
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    # ---------------------------------------------------------------- public
+
+    def swap_out(self, array: Any) -> Handle:
+        """Start writing ``array`` to a file of its own; returns its handle at once. The
+        array must not change until ``handle.wait()`` returns."""
+        a = np.asarray(array)
+        if not a.flags.c_contiguous:
+            a = a.copy(order="C")
+        h = Handle(
+            self, self.folder / f"swap-{os.getpid()}-{next(self._ids)}.bin", a.shape, a.dtype
+        )
+        raw = a.reshape(-1).view(np.uint8) if a.size else np.zeros(0, np.uint8)
+        h._writes = self._write(h.path, raw)
+        self._handles.add(h)
+        self.bytes_out += h.nbytes
+        return h
+
+    def close(self) -> None:
+        """Free every handle still held and stop the IO threads."""
+        for h in list(self._handles):
+            h.free()
+        self._executor.shutdown(wait=True)
+        for buf in self._staging:
+            buf.close()
+        self._staging.clear()
+
+    def __enter__(self) -> SwapPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- blocks
+
+    def _open(self, path: Path, write: bool) -> int:
+        flags = (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
+        if self.direct:
+            flags |= os.O_DIRECT
+        return os.open(path, flags, 0o600)
+
+    def _buffer(self) -> mmap.mmap:
+        with self._staging_lock:
+            if self._staging:
+                return self._staging.pop()
+        return mmap.mmap(-1, self.block_size)  # page-aligned
+
+    def _release(self, buf: mmap.mmap) -> None:
+        with self._staging_lock:
+            self._staging.append(buf)
+
+    def _blocks(self, nbytes: int) -> list[tuple[int, int]]:
+        return [(o, min(self.block_size, nbytes - o)) for o in range(0, nbytes, self.block_size)]
+
+    def _submit(self, fd: int, jobs: list[Callable[[], None]]) -> Future[None]:
+        """Run ``jobs`` on the IO threads with at most ``queue_depth`` blocks of the pool in
+        flight, from a driver thread, so the caller returns at once; the future completes
+        (or fails with the first error) when every block is done, and the fd is closed."""
+        done: Future[None] = Future()
+
+        def run(job: Callable[[], None]) -> None:
+            try:
+                job()
+            finally:
+                self._slots.release()
+
+        def drive() -> None:
+            futures: list[Future[None]] = []
+            try:
+                for job in jobs:
+                    self._slots.acquire()
+                    futures.append(self._executor.submit(run, job))
+                for f in futures:
+                    f.result()
+            except BaseException as e:
+                for f in futures:
+                    f.exception()  # let the others finish before the fd closes
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+            finally:
+                os.close(fd)
+
+        threading.Thread(target=drive, name="layoutc-swap-driver", daemon=True).start()
+        return done
+
+    def _write(self, path: Path, raw: np.ndarray) -> Future[None]:
+        nbytes = raw.size
+        fd = self._open(path, write=True)
+        zero_copy = _aligned(raw)  # whole blocks go straight from the array
+
+        def job(offset: int, n: int) -> Callable[[], None]:
+            def write() -> None:
+                if not self.direct or (zero_copy and n % ALIGN == 0):
+                    _full_pwrite(fd, raw[offset : offset + n].data, offset, path)
+                    return
+                buf = self._buffer()
+                try:
+                    view = np.frombuffer(buf, np.uint8)
+                    view[:n] = raw[offset : offset + n]
+                    padded = -(-n // ALIGN) * ALIGN
+                    view[n:padded] = 0
+                    del view
+                    _full_pwrite(fd, memoryview(buf)[:padded], offset, path)
+                finally:
+                    self._release(buf)
+
+            return write
+
+        return self._submit(fd, [job(o, n) for o, n in self._blocks(nbytes)])
+
+    def _read(self, path: Path, out: np.ndarray, nbytes: int) -> Future[None]:
+        raw = out.reshape(-1).view(np.uint8) if out.size else np.zeros(0, np.uint8)
+        self.bytes_in += nbytes
+        fd = self._open(path, write=False)
+        zero_copy = _aligned(raw)  # whole blocks go straight into the array
+
+        def job(offset: int, n: int) -> Callable[[], None]:
+            def read() -> None:
+                if not self.direct or (zero_copy and n % ALIGN == 0):
+                    _full_pread(fd, raw[offset : offset + n].data, offset, path)
+                    return
+                buf = self._buffer()
+                try:
+                    padded = -(-n // ALIGN) * ALIGN
+                    _full_pread(fd, memoryview(buf)[:padded], offset, path, want=n)
+                    raw[offset : offset + n] = np.frombuffer(buf, np.uint8, count=n)
+                finally:
+                    self._release(buf)
+
+            return read
+
+        return self._submit(fd, [job(o, n) for o, n in self._blocks(nbytes)])
+
+    def _forget(self, h: Handle) -> None:
+        self._handles.discard(h)
+
+
+def _full_pwrite(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n <= 0:
+            raise SwapError(f"{path}: short write at byte {offset + done}")
+        done += n
+
+
+def _full_pread(fd: int, buf: memoryview, offset: int, path: Path, want: int | None = None) -> None:
+    """Fill ``buf`` from ``offset``; with ``want``, only that many bytes must exist (an
+    aligned read past the end of a padded file returns less)."""
+    need = len(buf) if want is None else want
+    done = 0
+    while done < need:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise SwapError(f"{path}: short read at byte {offset + done}, wanted {need}")
+        done += n
