@@ -48,6 +48,7 @@ from layoutc.plan.plan import Plan
 from layoutc.runtime import memory
 from layoutc.runtime.checksum import file_crc
 from layoutc.runtime.fileio import Files
+from layoutc.runtime.spill import Spill
 
 MANIFEST = "layoutc-manifest.json"
 
@@ -117,15 +118,17 @@ class Report:
     peak_rss_bytes: int
     plan: Plan = field(repr=False)
     warnings: tuple[str, ...] = ()
+    bytes_swapped: int = 0  # through swap files, out and in
 
     def summary(self) -> str:
         rate = self.bytes_written / self.seconds / 1e9 if self.seconds else 0.0
         from layoutc.render import human_size
 
+        swapped = f"; swapped {human_size(self.bytes_swapped)}" if self.bytes_swapped else ""
         return (
             f"wrote {len(self.files)} files, {human_size(self.bytes_written)} to {self.output} "
-            f"in {self.seconds:.2f} s ({rate:.2f} GB/s); read {human_size(self.bytes_read)}; "
-            f"peak RSS {human_size(self.peak_rss_bytes)}"
+            f"in {self.seconds:.2f} s ({rate:.2f} GB/s); read {human_size(self.bytes_read)}"
+            f"{swapped}; peak RSS {human_size(self.peak_rss_bytes)}"
         )
 
 
@@ -298,7 +301,12 @@ def execute(
             if progress is not None:
                 progress(done, total)
 
-        memory.execute(plan, files_in, prepared.views, on_unit=on_unit)
+        spill = Spill(out.with_name(out.name + f".swap-{os.getpid()}"))
+        try:
+            memory.execute(plan, files_in, prepared.views, on_unit=on_unit, spill=spill)
+        finally:
+            swapped = spill.bytes_out + spill.bytes_in
+            spill.close()
         crcs = prepared.finish()
         files = _commit(partial, out, prepared, plan, crcs)
     except BaseException:
@@ -317,6 +325,7 @@ def execute(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         plan,
         plan.warnings,
+        swapped,
     )
 
 

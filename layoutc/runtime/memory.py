@@ -24,6 +24,7 @@ from layoutc.place.shards import STEP, Box, Slice
 from layoutc.plan import ops as O
 from layoutc.plan.plan import Plan
 from layoutc.runtime.fileio import Region
+from layoutc.runtime.spill import Spill
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "fp64": np.dtype(np.float64),
@@ -107,7 +108,7 @@ def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
 class Result:
     stored: Stored
     peaks: dict[int, int] = field(default_factory=dict)  # unit id -> peak live bytes
-    swap_files: dict[str, np.ndarray] = field(default_factory=dict)
+    spill: Spill = field(default_factory=Spill)  # the swap files of spill units
 
 
 def _last_uses(unit_ops: tuple[O.Op, ...]) -> dict[str, int]:
@@ -124,9 +125,11 @@ def execute(
     target: Placement | Mapping[tuple[str, str], np.ndarray],
     on_unit: Any = None,
     threads: int | None = None,
+    spill: Spill | None = None,
 ) -> Result:
     """Run ``plan`` over ``source`` buffers into ``target``: a placement (fresh arrays are
     made for its buffers) or a mapping of writable 1-D arrays (e.g. maps of output files).
+    Spill units swap through ``spill`` (default: swap files in memory).
 
     Each of the plan's workers is a thread running its units in plan order (``threads=1``
     runs everything in one thread, in plan order). A unit holds its declared peak bytes of
@@ -137,7 +140,7 @@ def execute(
         out: Any = {(b.file, b.key): np.zeros(b.numel, np_dtype(b.dtype)) for b in target.buffers()}
     else:
         out = target
-    result = Result(out)
+    result = Result(out, spill=spill if spill is not None else Spill())
     budget = _Budget(plan.budget)
     lock = threading.Lock()
 
@@ -146,7 +149,7 @@ def execute(
         last = _last_uses(unit_ops)
         live = _Live()
         peak = 0
-        swap = result.swap_files
+        swap = result.spill
         with budget.hold(unit.stats.peak_bytes):
             for i, op in enumerate(unit_ops):
                 _run(op, live, source, out, swap)
@@ -284,7 +287,7 @@ class _Live(dict[str, Any]):
         return super().__getitem__(name)
 
 
-def _run(op: O.Op, live: _Live, source: Any, out: Any, swap: dict[str, np.ndarray]) -> None:
+def _run(op: O.Op, live: _Live, source: Any, out: Any, swap: Spill) -> None:
     if isinstance(op, O.Read):
         buf = source[(op.file, op.key)]
         if op.offset < 0 or op.offset + op.numel > buf.size:
@@ -322,7 +325,10 @@ def _run(op: O.Op, live: _Live, source: Any, out: Any, swap: dict[str, np.ndarra
                 a[_sl(dst_box)] = src[_sl(src_box)]
             live[name] = a
     elif isinstance(op, O.Swap):
-        _swap(op, live, swap)
+        if op.direction == "out":
+            swap.write(op, live[op.buf])
+        else:
+            live[op.buf] = swap.read(op)
     elif isinstance(op, O.Write):
         dst = out[(op.file, op.key)]
         if op.offset < 0 or op.offset + op.numel > dst.size:
@@ -341,33 +347,6 @@ def _run(op: O.Op, live: _Live, source: Any, out: Any, swap: dict[str, np.ndarra
         else:
             data = live[op.src].reshape(-1)[op.src_offset : op.src_offset + op.numel]
             dst[op.offset : op.offset + op.numel] = _cast(data, op.dtype)
-
-
-def _logical_index(op: O.Swap) -> np.ndarray:
-    """Logical flat index of each slice element in ``[start, start+numel)``; -1 for padding."""
-    local = np.full(op.slice_shape if op.slice_shape else (), -1, np.int64)
-    logical_ids = np.arange(
-        int(np.prod(op.logical_shape)) if op.logical_shape else 1, dtype=np.int64
-    )
-    logical_ids = (
-        logical_ids.reshape(op.logical_shape) if op.logical_shape else logical_ids.reshape(())
-    )
-    for local_box, logical_box in op.segments:
-        local[_sl(local_box)] = logical_ids[_sl(logical_box)]
-    return local.reshape(-1)[op.start : op.start + op.numel]
-
-
-def _swap(op: O.Swap, live: dict[str, np.ndarray], swap: dict[str, np.ndarray]) -> None:
-    size = int(np.prod(op.logical_shape)) if op.logical_shape else 1
-    file = swap.setdefault(op.path, np.zeros(size, np_dtype(op.file_dtype)))
-    idx = _logical_index(op)
-    data = idx >= 0
-    if op.direction == "out":
-        file[idx[data]] = _cast(live[op.buf].reshape(-1)[data], op.file_dtype)
-    else:
-        a = np.zeros(op.numel, np_dtype(op.dtype))
-        a[data] = _cast(file[idx[data]], op.dtype)
-        live[op.buf] = a
 
 
 def markers(p: Placement, seed: int | None = None) -> dict[str, dict[str, np.ndarray]]:

@@ -1,0 +1,163 @@
+"""Spill files: the plan's ``swap`` ops, on disk or in memory.
+
+A tensor whose slicing changes but which is too big to merge in memory (a ``spill`` unit)
+goes through a swap file holding the whole logical tensor, row-major, in the file dtype:
+each source slice is written out chunk by chunk to its logical positions, then each target
+slice is read back chunk by chunk. :func:`runs` cuts one chunk of a slice into the runs of
+consecutive elements that land consecutively in the logical tensor (whole rows when a
+segment spans them), so a chunk moves with a few large IOs and no index arrays — memory
+stays within the chunk the plan budgeted.
+
+:class:`Spill` keeps the swap files under a folder (``pread`` / ``pwrite``, files
+pre-sized and removed on :meth:`Spill.close`), or, with no folder, in memory (the test
+executor).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layoutc.plan import ops as O
+
+
+def runs(op: O.Swap) -> Iterator[tuple[int, int, int]]:
+    """``(offset in the chunk, logical flat offset, length)`` for the chunk's elements
+    that a segment covers, in chunk order, adjacent runs merged."""
+    shape = op.slice_shape
+    a, b = op.start, op.start + op.numel
+    if not shape:  # a scalar
+        if a == 0 < b and op.segments:
+            yield 0, 0, 1
+        return
+    last = shape[-1]
+    if last == 0 or a >= b:
+        return
+    lstrides = _strides(op.logical_shape)
+    pending: list[int] | None = None
+    for r in range(a // last, (b - 1) // last + 1):
+        m = _unravel(r, shape[:-1])
+        c0, c1 = max(a - r * last, 0), min(b - r * last, last)
+        row: list[tuple[int, int, int]] = []
+        for lbox, gbox in op.segments:
+            if any(not lo <= x < hi for x, (lo, hi) in zip(m, lbox[:-1], strict=True)):
+                continue
+            lo, hi = max(c0, lbox[-1][0]), min(c1, lbox[-1][1])
+            if lo >= hi:
+                continue
+            logical = sum(
+                (x - lb[0] + gb[0]) * st
+                for x, lb, gb, st in zip(m, lbox[:-1], gbox[:-1], lstrides[:-1], strict=True)
+            ) + (lo - lbox[-1][0] + gbox[-1][0])
+            row.append((r * last + lo - a, logical, hi - lo))
+        for run in sorted(row):
+            if pending and pending[0] + pending[2] == run[0] and pending[1] + pending[2] == run[1]:
+                pending[2] += run[2]
+                continue
+            if pending:
+                yield pending[0], pending[1], pending[2]
+            pending = list(run)
+    if pending:
+        yield pending[0], pending[1], pending[2]
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    out = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        out[i] = out[i + 1] * shape[i + 1]
+    return out
+
+
+def _unravel(index: int, shape: tuple[int, ...]) -> list[int]:
+    out = [0] * len(shape)
+    for i in range(len(shape) - 1, -1, -1):
+        index, out[i] = divmod(index, shape[i]) if shape[i] else (index, 0)
+    return out
+
+
+class Spill:
+    """The swap files of one execution: under ``folder``, or in memory when it is None."""
+
+    def __init__(self, folder: str | os.PathLike[str] | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.arrays: dict[str, np.ndarray] = {}  # in memory: path -> logical tensor (flat)
+        self.fds: dict[str, int] = {}
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    def _file(self, op: O.Swap) -> Any:
+        from layoutc.runtime.memory import np_dtype
+
+        size = math.prod(op.logical_shape) if op.logical_shape else 1
+        dtype = np_dtype(op.file_dtype)
+        if self.folder is None:
+            if op.path not in self.arrays:
+                self.arrays[op.path] = np.zeros(size, dtype)
+            return self.arrays[op.path]
+        if op.path not in self.fds:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / op.path.replace("/", "_")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(fd, size * dtype.itemsize)  # zeros where nothing is written
+            self.fds[op.path] = fd
+        return self.fds[op.path]
+
+    def write(self, op: O.Swap, data: np.ndarray) -> None:
+        """Swap out: the chunk ``data`` (``op.numel`` elements) to its logical places."""
+        from layoutc.runtime.memory import np_dtype
+
+        f = self._file(op)
+        flat = np.ascontiguousarray(data.reshape(-1).astype(np_dtype(op.file_dtype), copy=False))
+        item = flat.dtype.itemsize
+        for off, logical, n in runs(op):
+            if isinstance(f, np.ndarray):
+                f[logical : logical + n] = flat[off : off + n]
+            else:
+                _pwrite_all(f, flat[off : off + n].view(np.uint8).data, logical * item)
+            self.bytes_out += n * item
+
+    def read(self, op: O.Swap) -> np.ndarray:
+        """Swap in: the chunk's elements from their logical places (zero where no segment
+        covers the slice), in ``op.dtype``."""
+        from layoutc.runtime.memory import np_dtype
+
+        f = self._file(op)
+        buf = np.zeros(op.numel, np_dtype(op.file_dtype))
+        item = buf.dtype.itemsize
+        for off, logical, n in runs(op):
+            if isinstance(f, np.ndarray):
+                buf[off : off + n] = f[logical : logical + n]
+            else:
+                _pread_all(f, buf[off : off + n].view(np.uint8).data, logical * item)
+            self.bytes_in += n * item
+        want = np_dtype(op.dtype)
+        return buf if buf.dtype == want else buf.astype(want)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self.arrays.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], at + done)
+
+
+def _pread_all(fd: int, buf: memoryview, at: int) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], at + done)
+        if n <= 0:
+            raise OSError(f"swap file: short read at byte {at + done}")
+        done += n
