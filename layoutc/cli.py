@@ -303,8 +303,20 @@ def _param_groups(path: str | None) -> list[dict[str, object]] | None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from layoutc.runtime import distributed
+
+    made = distributed.init_from_env()  # under torchrun: one process group for the run
+    try:
+        return _convert(args, distributed.current())
+    finally:
+        distributed.finish(made)
+
+
+def _convert(args: argparse.Namespace, group: object) -> int:
     from layoutc.conversion import convert
     from layoutc.render import render
+
+    lead = group is None or getattr(group, "rank", 0) == 0  # rank 0 speaks for the run
 
     def show(plan: object) -> None:
         text = render(plan, "text")  # type: ignore[arg-type]
@@ -329,16 +341,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
             workers=args.workers,
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
-            progress=_Progress(not args.quiet),
-            on_plan=show,
+            progress=_Progress(not args.quiet and lead),
+            on_plan=show if lead else None,
             overrides=dict(args.overrides),
             param_groups=_param_groups(args.param_groups),
         )
     except ValueError as e:
         raise _Usage(str(e)) from None
-    for w in report.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    print(report.summary())
+    if lead:
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        print(report.summary())
     return EXIT_OK
 
 

@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -45,9 +46,9 @@ from layoutc.place import place
 from layoutc.place.full import WeightsPlacement
 from layoutc.plan.compile import compile_plan
 from layoutc.plan.plan import Plan
-from layoutc.runtime import memory
-from layoutc.runtime.checksum import file_crc
-from layoutc.runtime.fileio import Files
+from layoutc.runtime import distributed, memory
+from layoutc.runtime.checksum import Pieces, file_crc
+from layoutc.runtime.fileio import Files, Region
 from layoutc.runtime.spill import Spill
 
 MANIFEST = "layoutc-manifest.json"
@@ -229,6 +230,9 @@ def convert(
                 f"--max-shard-size applies to safetensors output, not {tgt.store.format}"
             )
         tgt = tgt.with_store(replace(tgt.store, max_shard_bytes=max_shard_size))
+    group = distributed.current()
+    if group is not None:  # under torchrun: `workers` threads on each rank
+        workers *= group.world
     plan = compile_plan(source, tgt, memory=memory_budget, workers=workers)
     plan.validate(plan.source_placement, plan.target_placement)
     if src_tag is None and tgt.store.format == "deepspeed":
@@ -281,6 +285,9 @@ def execute(
         )
     folder = Path(source)
     out = Path(output)
+    group = distributed.current()
+    if group is not None:
+        return _execute_across(group, plan, folder, out, tag, progress, start, param_groups)
     if out.exists() and any(out.iterdir()):
         raise OutputExists(f"{out}: exists and is not empty; choose a new output folder")
     partial = out.with_name(out.name + f".partial-{os.getpid()}")
@@ -292,15 +299,7 @@ def execute(
         prepared = prepare(
             plan.target_placement, partial, folder, tag or folder.name, param_groups=param_groups
         )
-        total = sum(u.stats.write_bytes for u in plan.units) or 1  # progress: bytes written
-        done = 0
-
-        def on_unit(unit: Any) -> None:
-            nonlocal done
-            done += unit.stats.write_bytes
-            if progress is not None:
-                progress(done, total)
-
+        on_unit = _progress_by_bytes_written(plan.units, progress)
         spill = Spill(out.with_name(out.name + f".swap-{os.getpid()}"))
         try:
             memory.execute(plan, files_in, prepared.views, on_unit=on_unit, spill=spill)
@@ -314,19 +313,148 @@ def execute(
         raise
     finally:
         files_in.close()
-    seconds = time.perf_counter() - start
+    return _report(plan, out, files, start, swapped)
+
+
+def _report(plan: Plan, out: Path, files: list[str], start: float, swapped: int) -> Report:
     t = plan.totals
     return Report(
         out,
         files,
         t.read_bytes,
         t.write_bytes,
-        seconds,
+        time.perf_counter() - start,
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         plan,
         plan.warnings,
         swapped,
     )
+
+
+def _progress_by_bytes_written(
+    units: Any, progress: Callable[[int, int], None] | None
+) -> Callable[[Any], None]:
+    """An ``on_unit`` callback reporting bytes written so far out of those of ``units``."""
+    total = sum(u.stats.write_bytes for u in units) or 1
+    done = 0
+    lock = threading.Lock()
+
+    def on_unit(unit: Any) -> None:
+        nonlocal done
+        with lock:
+            done += unit.stats.write_bytes
+            now = done
+        if progress is not None:
+            progress(now, total)
+
+    return on_unit
+
+
+def _regions(io: Files, layout: dict[tuple[str, str], Any]) -> dict[tuple[str, str], Any]:
+    """Writable regions of the output's files, from rank 0's description of them."""
+    return {
+        k: io.region(v[0], v[1], v[2], memory.np_dtype(v[3]))
+        if isinstance(v, tuple)
+        else np.zeros(0, memory.np_dtype(v))
+        for k, v in layout.items()
+    }
+
+
+class RankFailed(LayoutcError):
+    """A rank of a distributed conversion failed; nothing was committed."""
+
+
+def _execute_across(
+    group: distributed.Group,
+    plan: Plan,
+    folder: Path,
+    out: Path,
+    tag: str | None,
+    progress: Callable[[int, int], None] | None,
+    start: float,
+    param_groups: list[dict[str, Any]] | None,
+) -> Report:
+    """:func:`execute` on every rank of ``group``: rank 0 creates the files, every rank
+    writes the units of its workers (``unit.worker % world``), rank 0 combines the CRCs of
+    all ranks' writes and commits once every rank has succeeded; a failure anywhere leaves
+    nothing committed and is raised on every rank, naming the rank."""
+    rank, world = group.rank, group.world
+    partial = out.with_name(out.name + f".partial-{os.getpid()}")
+    prepared = None
+    layout: Any = None
+    if rank == 0:
+        try:
+            if out.exists() and any(out.iterdir()):
+                raise OutputExists(f"{out}: exists and is not empty; choose a new output folder")
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+            prepared = prepare(
+                plan.target_placement,
+                partial,
+                folder,
+                tag or folder.name,
+                param_groups=param_groups,
+            )
+            layout = {
+                k: (v.path, v.offset, v.size, memory.dtype_name(v.dtype))
+                if isinstance(v, Region)
+                else memory.dtype_name(v.dtype)
+                for k, v in prepared.views.items()
+            }
+        except BaseException as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            layout = f"rank 0: {type(e).__name__}: {e}"
+            group.broadcast(layout)
+            raise
+    layout = group.broadcast(layout)
+    if isinstance(layout, str):
+        raise RankFailed(f"{out}: {layout}")
+    io = prepared.io if prepared is not None else Files(os.O_RDWR)
+    mine = [u for u in plan.units if u.worker % world == rank]
+    on_unit = _progress_by_bytes_written(mine, progress)
+
+    error = None
+    swapped = 0
+    files_in = SourceFiles(folder)
+    spill = Spill(out.with_name(out.name + f".swap-{os.getpid()}-{rank}"))
+    try:  # whatever fails here is reported to every rank below, never left hanging
+        views: Any = prepared.views if prepared is not None else _regions(io, layout)
+        threads = max(1, plan.workers // world)
+        memory.execute(
+            plan, files_in, views, on_unit=on_unit, spill=spill, units=mine, threads=threads
+        )
+    except BaseException as e:
+        error = f"rank {rank}: {type(e).__name__}: {e}"
+    finally:
+        swapped = spill.bytes_out + spill.bytes_in
+        spill.close()
+        files_in.close()
+    pieces = {path: p.snapshot() for path, p in io.pieces.items()}
+    if prepared is None:
+        io.close()
+    results = group.gather((error, pieces, swapped))
+    errors = [e for e, _, _ in results if e]
+    files: Any = None
+    if rank == 0:
+        assert prepared is not None
+        try:
+            if errors:
+                raise RankFailed(f"{out}: " + "; ".join(errors) + " (nothing committed)")
+            for _, theirs, _ in results[1:]:
+                for path, runs in theirs.items():
+                    for offset, length, crc in runs:
+                        prepared.io.pieces.setdefault(path, Pieces()).record(offset, length, crc)
+            files = _commit(partial, out, prepared, plan, prepared.finish())
+        except BaseException as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            files = f"rank 0: {type(e).__name__}: {e}" if not errors else "; ".join(errors)
+            group.broadcast(files)
+            raise
+    files = group.broadcast(files)
+    if isinstance(files, str):
+        raise RankFailed(f"{out}: {files} (nothing committed)")
+    return _report(plan, out, files, start, sum(s for _, _, s in results))
 
 
 def _fsync(path: Path) -> None:
@@ -338,7 +466,15 @@ def _fsync(path: Path) -> None:
 
 
 def plan_digest(plan: Plan) -> str:
-    return hashlib.sha256(plan.to_json(with_ops=False).encode()).hexdigest()
+    """SHA-256 of what the plan moves — both endpoints and, per unit, the tensor, the
+    target and source states and the cast — not of how it is scheduled: the same for
+    any memory budget, worker count or number of ranks."""
+    what = {
+        "source": plan.source.to_dict(),
+        "target": plan.target.to_dict(),
+        "routes": [[u.tensor, u.state, u.source_state, u.cast] for u in plan.units],
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
 def _commit(

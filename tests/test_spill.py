@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from layouts import layout_pairs
 from test_deepspeed_write import _stub_source, write
 
-from layoutc.conversion import MANIFEST, execute, verify
+from layoutc.conversion import execute, verify
 from layoutc.formats.deepspeed import open_checkpoint
 from layoutc.lang.check import load_text
 from layoutc.place import place
@@ -52,10 +52,9 @@ def test_swap_files_on_disk_move_what_swap_files_in_memory_move(tmp_path_factory
 
 
 def _files(root: Path) -> dict[str, bytes]:
+    """Every file's bytes, the manifest included (its plan digest ignores the schedule)."""
     return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
 
 

@@ -110,9 +110,10 @@ class Pieces:
             crc = combine(crc, crc_of_file_range(fd, pos, hi), hi - pos)
         return crc
 
-    def covered(self) -> int:
+    def snapshot(self) -> list[tuple[int, int, int]]:
+        """The recorded ``(offset, length, crc)`` pieces (to send to another process)."""
         with self._lock:
-            return sum(n for _, n, _ in self._pieces)
+            return list(self._pieces)
 
 
 def file_crc(path: str | os.PathLike[str], pieces: Pieces | None = None) -> int:

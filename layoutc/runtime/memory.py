@@ -49,6 +49,11 @@ def np_dtype(dtype: str) -> np.dtype:
     return NUMPY_DTYPES[dtype]
 
 
+def dtype_name(dtype: np.dtype) -> str:
+    """The layoutc name of a numpy dtype (``np_dtype``'s inverse)."""
+    return next(name for name, dt in NUMPY_DTYPES.items() if dt == dtype)
+
+
 def _sl(box: Box) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in box)
 
@@ -126,10 +131,12 @@ def execute(
     on_unit: Any = None,
     threads: int | None = None,
     spill: Spill | None = None,
+    units: Any = None,
 ) -> Result:
     """Run ``plan`` over ``source`` buffers into ``target``: a placement (fresh arrays are
     made for its buffers) or a mapping of writable 1-D arrays (e.g. maps of output files).
-    Spill units swap through ``spill`` (default: swap files in memory).
+    Spill units swap through ``spill`` (default: swap files in memory). ``units`` runs a
+    subset of the plan's units (this rank's share under torch.distributed).
 
     Each of the plan's workers is a thread running its units in plan order (``threads=1``
     runs everything in one thread, in plan order). A unit holds its declared peak bytes of
@@ -161,13 +168,14 @@ def execute(
             if on_unit is not None:
                 on_unit(unit)
 
+    todo = plan.units if units is None else units
     workers = plan.workers if threads is None else threads
     if workers <= 1:
-        for unit in plan.units:
+        for unit in todo:
             run_unit(unit)
         return result
     queues: list[list[Any]] = [[] for _ in range(workers)]
-    for unit in plan.units:
+    for unit in todo:
         queues[unit.worker % workers].append(unit)
     errors: list[BaseException] = []
 

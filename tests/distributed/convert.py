@@ -1,0 +1,52 @@
+"""One rank of a distributed conversion in the tests (run under torchrun).
+
+    python -m torch.distributed.run --nproc_per_node N tests/distributed/convert.py \\
+        SRC OUT TARGET [--set NAME=VALUE] [--fail-rank R]
+
+``--fail-rank R`` makes rank R fail while writing its first unit, to prove that nothing
+is committed and every rank reports the failure."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch.distributed as dist
+
+import layoutc
+from layoutc.conversion import RankFailed
+from layoutc.runtime import memory
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("source")
+    ap.add_argument("output")
+    ap.add_argument("target")
+    ap.add_argument("--set", dest="settings", action="append", default=[])
+    ap.add_argument("--fail-rank", type=int)
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if args.fail_rank == rank:
+        run = memory._run
+
+        def failing(op, *a):
+            if type(op).__name__ == "Write":
+                raise OSError("injected write failure")
+            return run(op, *a)
+
+        memory._run = failing
+    overrides = {k: int(v) for k, v in (s.split("=") for s in args.settings)}
+    try:
+        layoutc.convert(args.source, args.output, args.target, workers=1, overrides=overrides)
+        status = 0
+    except RankFailed as e:
+        print(f"rank {rank}: {e}", file=sys.stderr)
+        status = 3
+    dist.destroy_process_group()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

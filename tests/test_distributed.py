@@ -1,0 +1,64 @@
+"""A plan run across ranks with torchrun (gloo, CPU): the output equals the single-process
+run byte for byte, and a rank that fails leaves nothing committed."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import layoutc
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "distributed" / "convert.py"
+EXAMPLE = ROOT / "examples" / "deepspeed-zero2"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun(ranks: int, *args: object) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+        "--master_addr", "127.0.0.1", "--master_port", str(_port()), str(SCRIPT),
+        *map(str, args),
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize(
+    ("target", "settings"), [("universal", []), ("deepspeed", ["--set", "dp=3"])]
+)
+def test_ranks_together_write_what_one_process_writes(tmp_path, ranks, target, settings):
+    overrides = {"dp": 3} if settings else None
+    layoutc.convert(EXAMPLE, tmp_path / "single", target, overrides=overrides)
+    run = torchrun(ranks, EXAMPLE, tmp_path / "multi", target, *settings)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _files(tmp_path / "multi") == _files(tmp_path / "single")
+
+
+def test_a_failing_rank_leaves_nothing_committed_and_every_rank_says_so(tmp_path):
+    run = torchrun(2, EXAMPLE, tmp_path / "out", "universal", "--fail-rank", "1")
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert (
+            f"rank {rank}: " in run.stderr
+            and "rank 1: OSError: injected write failure" in run.stderr
+        )
+    assert "(nothing committed)" in run.stderr
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no partial folder, no swap files
