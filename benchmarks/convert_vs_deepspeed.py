@@ -11,6 +11,9 @@ side, each of:
     layoutc univ     layoutc convert CKPT --to universal -o OUT -q        (+ --memory 256MiB)
     ds_to_universal  python -m deepspeed.checkpoint.ds_to_universal --input_folder CKPT/<tag>
                      --output_folder OUT/<tag> --inject_missing_state (default workers)
+    layoutc torchrun python -m torch.distributed.run --nproc_per_node 2 -m layoutc convert
+                     CKPT --to universal -o OUT -q --workers 1 (the plan over 2 ranks; needs
+                     torch next to layoutc)
     layoutc ds dp=3  layoutc convert CKPT --to deepspeed --set dp=3 -o OUT -q (a native
                      reshard; DeepSpeed's own path is ds_to_universal, then a universal load)
     layoutc st       layoutc convert CKPT --to safetensors -o OUT -q
@@ -73,6 +76,7 @@ MICRO_BATCH = 2
 SEED = 1234
 MEMORY_BUDGET = "256MiB"
 RESHARD_SHORT = f"deepspeed dp={WORLD + 1}"
+TORCHRUN = "layoutc → universal, torchrun 2 ranks x 1 thread"
 RESHARD = f"layoutc → {RESHARD_SHORT} (native reshard)"
 METADATA = {"layoutc-manifest.json", "latest", "latest_universal", "model.safetensors.index.json"}
 
@@ -528,6 +532,33 @@ def main() -> None:
                 ("universal", MEMORY_BUDGET),
             ),
             (
+                TORCHRUN,
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc_per_node",
+                    "2",
+                    "--master_addr",
+                    "127.0.0.1",
+                    "--master_port",
+                    str(free_port()),
+                    "-m",
+                    "layoutc",
+                    "convert",
+                    str(ckpt),
+                    "--to",
+                    "universal",
+                    "-o",
+                    OUTDIR,
+                    "-q",
+                    "--workers",
+                    "1",
+                ],
+                env_lc,
+                None,
+            ),
+            (
                 "DeepSpeed ds_to_universal",
                 [
                     args.ds_python,
@@ -581,6 +612,8 @@ def main() -> None:
             for k in range(args.repeat):
                 out = tmp / f"out{i}-{k}"
                 real = [c.replace(OUTDIR, str(out)) for c in cmd]
+                if "--master_port" in real:  # a fresh rendezvous port for every run
+                    real[real.index("--master_port") + 1] = str(free_port())
                 print(f"[{name}] run {k + 1}/{args.repeat} ...", flush=True)
                 run = measure(real, env, tmp, tmp / f"job{i}-{k}.log")
                 res.runs.append(run)
@@ -688,6 +721,7 @@ def main() -> None:
         ("ds_to_universal / layoutc universal", D, U, True),
         ("layoutc universal / cp -r", U, C, False),  # cp holds ~nothing: no memory ratio
         (f"ds_to_universal / layoutc {RESHARD_SHORT}", D, RESHARD, True),
+        ("layoutc universal, torchrun 2 ranks / 1 process", TORCHRUN, U, True),
         (f"layoutc {RESHARD_SHORT} / cp -r", RESHARD, C, False),
         ("zero_to_fp32 / layoutc safetensors", Z, S, True),
     ):
