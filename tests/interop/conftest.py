@@ -1,12 +1,14 @@
 """Interop tests: real DeepSpeed 0.19.8 as the oracle (CPU, torchrun, gloo).
 
 DeepSpeed runs in its own interpreter, ``$LAYOUTC_DS_PYTHON`` (default: the one running
-pytest), which needs the CPU torch pinned in constraints.txt, deepspeed and safetensors::
+pytest), which needs the CPU torch pinned in constraints.txt, deepspeed and safetensors, and
+transformers for the AutoTP cases::
 
     python3 -m venv /tmp/dsvenv
     /tmp/dsvenv/bin/pip install torch==2.13.0            # pinned: unpinned pulls CUDA wheels
     DS_BUILD_OPS=0 /tmp/dsvenv/bin/pip install --no-build-isolation deepspeed==0.19.8
     /tmp/dsvenv/bin/pip install numpy safetensors pytest
+    /tmp/dsvenv/bin/pip install -c constraints.txt transformers
     /tmp/dsvenv/bin/pip install -c constraints.txt -e .     # layoutc itself, for tests using it
 
     /tmp/dsvenv/bin/python -m pytest tests/interop -m interop -q -p no:cacheprovider
@@ -54,26 +56,33 @@ def cache_root() -> Path:
 
 
 class Corpus(Mapping[str, Path]):
-    """{case: checkpoint root} for every case in ds_make.CASES, plus loading helpers."""
+    """{case: checkpoint root} for every case in ds_make.ALL_CASES, plus loading helpers.
+
+    The data-parallel cases (ds_make.CASES) are built at once; the pipeline / tensor-parallel
+    ones on first use, a kind at a time (corpus.family), so sessions that never touch them
+    do not pay for them (nor need transformers, which only the AutoTP cases import).
+    """
 
     def __init__(self, root: Path, python: str) -> None:
         self.root = root
         self.python = python
-        self.paths = corpus.build(None, root, python=python)
+        self.paths = corpus.build(list(corpus.CASES), root, python=python)
         self.cases = corpus.CASES
 
     def __getitem__(self, case: str) -> Path:
+        if case not in self.paths and case in corpus.ALL_CASES:
+            self.paths.update(corpus.build(corpus.family(case), self.root, python=self.python))
         return self.paths[case]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.paths)
+        return iter(corpus.ALL_CASES)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(corpus.ALL_CASES)
 
     def truth(self, case: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """(fp32 numpy tensors, json meta) DeepSpeed reported at save time."""
-        return corpus.read_truth(self.paths[case])
+        return corpus.read_truth(self[case])
 
     def load(self, case: str, ckpt: Path | str, **kw: Any) -> corpus.Loaded:
         """corpus.load with this corpus's interpreter and cache (world=, universal=, ...)."""

@@ -2,18 +2,23 @@
 
     build(cases, root) -> {case: checkpoint root}    runs ds_make.py under torchrun (cached)
     load(case, ckpt, world=..., universal=...)       runs ds_load.py under torchrun
+    family(case) -> [cases]                           the cases built together with ``case``
     ds_to_universal(tag_dir, out_root)                DeepSpeed's own converter (a baseline)
     read_truth(path) -> (tensors, meta)               numpy arrays + json, no torch needed
 
-DeepSpeed runs in a separate interpreter: ``$LAYOUTC_DS_PYTHON`` if set, else this one. It
-needs torch, deepspeed and safetensors (see /tmp/dsvenv recipe in the interop README, the
-docstring of conftest.py). This module itself imports neither torch nor DeepSpeed.
+``CASES`` are the data-parallel (ZeRO) cases, ``PARALLEL_CASES`` the pipeline and
+tensor-parallel ones (ds_parallel.py), ``ALL_CASES`` both; ``build(None)`` builds all.
 
-Cache layout: ``root/ds<deepspeed version>-<hash of ds_make.py + versions>/<case>/`` holding
-the checkpoint root (``latest``, ``global_step2/``), ``ground_truth.safetensors``,
-``ground_truth.json`` and ``DONE`` (written last: a case without it is rebuilt);
-``root/torch_extensions`` caches DeepSpeed's JIT-built CPU comm op; ``root/logs`` keeps the
-torchrun output of each launch.
+DeepSpeed runs in a separate interpreter: ``$LAYOUTC_DS_PYTHON`` if set, else this one. It
+needs torch, deepspeed and safetensors, and transformers for the AutoTP cases (see the
+/tmp/dsvenv recipe in the docstring of conftest.py). This module itself imports neither torch
+nor DeepSpeed.
+
+Cache layout: ``root/ds<deepspeed version>-<hash of ds_make.py, ds_parallel.py and the
+versions>/<case>/`` holding the checkpoint root (``latest``, ``global_step2/``),
+``ground_truth.safetensors``, ``ground_truth.json`` and ``DONE`` (written last: a case without
+it is rebuilt); ``root/torch_extensions`` caches DeepSpeed's JIT-built CPU comm op;
+``root/logs`` keeps the torchrun output of each launch.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 MAKE = HERE / "ds_make.py"
+PARALLEL = HERE / "ds_parallel.py"  # imported by ds_make.py: part of the cache key
 LOAD = HERE / "ds_load.py"
 PYTHON_ENV = "LAYOUTC_DS_PYTHON"
 TIMEOUT_S = 600
@@ -51,7 +57,19 @@ def _ds_make_module() -> Any:
     return mod
 
 
-CASES: dict[str, dict[str, Any]] = _ds_make_module().CASES
+_DS_MAKE = _ds_make_module()
+CASES: dict[str, dict[str, Any]] = _DS_MAKE.CASES
+PARALLEL_CASES: dict[str, dict[str, Any]] = _DS_MAKE.PARALLEL_CASES
+ALL_CASES: dict[str, dict[str, Any]] = _DS_MAKE.ALL_CASES
+
+
+def family(case: str) -> list[str]:
+    """The cases worth building together with ``case``: the data-parallel cases, or the
+    parallel cases of its kind (the AutoTP ones need transformers, the others do not)."""
+    if case in CASES:
+        return list(CASES)
+    kind = PARALLEL_CASES[case]["kind"]
+    return [n for n, c in PARALLEL_CASES.items() if c["kind"] == kind]
 
 
 def ds_python() -> str:
@@ -60,12 +78,18 @@ def ds_python() -> str:
 
 @cache
 def versions(python: str | None = None) -> dict[str, str] | None:
-    """{'deepspeed': ..., 'torch': ...} as seen by ``python``; None if it cannot run them."""
+    """{'deepspeed': ..., 'torch': ..., 'safetensors': ...[, 'transformers': ...]} as seen by
+    ``python``; None if it cannot run the first three (transformers is optional)."""
     python = python or ds_python()
     code = (
         "import importlib.metadata as m, json\n"
         "import deepspeed, torch, safetensors\n"
-        "print(json.dumps({k: m.version(k) for k in ('deepspeed', 'torch', 'safetensors')}))\n"
+        "v = {k: m.version(k) for k in ('deepspeed', 'torch', 'safetensors')}\n"
+        "try:\n"
+        "    v['transformers'] = m.version('transformers')\n"
+        "except m.PackageNotFoundError:\n"
+        "    pass\n"
+        "print(json.dumps(v))\n"
     )
     env = _env(None)
     try:
@@ -84,6 +108,7 @@ def cache_key(python: str | None = None) -> str:
     if vers is None:
         raise RuntimeError(f"DeepSpeed is not importable by {python or ds_python()}")
     h = hashlib.sha256(MAKE.read_bytes())
+    h.update(PARALLEL.read_bytes())
     h.update(json.dumps(vers, sort_keys=True).encode())
     return f"ds{vers['deepspeed']}-{h.hexdigest()[:12]}"
 
@@ -163,30 +188,33 @@ def build(
 ) -> dict[str, Path]:
     """Make (or reuse) the checkpoints of ``cases`` (all when None) under ``root``.
 
-    Cases of one world size share one torchrun launch. Returns {case: checkpoint root}.
+    Cases of one world size (and one ``launch`` group: see ds_make.PARALLEL_CASES) share one
+    torchrun launch. Returns {case: checkpoint root}.
     """
-    names = list(CASES) if cases is None else list(cases)
-    unknown = [n for n in names if n not in CASES]
+    names = list(ALL_CASES) if cases is None else list(cases)
+    unknown = [n for n in names if n not in ALL_CASES]
     if unknown:
-        raise KeyError(f"unknown interop case(s) {unknown}; known: {sorted(CASES)}")
+        raise KeyError(f"unknown interop case(s) {unknown}; known: {sorted(ALL_CASES)}")
     root = Path(root).expanduser()
     base = root / cache_key(python)
     out = {n: base / n for n in names}
     with _locked(base / ".lock"):
         todo = [n for n in names if not (base / n / "DONE").is_file()]
-        by_world: dict[int, list[str]] = {}
+        launches: dict[tuple[int, str], list[str]] = {}
         for n in todo:
-            by_world.setdefault(CASES[n]["world"], []).append(n)
-        for world, group in sorted(by_world.items()):
+            case = ALL_CASES[n]
+            launches.setdefault((case["world"], case.get("launch", "")), []).append(n)
+        for (world, launch), group in sorted(launches.items()):
             target = base / group[0] if len(group) == 1 else base
             stamp = time.strftime("%Y%m%d-%H%M%S")
+            tag = f"-{launch}" if launch else ""
             torchrun(
                 MAKE,
                 ["--case", ",".join(group), "--out", str(target)],
                 world,
                 python=python,
                 ext_dir=root / "torch_extensions",
-                log=root / "logs" / f"make-w{world}-{stamp}-{os.getpid()}.log",
+                log=root / "logs" / f"make-w{world}{tag}-{stamp}-{os.getpid()}.log",
             )
         missing = [n for n in names if not (base / n / "DONE").is_file()]
         if missing:
@@ -230,15 +258,16 @@ def load(
     expect_error: bool = False,
     fresh: bool = False,
 ) -> Loaded:
-    """Have real DeepSpeed load ``ckpt`` as ``case`` at ``world`` ranks (default: the case's).
+    """Have real DeepSpeed load ``ckpt`` as ``case`` at ``world`` ranks (default: the case's;
+    a pipeline / TP case keeps its pp and tp, so ``world`` sets the data-parallel size).
 
     A refusal by DeepSpeed raises unless ``expect_error``; then ``Loaded.error`` holds it.
     ``fresh``: the checkpoint has no lr scheduler state (load_lr_scheduler_states=False).
     ``root`` is where torch extensions / logs are cached (default: a temp dir).
     """
-    if case not in CASES:
+    if case not in ALL_CASES:
         raise KeyError(f"unknown interop case {case!r}")
-    world = world or CASES[case]["world"]
+    world = world or ALL_CASES[case]["world"]
     root = Path(root).expanduser() if root else Path(tempfile.gettempdir()) / "layoutc-interop"
     with tempfile.TemporaryDirectory(prefix="ds_load-") as tmp:
         dump = Path(tmp) / "loaded.safetensors"

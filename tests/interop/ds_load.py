@@ -7,7 +7,7 @@ when ``--universal`` is given)::
         torchrun --nproc_per_node 3 --master_port 29512 tests/interop/ds_load.py \\
         --case z2_w2_bf16 --ckpt ROOT [--universal] [--tag TAG] --dump OUT.safetensors
 
-It builds the case's model and DeepSpeed config (ds_make.CASES) at world size W, with
+It builds the case's model and DeepSpeed config (ds_make.ALL_CASES) at world size W, with
 ``"checkpoint": {"load_universal": true}`` under ``--universal``, calls
 ``engine.load_checkpoint(ROOT[, tag])`` and has rank 0 write ``OUT.safetensors`` and
 ``OUT.json`` in exactly the format of ds_make's ground truth: fp32/, exp_avg/, exp_avg_sq/,
@@ -17,6 +17,9 @@ ds_make.capture). The json also holds ``load_path`` (what load_checkpoint return
 ``global_steps_after``. If DeepSpeed raises while loading, rank 0 writes only ``OUT.json`` with
 ``"error"`` holding the exception text, and the run still exits 0 (torchrun turns any
 non-zero worker exit into its own 1), so callers can assert on refusals.
+
+A pipeline / tensor-parallel case (ds_make.PARALLEL_CASES) keeps its pp and tp: W = pp * tp *
+dp picks the data-parallel size dp, and the dump holds full tensors as its ground truth does.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import ds_make  # after the sys.path insert above
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", required=True, choices=sorted(ds_make.CASES))
+    ap.add_argument("--case", required=True, choices=sorted(ds_make.ALL_CASES))
     ap.add_argument("--ckpt", required=True, type=Path, help="checkpoint root (holds latest)")
     ap.add_argument("--universal", action="store_true", help="load_universal (latest_universal)")
     ap.add_argument("--tag", default=None)
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     def work() -> None:
-        case = ds_make.CASES[args.case]
+        case = ds_make.ALL_CASES[args.case]
         engine, cfg = ds_make.build_engine(case, world, universal=args.universal)
         error = None
         try:

@@ -29,6 +29,32 @@ Ground-truth tensor keys (all full, unpartitioned, unpadded, fp32, logical shape
 ``<param>`` is DeepSpeed's parameter name (``engine.param_names``: the first module name of a
 tied parameter). This file is also imported (without torch) by corpus.py and ds_load.py for
 CASES and the shared helpers; torch and deepspeed are imported lazily.
+
+Pipeline and tensor-parallel cases (``PARALLEL_CASES``, built by ds_parallel.py; torchrun
+world = pp * tp * dp) use the same keys, with every tensor full: unsharded over data, pipeline
+and tensor parallelism, in the module's logical shape.
+
+    pipe     ``<param>`` is the PipelineModule's own parameter name, as in the ``param_shapes``
+             of the ``mp_rank_XX_model_states.pt`` files and in universal checkpoints:
+             ``<layer index>.<name inside the layer>`` (``1.fc1.weight``), and
+             ``tied_modules.<key>.<name>`` (``tied_modules.embed.weight``) for a TiedLayerSpec
+             module, recorded once although every stage using it holds (and trains) a copy.
+             ``<layer index>.<name>`` lives under key ``<name>`` in
+             ``layer_<index:02d>[-model_<tp rank:02d>]-model_states.pt``; the tied module in
+             the file of its first position (the head position, which has a forward_fn,
+             writes no file). The json's ``layer_files`` maps every parameter and buffer to
+             its {"layer", "key"}.
+    autotp   ``<param>`` is the Hugging Face name (``model.layers.0.self_attn.q_proj.weight``).
+
+``ground_truth.json`` of these cases adds, per parameter (``params``; ``tp_layout`` also covers
+buffers), how the TP ranks' slices make the full tensor, ``"tp"``: ``{"dim": d, "sizes": [the
+extent on d of each tp rank's slice]}`` (concatenate the slices on ``d`` in tp-rank order;
+sizes may be uneven, or 0) or ``{"dim": null, "sizes": null}`` (replicated: every tp rank
+holds the full tensor), and the ``stages`` holding it. ``mp_ranks`` lists, per checkpoint
+``mp_rank`` (= stage * tp + tp rank), its stage, tp rank, layer range, parameter names and the
+optimizer's flat groups in order (ZeRO-1: ``param_shapes`` order; ZeRO-0: the torch
+optimizer's param order); ``pipe_tied`` names the parameters several stages hold;
+``topology`` is {pp, tp, dp}.
 """
 
 from __future__ import annotations
@@ -96,13 +122,64 @@ CASES["z3_w2_subgroups"] = _case(3, "bf16", 2, zero={"sub_group_size": 8}, sched
 
 del _stage, _world, _dtype
 
+# --------------------------------------------------------------------------------------------
+# Pipeline / tensor-parallel cases (ds_parallel.py). Beyond the keys above:
+#   kind       "pipe" (deepspeed.pipe.PipelineModule, hand-written TP when tp > 1) |
+#              "autotp" (Hugging Face Llama sharded by DeepSpeed's AutoTP)
+#   pp, tp, dp pipeline stages, tensor-parallel ranks, data-parallel ranks (world = pp*tp*dp)
+#   launch     cases sharing (world, launch) share one torchrun (process-global DeepSpeed
+#              state such as AutoTP's groups must not leak from one case into the next)
+# --------------------------------------------------------------------------------------------
+
+PIPE_MODEL: dict[str, Any] = {"vocab": 37, "hidden": 10, "ffn": 6, "blocks": 3}
+# GQA: 4 query heads share 2 key/value heads; a vocabulary that does not split evenly.
+LLAMA_MODEL: dict[str, Any] = {
+    "vocab_size": 101,
+    "hidden_size": 16,
+    "intermediate_size": 12,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32,
+}
+
+
+def _pcase(kind: str, stage: int, dtype: str, pp: int, tp: int, dp: int) -> dict[str, Any]:
+    model = PIPE_MODEL if kind == "pipe" else LLAMA_MODEL
+    launch = kind if kind == "pipe" else f"{kind}{tp}x{dp}"
+    return _case(
+        stage, dtype, pp * tp * dp, kind=kind, pp=pp, tp=tp, dp=dp, model=dict(model), launch=launch
+    )
+
+
+PARALLEL_CASES: dict[str, dict[str, Any]] = {
+    # ZeRO-0 fp32: no optimizer files, the torch optimizer state sits in the mp_rank files.
+    "pp2_dp1_z0_fp32": _pcase("pipe", 0, "fp32", pp=2, tp=1, dp=1),
+    "pp2_dp2_z0_fp32": _pcase("pipe", 0, "fp32", pp=2, tp=1, dp=2),
+    "pp2_dp1_z1_bf16": _pcase("pipe", 1, "bf16", pp=2, tp=1, dp=1),
+    "pp2_dp2_z1_bf16": _pcase("pipe", 1, "bf16", pp=2, tp=1, dp=2),
+    # Hand-written column/row-parallel Blocks: layer_XX-model_YY files; mp_rank = 2*stage+tp.
+    "pp2_tp2_dp1_z1_bf16": _pcase("pipe", 1, "bf16", pp=2, tp=2, dp=1),
+    "autotp2_dp1_z1_bf16": _pcase("autotp", 1, "bf16", pp=1, tp=2, dp=1),
+    "autotp2_dp2_z1_bf16": _pcase("autotp", 1, "bf16", pp=1, tp=2, dp=2),
+    # More TP ranks than key/value heads: some ranks hold empty (0, hidden) k/v slices.
+    "autotp4_dp1_z1_bf16": _pcase("autotp", 1, "bf16", pp=1, tp=4, dp=1),
+}
+ALL_CASES: dict[str, dict[str, Any]] = {**CASES, **PARALLEL_CASES}
+
 
 def case_names(spec: str) -> list[str]:
     names = [n for n in spec.split(",") if n]
-    unknown = [n for n in names if n not in CASES]
+    unknown = [n for n in names if n not in ALL_CASES]
     if unknown:
-        raise SystemExit(f"unknown case(s) {unknown}; known: {sorted(CASES)}")
+        raise SystemExit(f"unknown case(s) {unknown}; known: {sorted(ALL_CASES)}")
     return names
+
+
+def _parallel():  # -> the ds_parallel module
+    import ds_parallel  # beside this file; imports ds_make itself
+
+    return ds_parallel
 
 
 def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +299,10 @@ def param_groups(model) -> list[dict[str, Any]]:
 
 
 def build_engine(case: dict[str, Any], world: int, universal: bool = False):
-    """deepspeed.initialize the case's model at data-parallel size ``world``."""
+    """deepspeed.initialize the case's model at data-parallel size ``world`` (a parallel
+    case: at ``world`` ranks in all)."""
+    if "kind" in case:
+        return _parallel().build_engine(case, world, universal=universal)
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
@@ -244,6 +324,8 @@ def build_engine(case: dict[str, Any], world: int, universal: bool = False):
 
 
 def train(engine, case: dict[str, Any], rank: int, steps: int = STEPS) -> list[float]:
+    if "kind" in case:
+        return _parallel().train(engine, case, rank, steps=steps)
     import torch
 
     vocab = case["model"]["vocab"]
@@ -297,7 +379,10 @@ def _base_optimizer(engine):
 
 
 def capture(engine, case: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Full state of ``engine`` as (fp32 tensors by key, json-able metadata)."""
+    """Full state of ``engine`` as (fp32 tensors by key, json-able metadata). For a parallel
+    case only rank 0 gets it (the others get empty dicts)."""
+    if "kind" in case:
+        return _parallel().capture(engine, case)
     import deepspeed
     import torch
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -462,7 +547,7 @@ def init_dist():
 def make_case(name: str, out: Path, rank: int, world: int) -> None:
     import torch.distributed as dist
 
-    case = CASES[name]
+    case = ALL_CASES[name]
     if case["world"] != world:
         raise SystemExit(f"case {name} wants world {case['world']}, torchrun gave {world}")
     t0 = time.time()

@@ -323,3 +323,378 @@ def test_universal_reload_via_deepspeeds_converter(ds_corpus, name, tmp_path):
         for g in groups:
             g["weight_decay_loaded"] = g["weight_decay"]
     assert groups == meta["param_groups"]
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline and tensor-parallel cases (ds_parallel.py): full tensors, TP slices, layer files
+# --------------------------------------------------------------------------------------------
+
+PARALLEL = corpus.PARALLEL_CASES
+PARALLEL_NAMES = list(PARALLEL)
+# The scalar and layout state a reload at the same pp and tp must reproduce exactly.
+PARALLEL_RELOADED_META = (
+    "step",
+    "global_steps",
+    "global_samples",
+    "skipped_steps",
+    "lr_scheduler",
+    "lr_scheduler_class",
+    "lr",
+    "loss_scaler",
+    "optimizer_class",
+    "zero_stage",
+    "param_groups",
+    "params",
+    "trainable",
+    "frozen",
+    "tied",
+    "pipe_tied",
+    "tp_layout",
+    "layer_files",
+    "mp_ranks",
+    "buffers",
+)
+
+
+def parallel_expected_files(case: dict[str, Any]) -> set[str]:
+    """DeepSpeed's file names (shared/reference/deepspeed.md §1.1) for pp * tp * dp."""
+    pp, tp, dp = case["pp"], case["tp"], case["dp"]
+    mp = pp * tp  # mp_rank = stage * tp + tp rank
+    files = {f"mp_rank_{m:02d}_model_states.pt" for m in range(mp)}
+    if case["stage"] > 0:
+        prefix = "bf16_" if case["dtype"] == "bf16" else ""
+        files |= {
+            f"{prefix}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt"
+            for d in range(dp)
+            for m in range(mp)
+        }
+    if case["kind"] == "pipe":
+        # Layers 0 (tied embed) .. blocks + 1 (Final); the tied head position writes no file.
+        tp_part = [f"-model_{t:02d}" for t in range(tp)] if tp > 1 else [""]
+        files |= {
+            f"layer_{i:02d}{part}-model_states.pt"
+            for i in range(case["model"]["blocks"] + 2)
+            for part in tp_part
+        }
+    return files
+
+
+def full_shapes(case: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every parameter's full shape, from the model config alone."""
+    m = case["model"]
+    if case["kind"] == "pipe":
+        v, h, f = m["vocab"], m["hidden"], m["ffn"]
+        shapes = {"tied_modules.embed.weight": (v, h)}
+        for i in range(1, m["blocks"] + 1):
+            shapes |= {
+                f"{i}.fc1.weight": (f, h),
+                f"{i}.fc1.bias": (f,),
+                f"{i}.fc2.weight": (h, f),
+                f"{i}.fc2.bias": (h,),
+            }
+        last = m["blocks"] + 1
+        shapes |= {f"{last}.{n}": (h,) for n in ("norm.weight", "norm.bias", "shift")}
+        shapes[f"{last}.scale"] = (1,)
+        return shapes
+    v, h, inter = m["vocab_size"], m["hidden_size"], m["intermediate_size"]
+    hd = h // m["num_attention_heads"]
+    q, kv = m["num_attention_heads"] * hd, m["num_key_value_heads"] * hd
+    shapes = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
+    for i in range(m["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        shapes |= {
+            pre + "self_attn.q_proj.weight": (q, h),
+            pre + "self_attn.k_proj.weight": (kv, h),
+            pre + "self_attn.v_proj.weight": (kv, h),
+            pre + "self_attn.o_proj.weight": (h, q),
+            pre + "mlp.gate_proj.weight": (inter, h),
+            pre + "mlp.up_proj.weight": (inter, h),
+            pre + "mlp.down_proj.weight": (h, inter),
+            pre + "input_layernorm.weight": (h,),
+            pre + "post_attention_layernorm.weight": (h,),
+        }
+    return shapes
+
+
+def expected_split_dim(case: dict[str, Any], name: str) -> int | None:
+    """How the case's TP splits ``name``: column-parallel on dim 0, row-parallel on dim 1."""
+    if case["tp"] == 1:
+        return None
+    if case["kind"] == "pipe":
+        return {"fc1.weight": 0, "fc1.bias": 0, "fc2.weight": 1}.get(name.split(".", 1)[1])
+    leaf = name.rsplit(".", 2)[-2]
+    return {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0}.get(
+        leaf, {"o_proj": 1, "down_proj": 1, "lm_head": 0}.get(leaf)
+    )
+
+
+def tp_slice(full: np.ndarray, tp: dict[str, Any], rank: int) -> np.ndarray:
+    """TP rank ``rank``'s slice of ``full`` per the ground truth's {"dim", "sizes"}."""
+    if tp["dim"] is None:
+        return full
+    start = sum(tp["sizes"][:rank])
+    index = [slice(None)] * full.ndim
+    index[tp["dim"]] = slice(start, start + tp["sizes"][rank])
+    return full[tuple(index)]
+
+
+@pytest.mark.parametrize("name", PARALLEL_NAMES)
+def test_parallel_files_have_deepspeeds_names(ds_corpus, name):
+    root: Path = ds_corpus[name]
+    assert (root / "latest").read_text() == TAG
+    assert {p.name for p in root.iterdir()} == {
+        "latest",
+        TAG,
+        "ground_truth.safetensors",
+        "ground_truth.json",
+        "DONE",
+    }
+    assert {p.name for p in (root / TAG).iterdir()} == parallel_expected_files(PARALLEL[name])
+
+
+@pytest.mark.parametrize("name", PARALLEL_NAMES)
+def test_parallel_ground_truth_is_full_and_complete(ds_corpus, name):
+    case = PARALLEL[name]
+    tensors, meta = ds_corpus.truth(name)
+    assert meta["case"] == name and meta["world_size"] == case["world"]
+    assert meta["topology"] == {"pp": case["pp"], "tp": case["tp"], "dp": case["dp"]}
+    assert meta["zero_stage"] == case["stage"]
+    assert meta["step"] == 2 and meta["global_steps"] == 2 and meta["skipped_steps"] == 0
+    assert meta["lr_scheduler"] is not None and meta["tag"] == TAG
+    assert [m["mp_rank"] for m in meta["mp_ranks"]] == list(range(case["pp"] * case["tp"]))
+    for m in meta["mp_ranks"]:
+        assert m["mp_rank"] == m["stage"] * case["tp"] + m["tp_rank"]
+
+    shapes = full_shapes(case)
+    params = {p["name"]: p for p in meta["params"]}
+    assert set(params) == set(shapes)
+    for n, p in params.items():
+        assert tuple(p["shape"]) == shapes[n], n
+        assert p["tp"] == meta["tp_layout"][n], n
+        assert p["tp"]["dim"] == expected_split_dim(case, n), n
+        if p["tp"]["dim"] is not None:
+            assert sum(p["tp"]["sizes"]) == shapes[n][p["tp"]["dim"]], n
+    trainable = meta["trainable"]
+    expected = {f"{k}/{n}" for n in trainable for k in ("fp32", "exp_avg", "exp_avg_sq")}
+    expected |= {f"weight16/{n}" for n in trainable}
+    expected |= {f"frozen/{n}" for n in meta["frozen"]} | {f"buffer/{b}" for b in meta["buffers"]}
+    assert set(tensors) == expected
+    for key, t in tensors.items():
+        kind, _, pname = key.partition("/")
+        assert t.dtype == np.float32 and np.isfinite(t).all(), key
+        if kind != "buffer":
+            assert t.shape == shapes[pname], key
+    for n in trainable:
+        np.testing.assert_array_equal(
+            tensors[f"weight16/{n}"], _round(tensors[f"fp32/{n}"], case["dtype"]), err_msg=n
+        )
+    assert all((tensors[f"exp_avg_sq/{n}"] > 0).any() for n in trainable)
+
+    if case["kind"] == "pipe":
+        last = case["model"]["blocks"] + 1
+        assert meta["pipe_tied"] == {"tied_modules.embed.weight": [0, 1]}
+        assert meta["frozen"] == [f"{last}.shift"]
+        assert meta["buffers"] == [f"{i}.table" for i in range(1, last)] + [f"{last}.counter"]
+        # Final counts its forward passes: 2 steps of GAS_PIPE = 2 micro-batches.
+        np.testing.assert_array_equal(tensors[f"buffer/{last}.counter"], [4.0])
+        assert meta["layer_files"]["tied_modules.embed.weight"] == {"layer": 0, "key": "weight"}
+        assert meta["layer_files"]["1.fc1.weight"] == {"layer": 1, "key": "fc1.weight"}
+    else:
+        assert meta["pipe_tied"] == {} and meta["frozen"] == [] and meta["buffers"] == []
+        vocab = case["model"]["vocab_size"]
+        sizes = meta["tp_layout"]["lm_head.weight"]["sizes"]
+        assert sizes == [-(-vocab // case["tp"])] + [vocab // case["tp"]] * (case["tp"] - 1)
+        if case["tp"] > case["model"]["num_key_value_heads"]:
+            # More TP ranks than key/value heads: the ranks past the heads hold empty slices.
+            k = meta["tp_layout"]["model.layers.0.self_attn.k_proj.weight"]["sizes"]
+            assert k[-1] == 0 and sum(k) == shapes["model.layers.0.self_attn.k_proj.weight"][0]
+
+
+def _local(tensors: dict[str, np.ndarray], meta: dict[str, Any], name: str, tp_rank: int):
+    """What the files of ``tp_rank`` hold for module tensor ``name`` (16-bit as fp32)."""
+    params = {p["name"]: p for p in meta["params"]}
+    if name in params:
+        kind = "weight16" if params[name]["requires_grad"] else "frozen"
+    else:
+        kind = "buffer"
+    return tp_slice(tensors[f"{kind}/{name}"], meta["tp_layout"][name], tp_rank)
+
+
+@pytest.mark.parametrize("name", PARALLEL_NAMES)
+def test_parallel_model_files_agree_with_ground_truth(ds_corpus, name):
+    """The files hold the ground truth's TP slices: layer files (pipelines) or the mp_rank
+    files' module (AutoTP), and the ZeRO-0 pipeline's torch optimizer state."""
+    torch = pytest.importorskip("torch")
+    case = PARALLEL[name]
+    tensors, meta = ds_corpus.truth(name)
+    tagdir = ds_corpus[name] / TAG
+    params = {p["name"]: p for p in meta["params"]}
+    for m in meta["mp_ranks"]:
+        t = m["tp_rank"]
+        sd = torch.load(tagdir / f"mp_rank_{m['mp_rank']:02d}_model_states.pt", weights_only=True)
+        assert sd["ds_version"] == meta["versions"]["deepspeed"] and sd["global_steps"] == 2
+        assert sd["checkpoint_parallel_dimensions"] == {
+            "pp_degree": case["pp"],
+            "tp_degree": case["tp"],
+        }
+        assert sd["mp_world_size"] == case["pp"] * case["tp"]
+        assert sd["dp_world_size"] == case["dp"]
+        assert _jsonish(sd["lr_scheduler"]) == meta["lr_scheduler"]
+        local_shapes = {
+            n: _local(tensors, meta, n, t).shape for n in m["params"] if params[n]["requires_grad"]
+        }
+        if case["stage"] == 0:
+            assert sd["param_shapes"] is None
+            # The torch optimizer's state, params numbered in its param-group order.
+            opt = sd["optimizer"]
+            order = [n for g in m["flat_groups"] for n in g]
+            assert [i for g in opt["param_groups"] for i in g["params"]] == list(range(len(order)))
+            for i, n in enumerate(order):
+                st = opt["state"][i]
+                assert st["step"] == 2
+                for key in ("exp_avg", "exp_avg_sq"):
+                    np.testing.assert_array_equal(
+                        _np(st[key]),
+                        tp_slice(tensors[f"{key}/{n}"], params[n]["tp"], t),
+                        err_msg=f"{key}/{n}",
+                    )
+        else:
+            assert [list(g) for g in sd["param_shapes"]] == m["flat_groups"]
+            for g in sd["param_shapes"]:
+                for n, shape in g.items():
+                    assert tuple(shape) == local_shapes[n], n
+        if case["kind"] == "pipe":
+            assert sd["module"] is None
+        else:
+            assert set(sd["module"]) == set(m["params"])
+            for n in m["params"]:
+                np.testing.assert_array_equal(
+                    _np(sd["module"][n]), _local(tensors, meta, n, t), err_msg=n
+                )
+    if case["kind"] == "pipe":
+        tp_part = [f"-model_{t:02d}" for t in range(case["tp"])] if case["tp"] > 1 else [""]
+        seen = set()
+        for n, where in meta["layer_files"].items():
+            for t, part in enumerate(tp_part):
+                f = tagdir / f"layer_{where['layer']:02d}{part}-model_states.pt"
+                layer = torch.load(f, map_location="cpu", weights_only=True)
+                np.testing.assert_array_equal(
+                    _np(layer[where["key"]]), _local(tensors, meta, n, t), err_msg=n
+                )
+                seen.add((f.name, where["key"]))
+        # ... and nothing else: every key of every layer file is some ground-truth tensor.
+        for f in tagdir.glob("layer_*"):
+            keys = torch.load(f, map_location="cpu", weights_only=True).keys()
+            assert {(f.name, k) for k in keys} <= seen, f.name
+
+
+@pytest.mark.parametrize("name", [n for n in PARALLEL_NAMES if PARALLEL[n]["stage"] == 1])
+def test_parallel_optimizer_files_agree_with_ground_truth(ds_corpus, name):
+    """Per mp_rank, decode the ZeRO-1 files (§1.4 rules over the dp ranks); get the ground
+    truth's TP slices back."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("deepspeed")  # the optimizer files pickle DeepSpeed classes
+    case = PARALLEL[name]
+    dp = case["dp"]
+    tensors, meta = ds_corpus.truth(name)
+    tagdir = ds_corpus[name] / TAG
+    params = {p["name"]: p for p in meta["params"]}
+    for m in meta["mp_ranks"]:
+        optim = [
+            torch.load(
+                tagdir / f"bf16_zero_pp_rank_{d}_mp_rank_{m['mp_rank']:02d}_optim_states.pt",
+                map_location="cpu",
+                weights_only=False,
+            )["optimizer_state_dict"]
+            for d in range(dp)
+        ]
+        for g, names in enumerate(m["flat_groups"]):
+            want = {
+                (key, n): tp_slice(tensors[f"{key}/{n}"], params[n]["tp"], m["tp_rank"])
+                for n in names
+                for key in ("fp32", "exp_avg", "exp_avg_sq")
+            }
+            total = sum(want["fp32", n].size for n in names)
+            part = math.ceil(total / (2 * dp)) * 2 * dp // dp
+            for o in optim:
+                assert o["partition_count"][g] == dp
+                assert o["base_optimizer_state"]["state"][g]["step"] == 2
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                if key == "fp32":
+                    flat = np.concatenate(
+                        [_np(o["single_partition_of_fp32_groups"][g]) for o in optim]
+                    )
+                else:
+                    flat = np.concatenate(
+                        [_np(o["base_optimizer_state"]["state"][g][key]) for o in optim]
+                    )
+                assert len(flat) >= total and not flat[total:].any()
+                off = 0
+                for n in names:
+                    w = want[key, n]
+                    np.testing.assert_array_equal(
+                        flat[off : off + w.size].reshape(w.shape), w, err_msg=f"{key}/{n}"
+                    )
+                    off += w.size
+            assert len(optim[0]["base_optimizer_state"]["state"][g]["exp_avg"]) == part
+
+
+def _assert_reloaded(loaded: corpus.Loaded, tensors, meta, *, fresh_buffers: tuple = ()):
+    assert set(loaded.tensors) == set(tensors)
+    for key, t in tensors.items():
+        if key in fresh_buffers:
+            np.testing.assert_array_equal(loaded.tensors[key], np.zeros_like(t), err_msg=key)
+        else:
+            np.testing.assert_array_equal(loaded.tensors[key], t, err_msg=key)
+    for key in PARALLEL_RELOADED_META:
+        assert loaded.meta[key] == meta[key], key
+    assert loaded.meta["global_steps_after"] == 3 and np.isfinite(loaded.meta["next_loss"])
+
+
+@pytest.mark.parametrize("name", PARALLEL_NAMES)
+def test_parallel_reload_same_world_reproduces_ground_truth(ds_corpus, name):
+    tensors, meta = ds_corpus.truth(name)
+    loaded = ds_corpus.load(name, ds_corpus[name])
+    assert loaded.meta["world_size"] == PARALLEL[name]["world"]
+    assert loaded.meta["topology"] == meta["topology"]
+    _assert_reloaded(loaded, tensors, meta)
+
+
+def test_pipeline_zero0_reloads_at_another_dp(ds_corpus):
+    """ZeRO-0 keeps the whole optimizer state per stage (mp_rank files): DeepSpeed loads a
+    pp=2, dp=2 checkpoint at dp=1 natively, exactly."""
+    name = "pp2_dp2_z0_fp32"
+    tensors, meta = ds_corpus.truth(name)
+    loaded = ds_corpus.load(name, ds_corpus[name], world=2)
+    assert loaded.meta["topology"] == {"pp": 2, "tp": 1, "dp": 1}
+    _assert_reloaded(loaded, tensors, meta)
+
+
+def test_pipeline_zero1_dp_change_is_refused(ds_corpus):
+    name = "pp2_dp2_z1_bf16"
+    loaded = ds_corpus.load(name, ds_corpus[name], world=2, expect_error=True)
+    assert "world size" in loaded.error
+
+
+@pytest.mark.parametrize(
+    ("name", "world", "fresh"),
+    [
+        # The Final layer's step counter is a buffer: universal loading restores none.
+        ("pp2_dp1_z1_bf16", 4, ("buffer/4.counter",)),
+        ("autotp2_dp1_z1_bf16", 4, ()),
+    ],
+)
+def test_parallel_universal_reload_at_another_dp(ds_corpus, name, world, fresh, tmp_path):
+    """The loader's --universal path on a pipeline and an AutoTP checkpoint (via DeepSpeed's
+    ds_to_universal), at dp=2. (ds_to_universal cannot convert the pipeline cases at dp=2:
+    without pipeline-replicated patterns the tied embedding's fragments of both stages
+    collide.)"""
+    tensors, meta = ds_corpus.truth(name)
+    uni = corpus.ds_to_universal(ds_corpus[name] / TAG, tmp_path, python=ds_corpus.python)
+    loaded = ds_corpus.load(name, uni, world=world, universal=True)
+    assert loaded.meta["topology"]["dp"] == 2
+    _assert_reloaded(loaded, tensors, meta, fresh_buffers=fresh)
