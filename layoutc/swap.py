@@ -34,7 +34,7 @@ import numpy as np
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffers are multiples of this
 
 
-def _direct_supported(folder: Path) -> bool:
+def direct_supported(folder: Path) -> bool:
     """Whether files in ``folder`` take aligned O_DIRECT writes."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
@@ -172,7 +172,7 @@ class SwapPool:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.block_size = block_size
         self.queue_depth = queue_depth
-        self.direct = _direct_supported(self.folder) if direct is None else direct
+        self.direct = direct_supported(self.folder) if direct is None else direct
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="layoutc-swap")
         self._slots = threading.BoundedSemaphore(queue_depth)
         self._staging: list[mmap.mmap] = []

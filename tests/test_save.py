@@ -11,10 +11,14 @@ import torch
 from layoutc import save as saving
 
 
+@pytest.mark.parametrize("direct", [None, False], ids=["direct-where-possible", "buffered"])
 @pytest.mark.parametrize("workers", [1, 3])
-def test_torch_loads_a_state_dict_written_in_parallel_pieces(tmp_path, monkeypatch, workers):
-    monkeypatch.setattr(saving, "PIECE", 64)  # many pieces per storage, across threads
+def test_torch_loads_a_state_dict_written_in_parallel_pieces(
+    tmp_path, monkeypatch, workers, direct
+):
+    monkeypatch.setattr(saving, "PIECE", 2 * 4096)  # many pieces per storage, across threads
     sd = {
+        "big": torch.randn(5000),  # pages written directly, and a tail
         "w": torch.randn(17, 13),
         "b": torch.randn(33).bfloat16(),
         "h": torch.randn(5).half(),
@@ -25,7 +29,7 @@ def test_torch_loads_a_state_dict_written_in_parallel_pieces(tmp_path, monkeypat
     }
     sd["tied"] = sd["w"]  # the same object: one storage
     path = tmp_path / "model.pt"
-    size = saving.save(sd, path, workers=workers)
+    size = saving.save(sd, path, workers=workers, direct=direct)
     assert path.stat().st_size == size and not list(tmp_path.glob("*.tmp-*"))
     with zipfile.ZipFile(path) as z:
         assert z.testzip() is None  # every member's CRC combined right

@@ -643,17 +643,20 @@ class Created:
             os.close(fd)
 
 
-def create(obj: Any, path: str | os.PathLike[str], archive: str | None = None) -> Created:
+def create(
+    obj: Any, path: str | os.PathLike[str], archive: str | None = None, align: int = _ALIGN
+) -> Created:
     """Write ``obj``; tensors whose ``data`` is None become pre-sized holes to fill later
-    (then call :meth:`Created.finish_crcs`)."""
+    (then call :meth:`Created.finish_crcs`). Storage data starts at multiples of ``align``
+    (torch's 64, or a page for direct IO; torch's loader takes any)."""
     path = Path(path)
     archive = archive or path.stem or "archive"
     pkl, storages = dumps_pickle(obj)
     with open(path, "wb") as f:
-        zw = _ZipWriter(f)
+        zw = _ZipWriter(f, align)
         zw.add(f"{archive}/data.pkl", [pkl])
         zw.add(f"{archive}/.format_version", [b"1"])
-        zw.add(f"{archive}/.storage_alignment", [b"64"])
+        zw.add(f"{archive}/.storage_alignment", [str(align).encode()])
         zw.add(f"{archive}/byteorder", [b"little"])
         for key, t in storages.items():
             zw.add(f"{archive}/data/{key}", _chunks(t), size=t.nbytes, hole=t.data is None)
@@ -666,10 +669,12 @@ def create(obj: Any, path: str | os.PathLike[str], archive: str | None = None) -
 
 
 class _ZipWriter:
-    """A minimal zip writer: stored members, data 64-byte aligned, CRCs, zip64 when needed."""
+    """A minimal zip writer: stored members, data aligned (64 bytes by default), CRCs, zip64
+    when needed."""
 
-    def __init__(self, f: Any) -> None:
+    def __init__(self, f: Any, align: int = _ALIGN) -> None:
         self.f = f
+        self.align = align
         self.entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, header offset
         self.data_at: dict[str, tuple[int, int]] = {}  # member -> (data offset, size)
         self.holes: list[
@@ -685,7 +690,7 @@ class _ZipWriter:
         base = header_at + 30 + len(bname)
         zip64 = size is not None and size >= 0xFFFFFFFF
         extra_fixed = 20 if zip64 else 0
-        pad = (-(base + extra_fixed + 4)) % _ALIGN
+        pad = (-(base + extra_fixed + 4)) % self.align
         extra = b""
         if zip64:
             extra += struct.pack("<HHQQ", 0x0001, 16, size, size)
