@@ -350,6 +350,39 @@ def _progress_by_bytes_written(
     return on_unit
 
 
+class _ProgressWatch:
+    """Rank 0's view of a distributed run: bytes written by all ranks (a counter in the
+    group's store every rank adds to), reported every 0.2 s until stopped."""
+
+    def __init__(
+        self,
+        group: distributed.Group,
+        counter: str,
+        plan: Plan,
+        progress: Callable[[int, int], None],
+    ) -> None:
+        self.group, self.counter, self.progress = group, counter, progress
+        self.total = sum(u.stats.write_bytes for u in plan.units) or 1
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="layoutc-progress", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.2):
+            now = self.group.add(self.counter, 0)
+            if now is None:
+                return
+            self.progress(min(now, self.total), self.total)
+
+    def stop(self, final: bool) -> None:
+        """Stop reporting; ``final``: report the count once more, every rank being done."""
+        self.done.set()
+        self.thread.join()
+        if final:
+            now = self.group.add(self.counter, 0)
+            self.progress(self.total if now is None else now, self.total)
+
+
 def _regions(io: Files, layout: dict[tuple[str, str], Any]) -> dict[tuple[str, str], Any]:
     """Writable regions of the output's files, from rank 0's description of them."""
     return {
@@ -402,6 +435,7 @@ def _execute_across(
                 else memory.dtype_name(v.dtype)
                 for k, v in prepared.views.items()
             }
+            layout[("", "progress")] = f"layoutc-written-{partial.name}"  # the run's counter
         except BaseException as e:
             shutil.rmtree(partial, ignore_errors=True)
             layout = f"rank 0: {type(e).__name__}: {e}"
@@ -410,9 +444,14 @@ def _execute_across(
     layout = group.broadcast(layout)
     if isinstance(layout, str):
         raise RankFailed(f"{out}: {layout}")
+    counter = layout.pop(("", "progress"))
     io = prepared.io if prepared is not None else Files(os.O_RDWR)
     mine = [u for u in plan.units if u.worker % world == rank]
-    on_unit = _progress_by_bytes_written(mine, progress)
+
+    def on_unit(unit: Any) -> None:
+        group.add(counter, unit.stats.write_bytes)
+
+    watch = _ProgressWatch(group, counter, plan, progress) if rank == 0 and progress else None
 
     error = None
     swapped = 0
@@ -435,6 +474,8 @@ def _execute_across(
         io.close()
     results = group.gather((error, pieces, swapped))
     errors = [e for e, _, _ in results if e]
+    if watch is not None:
+        watch.stop(final=not errors)
     files: Any = None
     if rank == 0:
         assert prepared is not None

@@ -49,6 +49,10 @@ def test_ranks_together_write_what_one_process_writes(tmp_path, ranks, target, s
     run = torchrun(ranks, EXAMPLE, tmp_path / "multi", target, *settings)
     assert run.returncode == 0, run.stderr[-3000:]
     assert _files(tmp_path / "multi") == _files(tmp_path / "single")
+    # one progress display: rank 0 counts what every rank wrote
+    line = next(x for x in run.stdout.splitlines() if x.startswith("progress "))
+    _, done, total, _, written = line.split()
+    assert int(done) == int(total) == int(written) > 0
 
 
 def test_a_failing_rank_leaves_nothing_committed_and_every_rank_says_so(tmp_path):

@@ -38,6 +38,17 @@ class Group:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def add(self, key: str, amount: int) -> int | None:
+        """Add ``amount`` to the group-wide counter ``key`` and return its new value (the
+        default store's atomic add); None where the store is not reachable."""
+        import torch.distributed as dist
+
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            return int(store.add(key, amount))
+        except (AttributeError, RuntimeError, ValueError):
+            return None
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""
         import torch.distributed as dist

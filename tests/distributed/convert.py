@@ -4,7 +4,8 @@
         SRC OUT TARGET [--set NAME=VALUE] [--fail-rank R]
 
 ``--fail-rank R`` makes rank R fail while writing its first unit, to prove that nothing
-is committed and every rank reports the failure."""
+is committed and every rank reports the failure. Rank 0 prints its last progress report
+(bytes written by all ranks, and the total)."""
 
 from __future__ import annotations
 
@@ -38,9 +39,22 @@ def main() -> int:
 
         memory._run = failing
     overrides = {k: int(v) for k, v in (s.split("=") for s in args.settings)}
+    seen: list[tuple[int, int]] = []  # rank 0's progress reports: (done, total)
     try:
-        layoutc.convert(args.source, args.output, args.target, workers=1, overrides=overrides)
+        report = layoutc.convert(
+            args.source,
+            args.output,
+            args.target,
+            workers=1,
+            overrides=overrides,
+            progress=lambda done, total: seen.append((done, total)),
+        )
         status = 0
+        if rank == 0:
+            print(f"progress {seen[-1][0]} {seen[-1][1]} written {report.bytes_written}")
+        elif seen:  # one display per run: only rank 0 reports
+            print(f"rank {rank} reported progress", file=sys.stderr)
+            status = 4
     except RankFailed as e:
         print(f"rank {rank}: {e}", file=sys.stderr)
         status = 3
