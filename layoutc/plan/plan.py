@@ -22,6 +22,7 @@ from typing import Any
 from layoutc.ir import DTYPE_BYTES
 from layoutc.plan import ops as O
 
+IO_SUMMARY_MAX_OPS = 20_000  # per-file / per-rank detail in summaries up to this many ops
 PLAN_VERSION = 1
 
 
@@ -220,10 +221,11 @@ class Plan:
             for name, units in ranked
         ]
 
-    def by_file(self, n: int = 10, max_ops: int = 200_000) -> dict[str, Any] | None:
+    def by_file(self, n: int = 10, max_ops: int = IO_SUMMARY_MAX_OPS) -> dict[str, Any] | None:
         """Bytes read per source file and written per target rank (the ranks that hold each
         written file, as the target format assigns them), the ``n`` largest of each; None
-        for plans of more than ``max_ops`` ops, whose ops are not built for a summary."""
+        for plans of more than ``max_ops`` ops: counting them means building every op
+        (about 6 µs each), which a summary of a plan for thousands of ranks must not do."""
         if sum(self.totals.ops_by_kind().values()) > max_ops:
             return None
         read: Counter[str] = Counter()
