@@ -48,7 +48,7 @@ from layoutc.plan.compile import compile_plan
 from layoutc.plan.plan import Plan
 from layoutc.runtime import distributed, memory
 from layoutc.runtime.checksum import Pieces, file_crc
-from layoutc.runtime.fileio import Files, Region
+from layoutc.runtime.fileio import Files, Region, fsync_path
 from layoutc.runtime.spill import Spill
 
 MANIFEST = "layoutc-manifest.json"
@@ -498,14 +498,6 @@ def _execute_across(
     return _report(plan, out, files, start, sum(s for _, _, s in results))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def plan_digest(plan: Plan) -> str:
     """SHA-256 of what the plan moves — both endpoints and, per unit, the tensor, the
     target and source states and the cast — not of how it is scheduled: the same for
@@ -525,7 +517,7 @@ def _commit(
 
     files = sorted(p for p in partial.rglob("*") if p.is_file())
     for p in files:
-        _fsync(p)
+        fsync_path(p)
     manifest = {
         "layoutc": __version__,
         "plan_sha256": plan_digest(plan),
@@ -540,7 +532,7 @@ def _commit(
         },
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    _fsync(partial / MANIFEST)
+    fsync_path(partial / MANIFEST)
     if out.exists():
         out.rmdir()  # empty, checked before
     partial.rename(out)
@@ -548,7 +540,7 @@ def _commit(
         final = out / marker.relative_to(partial)
         tmp = final.with_name(final.name + ".tmp")
         tmp.write_text(text)
-        _fsync(tmp)
+        fsync_path(tmp)
         tmp.rename(final)
     return [str(p.relative_to(partial)) for p in files] + [
         str(m.relative_to(partial)) for m in prepared.markers

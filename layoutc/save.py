@@ -22,25 +22,11 @@ import numpy as np
 
 from layoutc.formats import pt
 from layoutc.runtime.checksum import Pieces
-from layoutc.runtime.fileio import Files
-from layoutc.runtime.memory import dtype_name
+from layoutc.runtime.fileio import Files, fsync_path, pwrite_all
+from layoutc.runtime.memory import as_numpy, dtype_name
 from layoutc.swap import ALIGN, aligned_empty, direct_supported
 
 PIECE = 64 << 20  # bytes per write
-
-
-def _numpy(value: Any) -> np.ndarray:
-    """A C-contiguous numpy array of a tensor-like value (torch tensors without a copy)."""
-    if hasattr(value, "detach"):
-        import torch
-
-        t = value.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-    return np.ascontiguousarray(value)
 
 
 def save(
@@ -60,7 +46,7 @@ def save(
     for name, value in state.items():
         key = keys.setdefault(id(value), str(len(keys)))
         if key not in arrays:
-            arrays[key] = _numpy(value)
+            arrays[key] = np.ascontiguousarray(as_numpy(value))
         a = arrays[key]
         obj[name] = pt.Tensor(dtype_name(a.dtype), tuple(a.shape), None, key=key)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
@@ -85,11 +71,7 @@ def save(
         if dfd >= 0:
             os.close(dfd)
     created.finish_crcs(pieces)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     tmp.rename(path)
     return created.size
 
@@ -119,7 +101,7 @@ def _write_all(
                     assert staging is not None
                     staging[:whole] = data[:whole]
                     at = region.offset + lo
-                    _pwrite_all(dfd, staging[:whole].data, at)
+                    pwrite_all(dfd, staging[:whole].data, at)
                     pieces.record(at, whole, zlib.crc32(staging[:whole].data))
                 if whole < data.size:
                     region.write_bytes(lo + whole, data[whole:].data)
@@ -133,9 +115,3 @@ def _write_all(
         t.join()
     if errors:
         raise errors[0]
-
-
-def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], at + done)

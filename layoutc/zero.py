@@ -23,22 +23,6 @@ from layoutc.place import place
 from layoutc.place.zero import NCCL_START_ALIGNMENT, FlatGroup, Fragment, Stage3Group
 
 
-def _array(value: Any) -> Any:
-    """A numpy array of ``value`` (a numpy array, a torch tensor, or a sequence)."""
-    import numpy as np
-
-    if hasattr(value, "detach"):  # a torch tensor; torch is loaded if one exists
-        import torch
-
-        value = value.detach().cpu()
-        if value.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return value.numpy()
-    return np.asarray(value)
-
-
 def partition(
     layout: ir.Layout, values: Mapping[str, Mapping[str, Any]]
 ) -> dict[tuple[str, str], Any]:
@@ -50,7 +34,8 @@ def partition(
     p = place(layout)
     arrays = {
         t.name: {
-            s: _array(values[t.name][s]).astype(memory.np_dtype(p.dtype(t, s))) for s in p.states(t)
+            s: memory.as_numpy(values[t.name][s]).astype(memory.np_dtype(p.dtype(t, s)))
+            for s in p.states(t)
         }
         for t in p.tensors
     }
@@ -64,7 +49,7 @@ def reassemble(
     makes (or a checkpoint's, read into arrays)."""
     from layoutc.runtime import memory
 
-    return memory.load(place(layout), {k: _array(v) for k, v in stored.items()})
+    return memory.load(place(layout), {k: memory.as_numpy(v) for k, v in stored.items()})
 
 
 __all__ = [

@@ -26,6 +26,7 @@ import numpy as np
 from layoutc import ir
 from layoutc.errors import Unsupported
 from layoutc.formats import pt
+from layoutc.formats.writers import copy_values
 from layoutc.place.deepspeed import DeepSpeedPlacement
 from layoutc.place.shards import STEP, StoredBuffer, iter_coords
 from layoutc.runtime.memory import np_dtype
@@ -96,7 +97,7 @@ class Carried:
                     f"--param-groups gives {len(self.fresh_param_groups)} param groups; the "
                     f"target's optimizer has {count}"
                 )
-            return [{**_plain(g), "params": []} for g in self.fresh_param_groups]
+            return [{**copy_values(g), "params": []} for g in self.fresh_param_groups]
         base = self.optim.get("base_optimizer_state")
         if isinstance(base, dict):
             groups = base.get("param_groups")
@@ -105,27 +106,8 @@ class Carried:
         else:
             groups = self.optim.get("optimizer_state_dict", {}).get("param_groups")
         if isinstance(groups, list) and len(groups) == count:
-            return [_plain(g) for g in groups]
+            return [copy_values(g) for g in groups]
         return None
-
-
-def _plain(obj: Any) -> Any:
-    """A carried value with every tensor reference read into a tensor to write."""
-    if isinstance(obj, pt.TensorRef):
-        return pt.Tensor(obj.dtype, obj.shape, np.ascontiguousarray(obj.numpy()))
-    if isinstance(obj, pt.Size):
-        return obj
-    if isinstance(obj, OrderedDict):
-        return OrderedDict((k, _plain(v)) for k, v in obj.items())
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_plain(v) for v in obj)
-    if isinstance(obj, set):
-        return sorted(obj)
-    return obj
 
 
 class Holes:
@@ -215,9 +197,9 @@ def _model_states(
         )
         if stage2
         else None,
-        "lr_scheduler": _plain(src.get("lr_scheduler")),
-        "data_sampler": _plain(src.get("data_sampler")),
-        "random_ltd": _plain(src.get("random_ltd")),
+        "lr_scheduler": copy_values(src.get("lr_scheduler")),
+        "data_sampler": copy_values(src.get("data_sampler")),
+        "random_ltd": copy_values(src.get("random_ltd")),
         "skipped_steps": src.get("skipped_steps", 0),
         "global_steps": src.get("global_steps", 0),
         "global_samples": src.get("global_samples", 0),
@@ -231,10 +213,10 @@ def _model_states(
         "ds_version": src.get("ds_version", DS_VERSION),
     }
     if "sparse_tensor_module_names" in src:
-        obj["sparse_tensor_module_names"] = _plain(src["sparse_tensor_module_names"])
+        obj["sparse_tensor_module_names"] = copy_values(src["sparse_tensor_module_names"])
     for key, value in src.items():  # client state, as the source had it
         if key not in _ENGINE_KEYS:
-            obj[key] = _plain(value)
+            obj[key] = copy_values(value)
     return obj
 
 
@@ -313,7 +295,7 @@ def _zero3_scaler(target: DeepSpeedPlacement, src: dict[str, Any]) -> dict[str, 
     the static scale of 1 that bf16 and fp32 training run with."""
     keys = ("loss_scaler", "dynamic_loss_scale", "overflow")
     if all(k in src for k in keys):
-        return {k: _plain(src[k]) for k in keys}
+        return {k: copy_values(src[k]) for k in keys}
     if target.layout.dtype == "fp16":
         raise Unsupported(
             f"{target.layout.source}: the source has no loss-scaler state, and ZeRO-3 replaces "
@@ -341,7 +323,7 @@ def _outer(target: DeepSpeedPlacement, inner: dict[str, Any], carried: Carried) 
 def _ds_config(target: DeepSpeedPlacement, carried: Carried) -> dict[str, Any]:
     """The source's DeepSpeed config, with the ZeRO settings of the target (DeepSpeed runs
     with its live config; readers of the files, ``layoutc infer`` among them, use this)."""
-    cfg = _plain(carried.optim_outer.get("ds_config", carried.model.get("ds_config"))) or {}
+    cfg = copy_values(carried.optim_outer.get("ds_config", carried.model.get("ds_config"))) or {}
     zero = target.layout.zero
     zcfg = cfg.setdefault("zero_optimization", {})
     zcfg["stage"] = zero.stage
@@ -391,7 +373,7 @@ def _flat_optim(
     if not bf16_optimizer:
         for k in _OPTIM_SCALARS:
             if k in src:
-                inner[k] = _plain(src[k])
+                inner[k] = copy_values(src[k])
     elif "clip_grad" in src:
         inner["clip_grad"] = src["clip_grad"]
     inner["base_optimizer_state"] = {"state": state, "param_groups": param_groups}

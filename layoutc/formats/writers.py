@@ -87,6 +87,12 @@ def _carry(obj: Any, planned: dict[str, StoredBuffer], keys: dict[str, str]) -> 
     return _rebuild(obj, views, planned, keys, "")
 
 
+def copy_values(obj: Any) -> Any:
+    """A loaded object to write again as it is: every tensor read into a tensor to write
+    (compactly), records, ``torch.Size`` and containers kept."""
+    return _carry(obj, {}, {})
+
+
 def _rebuild(
     obj: Any,
     views: dict[tuple[Any, ...], str],
@@ -242,20 +248,18 @@ def _optimizer_state(source: Path | None) -> dict[str, Any]:
         "fp32_flat_groups",
     }
     out = {
-        k: _carry(v, {}, {})
-        for k, v in inner.items()
-        if k not in drop and k != "optimizer_state_dict"
+        k: copy_values(v) for k, v in inner.items() if k not in drop and k != "optimizer_state_dict"
     }
     if "base_optimizer_state" in inner:  # ZeRO-1/2 and the bf16 optimizer
-        out["param_groups"] = _carry(inner["base_optimizer_state"]["param_groups"], {}, {})
+        out["param_groups"] = copy_values(inner["base_optimizer_state"]["param_groups"])
     if "optimizer_state_dict" in inner:  # ZeRO-3
         osd = inner["optimizer_state_dict"]
         steps = {
-            s: {"step": _carry(v["step"], {}, {})} for s, v in osd["state"].items() if "step" in v
+            s: {"step": copy_values(v["step"])} for s, v in osd["state"].items() if "step" in v
         }
         out["optimizer_state_dict"] = {
             "state": steps,
-            "param_groups": _carry(osd["param_groups"], {}, {}),
+            "param_groups": copy_values(osd["param_groups"]),
         }
         out["param_groups"] = out["optimizer_state_dict"]["param_groups"]
     return out

@@ -48,15 +48,9 @@ class Region:
     def __getitem__(self, s: slice) -> np.ndarray:
         lo, hi = self._range(s)
         out = np.empty(hi - lo, self.dtype)
-        raw = out.view(np.uint8)
-        pos, want = 0, raw.size
-        while pos < want:
-            n = os.preadv(self.fd, [raw[pos:].data], self.offset + lo * self.dtype.itemsize + pos)
-            if n <= 0:
-                raise OSError(
-                    f"{self.path}: short read at byte {self.offset + lo * self.dtype.itemsize + pos}"
-                )
-            pos += n
+        pread_all(
+            self.fd, out.view(np.uint8).data, self.offset + lo * self.dtype.itemsize, self.path
+        )
         return out
 
     def __setitem__(self, s: slice, value: Any) -> None:
@@ -74,10 +68,34 @@ class Region:
         start = self.offset + at
         if self.pieces is not None:
             self.pieces.add(start, raw)
-        pos = 0
-        while pos < len(raw):
-            pos += os.pwrite(self.fd, raw[pos:], start + pos)
+        pwrite_all(self.fd, raw, start)
         start_writeback(self.fd, start, len(raw))
+
+
+def pread_all(fd: int, buf: memoryview, at: int, name: str = "") -> None:
+    """Fill ``buf`` from byte ``at`` of ``fd``; a file that ends first is an error."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], at + done)
+        if n <= 0:
+            raise OSError(f"{name or 'file'}: short read at byte {at + done}")
+        done += n
+
+
+def pwrite_all(fd: int, data: memoryview, at: int) -> None:
+    """Write all of ``data`` at byte ``at`` of ``fd``."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], at + done)
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sync_file_range() -> Any:

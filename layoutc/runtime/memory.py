@@ -49,6 +49,19 @@ def np_dtype(dtype: str) -> np.dtype:
     return NUMPY_DTYPES[dtype]
 
 
+def as_numpy(value: Any) -> np.ndarray:
+    """A numpy array of ``value``: a numpy array or sequence, or a torch tensor read
+    without a copy (bf16 through its bits); torch is only touched if given a tensor."""
+    if hasattr(value, "detach"):
+        import torch
+
+        t = value.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(value)
+
+
 def dtype_name(dtype: np.dtype) -> str:
     """The layoutc name of a numpy dtype (``np_dtype``'s inverse)."""
     return next(name for name, dt in NUMPY_DTYPES.items() if dt == dtype)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from layoutc.plan import ops as O
+from layoutc.runtime.fileio import pread_all, pwrite_all
 
 
 def runs(op: O.Swap) -> Iterator[tuple[int, int, int]]:
@@ -119,7 +120,7 @@ class Spill:
             if isinstance(f, np.ndarray):
                 f[logical : logical + n] = flat[off : off + n]
             else:
-                _pwrite_all(f, flat[off : off + n].view(np.uint8).data, logical * item)
+                pwrite_all(f, flat[off : off + n].view(np.uint8).data, logical * item)
             self.bytes_out += n * item
 
     def read(self, op: O.Swap) -> np.ndarray:
@@ -134,7 +135,7 @@ class Spill:
             if isinstance(f, np.ndarray):
                 buf[off : off + n] = f[logical : logical + n]
             else:
-                _pread_all(f, buf[off : off + n].view(np.uint8).data, logical * item)
+                pread_all(f, buf[off : off + n].view(np.uint8).data, logical * item, op.path)
             self.bytes_in += n * item
         want = np_dtype(op.dtype)
         return buf if buf.dtype == want else buf.astype(want)
@@ -146,18 +147,3 @@ class Spill:
         self.arrays.clear()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], at + done)
-
-
-def _pread_all(fd: int, buf: memoryview, at: int) -> None:
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], at + done)
-        if n <= 0:
-            raise OSError(f"swap file: short read at byte {at + done}")
-        done += n
