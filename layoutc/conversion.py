@@ -445,7 +445,7 @@ def _execute_across(
     if isinstance(layout, str):
         raise RankFailed(f"{out}: {layout}")
     counter = layout.pop(("", "progress"))
-    io = prepared.io if prepared is not None else Files(os.O_RDWR)
+    io = prepared.io if prepared is not None else Files(os.O_RDWR, direct=True)
     mine = [u for u in plan.units if u.worker % world == rank]
 
     def on_unit(unit: Any) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ import numpy as np
 
 from layoutc.formats import pt
 from layoutc.runtime.checksum import Pieces
-from layoutc.runtime.fileio import Files, fsync_path, pwrite_all
+from layoutc.runtime.fileio import Files, fsync_path
 from layoutc.runtime.memory import as_numpy, dtype_name
-from layoutc.swap import ALIGN, aligned_empty, direct_supported
+from layoutc.swap import ALIGN, direct_supported
 
 PIECE = 64 << 20  # bytes per write
 
@@ -52,9 +51,7 @@ def save(
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     direct = direct_supported(tmp.parent) if direct is None else direct
     created = pt.create(obj, tmp, archive=path.stem or "archive", align=ALIGN if direct else 64)
-    files = Files(os.O_RDWR)
-    pieces = Pieces()
-    dfd = os.open(tmp, os.O_RDWR | os.O_DIRECT) if direct else -1
+    files = Files(os.O_RDWR, direct=direct)
     try:
         jobs: list[tuple[Any, np.ndarray, int]] = []
         for key, a in arrays.items():
@@ -62,49 +59,32 @@ def save(
             raw = a.reshape(-1).view(np.uint8)
             region = files.region(str(tmp), offset, raw.size, np.dtype(np.uint8))
             jobs.extend((region, raw, lo) for lo in range(0, raw.size, PIECE))
-        _write_all(jobs, workers, dfd, pieces)
-        for written in files.pieces.values():  # the buffered tails
-            for off, n, crc in written.snapshot():
-                pieces.record(off, n, crc)
+        _write_all(jobs, workers)
+        pieces = files.pieces.get(str(tmp), Pieces())
     finally:
         files.close()
-        if dfd >= 0:
-            os.close(dfd)
     created.finish_crcs(pieces)
     fsync_path(tmp)
     tmp.rename(path)
     return created.size
 
 
-def _write_all(
-    jobs: list[tuple[Any, np.ndarray, int]], workers: int, dfd: int, pieces: Pieces
-) -> None:
-    """Write every ``(region, bytes, start)`` piece, ``workers`` threads taking the next:
-    with a direct fd ``dfd``, the whole pages of a piece through a page-aligned staging
-    buffer (their CRCs into ``pieces``) and its tail through the region (buffered)."""
+def _write_all(jobs: list[tuple[Any, np.ndarray, int]], workers: int) -> None:
+    """Write every ``(region, bytes, start)`` piece, ``workers`` threads taking the next
+    (the region writes whole pages directly where it can, the rest buffered)."""
     it = iter(jobs)
     lock = threading.Lock()
     errors: list[BaseException] = []
 
     def work() -> None:
-        staging = aligned_empty(PIECE, np.uint8) if dfd >= 0 else None
         while not errors:
             with lock:
                 job = next(it, None)
             if job is None:
                 return
             region, raw, lo = job
-            data = raw[lo : lo + PIECE]
             try:
-                whole = data.size // ALIGN * ALIGN if staging is not None else 0
-                if whole:
-                    assert staging is not None
-                    staging[:whole] = data[:whole]
-                    at = region.offset + lo
-                    pwrite_all(dfd, staging[:whole].data, at)
-                    pieces.record(at, whole, zlib.crc32(staging[:whole].data))
-                if whole < data.size:
-                    region.write_bytes(lo + whole, data[whole:].data)
+                region.write_bytes(lo, raw[lo : lo + PIECE].data)
             except BaseException as e:
                 errors.append(e)
 

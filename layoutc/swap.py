@@ -31,31 +31,9 @@ from typing import Any
 
 import numpy as np
 
-ALIGN = 4096  # O_DIRECT offsets, lengths and buffers are multiples of this
+from layoutc.runtime.fileio import ALIGN, direct_supported
 
-
-def direct_supported(folder: Path) -> bool:
-    """Whether files in ``folder`` take aligned O_DIRECT writes."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return False
-    probe = folder / f".direct-probe-{os.getpid()}"
-    try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT | flag, 0o600)
-    except OSError:
-        return False
-    try:
-        buf = mmap.mmap(-1, ALIGN)
-        try:
-            os.pwrite(fd, buf, 0)
-            return True
-        except OSError:
-            return False
-        finally:
-            buf.close()
-    finally:
-        os.close(fd)
-        probe.unlink(missing_ok=True)
+__all__ = ["ALIGN", "Handle", "SwapError", "SwapPool", "aligned_empty", "direct_supported"]
 
 
 def aligned_empty(shape: tuple[int, ...] | int, dtype: Any) -> np.ndarray:

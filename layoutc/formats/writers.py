@@ -36,7 +36,7 @@ class Prepared:
     created: list[pt.Created] = field(default_factory=list)
     markers: dict[Path, str] = field(default_factory=dict)  # written last, in this order
     files: list[Path] = field(default_factory=list)
-    io: Files = field(default_factory=lambda: Files(os.O_RDWR))
+    io: Files = field(default_factory=lambda: Files(os.O_RDWR, direct=True))
 
     def finish(self) -> dict[Path, int]:
         """Patch the zip CRCs; returns the CRC-32 of every file, combined from the CRCs of

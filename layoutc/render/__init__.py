@@ -7,7 +7,9 @@ tensors. Templates see plain data only; nothing here changes a plan.
 
 from __future__ import annotations
 
+import os
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -40,10 +42,23 @@ def _rjust(s: Any, width: int) -> str:
     return str(s).rjust(width)
 
 
+def _bytecode_cache() -> jinja2.BytecodeCache | None:
+    """Compiled templates under the user's cache folder, so a run does not compile them
+    again (tens of milliseconds); none where that folder cannot be written."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    folder = Path(root) / "layoutc" / "templates"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return jinja2.FileSystemBytecodeCache(str(folder))
+
+
 @cache
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("layoutc.render", "templates"),
+        bytecode_cache=_bytecode_cache(),
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,

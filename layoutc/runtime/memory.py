@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import ml_dtypes
@@ -23,7 +25,7 @@ from layoutc.place import Placement
 from layoutc.place.shards import STEP, Box, Slice
 from layoutc.plan import ops as O
 from layoutc.plan.plan import Plan
-from layoutc.runtime.fileio import Region
+from layoutc.runtime.fileio import ALIGN, Region, staging, wait
 from layoutc.runtime.spill import Spill
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -259,39 +261,50 @@ class _Pending:
         return flat.reshape(self.shape)
 
     def copy_to(self, dst: Region, dst_start: int, start: int, numel: int) -> None:
-        """Elements ``[start, start + numel)`` of these into ``dst`` at element ``dst_start``."""
+        """Elements ``[start, start + numel)`` of these into ``dst`` at element ``dst_start``.
+
+        Double-buffered: while one buffer is checksummed and written (by a writer thread),
+        the next chunk is read into the other. Each chunk lands in its buffer at the same
+        offset within a page as in the output file, so the whole pages of a direct write
+        leave from it without another copy."""
         size = self.dtype.itemsize
-        view = memoryview(_bounce())
+        buffers = staging()
+        writing: list[Future[None] | None] = [None, None]
         at = dst_start * size
-        for region, lo, n in self.runs:
-            if start >= n:
-                start -= n
-                continue
-            take = min(n - start, numel)
-            src_at = region.offset + (lo + start) * size
-            done, total = 0, take * size
-            while done < total:
-                got = os.preadv(region.fd, [view[: min(len(view), total - done)]], src_at + done)
-                if got <= 0:
-                    raise OSError(f"{region.path}: short read at byte {src_at + done}")
-                dst.write_bytes(at, view[:got])
-                done += got
-                at += got
-            numel -= take
-            start = 0
-            if not numel:
-                return
+        turn = 0
+        try:
+            for region, lo, n in self.runs:
+                if start >= n:
+                    start -= n
+                    continue
+                take = min(n - start, numel)
+                src_at = region.offset + (lo + start) * size
+                done, total = 0, take * size
+                while done < total:
+                    wait(writing[turn])
+                    view = buffers[turn]
+                    shift = (dst.offset + at) % ALIGN
+                    chunk = view[shift : shift + min(len(view) - shift, total - done)]
+                    got = os.preadv(region.fd, [chunk], src_at + done)
+                    if got <= 0:
+                        raise OSError(f"{region.path}: short read at byte {src_at + done}")
+                    writing[turn] = _writer().submit(dst.write_bytes, at, chunk[:got])
+                    turn ^= 1
+                    done += got
+                    at += got
+                numel -= take
+                start = 0
+                if not numel:
+                    break
+        finally:
+            for f in writing:
+                wait(f)
 
 
-_local = threading.local()
-
-
-def _bounce() -> bytearray:
-    """This thread's copy buffer (a few MiB: reads, CRCs and writes stay in cache)."""
-    buf = getattr(_local, "buf", None)
-    if buf is None:
-        buf = _local.buf = bytearray(1 << 22)
-    return buf
+@cache
+def _writer() -> ThreadPoolExecutor:
+    """The threads that checksum and write copied chunks while workers read the next."""
+    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="layoutc-write")
 
 
 class _Live(dict[str, Any]):
