@@ -180,6 +180,13 @@ class Tensor:
     stage: int = 0
     group: str = "default"
     span: Span = field(default=NO_SPAN, compare=False)
+    also: tuple[int, ...] = ()  # further pipeline stages holding a copy (DeepSpeed's tied layers)
+    layer: int | None = None  # the pipeline layer whose file stores it, if not its name's
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """Every pipeline stage holding this tensor: its own, then the others."""
+        return (self.stage, *self.also)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -223,6 +230,8 @@ class Tensor:
             "dtype": self.dtype,
             "stage": self.stage,
             "group": self.group,
+            **({"also_on_stages": list(self.also)} if self.also else {}),
+            **({"layer": self.layer} if self.layer is not None else {}),
         }
 
 

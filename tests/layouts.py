@@ -60,6 +60,13 @@ def training_layouts(
     else:
         lines.append(f"zero {zero} over dp")
     n = draw(st.integers(1, 6))
+    if piped and pp > 1 and draw(st.booleans()):  # a layer tied across stages, as DeepSpeed's
+        stages = sorted(draw(st.sets(st.integers(0, pp - 1), min_size=2)))
+        shape = draw(dims(["tp"], sizes))
+        lines.append(
+            f"tensor tied_modules.t.weight [{', '.join(shape)}] "
+            f"stage ({', '.join(map(str, stages))}) layer {n}"
+        )
     names = []
     for i in range(n):
         kind = draw(st.sampled_from(["tensor", "tensor", "tensor", "frozen", "buffer"]))

@@ -134,6 +134,9 @@ CASES: dict[str, str] = {
     # ---- --set NAME=VALUE overrides (OVERRIDES below)
     "E109-set": "mesh { dp = 2 }\ntensor w [8]\n",
     "E134": "mesh { dp = 2 }\ntensor w [8]\n",
+    "E135": "mesh { pp = 2 }\npipeline over pp\ntensor tied.weight [8] stage (0, 0)\n",
+    "E135-layer": "mesh { pp = 2 }\npipeline over pp\ntensor tied.weight [8] layer -1\n",
+    "E120-layer": "mesh { dp = 2 }\ntensor tied.weight [8] layer 0\n",
 }
 OVERRIDES: dict[str, dict[str, int]] = {"E109-set": {"dp": 0}, "E134": {"pd": 3}}
 COMMAND_LINE = {"E134"}  # reported against the command line, not a source location

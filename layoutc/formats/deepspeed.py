@@ -26,6 +26,7 @@ from layoutc.formats import pt
 MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
 LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
+_LAYER_NAME = re.compile(r"^(\d+)\.(.+)$")
 _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
@@ -161,11 +162,14 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     dims = ms.get("checkpoint_parallel_dimensions") or {}
     tp, pp = int(dims.get("tp_degree", 1)), int(dims.get("pp_degree", 1))
     mp = int(ms.get("mp_world_size") or 1)
-    if tp > 1 or pp > 1 or mp > 1 or ckpt.layer_files:
+    if tp > 1 or (mp > 1 and not ckpt.layer_files):
         raise Unsupported(
-            f"{ckpt.folder}: tensor/pipeline-parallel checkpoint (tp = {tp}, pp = {pp}, {mp} model-parallel "
-            "files): infer reads data-parallel checkpoints only for now; write its layout by hand"
+            f"{ckpt.folder}: tensor-parallel checkpoint (tp = {tp}, pp = {pp}, {mp} model-parallel "
+            "files): infer reads data- and pipeline-parallel checkpoints only for now; write its "
+            "layout by hand"
         )
+    if ckpt.layer_files:
+        return _infer_pipeline(ckpt, pp, name)
     param_shapes = ms.get("param_shapes")
     if not isinstance(param_shapes, list):
         raise Unsupported(
@@ -179,18 +183,7 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     cfg = ckpt.config
     zcfg = cfg.get("zero_optimization") or {}
 
-    # ZeRO stage and variant
-    if ckpt.zero3:
-        stage, variant = 3, ""
-    elif opt is not None and "zero_stage" in opt:
-        z = opt["zero_stage"]
-        stage = int(z.args[0]) if isinstance(z, pt.Record) and z.args else int(z)
-        variant = ""
-    elif opt is not None:
-        stage = int(zcfg.get("stage", 1) or 0)
-        variant = "bf16_optimizer" if stage >= 1 else ""
-    else:
-        stage, variant = 0, ""
+    stage, variant = _zero_stage(ckpt)
     if opt is not None and any(any(p) for p in opt.get("param_alignment_paddings") or []):
         raise Unsupported(
             f"{ckpt.optim_files[0]}: parameters are aligned inside the flat buffer "
@@ -231,40 +224,15 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     ]
 
     # the optimizer
-    states: list[str] = []
-    step = False
+    first_state: dict[str, Any] = {}
     if opt is not None and ckpt.universal:
         first_state = _universal_states(ckpt, params[0][1]) if params else {}
-        states = [k for k in first_state if k != "step"]
-        step = "step" in first_state
     elif opt is not None:
         inner = opt.get("optimizer_state_dict") if ckpt.zero3 else opt.get("base_optimizer_state")
         first_state = (inner or {}).get("state", {}).get(0, {}) if isinstance(inner, dict) else {}
-        states = [k for k in first_state if k != "step"]
-        step = "step" in first_state
-    name = name or re.sub(r"[^A-Za-z0-9_]", "_", ckpt.tag) or "checkpoint"
-    if name[0].isdigit():
-        name = "ckpt_" + name
-
-    lines = [
-        f"# Inferred from {ckpt.folder} (DeepSpeed {ms.get('ds_version', '?')}, tag {ckpt.tag}).",
-        f"layout {name}",
-        f"mesh {{ dp = {ckpt.dp} }}",
-        f"dtype {dtype}",
-    ]
+    lines = _header(ckpt, name, f"mesh {{ dp = {ckpt.dp} }}", dtype)
     if opt is not None:
-        if first_state:
-            opts = [f"states ({', '.join(states)})" if len(states) != 1 else f"states {states[0]}"]
-            opts.append("step" if step else "no_step")
-            lines.append(f"optimizer adam {{ master fp32, {', '.join(opts)} }}")
-        else:  # no trainable parameter, so no state to read the names from
-            lines.append("optimizer adam")
-        zopts = []
-        if stage == 3:
-            zopts.append(f"sub_group {int(zcfg.get('sub_group_size', 1_000_000_000))}")
-        if variant:
-            zopts.append(variant)
-        lines.append(f"zero {stage} over dp" + (f" {{ {', '.join(zopts)} }}" if zopts else ""))
+        lines.extend(_optimizer_lines(first_state, stage, variant, zcfg))
     for g in sorted({g for g, _, _ in params}):
         body = [
             f"tensor {p} {_dims(s)}"
@@ -272,12 +240,7 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
             for gg, p, s in params
             if gg == g
         ]
-        if g == 0:
-            lines.extend(body)
-        else:
-            lines.append(f"group group{g} {{")
-            lines.extend("  " + b for b in body)
-            lines.append("}")
+        lines.extend(_group(g, body))
     lines.extend(f"frozen {f} {_dims(s)}" + (f" {d}" if d != dtype else "") for f, s, d in frozen)
     lines.extend(f"buffer {b} {_dims(s)}" + (f" {d}" if d != dtype else "") for b, s, d in buffers)
     lines.extend(f"tie {alias} = {source}" for alias, source in shared.items())
@@ -285,6 +248,211 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     lines.append(f'store {store} {{ tag "{ckpt.tag}" }}')
     text = "\n".join(lines) + "\n"
     return fmt(parse(text, f"{ckpt.folder}.layout"))
+
+
+def _zero_stage(ckpt: DeepSpeedCheckpoint) -> tuple[int, str]:
+    """The ZeRO stage, and ``bf16_optimizer`` for DeepSpeed's BF16_Optimizer."""
+    opt = ckpt.optim_states
+    if ckpt.zero3:
+        return 3, ""
+    if opt is not None and "zero_stage" in opt:
+        z = opt["zero_stage"]
+        return (int(z.args[0]) if isinstance(z, pt.Record) and z.args else int(z)), ""
+    if opt is not None:
+        stage = int((ckpt.config.get("zero_optimization") or {}).get("stage", 1) or 0)
+        return stage, "bf16_optimizer" if stage >= 1 else ""
+    return 0, ""
+
+
+def _header(ckpt: DeepSpeedCheckpoint, name: str | None, mesh: str, dtype: str) -> list[str]:
+    name = name or re.sub(r"[^A-Za-z0-9_]", "_", ckpt.tag) or "checkpoint"
+    if name[0].isdigit():
+        name = "ckpt_" + name
+    version = ckpt.model_states.get("ds_version", "?")
+    return [
+        f"# Inferred from {ckpt.folder} (DeepSpeed {version}, tag {ckpt.tag}).",
+        f"layout {name}",
+        mesh,
+        f"dtype {dtype}",
+    ]
+
+
+def _optimizer_lines(
+    first_state: dict[str, Any], stage: int, variant: str, zcfg: dict[str, Any]
+) -> list[str]:
+    """``optimizer`` and ``zero`` statements; ``first_state``: one parameter's state dict."""
+    states = [k for k in first_state if k != "step"]
+    if first_state:
+        opts = [f"states ({', '.join(states)})" if len(states) != 1 else f"states {states[0]}"]
+        opts.append("step" if "step" in first_state else "no_step")
+        lines = [f"optimizer adam {{ master fp32, {', '.join(opts)} }}"]
+    else:  # no trainable parameter, so no state to read the names from
+        lines = ["optimizer adam"]
+    zopts = []
+    if stage == 3:
+        zopts.append(f"sub_group {int(zcfg.get('sub_group_size', 1_000_000_000))}")
+    if variant:
+        zopts.append(variant)
+    lines.append(f"zero {stage} over dp" + (f" {{ {', '.join(zopts)} }}" if zopts else ""))
+    return lines
+
+
+def _group(g: int, body: list[str]) -> list[str]:
+    """Entries of param group ``g``: the first at the top level, others in a group block."""
+    return body if g == 0 else [f"group group{g} {{", *("  " + b for b in body), "}"]
+
+
+def _entry(kind: str, name: str, shape: tuple[int, ...], dtype: str, default: str) -> str:
+    return f"{kind} {name} {_dims(shape)}" + (f" {dtype}" if dtype != default else "")
+
+
+def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str:
+    """A ``PipelineModule`` checkpoint (tp = 1): one ``mp_rank`` file per stage, weights in
+    ``layer_XX`` files, the tied modules (``tied_modules.<key>.<param>``) on every stage that
+    uses them, stored once in the file of their first layer."""
+    from layoutc.lang.fmt import fmt
+    from layoutc.lang.parse import parse
+
+    stages = [pt.load(p) for p in ckpt.model_files]
+    if len(stages) != pp:
+        raise Unsupported(
+            f"{ckpt.folder}: {len(stages)} mp_rank files for pp = {pp}; with tensor parallelism "
+            "inside a pipeline, infer cannot tell the slices apart yet: write the layout by hand"
+        )
+    layers: dict[int, dict[str, Any]] = {}
+    for path in ckpt.layer_files:
+        m = LAYER.match(path.name)
+        assert m is not None
+        if m.group(2) is not None:
+            raise Unsupported(f"{path}: a model-parallel layer file; infer reads tp = 1 pipelines")
+        obj = pt.load(path)
+        if not isinstance(obj, dict):
+            raise NotACheckpoint(f"{path}: not a layer state dict")
+        layers[int(m.group(1))] = obj
+    shapes = [st.get("param_shapes") for st in stages]
+    if not all(isinstance(s, list) for s in shapes):
+        raise Unsupported(
+            f"{ckpt.model_files[0]}: a ZeRO-0 pipeline checkpoint records neither parameter names "
+            "nor which layers each stage holds (only the optimizer's state by position), so "
+            "infer cannot prove its layout; declare it and pass --spec (docs/converting.md)"
+        )
+    # trainable parameters: per stage, group by group in flat order
+    order: list[str] = []
+    info: dict[str, tuple[int, tuple[int, ...], list[int]]] = {}  # group, shape, stages
+    for s, groups in enumerate(shapes):
+        assert isinstance(groups, list)
+        if len(groups) != len(shapes[0] or []):
+            raise Unsupported(
+                f"{ckpt.model_files[s]}: {len(groups)} param groups on stage {s}, "
+                f"{len(shapes[0] or [])} on stage 0; infer needs the same groups on every stage"
+            )
+        for g, group in enumerate(groups):
+            for pname, shape in group.items():
+                pname = _check_name(pname, ckpt)
+                if pname in info:
+                    info[pname][2].append(s)
+                    if info[pname][0] != g:
+                        raise Unsupported(
+                            f"{pname}: in param group {info[pname][0]} on one stage, {g} on another"
+                        )
+                else:
+                    info[pname] = (g, _shape(shape), [s])
+                    order.append(pname)
+    for s, groups in enumerate(shapes):
+        assert isinstance(groups, list)
+        for g, group in enumerate(groups):
+            mine = [p for p in order if info[p][0] == g and s in info[p][2]]
+            if mine != list(group):
+                raise Unsupported(
+                    f"{ckpt.model_files[s]}: the stages order their shared parameters differently; "
+                    "write the layout by hand"
+                )
+    # which stage holds each layer: the stage of its parameters and buffers
+    layer_stage: dict[int, int] = {}
+    buffers: list[tuple[str, int]] = []
+    for s, st in enumerate(stages):
+        names = [p for p in order if s in info[p][2]] + list(st.get("buffer_names") or [])
+        for n in names:
+            if (m := _LAYER_NAME.match(n)) is not None:
+                layer_stage.setdefault(int(m.group(1)), s)
+        buffers.extend((b, s) for b in st.get("buffer_names") or [])
+    # tied modules: the layer file that holds them under their own key
+    where: dict[str, tuple[int, str]] = {}  # name -> (layer, key)
+    for p in order:
+        if (m := _LAYER_NAME.match(p)) is not None:
+            where[p] = (int(m.group(1)), m.group(2))
+    for p in order:
+        if p in where:
+            continue
+        parts = p.split(".", 2)
+        if parts[0] != "tied_modules" or len(parts) != 3:
+            raise Unsupported(
+                f"{ckpt.model_files[0]}: {p} neither starts with a layer index nor is a tied module"
+            )
+        owned = {layer for layer, _ in where.values()}
+        found = [
+            layer
+            for layer, obj in sorted(layers.items())
+            if parts[2] in obj and layer not in owned and _shape(obj[parts[2]].shape) == info[p][1]
+        ]
+        if len(found) != 1:
+            raise Unsupported(
+                f"{ckpt.folder}: {p} is stored in {len(found)} layer files "
+                f"({', '.join(f'layer_{x:02d}' for x in found) or 'none'}); infer handles a tied "
+                "module stored once"
+            )
+        where[p] = (found[0], parts[2])
+    known = {(layer, key) for layer, key in where.values()}
+    known |= {(int(m.group(1)), m.group(2)) for b, _ in buffers if (m := _LAYER_NAME.match(b))}
+    frozen: list[tuple[str, int]] = []
+    for layer, obj in sorted(layers.items()):
+        for key in obj:
+            if (layer, key) not in known:
+                if layer not in layer_stage:
+                    raise Unsupported(
+                        f"layer_{layer:02d}: holds only frozen parameters; infer cannot tell its stage"
+                    )
+                frozen.append((f"{layer}.{key}", layer_stage[layer]))
+
+    def ref(n: str) -> Any:
+        layer, key = where[n] if n in where else (int(n.split(".", 1)[0]), n.split(".", 1)[1])
+        return layers[layer][key]
+
+    dtype = ref(order[0]).dtype if order else "fp32"
+    stage, variant = _zero_stage(ckpt)
+    opt = ckpt.optim_states
+    lines = _header(ckpt, name, f"mesh {{ pp = {pp}, dp = {ckpt.dp} }}", dtype)
+    lines.append("pipeline over pp")
+    if opt is not None:
+        inner = opt.get("base_optimizer_state")
+        first = (inner or {}).get("state", {}).get(0, {}) if isinstance(inner, dict) else {}
+        lines.extend(
+            _optimizer_lines(first, stage, variant, ckpt.config.get("zero_optimization") or {})
+        )
+
+    def placed(n: str, owner: list[int]) -> str:
+        where_ = (
+            f" stage {owner[0]}" if len(owner) == 1 else f" stage ({', '.join(map(str, owner))})"
+        )
+        if not _LAYER_NAME.match(n):
+            where_ += f" layer {where[n][0]}"
+        return where_
+
+    for g in sorted({info[p][0] for p in order}):
+        body = [
+            _entry("tensor", p, info[p][1], ref(p).dtype, dtype) + placed(p, info[p][2])
+            for p in order
+            if info[p][0] == g
+        ]
+        lines.extend(_group(g, body))
+    for f, s in frozen:
+        r = ref(f)
+        lines.append(_entry("frozen", f, _shape(r.shape), r.dtype, dtype) + f" stage {s}")
+    for b, s in buffers:
+        r = ref(b)
+        lines.append(_entry("buffer", b, _shape(r.shape), r.dtype, dtype) + f" stage {s}")
+    lines.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
+    return fmt(parse("\n".join(lines) + "\n", f"{ckpt.folder}.layout"))
 
 
 def _universal_states(ckpt: DeepSpeedCheckpoint, param: str) -> dict[str, bool]:

@@ -187,7 +187,7 @@ class Zero:
 
 @dataclass(frozen=True)
 class Entry:
-    """``tensor|frozen|buffer NAME [dims] [dtype] [stage EXPR]``."""
+    """``tensor|frozen|buffer NAME [dims] [dtype] [stage EXPR | stage (EXPR, ...)] [layer EXPR]``."""
 
     kind: str
     name: Template
@@ -196,6 +196,7 @@ class Entry:
     stage: Expr | None = None
     span: Span = _span()
     dtype_span: Span = _span()
+    layer: Expr | None = None
 
 
 @dataclass(frozen=True)

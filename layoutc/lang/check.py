@@ -634,28 +634,73 @@ class _Checker:
             out.append(str(v))
         return "".join(out)
 
+    def entry_stages(self, name: str, expr: ast.Expr | None) -> tuple[int, ...]:
+        """The pipeline stages of an entry: ``stage S``, or ``stage (S, T, ...)`` for a
+        tensor that several stages hold (DeepSpeed's tied layers)."""
+        if expr is None:
+            return (0,)
+        items: list[ast.Expr] = []
+        if isinstance(expr, ast.Tuple):
+            for item in expr.items:
+                if item.name is not None:
+                    self.error(
+                        "E135",
+                        f"{name}: a stage list holds stages, not named blocks",
+                        expr.span,
+                        "write stage (0, pp - 1)",
+                    )
+                    return (0,)
+                items.append(item.expr)
+        else:
+            items.append(expr)
+        stages = tuple(self.eval(e) for e in items)
+        if self.pipeline is None:
+            self.error(
+                "E120",
+                f"{name} has a pipeline stage but the layout has no pipeline axis",
+                expr.span,
+                "declare it: pipeline over pp",
+            )
+            return stages
+        for v, e in zip(stages, items, strict=True):
+            if not 0 <= v < self.env[self.pipeline]:
+                self.error(
+                    "E107",
+                    f"{name} is on stage {v}, outside 0..{self.env[self.pipeline] - 1} "
+                    f"({self.pipeline} = {self.env[self.pipeline]})",
+                    e.span,
+                )
+        if len(set(stages)) < len(stages):
+            self.error(
+                "E135",
+                f"{name} lists a stage twice: {stages}",
+                expr.span,
+                "list each stage once: stage (0, pp - 1)",
+            )
+        return stages
+
     def entry(self, st: ast.Entry, scope: _Scope) -> None:
         name = self.template(st.name)
         dtype = self.dtype
         if st.dtype is not None:
             dtype = self.dtype_name(st.dtype, st.dtype_span) or dtype
-        stage = 0
-        stage_expr = st.stage if st.stage is not None else scope.stage
-        if stage_expr is not None:
-            stage = self.eval(stage_expr)
+        stages = self.entry_stages(name, st.stage if st.stage is not None else scope.stage)
+        layer = None
+        if st.layer is not None:
+            layer = self.eval(st.layer)
             if self.pipeline is None:
                 self.error(
                     "E120",
-                    f"{name} has a pipeline stage but the layout has no pipeline axis",
-                    stage_expr.span,
+                    f"{name} names a pipeline layer but the layout has no pipeline axis",
+                    st.layer.span,
                     "declare it: pipeline over pp",
                 )
-            elif not 0 <= stage < self.env[self.pipeline]:
+            elif layer < 0:
                 self.error(
-                    "E107",
-                    f"{name} is on stage {stage}, outside 0..{self.env[self.pipeline] - 1} "
-                    f"({self.pipeline} = {self.env[self.pipeline]})",
-                    stage_expr.span,
+                    "E135",
+                    f"{name} is stored in layer {layer}; layers count from 0",
+                    st.layer.span,
+                    "layer N is the file layer_NN-model_states.pt",
                 )
         dims: list[ir.Dim] = []
         used: dict[str, int] = {}
@@ -695,7 +740,9 @@ class _Checker:
                 )
             return
         kind = {"tensor": ir.PARAM, "frozen": ir.FROZEN, "buffer": ir.BUFFER}[st.kind]
-        tensor = ir.Tensor(name, tuple(dims), dtype, kind, stage, group, st.name.span)
+        tensor = ir.Tensor(
+            name, tuple(dims), dtype, kind, stages[0], group, st.name.span, stages[1:], layer
+        )
         self.tensors.append(tensor)
         self.declared[name] = tensor
 

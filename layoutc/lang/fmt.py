@@ -90,6 +90,8 @@ def statement_head(st: ast.Statement) -> str:
             text += f" {st.dtype}"
         if st.stage is not None:
             text += f" stage {expr(st.stage)}"
+        if st.layer is not None:
+            text += f" layer {expr(st.layer)}"
         return text
     if isinstance(st, ast.Loop):
         stage = f" stage {expr(st.stage)}" if st.stage is not None else ""

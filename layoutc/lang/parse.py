@@ -193,6 +193,9 @@ class _Build(Transformer):
     def stage(self, meta: Any, c: list[Any]) -> tuple[str, Any, Span]:
         return ("stage", c[0], self._s(meta))
 
+    def layer(self, meta: Any, c: list[Any]) -> tuple[str, Any, Span]:
+        return ("layer", c[0], self._s(meta))
+
     def entry_dtype(self, meta: Any, c: list[Token]) -> tuple[str, Any, Span]:
         return ("dtype", c[0], _tok_span(self.path, c[0]))
 
@@ -200,7 +203,7 @@ class _Build(Transformer):
         kind, path, shape, *attrs = c
         dtype: str | None = None
         dtype_span = Span(self.path, 0, 0)
-        stage = None
+        stage = layer = None
         seen: set[str] = set()
         for key, value, span in attrs:
             if key in seen:
@@ -215,9 +218,13 @@ class _Build(Transformer):
             seen.add(key)
             if key == "dtype":
                 dtype, dtype_span = str(value), span
+            elif key == "layer":
+                layer = value
             else:
                 stage = value
-        return ast.Entry(kind, self._template(path), shape, dtype, stage, self._s(meta), dtype_span)
+        return ast.Entry(
+            kind, self._template(path), shape, dtype, stage, self._s(meta), dtype_span, layer
+        )
 
     def body(self, meta: Any, c: list[Any]) -> tuple[Any, ...]:
         return tuple(c)

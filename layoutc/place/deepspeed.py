@@ -110,13 +110,14 @@ class DeepSpeedPlacement(Placement):
         # DeepSpeed's pipeline engine writes layer files whatever the number of stages.
         self.layer_files = layout.pipeline is not None
         if self.layer_files:
-            bad = [t.name for t in self.tensors if not _LAYER.match(t.name)]
+            bad = [t.name for t in self.tensors if not _LAYER.match(t.name) and t.layer is None]
             if bad:
                 raise Unsupported(
                     f"{layout.source}: a DeepSpeed pipeline names parameters <layer>.<param>; "
                     f"{bad[0]}"
                     + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
-                    + " do not start with a layer index"
+                    + " do not start with a layer index (a tied module's tensor names its layer: "
+                    "tensor tied_modules.embed.weight [V, H] stage (0, pp - 1) layer 0)"
                 )
         self.prefix = "bf16_" if self.bf16 and self.mode in ("flat", "stage3") else ""
 
@@ -146,30 +147,42 @@ class DeepSpeedPlacement(Placement):
     def optim_file(self, coords: dict[str, int]) -> str:
         return f"{self.prefix}zero_pp_rank_{self._dp(coords)}_mp_rank_{self._mp(coords):02d}_optim_states.pt"
 
-    def layer_file(self, name: str, coords: dict[str, int]) -> tuple[str, str]:
-        m = _LAYER.match(name)
-        assert m is not None
+    def layer_file(self, t: ir.Tensor, coords: dict[str, int]) -> tuple[str, str]:
+        """The layer file and key of a tensor: ``<L>.<key>``, or a tied module's
+        ``tied_modules.<module>.<key>`` in the file of the layer it names."""
+        layer, key = _layer_and_key(t)
         model = ""
         if self.model_axes:
             model = f"-model_{self.mesh.index(self.model_axes, coords):02d}"
-        return f"layer_{int(m.group(1)):02d}{model}-model_states.pt", m.group(2)
+        return f"layer_{layer:02d}{model}-model_states.pt", key
 
     # -------------------------------------------------------------- optimizer groups
 
     def _stage_of(self, t: ir.Tensor) -> int:
         return t.stage if self.layout.pipeline else 0
 
+    def _stages_of(self, t: ir.Tensor) -> tuple[int, ...]:
+        return t.stages if self.layout.pipeline else (0,)
+
+    def _member(self, t: ir.Tensor, coords: dict[str, int] | None = None) -> Member:
+        """Where ``t`` sits in the optimizer of the stage at ``coords`` (default: its own)."""
+        stage = self._stage_of(t)
+        if coords is not None and self.layout.pipeline:
+            stage = coords.get(self.layout.pipeline, stage)
+        return self._members[t.name, stage]
+
     @cached_property
-    def _members(self) -> dict[str, Member]:
+    def _members(self) -> dict[tuple[str, int], Member]:
         """Flat groups per pipeline stage: the trainable tensors of each param group, in order.
+        A tensor several stages hold (a tied layer) is a member on each of them.
 
         DeepSpeed drops param groups with no parameters, so group numbers count only the
         non-empty groups of the stage."""
-        out: dict[str, Member] = {}
-        stages = sorted({self._stage_of(t) for t in self.trainable})
+        out: dict[tuple[str, int], Member] = {}
+        stages = sorted({s for t in self.trainable for s in self._stages_of(t)})
         sub_group_base = 0
         for stage in stages:
-            on_stage = [t for t in self.trainable if self._stage_of(t) == stage]
+            on_stage = [t for t in self.trainable if stage in self._stages_of(t)]
             param_index = 0
             g = 0
             sub_group_base = 0
@@ -186,7 +199,7 @@ class DeepSpeedPlacement(Placement):
                     else None
                 )
                 for i, t in enumerate(members):
-                    out[t.name] = Member(g, i, flat, s3, sub_group_base, param_index)
+                    out[t.name, stage] = Member(g, i, flat, s3, sub_group_base, param_index)
                     param_index += 1
                 if s3 is not None:
                     sub_group_base += len(s3.sub_groups)
@@ -200,9 +213,9 @@ class DeepSpeedPlacement(Placement):
         :class:`Stage3Group`."""
         out: dict[int, tuple[int, list[ir.Tensor], Member]] = {}
         for t in self.trainable:
-            if self._stage_of(t) != stage:
+            if stage not in self._stages_of(t):
                 continue
-            m = self._members[t.name]
+            m = self._members[t.name, stage]
             out.setdefault(m.group, (m.group, [], m))[1].append(t)
         return [out[g] for g in sorted(out)]
 
@@ -244,14 +257,28 @@ class DeepSpeedPlacement(Placement):
         ``module`` and in ``frozen_param_fragments``."""
         return 2 if state == WEIGHT and t.kind == ir.FROZEN and self.layout.zero.stage == 2 else 1
 
-    def copies(self, t: ir.Tensor, state: str) -> int:
+    def _stage_copies(self, t: ir.Tensor, state: str) -> int:
+        """Stages holding their own copy: every stage of a tied layer keeps its optimizer
+        state; its weights are stored once, in the layer file."""
+        if state == WEIGHT and self.layer_files:
+            return 1
+        return len(self._stages_of(t))
+
+    def _copies_per_stage(self, t: ir.Tensor, state: str) -> int:
         return self.mesh.size(*self.copy_axes(t, state)) * self._variants(t, state)
 
+    def copies(self, t: ir.Tensor, state: str) -> int:
+        return self._copies_per_stage(t, state) * self._stage_copies(t, state)
+
     def _coords(self, t: ir.Tensor, state: str, sl: Slice, copy: int) -> dict[str, int]:
+        """Copies are numbered stage-major: (stage, replica, variant)."""
+        stage, inner = divmod(copy, self._copies_per_stage(t, state))
         coords = dict(sl.coords)
-        coords.update(self.mesh.unindex(self.copy_axes(t, state), copy // self._variants(t, state)))
+        coords.update(
+            self.mesh.unindex(self.copy_axes(t, state), inner // self._variants(t, state))
+        )
         if self.layout.pipeline:
-            coords[self.layout.pipeline] = self._stage_of(t)
+            coords[self.layout.pipeline] = self._stages_of(t)[stage]
         return coords
 
     def runs(self, t: ir.Tensor, state: str, sl: Slice, copy: int, lo: int, hi: int) -> list[Run]:
@@ -262,7 +289,7 @@ class DeepSpeedPlacement(Placement):
                 return self._stage3_frozen(t, coords, lo, hi, dtype)
             file, key = self._weight_location(t, coords, copy % self._variants(t, state))
             return [Run(file, key, lo, lo, hi - lo, dtype)]
-        m = self._members[t.name]
+        m = self._member(t, coords)
         if state == STEP:
             key = self._state_key(m, STEP)
             file = (
@@ -298,7 +325,7 @@ class DeepSpeedPlacement(Placement):
             return 1
         if state == STEP or self.mode == "plain":
             return 1
-        m = self._members[t.name]
+        m = self._member(t)  # a tied layer's other stages may cut it differently
         group = m.flat if self.mode == "flat" else m.stage3
         assert group is not None
         return group.count(m.index, lo, hi)
@@ -307,7 +334,7 @@ class DeepSpeedPlacement(Placement):
         self, t: ir.Tensor, coords: dict[str, int], variant: int = 0
     ) -> tuple[str, str]:
         if self.layer_files:
-            return self.layer_file(t.name, coords)
+            return self.layer_file(t, coords)
         if variant == 1:
             return self.model_file(coords), f"frozen_param_fragments/{t.name}"
         return self.model_file(coords), f"module/{t.name}"
@@ -381,7 +408,7 @@ class DeepSpeedPlacement(Placement):
         if self.mode in ("flat", "stage3"):
             n += mp * dp
         if self.layer_files:
-            layers = {m.group(1) for t in self.tensors if (m := _LAYER.match(t.name))}
+            layers = {_layer_and_key(t)[0] for t in self.tensors}
             n += len(layers) * self.mesh.size(*self.model_axes)
         return n
 
@@ -412,10 +439,10 @@ class DeepSpeedPlacement(Placement):
             if WEIGHT in states and not self.layer_files:
                 stages |= {self._stage_of(t) for t in self.tensors if WEIGHT in self.states(t)}
             if opt and self.mode == "plain":
-                stages |= {self._stage_of(t) for t in self.trainable}
+                stages |= {s for t in self.trainable for s in self._stages_of(t)}
             n += per_stage * len(stages)
         if WEIGHT in states and self.layer_files:
-            layers = {m.group(1) for t in self.tensors if (m := _LAYER.match(t.name))}
+            layers = {_layer_and_key(t)[0] for t in self.tensors}
             n += len(layers) * self.mesh.size(*self.model_axes)
         return n
 
@@ -423,8 +450,8 @@ class DeepSpeedPlacement(Placement):
         """Optimizer files holding at least one element of data: trailing partitions of a
         tiny model can hold padding only (data always fills partitions from rank 0 up)."""
         ranks: dict[int, int] = {}
-        for t in self.trainable:
-            m = self._members[t.name]
+        for (name, stage), m in self._members.items():
+            t = self.layout.tensor(name)
             if m.flat is not None:
                 g = m.flat
                 held = -(-g.total // g.partition_size) if g.partition_size else 0
@@ -432,7 +459,6 @@ class DeepSpeedPlacement(Placement):
                 assert m.stage3 is not None
                 pn = m.stage3.partition_numel(m.index)
                 held = -(-m.stage3.numels[m.index] // pn) if pn else 0
-            stage = self._stage_of(t)
             if every_partition:
                 held = self.mesh.size(*self.partition_axes(t))
             ranks[stage] = max(ranks.get(stage, 0), held)
@@ -499,24 +525,15 @@ class DeepSpeedPlacement(Placement):
                 for sl in self.slices(t, WEIGHT):
                     for c in range(self.copies(t, WEIGHT)):
                         coords = self._coords(t, WEIGHT, sl, c)
-                        m = self._members[t.name]
-                        for s in opt.states:
-                            yield StoredBuffer(
-                                self.model_file(coords),
-                                self._state_key(m, s),
-                                self.dtype(t, s),
-                                sl.shape,
-                            )
-                        if opt.step:
-                            yield StoredBuffer(
-                                self.model_file(coords), self._state_key(m, STEP), "fp32", ()
-                            )
+                        for stage in self._stages_of(t):
+                            if self.layout.pipeline:
+                                coords = {**coords, self.layout.pipeline: stage}
+                            yield from self._plain_buffers(t, sl, coords)
             return
         # one flat buffer per (group or sub-group, state) in every optimizer file
         seen: dict[tuple[int, int], list[tuple[Member, ir.Tensor]]] = {}
-        for t in self.trainable:
-            m = self._members[t.name]
-            seen.setdefault((self._stage_of(t), m.group), []).append((m, t))
+        for (name, stage), m in self._members.items():
+            seen.setdefault((stage, m.group), []).append((m, self.layout.tensor(name)))
         for (stage, _g), members in seen.items():
             m, t = members[0]
             for mp in self._mp_coords():
@@ -552,6 +569,20 @@ class DeepSpeedPlacement(Placement):
                             if opt.step:
                                 yield StoredBuffer(file, self._state_key(probe, STEP), "fp32", ())
 
+    def _plain_buffers(
+        self, t: ir.Tensor, sl: Slice, coords: dict[str, int]
+    ) -> Iterator[StoredBuffer]:
+        """ZeRO-0: a torch optimizer's state of ``t`` in the model-states file at ``coords``."""
+        opt = self.layout.optimizer
+        assert opt is not None
+        m = self._member(t, coords)
+        for s in opt.states:
+            yield StoredBuffer(
+                self.model_file(coords), self._state_key(m, s), self.dtype(t, s), sl.shape
+            )
+        if opt.step:
+            yield StoredBuffer(self.model_file(coords), self._state_key(m, STEP), "fp32", ())
+
     def _keeps_padding(self) -> bool:
         """The bf16 optimizer saves its fp32 partitions whole; ZeRO 1/2 strip the padding."""
         z = self.layout.zero
@@ -567,9 +598,8 @@ class DeepSpeedPlacement(Placement):
         assert opt is not None
         flat_states = [s for s in (MASTER, *opt.states) if s != MASTER or opt.master]
         done: set[tuple[int, int]] = set()
-        for t in self.trainable:
-            m = self._members[t.name]
-            stage = self._stage_of(t)
+        for (name, stage), m in self._members.items():
+            t = self.layout.tensor(name)
             if m.flat is not None and (stage, m.group) in done:
                 continue
             done.add((stage, m.group))
@@ -633,12 +663,21 @@ class DeepSpeedPlacement(Placement):
             fixed += list(self.mesh.unindex(self.mp_axes, int(m.group(1))).items())
         elif m := re.match(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt$", file):
             stage = next(
-                self._stage_of(t)
-                for t in self.tensors
-                if t.name.split(".", 1)[0] == str(int(m.group(1)))
+                self._stage_of(t) for t in self.tensors if _layer_and_key(t)[0] == int(m.group(1))
             )
             if self.layout.pipeline:
                 fixed.append((self.layout.pipeline, stage))
             if m.group(2) is not None:
                 fixed += list(self.mesh.unindex(self.model_axes, int(m.group(2))).items())
         return RankSet(tuple(fixed))
+
+
+def _layer_and_key(t: ir.Tensor) -> tuple[int, str]:
+    """A pipeline tensor's layer and its key in the layer file: ``<L>.<key>``, or with a
+    ``layer`` attribute the name without a tied module's ``tied_modules.<module>.`` prefix."""
+    if t.layer is not None:
+        parts = t.name.split(".", 2)
+        return t.layer, parts[2] if parts[0] == "tied_modules" and len(parts) == 3 else t.name
+    m = _LAYER.match(t.name)
+    assert m is not None, t.name
+    return int(m.group(1)), m.group(2)
