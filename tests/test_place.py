@@ -27,7 +27,7 @@ def _coverage(p):
                 n = sl.numel if sl.shape else 1
                 for c in range(p.copies(t, state)):
                     runs = p.runs(t, state, sl, c, 0, n)
-                    assert len(runs) == p.count_runs(t, state, sl, 0, n)
+                    assert len(runs) == p.count_runs(t, state, sl, 0, n, c)
                     assert sum(r.numel for r in runs) == n
                     for r in runs:
                         counts[(r.file, r.key)][r.offset : r.offset + r.numel] += 1

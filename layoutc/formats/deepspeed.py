@@ -320,11 +320,13 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
             "inside a pipeline, infer cannot tell the slices apart yet: write the layout by hand"
         )
     layers: dict[int, dict[str, Any]] = {}
+    model_axis = False  # files named -model_00: a model-parallel axis of size 1
     for path in ckpt.layer_files:
         m = LAYER.match(path.name)
         assert m is not None
-        if m.group(2) is not None:
+        if m.group(2) is not None and int(m.group(2)) > 0:
             raise Unsupported(f"{path}: a model-parallel layer file; infer reads tp = 1 pipelines")
+        model_axis = model_axis or m.group(2) is not None
         obj = pt.load(path)
         if not isinstance(obj, dict):
             raise NotACheckpoint(f"{path}: not a layer state dict")
@@ -421,14 +423,17 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
     dtype = ref(order[0]).dtype if order else "fp32"
     stage, variant = _zero_stage(ckpt)
     opt = ckpt.optim_states
-    lines = _header(ckpt, name, f"mesh {{ pp = {pp}, dp = {ckpt.dp} }}", dtype)
+    tp = ", tp = 1" if model_axis else ""
+    lines = _header(ckpt, name, f"mesh {{ pp = {pp}, dp = {ckpt.dp}{tp} }}", dtype)
     lines.append("pipeline over pp")
     if opt is not None:
-        inner = opt.get("base_optimizer_state")
-        first = (inner or {}).get("state", {}).get(0, {}) if isinstance(inner, dict) else {}
-        lines.extend(
-            _optimizer_lines(first, stage, variant, ckpt.config.get("zero_optimization") or {})
-        )
+        if ckpt.universal:
+            first = _universal_states(ckpt, order[0]) if order else {}
+        else:
+            inner = opt.get("base_optimizer_state")
+            first = (inner or {}).get("state", {}).get(0, {}) if isinstance(inner, dict) else {}
+        zcfg = ckpt.config.get("zero_optimization") or {}
+        lines.extend(_optimizer_lines(first, stage, variant, zcfg))
 
     def placed(n: str, owner: list[int]) -> str:
         where_ = (
@@ -451,7 +456,8 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
     for b, s in buffers:
         r = ref(b)
         lines.append(_entry("buffer", b, _shape(r.shape), r.dtype, dtype) + f" stage {s}")
-    lines.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
+    store = "universal" if ckpt.universal else "deepspeed"
+    lines.append(f'store {store} {{ tag "{ckpt.tag}" }}')
     return fmt(parse("\n".join(lines) + "\n", f"{ckpt.folder}.layout"))
 
 

@@ -73,8 +73,24 @@ class Carried:
     optim_outer: dict[str, Any] = field(default_factory=dict)
     fresh_param_groups: list[dict[str, Any]] | None = None  # given, for a source without
 
+    folder: Path | None = None
+
     @classmethod
     def read(cls, folder: Path | None) -> Carried:
+        carried = cls._read(folder)
+        carried.folder = folder
+        return carried
+
+    def layer_order(self, name: str) -> list[str]:
+        """The keys of the source's layer file ``name``, in its order (none if absent)."""
+        path = self.folder / name if self.folder is not None else None
+        if path is None or not path.is_file():
+            return []
+        obj = pt.load(path)
+        return list(obj) if isinstance(obj, dict) else []
+
+    @classmethod
+    def _read(cls, folder: Path | None) -> Carried:
         if folder is None:
             return cls()
         models = sorted(folder.glob("mp_rank_*_model_states.pt")) or sorted(
@@ -99,8 +115,11 @@ class Carried:
                 )
             return [{**copy_values(g), "params": []} for g in self.fresh_param_groups]
         base = self.optim.get("base_optimizer_state")
+        plain = self.model.get("optimizer")  # ZeRO-0: the torch optimizer's own state dict
         if isinstance(base, dict):
             groups = base.get("param_groups")
+        elif not self.optim and isinstance(plain, dict):
+            groups = plain.get("param_groups")
         elif "param_groups" in self.optim:  # a universal checkpoint's optimizer_state.pt
             groups = self.optim["param_groups"]
         else:
@@ -130,18 +149,20 @@ def files(
     target: DeepSpeedPlacement, carried: Carried, by_file: dict[str, dict[str, StoredBuffer]]
 ) -> Iterator[tuple[str, Any, Holes]]:
     """``(file, object to pickle, its holes)`` for every file of ``target``."""
+    layout = target.layout
+    first = True
+    for mp in iter_coords(target.mesh, target.mp_axes):
+        stage = mp.get(layout.pipeline, 0) if layout.pipeline else 0
+        dps = list(iter_coords(target.mesh, target.dp_axes))
+        for dp in dps if layout.zero.stage == 3 else dps[:1]:  # ZeRO-3: one per rank
+            f = target.model_file({**mp, **dp})
+            holes = Holes(by_file.get(f, {}))
+            yield f, _model_states(target, carried, holes, first, stage), holes
+            first = False
     if target.layer_files:
-        raise Unsupported(
-            f"{target.layout.source}: writing DeepSpeed pipeline (layer_*) files is not supported yet"
-        )
-    if target.mode == "plain":
-        raise Unsupported(
-            f"{target.layout.source}: writing DeepSpeed ZeRO-0 checkpoints with a torch optimizer "
-            "is not supported yet; use zero 1, 2 or 3 (or store universal)"
-        )
-    for i, f in enumerate(target.model_files()):
-        holes = Holes(by_file.get(f, {}))
-        yield f, _model_states(target, carried, holes, first_rank=i == 0), holes
+        for f in dict.fromkeys(b.file for b in target.weight_buffers()):
+            holes = Holes(by_file.get(f, {}))
+            yield f, _layer_states(holes, carried.layer_order(f)), holes
     optim = {"flat": _flat_optim, "stage3": _stage3_optim}.get(target.mode)
     if optim is not None:
         for mp in iter_coords(target.mesh, target.mp_axes):
@@ -156,12 +177,40 @@ def _index(names: list[str], name: str) -> int:
     return names.index(name) if name in names else 0
 
 
+def _layer_states(holes: Holes, order: list[str]) -> OrderedDict[str, Any]:
+    """A pipeline layer's file: its state dict (in the source's key order where known)."""
+    keys = sorted(holes.buffers, key=lambda k: (k not in order, _index(order, k)))
+    return OrderedDict((k, holes(k)) for k in keys)
+
+
+def _plain_optimizer(
+    target: DeepSpeedPlacement, carried: Carried, holes: Holes, stage: int
+) -> dict[str, Any]:
+    """ZeRO-0: the torch optimizer's ``state_dict()`` of one stage, as DeepSpeed saves it
+    in the model-states file."""
+    opt = target.layout.optimizer
+    assert opt is not None
+    groups = target.optimizer_groups(stage)
+    state: dict[int, dict[str, Any]] = {}
+    params: list[list[int]] = []
+    for _, members, _m in groups:
+        indices = []
+        for t in members:
+            i = target.member(t, stage).param_index
+            state[i] = _optimizer_state(holes, f"optimizer/state/{i}", opt)
+            indices.append(i)
+        params.append(indices)
+    return {"state": state, "param_groups": _param_groups(target, carried, params)}
+
+
 def _model_states(
-    target: DeepSpeedPlacement, carried: Carried, holes: Holes, first_rank: bool
+    target: DeepSpeedPlacement, carried: Carried, holes: Holes, first_rank: bool, stage: int = 0
 ) -> dict[str, Any]:
     layout = target.layout
     src = carried.model
     stage3 = target.mode == "stage3"
+    if target.layer_files:  # a pipeline keeps its weights in the layer files
+        return _stage_states(target, carried, holes, stage)
     module: OrderedDict[str, Any] = OrderedDict()
     for t in layout.tensors:
         if stage3 and t.kind != ir.BUFFER:  # partitioned parameters leave a 0-element stub
@@ -180,7 +229,9 @@ def _model_states(
     obj: dict[str, Any] = {
         "module": module,
         "buffer_names": [t.name for t in layout.tensors if t.kind == ir.BUFFER],
-        "optimizer": None,
+        "optimizer": _plain_optimizer(target, carried, holes, 0)
+        if target.mode == "plain"
+        else None,
         "param_shapes": [
             OrderedDict((t.name, pt.Size(t.local_shape)) for t in members)
             for members in _flat_members(target)
@@ -197,6 +248,44 @@ def _model_states(
         )
         if stage2
         else None,
+        **_run_state(target, carried),
+    }
+    return obj
+
+
+def _stage_states(
+    target: DeepSpeedPlacement, carried: Carried, holes: Holes, stage: int
+) -> dict[str, Any]:
+    """A pipeline stage's ``mp_rank`` file: no module (the layer files hold the weights),
+    the stage's buffers and param shapes, and (ZeRO-0) its torch optimizer."""
+    layout = target.layout
+    on_stage = [t for t in layout.tensors if stage in t.stages]
+    flat = target.mode == "flat"
+    return {
+        "module": None,
+        "buffer_names": [t.name for t in on_stage if t.kind == ir.BUFFER],
+        "optimizer": _plain_optimizer(target, carried, holes, stage)
+        if target.mode == "plain"
+        else None,
+        "param_shapes": [
+            OrderedDict((t.name, pt.Size(t.local_shape)) for t in members)
+            for _, members, _m in target.optimizer_groups(stage)
+        ]
+        if flat
+        else None,
+        "frozen_param_shapes": None,
+        "shared_params": {} if flat else None,
+        "frozen_param_fragments": None,
+        **_run_state(target, carried),
+    }
+
+
+def _run_state(target: DeepSpeedPlacement, carried: Carried) -> dict[str, Any]:
+    """The model-states entries that are the run's, not the model's: scheduler, step
+    counters, topology, config, version, then the client state the source had."""
+    layout = target.layout
+    src = carried.model
+    obj: dict[str, Any] = {
         "lr_scheduler": copy_values(src.get("lr_scheduler")),
         "data_sampler": copy_values(src.get("data_sampler")),
         "random_ltd": copy_values(src.get("random_ltd")),

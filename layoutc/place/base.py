@@ -73,9 +73,16 @@ class Placement:
         """Where elements ``[lo, hi)`` of slice ``sl`` (row-major) are stored in copy ``copy``."""
         raise NotImplementedError
 
-    def count_runs(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
-        """``len(runs(...))`` without building them (the same for every copy)."""
-        return len(self.runs(t, state, sl, 0, lo, hi))
+    def count_runs(
+        self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int, copy: int = 0
+    ) -> int:
+        """``len(runs(...))`` of copy ``copy`` without building them."""
+        return len(self.runs(t, state, sl, copy, lo, hi))
+
+    def count_runs_all(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
+        """``count_runs`` summed over every copy (copies are cut alike unless a placement
+        says otherwise)."""
+        return self.count_runs(t, state, sl, lo, hi) * self.copies(t, state)
 
     # -------------------------------------------------------------- files
 

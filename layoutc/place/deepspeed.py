@@ -171,6 +171,10 @@ class DeepSpeedPlacement(Placement):
             stage = coords.get(self.layout.pipeline, stage)
         return self._members[t.name, stage]
 
+    def member(self, t: ir.Tensor, stage: int = 0) -> Member:
+        """Where ``t`` sits in the optimizer of pipeline stage ``stage``."""
+        return self._members[t.name, stage if self.layout.pipeline else 0]
+
     @cached_property
     def _members(self) -> dict[tuple[str, int], Member]:
         """Flat groups per pipeline stage: the trainable tensors of each param group, in order.
@@ -317,7 +321,17 @@ class DeepSpeedPlacement(Placement):
             )
         return out
 
-    def count_runs(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
+    def count_runs_all(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
+        """A tied layer's stages cut their flat buffers differently: count each stage."""
+        per_stage = self._copies_per_stage(t, state)
+        return sum(
+            self.count_runs(t, state, sl, lo, hi, k * per_stage) * per_stage
+            for k in range(self._stage_copies(t, state))
+        )
+
+    def count_runs(
+        self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int, copy: int = 0
+    ) -> int:
         if state == WEIGHT:
             if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
                 _, _, pn = self._frozen_partition(t)
@@ -325,7 +339,7 @@ class DeepSpeedPlacement(Placement):
             return 1
         if state == STEP or self.mode == "plain":
             return 1
-        m = self._member(t)  # a tied layer's other stages may cut it differently
+        m = self._member(t, self._coords(t, state, sl, copy))
         group = m.flat if self.mode == "flat" else m.stage3
         assert group is not None
         return group.count(m.index, lo, hi)

@@ -52,7 +52,9 @@ class FullPlacement(Placement):
         file, key = self.location(t, state)
         return [Run(file, key, lo, lo, hi - lo, self.dtype(t, state))]
 
-    def count_runs(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
+    def count_runs(
+        self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int, copy: int = 0
+    ) -> int:
         return 1
 
     def buffers(self) -> Iterator[StoredBuffer]:
@@ -110,8 +112,10 @@ class UniversalPlacement(FullPlacement):
             return self.model.runs(t, state, sl, copy, lo, hi)
         return super().runs(t, state, sl, copy, lo, hi)
 
-    def count_runs(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
-        return self.model.count_runs(t, state, sl, lo, hi) if state == WEIGHT else 1
+    def count_runs(
+        self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int, copy: int = 0
+    ) -> int:
+        return self.model.count_runs(t, state, sl, lo, hi, copy) if state == WEIGHT else 1
 
     def location(self, t: ir.Tensor, state: str) -> tuple[str, str]:
         """``zero/<name>/<state>.pt``; the tensor is the file's ``param`` entry, except

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, replace
 
 from layoutc import ir
-from layoutc.errors import Diagnostic, LayoutError, Span
+from layoutc.errors import Diagnostic, LayoutError, Span, Unsupported
 from layoutc.place import Placement, place
 from layoutc.place.shards import MASTER, STEP, WEIGHT, Box, Slice
 from layoutc.plan import ops as O
@@ -119,13 +119,41 @@ class Compiler:
 
     # -------------------------------------------------------------- routes
 
+    def _step_keys(self, t: ir.Tensor) -> list[tuple[str, str]]:
+        """Where the target keeps ``t``'s step counter, in every copy."""
+        T = self.T
+        sl = T.slices(t, STEP)[0]
+        return [
+            (r.file, r.key) for c in range(T.copies(t, STEP)) for r in T.runs(t, STEP, sl, c, 0, 1)
+        ]
+
+    def _step_owners(self) -> dict[tuple[str, str], str]:
+        """The tensor that writes each step counter of the target: an optimizer group shares
+        one, so its first tensor writes it — a tensor on several stages (a tied layer)
+        before the others, as its counters cover theirs on each of its stages."""
+        owner: dict[tuple[str, str], str] = {}
+        ranked = sorted(
+            (t for t in self.T.tensors if STEP in self.T.states(t)), key=lambda t: -len(t.stages)
+        )
+        for t in ranked:
+            keys = self._step_keys(t)
+            free = [k for k in keys if k not in owner]
+            if free and len(free) < len(keys):
+                raise Unsupported(
+                    f"{t.name} shares its optimizer group's step counter with other tensors on "
+                    "some of its stages but not on others; layoutc places a stage-tied tensor "
+                    "in a group whose other stage-tied tensors are on the same stages"
+                )
+            owner.update(dict.fromkeys(free, t.name))
+        return owner
+
     def routes(self) -> list[_Route]:
         S, T = self.S, self.T
         src_by_name = {t.name: t for t in S.tensors}
         aliases = S.layout.tie_source
         diags: list[Diagnostic] = []
         out: list[_Route] = []
-        step_seen: set[tuple[str, str]] = set()
+        step_owner = self._step_owners()
         fresh: dict[str, int] = {}
         for tt in T.tensors:
             name = aliases.get(tt.name, tt.name) if tt.name not in src_by_name else tt.name
@@ -150,11 +178,8 @@ class Compiler:
                 continue
             have = S.states(st)
             for state in T.states(tt):
-                if state == STEP:
-                    first = T.runs(tt, STEP, T.slices(tt, STEP)[0], 0, 0, 1)[0]
-                    if (first.file, first.key) in step_seen:
-                        continue  # one step per optimizer group in the target
-                    step_seen.add((first.file, first.key))
+                if state == STEP and step_owner.get(self._step_keys(tt)[0]) != tt.name:
+                    continue  # one step per optimizer group in the target
                 ss = self._source_state(st, tt, state, have)
                 if ss is None:
                     fresh[state] = fresh.get(state, 0) + 1
@@ -236,7 +261,7 @@ class Compiler:
         copies = T.copies(r.dst, r.state)
         out_bytes = _isz(r.dst_dtype)
         write_bytes = sum(s.numel for s in dst) * copies * out_bytes
-        writes = sum(T.count_runs(r.dst, r.state, s, 0, s.numel) for s in dst) * copies
+        writes = sum(T.count_runs_all(r.dst, r.state, s, 0, s.numel) for s in dst)
         where = self._where(T, r.dst, r.state, dst[0])
         if r.source_state is None:
             stats = Stats(writes=writes, write_bytes=write_bytes)
@@ -262,11 +287,11 @@ class Compiler:
             for sl, d in zip(src, dst, strict=True):
                 for lo, hi in self._direct_ranges(sl, chunk):
                     reads += S.count_runs(r.src, r.source_state, sl, lo, hi)
-                    writes += T.count_runs(r.dst, r.state, d, lo, hi) * copies
+                    writes += T.count_runs_all(r.dst, r.state, d, lo, hi)
                     gathers += 1
                     largest = max(largest, hi - lo)
-                writes += (
-                    sum(T.count_runs(r.dst, r.state, d, lo, hi) for lo, hi in _pad_rows(d)) * copies
+                writes += sum(
+                    T.count_runs_all(r.dst, r.state, d, lo, hi) for lo, hi in _pad_rows(d)
                 )
             stats = Stats(
                 reads=reads,
@@ -353,7 +378,7 @@ class Compiler:
             for lo, hi in self._chunks(0, s.numel, chunk):
                 swaps += 1
                 swap_bytes += (hi - lo) * _isz(r.dst_dtype)
-                writes += T.count_runs(r.dst, r.state, s, lo, hi) * copies
+                writes += T.count_runs_all(r.dst, r.state, s, lo, hi)
         peak = chunk * 2 * max(_isz(r.src_dtype), _isz(r.dst_dtype))
         self.warnings.append(
             f"{r.dst.name} {r.state}: merging its slices in memory needs {need} bytes, over the "
