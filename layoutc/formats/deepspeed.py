@@ -320,13 +320,14 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
             "inside a pipeline, infer cannot tell the slices apart yet: write the layout by hand"
         )
     layers: dict[int, dict[str, Any]] = {}
-    model_axis = False  # files named -model_00: a model-parallel axis of size 1
     for path in ckpt.layer_files:
         m = LAYER.match(path.name)
         assert m is not None
-        if m.group(2) is not None and int(m.group(2)) > 0:
-            raise Unsupported(f"{path}: a model-parallel layer file; infer reads tp = 1 pipelines")
-        model_axis = model_axis or m.group(2) is not None
+        if m.group(2) is not None:  # even -model_00: which tensors are split is not recorded
+            raise Unsupported(
+                f"{path}: a model-parallel layer file; infer reads pipelines without a "
+                "model-parallel axis: write the layout with its tp axis and pass --spec"
+            )
         obj = pt.load(path)
         if not isinstance(obj, dict):
             raise NotACheckpoint(f"{path}: not a layer state dict")
@@ -423,8 +424,7 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
     dtype = ref(order[0]).dtype if order else "fp32"
     stage, variant = _zero_stage(ckpt)
     opt = ckpt.optim_states
-    tp = ", tp = 1" if model_axis else ""
-    lines = _header(ckpt, name, f"mesh {{ pp = {pp}, dp = {ckpt.dp}{tp} }}", dtype)
+    lines = _header(ckpt, name, f"mesh {{ pp = {pp}, dp = {ckpt.dp} }}", dtype)
     lines.append("pipeline over pp")
     if opt is not None:
         if ckpt.universal:
