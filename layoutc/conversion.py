@@ -39,10 +39,10 @@ from layoutc.errors import LayoutcError
 from layoutc.formats import pt, weights
 from layoutc.formats import safetensors as st
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer, open_checkpoint
-from layoutc.formats.match import check_against
+from layoutc.formats.match import check_against, check_replicas
 from layoutc.formats.writers import prepare
 from layoutc.lang.check import load_layout, load_text
-from layoutc.place import place
+from layoutc.place import Placement, place
 from layoutc.place.full import WeightsPlacement
 from layoutc.plan.compile import compile_plan
 from layoutc.plan.plan import Plan
@@ -215,7 +215,9 @@ def convert(
         ckpt = open_checkpoint(checkpoint, tag)
         text = source_text(ckpt, spec)
         src = load_text(*text)
-        check_against(place(src), ckpt.folder)
+        placed = place(src)
+        check_against(placed, ckpt.folder)
+        check_copies(placed, ckpt.folder)
         source, folder, src_tag = src, ckpt.folder, ckpt.tag
     tgt = target_for(src, text, to, overrides)
     if tgt.store.format in ("safetensors", "torch"):
@@ -258,6 +260,18 @@ def convert(
     )
 
 
+def check_copies(placement: Placement, folder: Path) -> None:
+    """The slices a layout stores several times hold the same values in every copy (see
+    :func:`~layoutc.formats.match.check_replicas`)."""
+    files = SourceFiles(folder)
+    try:
+        check_replicas(
+            placement, lambda f, k, at, n: np.asarray(files[(f, k)][at : at + n]).reshape(-1)
+        )
+    finally:
+        files.close()
+
+
 def is_deepspeed(path: str | Path) -> bool:
     """A DeepSpeed checkpoint root (``latest``) or tag folder (``*_model_states.pt``)."""
     p = Path(path)
@@ -297,7 +311,12 @@ def execute(
     files_in = SourceFiles(folder)
     try:
         prepared = prepare(
-            plan.target_placement, partial, folder, tag or folder.name, param_groups=param_groups
+            plan.target_placement,
+            partial,
+            folder,
+            tag or folder.name,
+            param_groups=param_groups,
+            source=plan.source_placement,
         )
         on_unit = _progress_by_bytes_written(plan.units, progress)
         spill = Spill(out.with_name(out.name + f".swap-{os.getpid()}"))
@@ -428,6 +447,7 @@ def _execute_across(
                 folder,
                 tag or folder.name,
                 param_groups=param_groups,
+                source=plan.source_placement,
             )
             layout = {
                 k: (v.path, v.offset, v.size, memory.dtype_name(v.dtype))

@@ -165,8 +165,8 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     if tp > 1 or (mp > 1 and not ckpt.layer_files):
         raise Unsupported(
             f"{ckpt.folder}: tensor-parallel checkpoint (tp = {tp}, pp = {pp}, {mp} model-parallel "
-            "files): infer reads data- and pipeline-parallel checkpoints only for now; write its "
-            "layout by hand"
+            "files): infer does not yet read which dim each tensor is split on; declare the "
+            "layout (e.g. [H, F / tp] for a row-parallel weight) and pass --spec"
         )
     if ckpt.layer_files:
         return _infer_pipeline(ckpt, pp, name)

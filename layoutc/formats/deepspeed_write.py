@@ -72,13 +72,19 @@ class Carried:
     optim: dict[str, Any] = field(default_factory=dict)  # the inner optimizer_state_dict
     optim_outer: dict[str, Any] = field(default_factory=dict)
     fresh_param_groups: list[dict[str, Any]] | None = None  # given, for a source without
+    named: dict[str, Any] = field(default_factory=dict)  # layout group -> the source's groups
 
     folder: Path | None = None
 
     @classmethod
-    def read(cls, folder: Path | None) -> Carried:
+    def read(cls, folder: Path | None, source: Any = None) -> Carried:
+        """The unsharded state of the checkpoint in ``folder``; with its placement
+        ``source``, also each stage's param groups by the layout's group names (a target
+        with other stages may have other groups on each)."""
         carried = cls._read(folder)
         carried.folder = folder
+        if folder is not None and isinstance(source, DeepSpeedPlacement):
+            carried.named = _named_groups(source, folder)
         return carried
 
     def layer_order(self, name: str) -> list[str]:
@@ -104,9 +110,12 @@ class Carried:
         outer = pt.load(optims[0]) if optims else {}
         return cls(model, outer.get("optimizer_state_dict", {}), outer)
 
-    def param_groups(self, count: int) -> list[Any] | None:
-        """The source's param groups (hyperparameters), if it has ``count`` of them; else
-        the ones given for fresh optimizer state."""
+    def param_groups(self, count: int, names: list[str] | None = None) -> list[Any] | None:
+        """The source's param groups (hyperparameters) for the target's groups ``names``
+        (by name where the source's stages give them all; else the source's first
+        ``count`` groups), or the ones given for fresh optimizer state."""
+        if names and all(n in self.named for n in names):
+            return [copy_values(self.named[n]) for n in names]
         if not self.optim and self.fresh_param_groups is not None:
             if len(self.fresh_param_groups) != count:
                 raise Unsupported(
@@ -200,7 +209,7 @@ def _plain_optimizer(
             state[i] = _optimizer_state(holes, f"optimizer/state/{i}", opt)
             indices.append(i)
         params.append(indices)
-    return {"state": state, "param_groups": _param_groups(target, carried, params)}
+    return {"state": state, "param_groups": _param_groups(target, carried, params, stage)}
 
 
 def _model_states(
@@ -320,9 +329,41 @@ def _flat_members(target: DeepSpeedPlacement) -> list[list[ir.Tensor]]:
     return out
 
 
-def _param_groups(target: DeepSpeedPlacement, carried: Carried, params: list[list[int]]) -> Any:
+def _named_groups(source: DeepSpeedPlacement, folder: Path) -> dict[str, Any]:
+    """Layout group name -> param group (hyperparameters) as each stage of ``source``
+    saved it (the first stage holding a group gives it)."""
+    out: dict[str, Any] = {}
+    layout = source.layout
+    for stage in range(max(1, layout.stages)):
+        groups = source.optimizer_groups(stage)
+        coords = dict.fromkeys(source.mesh.names, 0)
+        if layout.pipeline:
+            coords[layout.pipeline] = stage
+        plain = source.mode == "plain"
+        path = folder / (source.model_file(coords) if plain else source.optim_file(coords))
+        if not groups or not path.is_file():
+            continue
+        obj = pt.load(path)
+        inner = obj.get("optimizer") if plain else obj.get("optimizer_state_dict")
+        if not isinstance(inner, dict):
+            continue
+        if "base_optimizer_state" in inner:
+            inner = inner["base_optimizer_state"]
+        elif "optimizer_state_dict" in inner:
+            inner = inner["optimizer_state_dict"]
+        saved = inner.get("param_groups") if isinstance(inner, dict) else None
+        if isinstance(saved, list) and len(saved) == len(groups):
+            for (_, members, _m), pg in zip(groups, saved, strict=True):
+                out.setdefault(members[0].group, pg)
+    return out
+
+
+def _param_groups(
+    target: DeepSpeedPlacement, carried: Carried, params: list[list[int]], stage: int = 0
+) -> Any:
     """The source's param groups (hyperparameters) with the target's flat-param indices."""
-    groups = carried.param_groups(len(params))
+    names = [members[0].group for _, members, _m in target.optimizer_groups(stage)]
+    groups = carried.param_groups(len(params), names if len(names) == len(params) else None)
     if groups is None:
         raise Unsupported(
             f"the source has no optimizer param groups to carry for the target's {len(params)} "
@@ -457,7 +498,8 @@ def _flat_optim(
                 for i, f in m.flat.rank_mapping(rank)
             )
         )
-    param_groups = _param_groups(target, carried, [[g] for g, _, _ in groups])
+    stage = coords.get(layout.pipeline, 0) if layout.pipeline else 0
+    param_groups = _param_groups(target, carried, [[g] for g, _, _ in groups], stage)
     inner: dict[str, Any] = {}
     if not bf16_optimizer:
         for k in _OPTIM_SCALARS:

@@ -8,8 +8,11 @@ metadata is read (the pickles), never tensor data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from layoutc.errors import Diagnostic, LayoutError, Span
 from layoutc.formats import pt
@@ -64,6 +67,12 @@ def check_against(placement: Placement, folder: str | Path) -> None:
                 f"{folder / buf.file}: {buf.key} has {ref.numel} elements {list(ref.shape)}; "
                 f"the layout says {buf.numel} {list(buf.shape)}",
             )
+        elif len(buf.shape) > 1 and tuple(ref.shape) != tuple(buf.shape):
+            add(
+                "E303",
+                f"{folder / buf.file}: {buf.key} has shape {list(ref.shape)}; the layout says "
+                f"{list(buf.shape)} (as many elements, cut another way: check which dim is split)",
+            )
         elif ref.dtype != buf.dtype:
             add(
                 "E304",
@@ -73,6 +82,72 @@ def check_against(placement: Placement, folder: str | Path) -> None:
             break
     if diags:
         raise LayoutError(diags)
+
+
+CHUNK = 1 << 24  # elements compared at a time
+
+
+def check_replicas(
+    placement: Placement, read: Callable[[str, str, int, int], np.ndarray], source: str = ""
+) -> None:
+    """Raise LayoutError if the copies of a slice the layout says are the same — replicas
+    over a tensor-parallel axis, the stages of a tied layer, each partition's step — hold
+    different values. ``read(file, key, offset, count)`` returns stored elements. A wrong
+    split (a row-parallel weight declared column-parallel, a split tensor declared
+    replicated) shows up here when the shapes alone agree."""
+    diags: list[Diagnostic] = []
+    for t in placement.tensors:
+        for state in placement.states(t):
+            copies = placement.copies(t, state)
+            if copies < 2:
+                continue
+            for sl in placement.slices(t, state):
+                n = sl.numel if sl.shape else 1
+                bad = _first_difference(placement, read, t, state, sl, copies, n)
+                if bad is not None:
+                    diags.append(
+                        Diagnostic(
+                            "E305",
+                            f"{t.name} {state}: {bad}",
+                            _span(source or placement.layout.source),
+                            "the layout stores these as copies of one slice; declare the dim the "
+                            "tensor is split on (e.g. [H, F / tp] for a row-parallel weight)",
+                        )
+                    )
+                    break
+            if len(diags) >= MAX_SHOWN:
+                raise LayoutError(diags)
+    if diags:
+        raise LayoutError(diags)
+
+
+def _first_difference(
+    placement: Placement,
+    read: Callable[[str, str, int, int], np.ndarray],
+    t: Any,
+    state: str,
+    sl: Any,
+    copies: int,
+    n: int,
+) -> str | None:
+    for lo in range(0, n, CHUNK):
+        hi = min(n, lo + CHUNK)
+        first = None
+        for c in range(copies):
+            runs = placement.runs(t, state, sl, c, lo, hi)
+            got = np.concatenate([read(r.file, r.key, r.offset, r.numel) for r in runs])
+            where = ", ".join(sorted({r.file for r in runs}))
+            if first is None:
+                first = (got, where)
+                continue
+            same = got.view(np.uint8) == first[0].view(np.uint8)
+            if not same.all():
+                i = int(np.argmin(same)) // got.itemsize
+                return (
+                    f"declared the same in {first[1]} and {where}, but element {lo + i} of "
+                    f"{sl.label()} is {first[0][i]!r} in one and {got[i]!r} in the other"
+                )
+    return None
 
 
 def _hint(placement: Placement) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from layoutc import ir
 from layoutc.errors import InternalError, Unsupported
 from layoutc.formats import pt
 from layoutc.place.base import Placement
@@ -138,9 +139,11 @@ def prepare(
     source_folder: Path | None = None,
     tag: str | None = None,
     param_groups: list[dict[str, Any]] | None = None,
+    source: Placement | None = None,
 ) -> Prepared:
     """Create ``target``'s files under ``out``; see the module docstring. ``param_groups``
-    (optimizer hyperparameters) are used where the source has none."""
+    (optimizer hyperparameters) are used where the source has none; ``source``, the
+    placement of the checkpoint in ``source_folder``, finds each group's by name."""
     fmt = target.format
     if fmt == "universal":
         return _universal(target, out, source_folder, tag or "global_step0")
@@ -149,7 +152,7 @@ def prepare(
     if fmt == "safetensors":
         return _safetensors(target, out)
     if fmt == "deepspeed":
-        return _deepspeed(target, out, source_folder, tag or "global_step0", param_groups)
+        return _deepspeed(target, out, source_folder, tag or "global_step0", param_groups, source)
     raise Unsupported(f"writing the {fmt} format is not supported yet")
 
 
@@ -159,6 +162,7 @@ def _deepspeed(
     source: Path | None,
     tag: str,
     param_groups: list[dict[str, Any]] | None = None,
+    placement: Placement | None = None,
 ) -> Prepared:
     """A native DeepSpeed checkpoint: ``OUT/<tag>/`` and ``OUT/latest``."""
     from layoutc.formats import deepspeed_write as dw
@@ -167,7 +171,7 @@ def _deepspeed(
     p = Prepared(out / root)
     p.root.mkdir(parents=True, exist_ok=True)
     by_file = _by_file(target)
-    carried = dw.Carried.read(source)
+    carried = dw.Carried.read(source, placement)
     carried.fresh_param_groups = param_groups
     written: set[str] = set()
     for f, obj, holes in dw.files(target, carried, by_file):
@@ -221,7 +225,7 @@ def _universal(target: Any, out: Path, source: Path | None, tag: str) -> Prepare
             path = root / f
             path.parent.mkdir(parents=True, exist_ok=True)
             tensor = pt.Tensor(b.dtype, b.shape, None, key="0")
-            c = pt.create(tensor if state == STEP else {"param": tensor}, path)
+            c = pt.create(tensor if state == STEP else {"param": tensor, **_slicing(t)}, path)
             p.created.append(c)
             p.files.append(path)
             _map(p, c, {key: b}, {key: "0"})
@@ -232,6 +236,22 @@ def _universal(target: Any, out: Path, source: Path | None, tag: str) -> Prepare
         p.files.append(path)
     p.markers[out / "latest_universal"] = tag
     return p
+
+
+def _slicing(t: ir.Tensor) -> dict[str, Any]:
+    """How DeepSpeed's universal loader cuts a tensor-parallel tensor again (next to its
+    ``param``): ``cat_dim``, the dim split over the model axes; ``param_n_sub_params``
+    for a dim of equal fused blocks, each cut on its own; ``vocab_tensor`` for a padded
+    first dim (the loader pads it to the target's size). Nothing for a tensor not split."""
+    for i, d in enumerate(t.dims):
+        if d.split:
+            out: dict[str, Any] = {"cat_dim": i}
+            if d.fused and len({b.size for b in d.blocks}) == 1:
+                out["param_n_sub_params"] = len(d.blocks)
+            if d.pad_to > 1 and i == 0:  # the loader pads rows
+                out["vocab_tensor"] = True
+            return out
+    return {}
 
 
 def _optimizer_state(source: Path | None) -> dict[str, Any]:
