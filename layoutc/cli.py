@@ -391,14 +391,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(
         f"  {kinds['param']} parameters ({params:,} elements), {kinds['frozen']} frozen, {kinds['buffer']} buffers, {len(layout.ties)} ties"
     )
-    per_file: dict[str, int] = {}
+    per_file: dict[str, int] = dict.fromkeys(p.files(), 0)  # metadata-only files too
     for b in p.buffers():
         per_file[b.file] = per_file.get(b.file, 0) + b.nbytes
     print(f"  {'file':<56}{'tensor bytes':>14}{'on disk':>12}")
     for f in sorted(per_file):
         size = (ckpt.folder / f).stat().st_size
         print(f"  {f:<56}{human_size(per_file[f]):>14}{human_size(size):>12}")
-    print(f"  {'':<56}{human_size(sum(per_file.values())):>14}")
+    disk = sum((ckpt.folder / f).stat().st_size for f in per_file)
+    print(f"  {'':<56}{human_size(sum(per_file.values())):>14}{human_size(disk):>12}")
     return EXIT_OK
 
 
