@@ -690,9 +690,9 @@ def test_pipeline_zero1_dp_change_is_refused(ds_corpus):
 )
 def test_parallel_universal_reload_at_another_dp(ds_corpus, name, world, fresh, tmp_path):
     """The loader's --universal path on a pipeline and an AutoTP checkpoint (via DeepSpeed's
-    ds_to_universal), at dp=2. (ds_to_universal cannot convert the pipeline cases at dp=2:
-    without pipeline-replicated patterns the tied embedding's fragments of both stages
-    collide.)"""
+    ds_to_universal), at dp=2. (The dp=1 pipeline is the source: at dp=2, without
+    pipeline-replicated patterns, both stages extract the tied embedding's fragments to the
+    same temporary files, and ds_to_universal fails in some runs.)"""
     tensors, meta = ds_corpus.truth(name)
     uni = corpus.ds_to_universal(ds_corpus[name] / TAG, tmp_path, python=ds_corpus.python)
     loaded = ds_corpus.load(name, uni, world=world, universal=True)
