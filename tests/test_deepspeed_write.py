@@ -36,33 +36,52 @@ def _runs(layout: ir.Layout) -> bool:
     return bool(p.trainable) and all(p.optimizer_groups(s) for s in range(max(1, layout.stages)))
 
 
-def _writable(layout: ir.Layout) -> bool:
-    """What DeepSpeed runs and a stub source gives hyperparameters for: as many param
-    groups on every stage (the stub's one list of groups)."""
-    p = place(layout)
-    counts = {len(p.optimizer_groups(s)) for s in range(max(1, layout.stages))}
-    return _runs(layout) and len(counts) == 1
+def _lr(layout: ir.Layout, group: str) -> float:
+    """A learning rate that names the layout's param group (to follow it through)."""
+    return 0.001 * (1 + layout.groups.index(group))
+
+
+def _stage_files(p) -> list[tuple[int, str]]:
+    """(stage, the file holding that stage's param groups) of a DeepSpeed placement."""
+    out = []
+    for stage in range(max(1, p.layout.stages)):
+        coords = dict.fromkeys(p.mesh.names, 0)
+        if p.layout.pipeline:
+            coords[p.layout.pipeline] = stage
+        out.append((stage, p.model_file(coords) if p.mode == "plain" else p.optim_file(coords)))
+    return out
+
+
+def _saved_groups(obj: dict, plain: bool) -> list[dict]:
+    inner = obj["optimizer"] if plain else obj["optimizer_state_dict"]
+    inner = inner.get("base_optimizer_state") or inner.get("optimizer_state_dict") or inner
+    return inner["param_groups"]
 
 
 def _stub_source(folder: Path, layout: ir.Layout) -> Path:
-    """A source holding only what a fresh layout cannot say: the optimizer's param groups."""
-    groups = len(place(layout).optimizer_groups())
+    """A source holding only what a fresh layout cannot say: each stage's param groups
+    (hyperparameters), in the files where DeepSpeed keeps them, each group's lr naming it."""
+    p = place(layout)
     folder.mkdir(parents=True)
-    inner = {
-        "base_optimizer_state": {
-            "param_groups": [
-                {"lr": 0.5, "betas": (0.9, 0.99), "params": [g]} for g in range(groups)
-            ]
-        }
-    }
-    pt.save({"optimizer_state_dict": inner}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    for stage, f in _stage_files(p):
+        groups = [
+            {"lr": _lr(layout, members[0].group), "betas": (0.9, 0.99), "params": [g]}
+            for g, members, _m in p.optimizer_groups(stage)
+        ]
+        key = "optimizer_state_dict" if p.mode == "stage3" else "base_optimizer_state"
+        obj = (
+            {"optimizer": {"param_groups": groups}}
+            if p.mode == "plain"
+            else {"optimizer_state_dict": {key: {"param_groups": groups}}}
+        )
+        pt.save(obj, folder / f)
     return folder
 
 
 def write(layout: ir.Layout, values, out: Path, stub: Path) -> None:
     """A DeepSpeed checkpoint of ``layout`` holding ``values``, written by layoutc's writer."""
     p = place(layout)
-    prepared = prepare(p, out, stub, TAG)
+    prepared = prepare(p, out, stub, TAG, source=p)
     for (file, key), data in zero.partition(layout, values).items():
         if data.size:
             prepared.views[(file, key)][0 : data.size] = data
@@ -88,7 +107,7 @@ def read(layout: ir.Layout, folder: Path):
 @given(layout_pairs())
 def test_written_checkpoints_read_back_infer_and_reshard_exactly(tmp_path_factory, pair):
     a, b = pair
-    assume(_writable(a) and _runs(b))  # b takes a's hyperparameters group by group
+    assume(_runs(a) and _runs(b))
     tmp = tmp_path_factory.mktemp("ds")
     values = memory.markers(place(a))
     write(a, values, tmp / "a", _stub_source(tmp / "stub", a))
@@ -135,6 +154,11 @@ def test_written_checkpoints_read_back_infer_and_reshard_exactly(tmp_path_factor
             else:  # stage 3 keeps no 16-bit copy; ZeRO-0 keeps no master but its weight
                 want = have["master" if s == "weight" else "weight"]
             assert np.array_equal(_f64(got[t.name][s]), _f64(want)), (t.name, s)
+    # each of b's param groups got the hyperparameters of its layout group, stage by stage
+    for stage, f in _stage_files(pb):
+        saved = _saved_groups(pt.load(tmp / "b" / TAG / f), pb.mode == "plain")
+        names = [members[0].group for _, members, _m in pb.optimizer_groups(stage)]
+        assert [g["lr"] for g in saved] == [_lr(b, n) for n in names], f
 
 
 def _f64(a) -> np.ndarray:
