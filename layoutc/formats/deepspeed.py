@@ -342,14 +342,11 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
     # trainable parameters: per stage, group by group in flat order
     order: list[str] = []
     info: dict[str, tuple[int, tuple[int, ...], list[int]]] = {}  # group, shape, stages
+    numbering = _stage_groups(ckpt, [len(g or []) for g in shapes])
     for s, groups in enumerate(shapes):
         assert isinstance(groups, list)
-        if len(groups) != len(shapes[0] or []):
-            raise Unsupported(
-                f"{ckpt.model_files[s]}: {len(groups)} param groups on stage {s}, "
-                f"{len(shapes[0] or [])} on stage 0; infer needs the same groups on every stage"
-            )
-        for g, group in enumerate(groups):
+        for local, group in enumerate(groups):
+            g = numbering[s][local]
             for pname, shape in group.items():
                 pname = _check_name(pname, ckpt)
                 if pname in info:
@@ -363,7 +360,8 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
                     order.append(pname)
     for s, groups in enumerate(shapes):
         assert isinstance(groups, list)
-        for g, group in enumerate(groups):
+        for local, group in enumerate(groups):
+            g = numbering[s][local]
             mine = [p for p in order if info[p][0] == g and s in info[p][2]]
             if mine != list(group):
                 raise Unsupported(
@@ -459,6 +457,39 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
     store = "universal" if ckpt.universal else "deepspeed"
     lines.append(f'store {store} {{ tag "{ckpt.tag}" }}')
     return fmt(parse("\n".join(lines) + "\n", f"{ckpt.folder}.layout"))
+
+
+def _stage_groups(ckpt: DeepSpeedCheckpoint, counts: list[int]) -> list[list[int]]:
+    """The layout's group number of each stage's param groups. DeepSpeed numbers a stage's
+    non-empty groups from 0 and records no names; when the stages hold different numbers
+    of groups, each stage's groups are matched in order with earlier stages' groups of the
+    same hyperparameters (each stage's first optimizer file), or become groups of their own."""
+    if len(set(counts)) == 1:
+        return [list(range(n)) for n in counts]
+    saved: list[list[dict[str, Any]]] = []
+    for s, n in enumerate(counts):
+        files = [p for p in ckpt.optim_files if (m := OPTIM.match(p.name)) and int(m.group(3)) == s]
+        inner = (pt.load(files[0]).get("optimizer_state_dict") or {}) if files else {}
+        groups = (inner.get("base_optimizer_state") or {}).get("param_groups") or []
+        if len(groups) != n:
+            raise Unsupported(
+                f"{ckpt.folder}: stage {s} has {n} param groups and no optimizer file that "
+                "names their hyperparameters; infer cannot match them with the other stages'"
+            )
+        saved.append([{k: v for k, v in g.items() if k != "params"} for g in groups])
+    known: list[dict[str, Any]] = []
+    out: list[list[int]] = []
+    for groups in saved:
+        numbers: list[int] = []
+        for hp in groups:
+            after = numbers[-1] + 1 if numbers else 0
+            match = next((i for i in range(after, len(known)) if known[i] == hp), None)
+            if match is None:  # a group of its own (stages may order alike groups apart)
+                known.append(hp)
+                match = len(known) - 1
+            numbers.append(match)
+        out.append(numbers)
+    return out
 
 
 def _universal_states(ckpt: DeepSpeedCheckpoint, param: str) -> dict[str, bool]:
