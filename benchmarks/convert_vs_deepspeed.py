@@ -506,28 +506,22 @@ def main() -> None:
             "c(sys.argv[1], sys.argv[2], safe_serialization=True, max_shard_size=None)\n"
         )
         OUTDIR = "{OUT}"
+
+        def convert(to: str, *extra: str) -> list[str]:
+            """layoutc's command line converting the checkpoint to ``to``."""
+            return ["convert", str(ckpt), "--to", to, "-o", OUTDIR, "-q", *extra]
+
         jobs = [
             ("cp -r", ["cp", "-r", str(ckpt), OUTDIR], env_lc, None),
             (
                 "layoutc → universal",
-                [args.layoutc, "convert", str(ckpt), "--to", "universal", "-o", OUTDIR, "-q"],
+                [args.layoutc, *convert("universal")],
                 env_lc,
                 ("universal", None),
             ),
             (
                 f"layoutc → universal --memory {MEMORY_BUDGET}",
-                [
-                    args.layoutc,
-                    "convert",
-                    str(ckpt),
-                    "--to",
-                    "universal",
-                    "-o",
-                    OUTDIR,
-                    "-q",
-                    "--memory",
-                    MEMORY_BUDGET,
-                ],
+                [args.layoutc, *convert("universal", "--memory", MEMORY_BUDGET)],
                 env_lc,
                 ("universal", MEMORY_BUDGET),
             ),
@@ -545,15 +539,7 @@ def main() -> None:
                     str(free_port()),
                     "-m",
                     "layoutc",
-                    "convert",
-                    str(ckpt),
-                    "--to",
-                    "universal",
-                    "-o",
-                    OUTDIR,
-                    "-q",
-                    "--workers",
-                    "1",
+                    *convert("universal", "--workers", "1"),
                 ],
                 env_lc,
                 None,
@@ -575,24 +561,13 @@ def main() -> None:
             ),
             (
                 RESHARD,
-                [
-                    args.layoutc,
-                    "convert",
-                    str(ckpt),
-                    "--to",
-                    "deepspeed",
-                    "--set",
-                    f"dp={WORLD + 1}",
-                    "-o",
-                    OUTDIR,
-                    "-q",
-                ],
+                [args.layoutc, *convert("deepspeed", "--set", f"dp={WORLD + 1}")],
                 env_lc,
                 ("deepspeed", None, f"dp={WORLD + 1}"),
             ),
             (
                 "layoutc → safetensors",
-                [args.layoutc, "convert", str(ckpt), "--to", "safetensors", "-o", OUTDIR, "-q"],
+                [args.layoutc, *convert("safetensors")],
                 env_lc,
                 ("safetensors", None),
             ),

@@ -394,12 +394,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     per_file: dict[str, int] = dict.fromkeys(p.files(), 0)  # metadata-only files too
     for b in p.buffers():
         per_file[b.file] = per_file.get(b.file, 0) + b.nbytes
+    disk = {f: (ckpt.folder / f).stat().st_size for f in per_file}
     print(f"  {'file':<56}{'tensor bytes':>14}{'on disk':>12}")
     for f in sorted(per_file):
-        size = (ckpt.folder / f).stat().st_size
-        print(f"  {f:<56}{human_size(per_file[f]):>14}{human_size(size):>12}")
-    disk = sum((ckpt.folder / f).stat().st_size for f in per_file)
-    print(f"  {'':<56}{human_size(sum(per_file.values())):>14}{human_size(disk):>12}")
+        print(f"  {f:<56}{human_size(per_file[f]):>14}{human_size(disk[f]):>12}")
+    total = human_size(sum(per_file.values()))
+    print(f"  {'':<56}{total:>14}{human_size(sum(disk.values())):>12}")
     return EXIT_OK
 
 

@@ -302,28 +302,16 @@ def execute(
     group = distributed.current()
     if group is not None:
         return _execute_across(group, plan, folder, out, tag, progress, start, param_groups)
-    if out.exists() and any(out.iterdir()):
-        raise OutputExists(f"{out}: exists and is not empty; choose a new output folder")
-    partial = out.with_name(out.name + f".partial-{os.getpid()}")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial = _partial(out)
     files_in = SourceFiles(folder)
     try:
-        prepared = prepare(
-            plan.target_placement,
-            partial,
-            folder,
-            tag or folder.name,
-            param_groups=param_groups,
-            source=plan.source_placement,
-        )
-        on_unit = _progress_by_bytes_written(plan.units, progress)
+        prepared = _prepare(plan, partial, folder, tag, param_groups)
+        on_unit = _progress_by_bytes_written(plan, progress)
         spill = Spill(out.with_name(out.name + f".swap-{os.getpid()}"))
         try:
             memory.execute(plan, files_in, prepared.views, on_unit=on_unit, spill=spill)
         finally:
-            swapped = spill.bytes_out + spill.bytes_in
+            swapped = spill.moved
             spill.close()
         crcs = prepared.finish()
         files = _commit(partial, out, prepared, plan, crcs)
@@ -333,6 +321,44 @@ def execute(
     finally:
         files_in.close()
     return _report(plan, out, files, start, swapped)
+
+
+def _partial(out: Path) -> Path:
+    """A fresh folder beside ``out`` to write into (``out`` must be absent or empty)."""
+    if out.exists() and any(out.iterdir()):
+        raise OutputExists(f"{out}: exists and is not empty; choose a new output folder")
+    partial = _partial_path(out)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _partial_path(out: Path) -> Path:
+    return out.with_name(out.name + f".partial-{os.getpid()}")
+
+
+def _prepare(
+    plan: Plan,
+    partial: Path,
+    folder: Path,
+    tag: str | None,
+    param_groups: list[dict[str, Any]] | None,
+) -> Any:
+    """The plan's output files, created under ``partial``."""
+    return prepare(
+        plan.target_placement,
+        partial,
+        folder,
+        tag or folder.name,
+        param_groups=param_groups,
+        source=plan.source_placement,
+    )
+
+
+def _bytes_to_write(plan: Plan) -> int:
+    """What the progress display counts towards (at least 1)."""
+    return sum(u.stats.write_bytes for u in plan.units) or 1
 
 
 def _report(plan: Plan, out: Path, files: list[str], start: float, swapped: int) -> Report:
@@ -351,10 +377,10 @@ def _report(plan: Plan, out: Path, files: list[str], start: float, swapped: int)
 
 
 def _progress_by_bytes_written(
-    units: Any, progress: Callable[[int, int], None] | None
+    plan: Plan, progress: Callable[[int, int], None] | None
 ) -> Callable[[Any], None]:
-    """An ``on_unit`` callback reporting bytes written so far out of those of ``units``."""
-    total = sum(u.stats.write_bytes for u in units) or 1
+    """An ``on_unit`` callback reporting bytes written so far out of the plan's."""
+    total = _bytes_to_write(plan)
     done = 0
     lock = threading.Lock()
 
@@ -381,7 +407,7 @@ class _ProgressWatch:
         progress: Callable[[int, int], None],
     ) -> None:
         self.group, self.counter, self.progress = group, counter, progress
-        self.total = sum(u.stats.write_bytes for u in plan.units) or 1
+        self.total = _bytes_to_write(plan)
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="layoutc-progress", daemon=True)
         self.thread.start()
@@ -431,24 +457,13 @@ def _execute_across(
     all ranks' writes and commits once every rank has succeeded; a failure anywhere leaves
     nothing committed and is raised on every rank, naming the rank."""
     rank, world = group.rank, group.world
-    partial = out.with_name(out.name + f".partial-{os.getpid()}")
+    partial = _partial_path(out)
     prepared = None
     layout: Any = None
     if rank == 0:
         try:
-            if out.exists() and any(out.iterdir()):
-                raise OutputExists(f"{out}: exists and is not empty; choose a new output folder")
-            if partial.exists():
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True)
-            prepared = prepare(
-                plan.target_placement,
-                partial,
-                folder,
-                tag or folder.name,
-                param_groups=param_groups,
-                source=plan.source_placement,
-            )
+            _partial(out)
+            prepared = _prepare(plan, partial, folder, tag, param_groups)
             layout = {
                 k: (v.path, v.offset, v.size, memory.dtype_name(v.dtype))
                 if isinstance(v, Region)
@@ -486,7 +501,7 @@ def _execute_across(
     except BaseException as e:
         error = f"rank {rank}: {type(e).__name__}: {e}"
     finally:
-        swapped = spill.bytes_out + spill.bytes_in
+        swapped = spill.moved
         spill.close()
         files_in.close()
     pieces = {path: p.snapshot() for path, p in io.pieces.items()}

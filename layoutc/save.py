@@ -12,8 +12,8 @@ file fsynced before it is renamed into place. ``torch.load`` (``weights_only=Tru
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,8 @@ import numpy as np
 
 from layoutc.formats import pt
 from layoutc.runtime.checksum import Pieces
-from layoutc.runtime.fileio import Files, fsync_path
+from layoutc.runtime.fileio import ALIGN, Files, direct_supported, fsync_path
 from layoutc.runtime.memory import as_numpy, dtype_name
-from layoutc.swap import ALIGN, direct_supported
 
 PIECE = 64 << 20  # bytes per write
 
@@ -72,26 +71,11 @@ def save(
 def _write_all(jobs: list[tuple[Any, np.ndarray, int]], workers: int) -> None:
     """Write every ``(region, bytes, start)`` piece, ``workers`` threads taking the next
     (the region writes whole pages directly where it can, the rest buffered)."""
-    it = iter(jobs)
-    lock = threading.Lock()
-    errors: list[BaseException] = []
 
-    def work() -> None:
-        while not errors:
-            with lock:
-                job = next(it, None)
-            if job is None:
-                return
-            region, raw, lo = job
-            try:
-                region.write_bytes(lo, raw[lo : lo + PIECE].data)
-            except BaseException as e:
-                errors.append(e)
+    def write(job: tuple[Any, np.ndarray, int]) -> None:
+        region, raw, lo = job
+        region.write_bytes(lo, raw[lo : lo + PIECE].data)
 
-    threads = [threading.Thread(target=work) for _ in range(max(1, workers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for _ in pool.map(write, jobs):  # the first failure is raised here
+            pass

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from layoutc.runtime.fileio import ALIGN, direct_supported
+from layoutc.runtime.fileio import ALIGN, aligned_bytes, direct_supported, pread_all, pwrite_all
 
 __all__ = ["ALIGN", "Handle", "SwapError", "SwapPool", "aligned_empty", "direct_supported"]
 
@@ -43,8 +43,7 @@ def aligned_empty(shape: tuple[int, ...] | int, dtype: Any) -> np.ndarray:
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     dt = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    buf = mmap.mmap(-1, max(ALIGN, -(-count * dt.itemsize // ALIGN) * ALIGN))
-    return np.frombuffer(buf, dt, count).reshape(shape)
+    return np.frombuffer(aligned_bytes(count * dt.itemsize), dt, count).reshape(shape)
 
 
 def _aligned(a: np.ndarray) -> bool:
@@ -253,7 +252,7 @@ class SwapPool:
         def job(offset: int, n: int) -> Callable[[], None]:
             def write() -> None:
                 if not self.direct or (zero_copy and n % ALIGN == 0):
-                    _full_pwrite(fd, raw[offset : offset + n].data, offset, path)
+                    pwrite_all(fd, raw[offset : offset + n].data, offset, str(path), SwapError)
                     return
                 buf = self._buffer()
                 try:
@@ -262,7 +261,7 @@ class SwapPool:
                     padded = -(-n // ALIGN) * ALIGN
                     view[n:padded] = 0
                     del view
-                    _full_pwrite(fd, memoryview(buf)[:padded], offset, path)
+                    pwrite_all(fd, memoryview(buf)[:padded], offset, str(path), SwapError)
                 finally:
                     self._release(buf)
 
@@ -279,12 +278,12 @@ class SwapPool:
         def job(offset: int, n: int) -> Callable[[], None]:
             def read() -> None:
                 if not self.direct or (zero_copy and n % ALIGN == 0):
-                    _full_pread(fd, raw[offset : offset + n].data, offset, path)
+                    pread_all(fd, raw[offset : offset + n].data, offset, str(path), error=SwapError)
                     return
                 buf = self._buffer()
                 try:
                     padded = -(-n // ALIGN) * ALIGN
-                    _full_pread(fd, memoryview(buf)[:padded], offset, path, want=n)
+                    pread_all(fd, memoryview(buf)[:padded], offset, str(path), n, SwapError)
                     raw[offset : offset + n] = np.frombuffer(buf, np.uint8, count=n)
                 finally:
                     self._release(buf)
@@ -295,24 +294,3 @@ class SwapPool:
 
     def _forget(self, h: Handle) -> None:
         self._handles.discard(h)
-
-
-def _full_pwrite(fd: int, data: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    while done < len(data):
-        n = os.pwrite(fd, data[done:], offset + done)
-        if n <= 0:
-            raise SwapError(f"{path}: short write at byte {offset + done}")
-        done += n
-
-
-def _full_pread(fd: int, buf: memoryview, offset: int, path: Path, want: int | None = None) -> None:
-    """Fill ``buf`` from ``offset``; with ``want``, only that many bytes must exist (an
-    aligned read past the end of a padded file returns less)."""
-    need = len(buf) if want is None else want
-    done = 0
-    while done < need:
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n <= 0:
-            raise SwapError(f"{path}: short read at byte {offset + done}, wanted {need}")
-        done += n

@@ -22,11 +22,11 @@ from typing import Any
 
 from layoutc.errors import LayoutcError, Unsupported
 from layoutc.formats import pt
+from layoutc.place.deepspeed import layer_of, tied_key
 
 MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
 LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
-_LAYER_NAME = re.compile(r"^(\d+)\.(.+)$")
 _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
@@ -223,15 +223,9 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
         if b in module
     ]
 
-    # the optimizer
-    first_state: dict[str, Any] = {}
-    if opt is not None and ckpt.universal:
-        first_state = _universal_states(ckpt, params[0][1]) if params else {}
-    elif opt is not None:
-        inner = opt.get("optimizer_state_dict") if ckpt.zero3 else opt.get("base_optimizer_state")
-        first_state = (inner or {}).get("state", {}).get(0, {}) if isinstance(inner, dict) else {}
     lines = _header(ckpt, name, f"mesh {{ dp = {ckpt.dp} }}", dtype)
     if opt is not None:
+        first_state = _first_state(ckpt, params[0][1] if params else None)
         lines.extend(_optimizer_lines(first_state, stage, variant, zcfg))
     for g in sorted({g for g, _, _ in params}):
         body = [
@@ -262,6 +256,19 @@ def _zero_stage(ckpt: DeepSpeedCheckpoint) -> tuple[int, str]:
         stage = int((ckpt.config.get("zero_optimization") or {}).get("stage", 1) or 0)
         return stage, "bf16_optimizer" if stage >= 1 else ""
     return 0, ""
+
+
+def _first_state(ckpt: DeepSpeedCheckpoint, first: str | None) -> dict[str, Any]:
+    """One parameter's optimizer state (its keys name the states): the first flat group's,
+    or the first parameter's universal files; empty when nothing is trainable."""
+    opt = ckpt.optim_states or {}
+    if ckpt.universal:
+        return _universal_states(ckpt, first) if first else {}
+    inner = opt.get("optimizer_state_dict") if ckpt.zero3 else opt.get("base_optimizer_state")
+    state: dict[str, Any] = (
+        (inner or {}).get("state", {}).get(0, {}) if isinstance(inner, dict) else {}
+    )
+    return state
 
 
 def _header(ckpt: DeepSpeedCheckpoint, name: str | None, mesh: str, dtype: str) -> list[str]:
@@ -374,19 +381,16 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
     for s, st in enumerate(stages):
         names = [p for p in order if s in info[p][2]] + list(st.get("buffer_names") or [])
         for n in names:
-            if (m := _LAYER_NAME.match(n)) is not None:
-                layer_stage.setdefault(int(m.group(1)), s)
+            if (lk := layer_of(n)) is not None:
+                layer_stage.setdefault(lk[0], s)
         buffers.extend((b, s) for b in st.get("buffer_names") or [])
     # tied modules: the layer file that holds them under their own key
-    where: dict[str, tuple[int, str]] = {}  # name -> (layer, key)
-    for p in order:
-        if (m := _LAYER_NAME.match(p)) is not None:
-            where[p] = (int(m.group(1)), m.group(2))
+    where = {p: lk for p in order if (lk := layer_of(p)) is not None}  # name -> (layer, key)
     for p in order:
         if p in where:
             continue
-        parts = p.split(".", 2)
-        if parts[0] != "tied_modules" or len(parts) != 3:
+        key = tied_key(p)
+        if key is None:
             raise Unsupported(
                 f"{ckpt.model_files[0]}: {p} neither starts with a layer index nor is a tied module"
             )
@@ -394,7 +398,7 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
         found = [
             layer
             for layer, obj in sorted(layers.items())
-            if parts[2] in obj and layer not in owned and _shape(obj[parts[2]].shape) == info[p][1]
+            if key in obj and layer not in owned and _shape(obj[key].shape) == info[p][1]
         ]
         if len(found) != 1:
             raise Unsupported(
@@ -402,9 +406,8 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
                 f"({', '.join(f'layer_{x:02d}' for x in found) or 'none'}); infer handles a tied "
                 "module stored once"
             )
-        where[p] = (found[0], parts[2])
-    known = {(layer, key) for layer, key in where.values()}
-    known |= {(int(m.group(1)), m.group(2)) for b, _ in buffers if (m := _LAYER_NAME.match(b))}
+        where[p] = (found[0], key)
+    known = set(where.values()) | {lk for b, _ in buffers if (lk := layer_of(b)) is not None}
     frozen: list[tuple[str, int]] = []
     for layer, obj in sorted(layers.items()):
         for key in obj:
@@ -416,8 +419,9 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
                 frozen.append((f"{layer}.{key}", layer_stage[layer]))
 
     def ref(n: str) -> Any:
-        layer, key = where[n] if n in where else (int(n.split(".", 1)[0]), n.split(".", 1)[1])
-        return layers[layer][key]
+        found = where.get(n) or layer_of(n)
+        assert found is not None, n  # every name here is a tied module's or <layer>.<key>
+        return layers[found[0]][found[1]]
 
     dtype = ref(order[0]).dtype if order else "fp32"
     stage, variant = _zero_stage(ckpt)
@@ -425,11 +429,7 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
     lines = _header(ckpt, name, f"mesh {{ pp = {pp}, dp = {ckpt.dp} }}", dtype)
     lines.append("pipeline over pp")
     if opt is not None:
-        if ckpt.universal:
-            first = _universal_states(ckpt, order[0]) if order else {}
-        else:
-            inner = opt.get("base_optimizer_state")
-            first = (inner or {}).get("state", {}).get(0, {}) if isinstance(inner, dict) else {}
+        first = _first_state(ckpt, order[0] if order else None)
         zcfg = ckpt.config.get("zero_optimization") or {}
         lines.extend(_optimizer_lines(first, stage, variant, zcfg))
 
@@ -437,7 +437,7 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
         where_ = (
             f" stage {owner[0]}" if len(owner) == 1 else f" stage ({', '.join(map(str, owner))})"
         )
-        if not _LAYER_NAME.match(n):
+        if layer_of(n) is None:
             where_ += f" layer {where[n][0]}"
         return where_
 

@@ -73,7 +73,6 @@ class Carried:
     optim_outer: dict[str, Any] = field(default_factory=dict)
     fresh_param_groups: list[dict[str, Any]] | None = None  # given, for a source without
     named: dict[str, Any] = field(default_factory=dict)  # layout group -> the source's groups
-
     folder: Path | None = None
 
     @classmethod
@@ -160,9 +159,9 @@ def files(
     """``(file, object to pickle, its holes)`` for every file of ``target``."""
     layout = target.layout
     first = True
+    dps = list(iter_coords(target.mesh, target.dp_axes))
     for mp in iter_coords(target.mesh, target.mp_axes):
         stage = mp.get(layout.pipeline, 0) if layout.pipeline else 0
-        dps = list(iter_coords(target.mesh, target.dp_axes))
         for dp in dps if layout.zero.stage == 3 else dps[:1]:  # ZeRO-3: one per rank
             f = target.model_file({**mp, **dp})
             holes = Holes(by_file.get(f, {}))

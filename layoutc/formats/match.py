@@ -87,9 +87,7 @@ def check_against(placement: Placement, folder: str | Path) -> None:
 CHUNK = 1 << 24  # elements compared at a time
 
 
-def check_replicas(
-    placement: Placement, read: Callable[[str, str, int, int], np.ndarray], source: str = ""
-) -> None:
+def check_replicas(placement: Placement, read: Callable[[str, str, int, int], np.ndarray]) -> None:
     """Raise LayoutError if the copies of a slice the layout says are the same — replicas
     over a tensor-parallel axis, the stages of a tied layer, each partition's step — hold
     different values. ``read(file, key, offset, count)`` returns stored elements. A wrong
@@ -109,7 +107,7 @@ def check_replicas(
                         Diagnostic(
                             "E305",
                             f"{t.name} {state}: {bad}",
-                            _span(source or placement.layout.source),
+                            _span(placement.layout.source),
                             "the layout stores these as copies of one slice; declare the dim the "
                             "tensor is split on (e.g. [H, F / tp] for a row-parallel weight)",
                         )

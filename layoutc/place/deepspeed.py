@@ -110,7 +110,7 @@ class DeepSpeedPlacement(Placement):
         # DeepSpeed's pipeline engine writes layer files whatever the number of stages.
         self.layer_files = layout.pipeline is not None
         if self.layer_files:
-            bad = [t.name for t in self.tensors if not _LAYER.match(t.name) and t.layer is None]
+            bad = [t.name for t in self.tensors if layer_of(t.name) is None and t.layer is None]
             if bad:
                 raise Unsupported(
                     f"{layout.source}: a DeepSpeed pipeline names parameters <layer>.<param>; "
@@ -164,16 +164,15 @@ class DeepSpeedPlacement(Placement):
     def _stages_of(self, t: ir.Tensor) -> tuple[int, ...]:
         return t.stages if self.layout.pipeline else (0,)
 
-    def _member(self, t: ir.Tensor, coords: dict[str, int] | None = None) -> Member:
-        """Where ``t`` sits in the optimizer of the stage at ``coords`` (default: its own)."""
-        stage = self._stage_of(t)
-        if coords is not None and self.layout.pipeline:
-            stage = coords.get(self.layout.pipeline, stage)
-        return self._members[t.name, stage]
+    def member(self, t: ir.Tensor, stage: int | None = None) -> Member:
+        """Where ``t`` sits in the optimizer of pipeline stage ``stage`` (default: its own)."""
+        if not self.layout.pipeline:
+            return self._members[t.name, 0]
+        return self._members[t.name, t.stage if stage is None else stage]
 
-    def member(self, t: ir.Tensor, stage: int = 0) -> Member:
-        """Where ``t`` sits in the optimizer of pipeline stage ``stage``."""
-        return self._members[t.name, stage if self.layout.pipeline else 0]
+    def _member(self, t: ir.Tensor, coords: dict[str, int]) -> Member:
+        """``member`` on the stage of the rank at ``coords``."""
+        return self.member(t, coords.get(self.layout.pipeline) if self.layout.pipeline else None)
 
     @cached_property
     def _members(self) -> dict[tuple[str, int], Member]:
@@ -686,12 +685,23 @@ class DeepSpeedPlacement(Placement):
         return RankSet(tuple(fixed))
 
 
+def layer_of(name: str) -> tuple[int, str] | None:
+    """``(layer, key)`` of a pipeline parameter named ``<layer>.<key>``; None otherwise."""
+    m = _LAYER.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def tied_key(name: str) -> str | None:
+    """The layer-file key of a tied module's tensor ``tied_modules.<module>.<key>``."""
+    parts = name.split(".", 2)
+    return parts[2] if parts[0] == "tied_modules" and len(parts) == 3 else None
+
+
 def _layer_and_key(t: ir.Tensor) -> tuple[int, str]:
     """A pipeline tensor's layer and its key in the layer file: ``<L>.<key>``, or with a
     ``layer`` attribute the name without a tied module's ``tied_modules.<module>.`` prefix."""
     if t.layer is not None:
-        parts = t.name.split(".", 2)
-        return t.layer, parts[2] if parts[0] == "tied_modules" and len(parts) == 3 else t.name
-    m = _LAYER.match(t.name)
-    assert m is not None, t.name
-    return int(m.group(1)), m.group(2)
+        return t.layer, tied_key(t.name) or t.name
+    found = layer_of(t.name)
+    assert found is not None, t.name
+    return found

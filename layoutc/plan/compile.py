@@ -127,8 +127,8 @@ class Compiler:
             (r.file, r.key) for c in range(T.copies(t, STEP)) for r in T.runs(t, STEP, sl, c, 0, 1)
         ]
 
-    def _step_owners(self) -> dict[tuple[str, str], str]:
-        """The tensor that writes each step counter of the target: an optimizer group shares
+    def _step_writers(self) -> set[str]:
+        """The tensors that write the target's step counters: an optimizer group shares
         one, so its first tensor writes it — a tensor on several stages (a tied layer)
         before the others, as its counters cover theirs on each of its stages."""
         owner: dict[tuple[str, str], str] = {}
@@ -145,7 +145,7 @@ class Compiler:
                     "in a group whose other stage-tied tensors are on the same stages"
                 )
             owner.update(dict.fromkeys(free, t.name))
-        return owner
+        return set(owner.values())
 
     def routes(self) -> list[_Route]:
         S, T = self.S, self.T
@@ -153,7 +153,7 @@ class Compiler:
         aliases = S.layout.tie_source
         diags: list[Diagnostic] = []
         out: list[_Route] = []
-        step_owner = self._step_owners()
+        step_writers = self._step_writers()
         fresh: dict[str, int] = {}
         for tt in T.tensors:
             name = aliases.get(tt.name, tt.name) if tt.name not in src_by_name else tt.name
@@ -178,7 +178,7 @@ class Compiler:
                 continue
             have = S.states(st)
             for state in T.states(tt):
-                if state == STEP and step_owner.get(self._step_keys(tt)[0]) != tt.name:
+                if state == STEP and tt.name not in step_writers:
                     continue  # one step per optimizer group in the target
                 ss = self._source_state(st, tt, state, have)
                 if ss is None:

@@ -143,35 +143,56 @@ class Direct:
                 pieces.add(at, raw)
             pwrite_all(self.dfd, raw, at)
             return
-        # Not page-aligned in memory: copy through two staging buffers, taking each CRC
-        # while the copy is in cache, one buffer written while the other is filled.
-        bufs = staging()
-        writing: list[Future[None] | None] = [None, None]
-        turn = 0
-        try:
+        # Not page-aligned in memory: copy through the staging buffers, taking each CRC
+        # while the copy is in cache.
+        with InTurn("direct") as turns:
             for lo in range(0, len(raw), STAGING):
                 n = min(STAGING, len(raw) - lo)
-                wait(writing[turn])
-                buf = bufs[turn][:n]
+                buf = turns.next()[:n]
                 buf[:] = raw[lo : lo + n]
                 if pieces is not None:
                     pieces.add(at + lo, buf)
-                writing[turn] = _direct_writer().submit(pwrite_all, self.dfd, buf, at + lo)
-                turn ^= 1
-        finally:
-            for f in writing:
-                wait(f)
+                turns.submit(pwrite_all, self.dfd, buf, at + lo)
 
 
-def wait(f: Future[None] | None) -> None:
-    """The result of ``f`` (its error raised here), if there is one."""
+class InTurn:
+    """This thread's two staging buffers used in turn: one is filled while the write of
+    the other runs on a pool of threads (``pool`` names it: a writer that itself stages
+    uses another pool than its callers). Leaving the block waits for every write and
+    raises the first failure."""
+
+    def __init__(self, pool: str) -> None:
+        self.buffers = staging()
+        self.pool = _pool(pool)
+        self.pending: list[Future[Any] | None] = [None, None]
+        self.turn = 0
+
+    def __enter__(self) -> InTurn:
+        return self
+
+    def next(self) -> memoryview:
+        """The buffer to fill next, once its last write is done."""
+        _wait(self.pending[self.turn])
+        return self.buffers[self.turn]
+
+    def submit(self, write: Any, *args: Any) -> None:
+        """Run ``write(*args)`` (on the buffer just filled) while the other is filled."""
+        self.pending[self.turn] = self.pool.submit(write, *args)
+        self.turn ^= 1
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.pending:
+            _wait(f)
+
+
+def _wait(f: Future[Any] | None) -> None:
     if f is not None:
         f.result()
 
 
 @cache
-def _direct_writer() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="layoutc-direct")
+def _pool(name: str) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"layoutc-{name}")
 
 
 @cache
@@ -195,21 +216,36 @@ def direct_supported(folder: Path) -> bool:
         probe.unlink(missing_ok=True)
 
 
-def pread_all(fd: int, buf: memoryview, at: int, name: str = "") -> None:
-    """Fill ``buf`` from byte ``at`` of ``fd``; a file that ends first is an error."""
+def pread_all(
+    fd: int,
+    buf: memoryview,
+    at: int,
+    name: str = "",
+    want: int | None = None,
+    error: type[Exception] = OSError,
+) -> None:
+    """Fill ``buf`` from byte ``at`` of ``fd``; with ``want``, only that many bytes must
+    exist (an aligned read past the end of a padded file returns less). A file that ends
+    first raises ``error``."""
+    need = len(buf) if want is None else want
     done = 0
-    while done < len(buf):
+    while done < need:
         n = os.preadv(fd, [buf[done:]], at + done)
         if n <= 0:
-            raise OSError(f"{name or 'file'}: short read at byte {at + done}")
+            raise error(f"{name or 'file'}: short read at byte {at + done}, wanted {need}")
         done += n
 
 
-def pwrite_all(fd: int, data: memoryview, at: int) -> None:
-    """Write all of ``data`` at byte ``at`` of ``fd``."""
+def pwrite_all(
+    fd: int, data: memoryview, at: int, name: str = "", error: type[Exception] = OSError
+) -> None:
+    """Write all of ``data`` at byte ``at`` of ``fd``; a write that stops raises ``error``."""
     done = 0
     while done < len(data):
-        done += os.pwrite(fd, data[done:], at + done)
+        n = os.pwrite(fd, data[done:], at + done)
+        if n <= 0:
+            raise error(f"{name or 'file'}: short write at byte {at + done}")
+        done += n
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:

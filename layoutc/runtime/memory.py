@@ -13,9 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 import ml_dtypes
@@ -25,7 +23,7 @@ from layoutc.place import Placement
 from layoutc.place.shards import STEP, Box, Slice
 from layoutc.plan import ops as O
 from layoutc.plan.plan import Plan
-from layoutc.runtime.fileio import ALIGN, Region, staging, wait
+from layoutc.runtime.fileio import ALIGN, InTurn, Region
 from layoutc.runtime.spill import Spill
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -268,11 +266,8 @@ class _Pending:
         offset within a page as in the output file, so the whole pages of a direct write
         leave from it without another copy."""
         size = self.dtype.itemsize
-        buffers = staging()
-        writing: list[Future[None] | None] = [None, None]
         at = dst_start * size
-        turn = 0
-        try:
+        with InTurn("write") as turns:
             for region, lo, n in self.runs:
                 if start >= n:
                     start -= n
@@ -281,30 +276,19 @@ class _Pending:
                 src_at = region.offset + (lo + start) * size
                 done, total = 0, take * size
                 while done < total:
-                    wait(writing[turn])
-                    view = buffers[turn]
+                    view = turns.next()
                     shift = (dst.offset + at) % ALIGN
                     chunk = view[shift : shift + min(len(view) - shift, total - done)]
                     got = os.preadv(region.fd, [chunk], src_at + done)
                     if got <= 0:
                         raise OSError(f"{region.path}: short read at byte {src_at + done}")
-                    writing[turn] = _writer().submit(dst.write_bytes, at, chunk[:got])
-                    turn ^= 1
+                    turns.submit(dst.write_bytes, at, chunk[:got])
                     done += got
                     at += got
                 numel -= take
                 start = 0
                 if not numel:
                     break
-        finally:
-            for f in writing:
-                wait(f)
-
-
-@cache
-def _writer() -> ThreadPoolExecutor:
-    """The threads that checksum and write copied chunks while workers read the next."""
-    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="layoutc-write")
 
 
 class _Live(dict[str, Any]):

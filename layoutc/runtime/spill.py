@@ -140,6 +140,11 @@ class Spill:
         want = np_dtype(op.dtype)
         return buf if buf.dtype == want else buf.astype(want)
 
+    @property
+    def moved(self) -> int:
+        """Bytes through the swap files so far, out and in."""
+        return self.bytes_out + self.bytes_in
+
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)

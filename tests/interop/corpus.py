@@ -295,6 +295,38 @@ def load(
         return Loaded(tensors=tensors, meta=meta, log=log)
 
 
+UNIVERSAL_STATES = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def assert_universal_matches(out: Path | str, truth: dict[str, Any]) -> int:
+    """Assert that the universal checkpoint at ``out`` holds every fp32 master and moment of
+    the save-time ``truth``, in its shape, exactly; returns how many were compared."""
+    import numpy as np
+    import torch
+
+    out = Path(out)
+    tag = (out / "latest_universal").read_text()
+    compared = 0
+    for key, want in truth.items():
+        kind, name = key.split("/", 1)
+        if kind in UNIVERSAL_STATES:
+            got = torch.load(out / tag / "zero" / name / f"{kind}.pt", weights_only=True)["param"]
+            assert tuple(got.shape) == tuple(want.shape), key  # multi-dim params keep their shape
+            assert np.array_equal(got.float().numpy(), want), key
+            compared += 1
+    return compared
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` but layoutc's manifest (its plan digest names the route),
+    by relative path: to compare two outputs byte for byte."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "layoutc-manifest.json"
+    }
+
+
 def ds_to_universal(
     tag_dir: Path | str, out_root: Path | str, *, python: str | None = None
 ) -> Path:

@@ -333,26 +333,11 @@ PARALLEL = corpus.PARALLEL_CASES
 PARALLEL_NAMES = list(PARALLEL)
 # The scalar and layout state a reload at the same pp and tp must reproduce exactly.
 PARALLEL_RELOADED_META = (
-    "step",
-    "global_steps",
-    "global_samples",
-    "skipped_steps",
-    "lr_scheduler",
-    "lr_scheduler_class",
-    "lr",
-    "loss_scaler",
-    "optimizer_class",
-    "zero_stage",
-    "param_groups",
-    "params",
-    "trainable",
-    "frozen",
-    "tied",
+    *(k for k in RELOADED_META if k not in ("optimizer_steps", "flat_groups")),
     "pipe_tied",
     "tp_layout",
     "layer_files",
     "mp_ranks",
-    "buffers",
 )
 
 

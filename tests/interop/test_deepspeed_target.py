@@ -159,21 +159,13 @@ def test_full_weights_become_a_checkpoint_deepspeed_trains_from(
     assert math.isfinite(loaded.meta["next_loss"]) and loaded.meta["global_steps_after"] == 1
 
 
-def _tree_bytes(root):
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "layoutc-manifest.json"
-    }
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_resharding_directly_equals_resharding_through_universal(ds_corpus, case, tmp_path):
     world = _other_world(case)
     convert(ds_corpus[case], tmp_path / "direct", "deepspeed", overrides={"dp": world})
     convert(ds_corpus[case], tmp_path / "universal", "universal")
     convert(tmp_path / "universal", tmp_path / "via", "deepspeed", overrides={"dp": world})
-    direct, via = _tree_bytes(tmp_path / "direct"), _tree_bytes(tmp_path / "via")
+    direct, via = corpus.tree_bytes(tmp_path / "direct"), corpus.tree_bytes(tmp_path / "via")
     assert direct.keys() == via.keys()
     assert [f for f in direct if direct[f] != via[f]] == []  # byte for byte
 

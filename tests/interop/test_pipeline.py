@@ -29,7 +29,6 @@ from layoutc.place import place
 
 ZERO1 = ["pp2_dp1_z1_bf16", "pp2_dp2_z1_bf16"]
 ZERO0 = ["pp2_dp1_z0_fp32", "pp2_dp2_z0_fp32"]
-STATES = ("fp32", "exp_avg", "exp_avg_sq")
 # Universal loading restores no buffers: the final layer's step counter starts again.
 FRESH = ("buffer/4.counter",)
 
@@ -40,15 +39,7 @@ def _other_world(case: str) -> int:
 
 
 def _universal_matches_truth(out: Path, truth: dict[str, Any]) -> None:
-    tag = (out / "latest_universal").read_text()
-    compared = 0
-    for key, want in truth.items():
-        kind, name = key.split("/", 1)
-        if kind in STATES:
-            got = torch.load(out / tag / "zero" / name / f"{kind}.pt", weights_only=True)["param"]
-            assert tuple(got.shape) == tuple(want.shape), key
-            assert np.array_equal(got.float().numpy(), want), key
-            compared += 1
+    compared = corpus.assert_universal_matches(out, truth)
     assert compared == 3 * sum(k.startswith("fp32/") for k in truth)
 
 
@@ -217,15 +208,7 @@ def test_a_pipeline_reshard_equals_the_one_through_universal(ds_corpus, tmp_path
     convert(ds_corpus[case], tmp_path / "direct", "deepspeed", overrides={"dp": 2})
     convert(ds_corpus[case], tmp_path / "universal", "universal")
     convert(tmp_path / "universal", tmp_path / "via", "deepspeed", overrides={"dp": 2})
-
-    def tree(root: Path) -> dict[str, bytes]:
-        return {
-            str(p.relative_to(root)): p.read_bytes()
-            for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "layoutc-manifest.json"
-        }
-
-    direct, via = tree(tmp_path / "direct"), tree(tmp_path / "via")
+    direct, via = corpus.tree_bytes(tmp_path / "direct"), corpus.tree_bytes(tmp_path / "via")
     assert direct.keys() == via.keys()
     assert [f for f in direct if direct[f] != via[f]] == []  # byte for byte
 
