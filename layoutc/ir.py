@@ -9,7 +9,10 @@ Geometry of one dim. A dim is a sequence of *blocks* (one block for an ordinary 
 several for a fused tensor such as QKV or gate/up). The dim may be padded to a multiple
 (vocabulary padding) and split over mesh axes, major to minor. Splitting is block by
 block: part ``c`` of a split dim holds, for each block in order, that block's ``c``-th
-equal piece, followed by its share of the padding. Pure data; no torch, no IO.
+equal piece, followed by its share of the padding. A dim cut in *grains* (DeepSpeed's
+AutoTP) is split unevenly instead: part ``c`` holds a contiguous run of whole grains, the
+first parts one grain more than the rest, and the last part also the elements that fill no
+whole grain; parts may be empty. Pure data; no torch, no IO.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class Dim:
     split: tuple[str, ...] = ()  # mesh axes, major -> minor
     pad_to: int = 1  # padded size is a multiple of this
     parts: int = 1  # product of the split axes' sizes
+    grain: int = 0  # > 0: split in whole grains of this many elements, unevenly
 
     @property
     def size(self) -> int:
@@ -129,8 +133,33 @@ class Dim:
 
     @property
     def local(self) -> int:
-        """Size of one part along this dim (what one rank holds)."""
+        """Size of one part along this dim (what one rank holds); the largest part when the
+        dim is cut in grains."""
+        if self.grain:
+            return max(self.local_at(p) for p in range(self.parts))
         return self.padded // self.parts
+
+    @property
+    def uneven(self) -> bool:
+        return self.grain > 0 and len({self.local_at(p) for p in range(self.parts)}) > 1
+
+    def bounds(self, part: int) -> tuple[int, int]:
+        """``[lo, hi)`` of the (unpadded, unfused) dim that part ``part`` holds."""
+        if not self.grain:
+            lo = part * self.local
+            return lo, max(lo, min(lo + self.local, self.size))
+        count, rest = divmod(self.size, self.grain)
+        each, more = divmod(count, self.parts)
+        lo = (part * each + min(part, more)) * self.grain
+        hi = lo + (each + (part < more)) * self.grain
+        return lo, hi + (rest if part == self.parts - 1 else 0)
+
+    def local_at(self, part: int) -> int:
+        """Size of part ``part`` along this dim."""
+        if not self.grain:
+            return self.local
+        lo, hi = self.bounds(part)
+        return hi - lo
 
     @property
     def fused(self) -> bool:
@@ -152,8 +181,7 @@ class Dim:
                 logical += b.size
                 local += piece
             return out
-        lo = part * self.local
-        hi = min(lo + self.local, self.size)
+        lo, hi = self.bounds(part)
         return [(lo, 0, hi - lo)] if hi > lo else []
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +193,11 @@ class Dim:
             d["padded"] = self.padded
         if self.split:
             d["split"] = list(self.split)
-            d["local"] = self.local
+            if self.grain:
+                d["grain"] = self.grain
+                d["local"] = [self.local_at(p) for p in range(self.parts)]
+            else:
+                d["local"] = self.local
         return d
 
 
@@ -204,6 +236,21 @@ class Tensor:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def uneven(self) -> bool:
+        """Some dim is cut in grains that do not share out equally: slices differ in shape."""
+        return any(d.uneven for d in self.dims)
+
+    def local_shape_at(self, coords: dict[str, int], sizes: dict[str, int]) -> tuple[int, ...]:
+        """The shape of the slice held at ``coords`` (mesh axis sizes ``sizes``)."""
+        out = []
+        for d in self.dims:
+            part = 0
+            for a in d.split:
+                part = part * sizes[a] + coords.get(a, 0)
+            out.append(d.local_at(part))
+        return tuple(out)
 
     @property
     def local_numel(self) -> int:

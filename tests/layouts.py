@@ -16,7 +16,8 @@ def dims(draw: st.DrawFn, split_axes: list[str], sizes: dict[str, int]) -> list[
     out = []
     free = list(split_axes)
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["plain", "split", "pad", "fused"])) if free else "plain"
+        kinds = ["plain", "split", "pad", "fused", "grains"]
+        kind = draw(st.sampled_from(kinds)) if free else "plain"
         if kind == "plain":
             out.append(str(draw(st.integers(1, 7))))
             continue
@@ -29,6 +30,9 @@ def dims(draw: st.DrawFn, split_axes: list[str], sizes: dict[str, int]) -> list[
             out.append(
                 f"pad({draw(st.integers(1, 13))}, {draw(st.integers(1, 3))} * {axis}) / {axis}"
             )
+        elif kind == "grains":  # uneven, maybe empty parts (DeepSpeed's AutoTP)
+            size = draw(st.integers(1, 13))
+            out.append(f"grains({size}, {draw(st.integers(1, size))}) / {axis}")
         else:
             blocks = [
                 f"b{k}: {n * draw(st.integers(1, 3))}" for k in range(draw(st.integers(2, 3)))
@@ -101,7 +105,9 @@ def model_bodies(draw: st.DrawFn, m: int) -> str:
         split = False
         for _ in range(draw(st.integers(1, 3))):
             choice = (
-                draw(st.sampled_from(["plain", "split", "pad", "fused"])) if not split else "plain"
+                draw(st.sampled_from(["plain", "split", "pad", "fused", "grains"]))
+                if not split
+                else "plain"
             )
             if choice == "plain":
                 shape.append(str(draw(st.integers(1, 6))))
@@ -109,6 +115,9 @@ def model_bodies(draw: st.DrawFn, m: int) -> str:
                 shape.append(f"{m * draw(st.integers(1, 3))} / tp")
             elif choice == "pad":
                 shape.append(f"pad({draw(st.integers(1, 11))}, 2 * tp) / tp")
+            elif choice == "grains":
+                size = draw(st.integers(1, 11))
+                shape.append(f"grains({size}, {draw(st.integers(1, size))}) / tp")
             else:
                 blocks = ", ".join(
                     f"b{k}: {m * draw(st.integers(1, 2))}" for k in range(draw(st.integers(2, 3)))

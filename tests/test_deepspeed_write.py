@@ -7,6 +7,7 @@ the geometry over many more layouts than the corpus has."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,13 @@ TAG = "global_step7"
 
 
 def _runs(layout: ir.Layout) -> bool:
-    """What DeepSpeed runs: an optimizer needs a trainable parameter, on every stage."""
+    """What DeepSpeed runs: an optimizer needs a trainable parameter with elements on every
+    stage and model-parallel rank."""
     p = place(layout)
-    return bool(p.trainable) and all(p.optimizer_groups(s) for s in range(max(1, layout.stages)))
+    models = range(p.mesh.size(*p.model_axes)) if p.uneven else range(1)
+    return bool(p.trainable) and all(
+        p.optimizer_groups(s, m) for s in range(max(1, layout.stages)) for m in models
+    )
 
 
 def _lr(layout: ir.Layout, group: str) -> float:
@@ -181,5 +186,10 @@ def _assert_param_slice_mappings_tile_every_parameter(layout: ir.Layout, folder:
                 )
                 seen.setdefault((mp, name), []).append((frag.state["start"], frag.state["numel"]))
     for (mp, name), frags in seen.items():  # each parameter once per model-parallel rank
-        assert sum(n for _, n in frags) == layout.tensor(name).local_numel, (mp, name)
+        model = p.model_index(p.mesh.unindex(p.mp_axes, int(mp.split("_")[0])))
+        assert sum(n for _, n in frags) == math.prod(p.local_shape(layout.tensor(name), model)), (
+            mp,
+            name,
+        )
+    # every parameter somewhere; on a rank whose slice is empty, nowhere (DeepSpeed's rule)
     assert {name for _, name in seen} == {t.name for t in p.trainable if t.local_numel}

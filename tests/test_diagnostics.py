@@ -137,6 +137,10 @@ CASES: dict[str, str] = {
     "E135": "mesh { pp = 2 }\npipeline over pp\ntensor tied.weight [8] stage (0, 0)\n",
     "E135-layer": "mesh { pp = 2 }\npipeline over pp\ntensor tied.weight [8] layer -1\n",
     "E120-layer": "mesh { dp = 2 }\ntensor tied.weight [8] layer 0\n",
+    "E136": "mesh { tp = 2 }\ntensor w [grains(101, 1) * 2 / tp, 16]\n",
+    "E136-arity": "mesh { tp = 2 }\ntensor w [grains(101) / tp, 16]\n",
+    "E136-unsplit": "mesh { tp = 2 }\ntensor w [grains(101, 1), 16]\n",
+    "E136-grain": "mesh { tp = 2 }\ntensor w [grains(48, 64) / tp, 16]\n",
 }
 OVERRIDES: dict[str, dict[str, int]] = {"E109-set": {"dp": 0}, "E134": {"pd": 3}}
 COMMAND_LINE = {"E134"}  # reported against the command line, not a source location

@@ -165,7 +165,8 @@ def files(
         for dp in dps if layout.zero.stage == 3 else dps[:1]:  # ZeRO-3: one per rank
             f = target.model_file({**mp, **dp})
             holes = Holes(by_file.get(f, {}))
-            yield f, _model_states(target, carried, holes, first, stage), holes
+            model = target.model_index(mp)
+            yield f, _model_states(target, carried, holes, first, stage, model), holes
             first = False
     if target.layer_files:
         for f in dict.fromkeys(b.file for b in target.weight_buffers()):
@@ -192,33 +193,41 @@ def _layer_states(holes: Holes, order: list[str]) -> OrderedDict[str, Any]:
 
 
 def _plain_optimizer(
-    target: DeepSpeedPlacement, carried: Carried, holes: Holes, stage: int
+    target: DeepSpeedPlacement, carried: Carried, holes: Holes, stage: int, model: int
 ) -> dict[str, Any]:
     """ZeRO-0: the torch optimizer's ``state_dict()`` of one stage, as DeepSpeed saves it
     in the model-states file."""
     opt = target.layout.optimizer
     assert opt is not None
-    groups = target.optimizer_groups(stage)
+    groups = target.optimizer_groups(stage, model)
     state: dict[int, dict[str, Any]] = {}
     params: list[list[int]] = []
     for _, members, _m in groups:
         indices = []
         for t in members:
-            i = target.member(t, stage).param_index
+            i = target.member(t, stage, model).param_index
             state[i] = _optimizer_state(holes, f"optimizer/state/{i}", opt)
             indices.append(i)
         params.append(indices)
-    return {"state": state, "param_groups": _param_groups(target, carried, params, stage)}
+    return {
+        "state": state,
+        "param_groups": _param_groups(target, carried, params, stage, model),
+    }
 
 
 def _model_states(
-    target: DeepSpeedPlacement, carried: Carried, holes: Holes, first_rank: bool, stage: int = 0
+    target: DeepSpeedPlacement,
+    carried: Carried,
+    holes: Holes,
+    first_rank: bool,
+    stage: int = 0,
+    model: int = 0,
 ) -> dict[str, Any]:
     layout = target.layout
     src = carried.model
     stage3 = target.mode == "stage3"
     if target.layer_files:  # a pipeline keeps its weights in the layer files
-        return _stage_states(target, carried, holes, stage)
+        return _stage_states(target, carried, holes, stage, model)
     module: OrderedDict[str, Any] = OrderedDict()
     for t in layout.tensors:
         if stage3 and t.kind != ir.BUFFER:  # partitioned parameters leave a 0-element stub
@@ -232,28 +241,41 @@ def _model_states(
         (k, module[k]) for k in sorted(module, key=lambda k: (k not in before, _index(before, k)))
     )
     zero = layout.zero.stage > 0 or target.mode == "flat"
-    frozen = [t for t in layout.tensors if t.kind == ir.FROZEN]
     stage2 = layout.zero.stage >= 2
+    # "Frozen" to DeepSpeed: every parameter its optimizer does not own, which includes a
+    # trainable one whose slice here is empty (it keeps the shape, with nothing to store).
+    owned = {t.name for members in _flat_members(target, model) for t in members}
+    frozen = [
+        t
+        for t in layout.tensors
+        if t.kind == ir.FROZEN or (zero and t.trainable and t.name not in owned)
+    ]
+
+    def fragment(t: ir.Tensor) -> pt.Tensor:
+        if t.kind == ir.FROZEN:
+            return holes(f"frozen_param_fragments/{t.name}")
+        return pt.Tensor(t.dtype, (0,), np.zeros(0, np_dtype(t.dtype)))
+
     obj: dict[str, Any] = {
         "module": module,
         "buffer_names": [t.name for t in layout.tensors if t.kind == ir.BUFFER],
-        "optimizer": _plain_optimizer(target, carried, holes, 0)
+        "optimizer": _plain_optimizer(target, carried, holes, 0, model)
         if target.mode == "plain"
         else None,
         "param_shapes": [
-            OrderedDict((t.name, pt.Size(t.local_shape)) for t in members)
-            for members in _flat_members(target)
+            OrderedDict((t.name, pt.Size(target.local_shape(t, model))) for t in members)
+            for members in _flat_members(target, model)
         ]
         if zero
         else None,
-        "frozen_param_shapes": OrderedDict((t.name, pt.Size(t.local_shape)) for t in frozen)
+        "frozen_param_shapes": OrderedDict(
+            (t.name, pt.Size(target.local_shape(t, model))) for t in frozen
+        )
         if stage2
         else None,
         # DeepSpeed records ties on global rank 0 only
         "shared_params": (dict(layout.ties) if first_rank else {}) if zero else None,
-        "frozen_param_fragments": OrderedDict(
-            (t.name, holes(f"frozen_param_fragments/{t.name}")) for t in frozen
-        )
+        "frozen_param_fragments": OrderedDict((t.name, fragment(t)) for t in frozen)
         if stage2
         else None,
         **_run_state(target, carried),
@@ -262,7 +284,7 @@ def _model_states(
 
 
 def _stage_states(
-    target: DeepSpeedPlacement, carried: Carried, holes: Holes, stage: int
+    target: DeepSpeedPlacement, carried: Carried, holes: Holes, stage: int, model: int
 ) -> dict[str, Any]:
     """A pipeline stage's ``mp_rank`` file: no module (the layer files hold the weights),
     the stage's buffers and param shapes, and (ZeRO-0) its torch optimizer."""
@@ -272,12 +294,12 @@ def _stage_states(
     return {
         "module": None,
         "buffer_names": [t.name for t in on_stage if t.kind == ir.BUFFER],
-        "optimizer": _plain_optimizer(target, carried, holes, stage)
+        "optimizer": _plain_optimizer(target, carried, holes, stage, model)
         if target.mode == "plain"
         else None,
         "param_shapes": [
-            OrderedDict((t.name, pt.Size(t.local_shape)) for t in members)
-            for _, members, _m in target.optimizer_groups(stage)
+            OrderedDict((t.name, pt.Size(target.local_shape(t, model))) for t in members)
+            for _, members, _m in target.optimizer_groups(stage, model)
         ]
         if flat
         else None,
@@ -317,10 +339,10 @@ def _run_state(target: DeepSpeedPlacement, carried: Carried) -> dict[str, Any]:
     return obj
 
 
-def _flat_members(target: DeepSpeedPlacement) -> list[list[ir.Tensor]]:
+def _flat_members(target: DeepSpeedPlacement, model: int = 0) -> list[list[ir.Tensor]]:
     """The tensors of each flat buffer, in order: ZeRO-1/2 param groups, ZeRO-3 sub-groups."""
     out = []
-    for _, members, m in target.optimizer_groups():
+    for _, members, m in target.optimizer_groups(0, model):
         if m.stage3 is None:
             out.append(members)
         else:
@@ -358,10 +380,14 @@ def _named_groups(source: DeepSpeedPlacement, folder: Path) -> dict[str, Any]:
 
 
 def _param_groups(
-    target: DeepSpeedPlacement, carried: Carried, params: list[list[int]], stage: int = 0
+    target: DeepSpeedPlacement,
+    carried: Carried,
+    params: list[list[int]],
+    stage: int = 0,
+    model: int = 0,
 ) -> Any:
     """The source's param groups (hyperparameters) with the target's flat-param indices."""
-    names = [members[0].group for _, members, _m in target.optimizer_groups(stage)]
+    names = [members[0].group for _, members, _m in target.optimizer_groups(stage, model)]
     groups = carried.param_groups(len(params), names if len(names) == len(params) else None)
     if groups is None:
         raise Unsupported(
@@ -386,7 +412,8 @@ def _stage3_optim(
     state: dict[int, dict[str, Any]] = {}
     masters = []
     params = []
-    for _, _, m in target.optimizer_groups():
+    model = target.model_index(coords)
+    for _, _, m in target.optimizer_groups(0, model):
         assert m.stage3 is not None
         indices = []
         for sg in range(len(m.stage3.sub_groups)):
@@ -403,7 +430,7 @@ def _stage3_optim(
     inner["partition_count"] = target.mesh.size(*target.dp_axes)
     inner["optimizer_state_dict"] = {
         "state": state,
-        "param_groups": _param_groups(target, carried, params),
+        "param_groups": _param_groups(target, carried, params, 0, model),
     }
     inner["fp32_flat_groups"] = masters
     return _outer(target, inner, carried)
@@ -471,7 +498,9 @@ def _flat_optim(
     opt = layout.optimizer
     assert opt is not None
     bf16_optimizer = layout.zero.bf16_optimizer or (layout.zero.stage == 0 and target.bf16)
-    groups = target.optimizer_groups(coords.get(layout.pipeline, 0) if layout.pipeline else 0)
+    stage = coords.get(layout.pipeline, 0) if layout.pipeline else 0
+    model = target.model_index(coords)
+    groups = target.optimizer_groups(stage, model)
     src = carried.optim
     state: dict[int, dict[str, Any]] = {}
     masters = []
@@ -497,8 +526,7 @@ def _flat_optim(
                 for i, f in m.flat.rank_mapping(rank)
             )
         )
-    stage = coords.get(layout.pipeline, 0) if layout.pipeline else 0
-    param_groups = _param_groups(target, carried, [[g] for g, _, _ in groups], stage)
+    param_groups = _param_groups(target, carried, [[g] for g, _, _ in groups], stage, model)
     inner: dict[str, Any] = {}
     if not bf16_optimizer:
         for k in _OPTIM_SCALARS:

@@ -24,7 +24,7 @@ from layoutc.errors import NO_SPAN, Diagnostic, LayoutError, Span
 from layoutc.lang import ast
 from layoutc.lang.parse import parse
 
-_FUNCTIONS = ("pad", "min", "max", "cdiv")
+_FUNCTIONS = ("pad", "grains", "min", "max", "cdiv")
 _LIMIT = 2**62
 
 _OPTIMIZER_DEFAULTS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -155,6 +155,12 @@ class _Checker:
                     "`pad(n, m)` is allowed only at the top of a dim, e.g. [pad(V, 128) / tp, H]",
                     e.span,
                 )
+            if e.fn == "grains":
+                raise self.fail(
+                    "E136",
+                    "`grains(n, g)` is allowed only at the top of a split dim, e.g. [grains(V, 64) / tp, H]",
+                    e.span,
+                )
             args = [self.eval(a) for a in e.args]
             if e.fn in ("min", "max") and args:
                 return min(args) if e.fn == "min" else max(args)
@@ -169,7 +175,8 @@ class _Checker:
                 "E110",
                 f"unknown function `{e.fn}`",
                 e.span,
-                "functions: pad(n, multiple) at the top of a dim, min(a, ...), max(a, ...), cdiv(a, b)",
+                "functions: pad(n, multiple) and grains(n, grain) at the top of a dim, "
+                "min(a, ...), max(a, ...), cdiv(a, b)",
             )
         if isinstance(e, ast.Tuple):
             raise self.fail(
@@ -773,6 +780,7 @@ class _Checker:
                 )
             parts *= self.env[a]
         pad_to = 1
+        grain = 0
         blocks: tuple[ir.Block, ...]
         if isinstance(size_expr, ast.Call) and size_expr.fn == "pad":
             if len(size_expr.args) != 2:
@@ -785,11 +793,13 @@ class _Checker:
             pad_to = self.positive(
                 size_expr.args[1], f"the padding multiple of dim {index} of {name}"
             )
+        elif isinstance(size_expr, ast.Call) and size_expr.fn == "grains":
+            blocks, grain = self.grains(size_expr, name, index, split)
         elif isinstance(size_expr, ast.Tuple):
             blocks = self.blocks(size_expr, name, index)
         else:
             blocks = (ir.Block(None, self.positive(size_expr, f"dim {index} of {name}")),)
-        dim = ir.Dim(blocks, split, pad_to, parts)
+        dim = ir.Dim(blocks, split, pad_to, parts, grain)
         where = f"dim {index} of {name}"
         if len(split) > 1:
             sizes = ", ".join(f"{a} = {self.env[a]}" for a in split)
@@ -808,7 +818,7 @@ class _Checker:
             else:
                 what = f"padded to {dim.padded}" if pad_to > 1 else f"{dim.size}"
                 self.error("E108", f"{where} is {what}, not {total}", _span_of(size_expr))
-        if parts > 1:
+        if parts > 1 and not grain:
             if dim.fused:
                 for b in blocks:
                     if b.size % parts:
@@ -831,9 +841,37 @@ class _Checker:
                     "E102",
                     f"{where} has {dim.size} elements, not divisible by {axes_text}",
                     whole,
-                    "pad it, e.g. pad(V, 128 * tp) / tp, or pick sizes that divide",
+                    "pad it, e.g. pad(V, 128 * tp) / tp; or, for DeepSpeed AutoTP's uneven "
+                    "shards, cut it in grains: grains(V, 1) / tp",
                 )
         return dim
+
+    def grains(
+        self, call: ast.Call, name: str, index: int, split: tuple[str, ...]
+    ) -> tuple[tuple[ir.Block, ...], int]:
+        """``grains(n, g) / axes``: n elements in whole grains of g, shared out unevenly."""
+        if len(call.args) != 2:
+            raise self.fail("E136", "grains takes two arguments: grains(size, grain)", call.span)
+        if any(isinstance(a, ast.Tuple) for a in call.args):
+            raise self.fail("E136", "fused blocks cannot be cut in grains", call.span)
+        size = self.positive(call.args[0], f"dim {index} of {name}")
+        grain = self.positive(call.args[1], f"the grain of dim {index} of {name}")
+        if not split:
+            raise self.fail(
+                "E136",
+                f"dim {index} of {name} is cut in grains but not split",
+                call.span,
+                f"grains say how a split dim is shared out: grains({_text(self.source, call.args[0].span)}, "
+                f"{_text(self.source, call.args[1].span)}) / tp",
+            )
+        if grain > size:
+            raise self.fail(
+                "E136",
+                f"dim {index} of {name} has {size} elements, fewer than one grain of {grain}",
+                call.span,
+                f"use grains({size}, 1): DeepSpeed cuts a dim smaller than its grain element by element",
+            )
+        return (ir.Block(None, size),), grain
 
     def hidden_split(self, e: ast.Expr, name: str, index: int) -> None:
         """``H / tp * 2`` or ``(H / tp)`` divides by the axis *size*: almost always a split

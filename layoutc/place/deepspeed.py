@@ -25,6 +25,7 @@ do not start with a layer index.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,6 +121,9 @@ class DeepSpeedPlacement(Placement):
                     "tensor tied_modules.embed.weight [V, H] stage (0, pp - 1) layer 0)"
                 )
         self.prefix = "bf16_" if self.bf16 and self.mode in ("flat", "stage3") else ""
+        # Tensors cut in uneven grains (AutoTP) give each model-parallel coordinate its own
+        # flat groups: other numels, and no place at all for a slice with no elements.
+        self.uneven = any(t.uneven for t in self.tensors)
 
     # -------------------------------------------------------------- states
 
@@ -164,36 +168,62 @@ class DeepSpeedPlacement(Placement):
     def _stages_of(self, t: ir.Tensor) -> tuple[int, ...]:
         return t.stages if self.layout.pipeline else (0,)
 
-    def member(self, t: ir.Tensor, stage: int | None = None) -> Member:
-        """Where ``t`` sits in the optimizer of pipeline stage ``stage`` (default: its own)."""
-        if not self.layout.pipeline:
-            return self._members[t.name, 0]
-        return self._members[t.name, t.stage if stage is None else stage]
+    def model_index(self, coords: dict[str, int]) -> int:
+        """The model-parallel coordinate whose flat groups the rank at ``coords`` holds
+        (0 for every rank unless some tensor is cut in uneven grains)."""
+        return self.mesh.index(self.model_axes, coords) if self.uneven else 0
 
-    def _member(self, t: ir.Tensor, coords: dict[str, int]) -> Member:
-        """``member`` on the stage of the rank at ``coords``."""
-        return self.member(t, coords.get(self.layout.pipeline) if self.layout.pipeline else None)
+    def local_shape(self, t: ir.Tensor, model: int = 0) -> tuple[int, ...]:
+        """The shape of ``t``'s slice at model-parallel coordinate ``model``."""
+        if not t.uneven:
+            return t.local_shape
+        return t.local_shape_at(self.mesh.unindex(self.model_axes, model), self.mesh.sizes)
+
+    def member(self, t: ir.Tensor, stage: int | None = None, model: int = 0) -> Member:
+        """Where ``t`` sits in the optimizer of pipeline stage ``stage`` (default: its own)
+        at model-parallel coordinate ``model``; KeyError where its slice there is empty."""
+        if not self.layout.pipeline:
+            return self._members[t.name, 0, model]
+        return self._members[t.name, t.stage if stage is None else stage, model]
+
+    def _member(self, t: ir.Tensor, coords: dict[str, int]) -> Member | None:
+        """``member`` on the stage and model-parallel coordinate of the rank at ``coords``;
+        None where that rank's slice of ``t`` is empty (DeepSpeed's optimizer skips it)."""
+        stage = coords.get(self.layout.pipeline) if self.layout.pipeline else None
+        try:
+            return self.member(t, stage, self.model_index(coords))
+        except KeyError:
+            if self.uneven:
+                return None
+            raise
 
     @cached_property
-    def _members(self) -> dict[tuple[str, int], Member]:
-        """Flat groups per pipeline stage: the trainable tensors of each param group, in order.
-        A tensor several stages hold (a tied layer) is a member on each of them.
+    def _members(self) -> dict[tuple[str, int, int], Member]:
+        """Flat groups per pipeline stage (and model-parallel coordinate, when slices
+        differ): the trainable tensors of each param group, in order. A tensor several
+        stages hold (a tied layer) is a member on each of them.
 
-        DeepSpeed drops param groups with no parameters, so group numbers count only the
-        non-empty groups of the stage."""
-        out: dict[tuple[str, int], Member] = {}
+        DeepSpeed's optimizer leaves out parameters with no elements and drops param groups
+        with no parameters, so group numbers count only the non-empty groups of the stage."""
+        out: dict[tuple[str, int, int], Member] = {}
         stages = sorted({s for t in self.trainable for s in self._stages_of(t)})
-        sub_group_base = 0
-        for stage in stages:
+        models = range(self.mesh.size(*self.model_axes)) if self.uneven else range(1)
+        for stage, model in ((s, m) for s in stages for m in models):
             on_stage = [t for t in self.trainable if stage in self._stages_of(t)]
+            shapes = {t.name: self.local_shape(t, model) for t in on_stage}
+            keep_empty = self.mode not in ("flat", "stage3")  # a torch optimizer keeps them
             param_index = 0
             g = 0
             sub_group_base = 0
             for name in self.layout.groups:
-                members = [t for t in on_stage if t.group == name]
+                members = [
+                    t
+                    for t in on_stage
+                    if t.group == name and (keep_empty or 0 not in shapes[t.name])
+                ]
                 if not members:
                     continue
-                numels = tuple(t.local_numel for t in members)
+                numels = tuple(math.prod(shapes[t.name]) for t in members)
                 parts = self.mesh.size(*(a for a in self.dp_axes if a not in members[0].split_axes))
                 flat = FlatGroup(numels, parts) if self.mode == "flat" else None
                 s3 = (
@@ -202,35 +232,53 @@ class DeepSpeedPlacement(Placement):
                     else None
                 )
                 for i, t in enumerate(members):
-                    out[t.name, stage] = Member(g, i, flat, s3, sub_group_base, param_index)
+                    out[t.name, stage, model] = Member(g, i, flat, s3, sub_group_base, param_index)
                     param_index += 1
                 if s3 is not None:
                     sub_group_base += len(s3.sub_groups)
                 g += 1
         return out
 
-    def optimizer_groups(self, stage: int = 0) -> list[tuple[int, list[ir.Tensor], Member]]:
+    def optimizer_groups(
+        self, stage: int = 0, model: int = 0
+    ) -> list[tuple[int, list[ir.Tensor], Member]]:
         """The optimizer's flat groups (ZeRO-1/2, bf16 optimizer) or param groups (ZeRO-3)
-        on one pipeline stage, in DeepSpeed's order: (index, trainable tensors, member of
-        the first) — the member carries the group's :class:`FlatGroup` or
-        :class:`Stage3Group`."""
+        on one pipeline stage and model-parallel coordinate, in DeepSpeed's order: (index,
+        trainable tensors, member of the first) — the member carries the group's
+        :class:`FlatGroup` or :class:`Stage3Group`."""
         out: dict[int, tuple[int, list[ir.Tensor], Member]] = {}
         for t in self.trainable:
             if stage not in self._stages_of(t):
                 continue
-            m = self._members[t.name, stage]
-            out.setdefault(m.group, (m.group, [], m))[1].append(t)
+            m = self._members.get((t.name, stage, model))
+            if m is not None:
+                out.setdefault(m.group, (m.group, [], m))[1].append(t)
         return [out[g] for g in sorted(out)]
+
+    def _mp_coords_at(self, stage: int, model: int) -> Iterator[dict[str, int]]:
+        """The model-parallel coordinates of one stage whose flat groups are ``model``'s."""
+        for mp in self._mp_coords():
+            if self.layout.pipeline and mp[self.layout.pipeline] != stage:
+                continue
+            if self.model_index(mp) == model:
+                yield mp
 
     def partition_rank(self, t: ir.Tensor, coords: dict[str, int]) -> int:
         """The ZeRO partition that the rank at ``coords`` holds of ``t``'s group."""
         return self.mesh.index(self.partition_axes(t), coords)
 
-    def _frozen_partition(self, t: ir.Tensor) -> tuple[tuple[str, ...], int, int]:
+    def _frozen_partition(
+        self, t: ir.Tensor, coords: dict[str, int] | None = None
+    ) -> tuple[tuple[str, ...], int, int]:
         """ZeRO-3 frozen parameter: (partition axes, partition count, elements per partition)."""
         axes = self.partition_axes(t)
         parts = self.mesh.size(*axes)
-        return axes, parts, -(-t.local_numel // parts)
+        numel = (
+            t.local_numel
+            if coords is None
+            else math.prod(t.local_shape_at(coords, self.mesh.sizes))
+        )
+        return axes, parts, -(-numel // parts)
 
     def partition_axes(self, t: ir.Tensor) -> tuple[str, ...]:
         return tuple(a for a in self.dp_axes if a not in t.split_axes)
@@ -293,6 +341,8 @@ class DeepSpeedPlacement(Placement):
             file, key = self._weight_location(t, coords, copy % self._variants(t, state))
             return [Run(file, key, lo, lo, hi - lo, dtype)]
         m = self._member(t, coords)
+        if m is None:
+            return []
         if state == STEP:
             key = self._state_key(m, STEP)
             file = (
@@ -333,12 +383,14 @@ class DeepSpeedPlacement(Placement):
     ) -> int:
         if state == WEIGHT:
             if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
-                _, _, pn = self._frozen_partition(t)
+                _, _, pn = self._frozen_partition(t, self._coords(t, state, sl, copy))
                 return (hi - 1) // pn - lo // pn + 1 if hi > lo else 0
             return 1
+        m = self._member(t, self._coords(t, state, sl, copy))
+        if m is None:
+            return 0
         if state == STEP or self.mode == "plain":
             return 1
-        m = self._member(t, self._coords(t, state, sl, copy))
         group = m.flat if self.mode == "flat" else m.stage3
         assert group is not None
         return group.count(m.index, lo, hi)
@@ -368,8 +420,10 @@ class DeepSpeedPlacement(Placement):
     def _stage3_frozen(
         self, t: ir.Tensor, coords: dict[str, int], lo: int, hi: int, dtype: str
     ) -> list[Run]:
-        axes, _, pn = self._frozen_partition(t)
-        out = []
+        axes, _, pn = self._frozen_partition(t, coords)
+        out: list[Run] = []
+        if hi <= lo:
+            return out
         r = lo // pn
         while r * pn < hi:
             a, b = max(lo, r * pn), min(hi, (r + 1) * pn)
@@ -427,7 +481,10 @@ class DeepSpeedPlacement(Placement):
 
     def files_holding(self, states: set[str]) -> int:
         """Closed form: optimizer files if any optimizer state is wanted, weight files
-        (layer, model-state) if weights are."""
+        (layer, model-state) if weights are. Slices of uneven grains make each rank's
+        share its own: those are counted from the runs."""
+        if self.uneven:
+            return super().files_holding(states)
         mp = self.mesh.size(*self.mp_axes)
         dp = self.mesh.size(*self.dp_axes)
         n = 0
@@ -463,7 +520,7 @@ class DeepSpeedPlacement(Placement):
         """Optimizer files holding at least one element of data: trailing partitions of a
         tiny model can hold padding only (data always fills partitions from rank 0 up)."""
         ranks: dict[int, int] = {}
-        for (name, stage), m in self._members.items():
+        for (name, stage, _model), m in self._members.items():
             t = self.layout.tensor(name)
             if m.flat is not None:
                 g = m.flat
@@ -514,7 +571,7 @@ class DeepSpeedPlacement(Placement):
                 for c in range(self.copies(t, WEIGHT)):
                     coords = self._coords(t, WEIGHT, sl, c)
                     if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
-                        axes, parts, pn = self._frozen_partition(t)
+                        axes, parts, pn = self._frozen_partition(t, coords)
                         for r in range(parts):
                             fc = {**coords, **self.mesh.unindex(axes, r)}
                             yield StoredBuffer(
@@ -544,14 +601,12 @@ class DeepSpeedPlacement(Placement):
                             yield from self._plain_buffers(t, sl, coords)
             return
         # one flat buffer per (group or sub-group, state) in every optimizer file
-        seen: dict[tuple[int, int], list[tuple[Member, ir.Tensor]]] = {}
-        for (name, stage), m in self._members.items():
-            seen.setdefault((stage, m.group), []).append((m, self.layout.tensor(name)))
-        for (stage, _g), members in seen.items():
+        seen: dict[tuple[int, int, int], list[tuple[Member, ir.Tensor]]] = {}
+        for (name, stage, model), m in self._members.items():
+            seen.setdefault((stage, model, m.group), []).append((m, self.layout.tensor(name)))
+        for (stage, model, _g), members in seen.items():
             m, t = members[0]
-            for mp in self._mp_coords():
-                if self.layout.pipeline and mp[self.layout.pipeline] != stage:
-                    continue
+            for mp in self._mp_coords_at(stage, model):
                 for dp in iter_coords(self.mesh, self.dp_axes):
                     coords = {**mp, **dp}
                     file = self.optim_file(coords)
@@ -589,6 +644,7 @@ class DeepSpeedPlacement(Placement):
         opt = self.layout.optimizer
         assert opt is not None
         m = self._member(t, coords)
+        assert m is not None  # a torch optimizer keeps empty slices too
         for s in opt.states:
             yield StoredBuffer(
                 self.model_file(coords), self._state_key(m, s), self.dtype(t, s), sl.shape
@@ -610,15 +666,13 @@ class DeepSpeedPlacement(Placement):
         opt = self.layout.optimizer
         assert opt is not None
         flat_states = [s for s in (MASTER, *opt.states) if s != MASTER or opt.master]
-        done: set[tuple[int, int]] = set()
-        for (name, stage), m in self._members.items():
+        done: set[tuple[int, int, int]] = set()
+        for (name, stage, model), m in self._members.items():
             t = self.layout.tensor(name)
-            if m.flat is not None and (stage, m.group) in done:
+            if m.flat is not None and (stage, model, m.group) in done:
                 continue
-            done.add((stage, m.group))
-            for mp in self._mp_coords():
-                if self.layout.pipeline and mp[self.layout.pipeline] != stage:
-                    continue
+            done.add((stage, model, m.group))
+            for mp in self._mp_coords_at(stage, model):
                 for dp in iter_coords(self.mesh, self.dp_axes):
                     coords = {**mp, **dp}
                     rank = self.mesh.index(self.partition_axes(t), coords)
@@ -650,12 +704,12 @@ class DeepSpeedPlacement(Placement):
                                 )
 
     def _frozen_pads(self, t: ir.Tensor) -> Iterator[Run]:
-        axes, parts, pn = self._frozen_partition(t)
         for sl in self.slices(t, WEIGHT):
             for c in range(self.copies(t, WEIGHT)):
                 coords = self._coords(t, WEIGHT, sl, c)
+                axes, parts, pn = self._frozen_partition(t, coords)
                 for r in range(parts):
-                    have = max(0, min(pn, t.local_numel - r * pn))
+                    have = max(0, min(pn, sl.numel - r * pn))
                     if have < pn:
                         fc = {**coords, **self.mesh.unindex(axes, r)}
                         key = f"frozen_param_fragments/{t.name}"

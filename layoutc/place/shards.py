@@ -116,11 +116,13 @@ def tensor_slices(
     for values in itertools.product(*(range(sizes[a]) for a in axes)):
         coords = dict(zip(axes, values, strict=True))
         per_dim = []
+        shape = []
         for d in dims:
             part = 0
             for a in d.split:
                 part = part * sizes[a] + coords[a]
             per_dim.append(d.segments(part))
+            shape.append(d.local_at(part))
         segments = tuple(
             Segment(
                 tuple((lo, lo + n) for lo, _, n in combo),
@@ -128,7 +130,7 @@ def tensor_slices(
             )
             for combo in itertools.product(*per_dim)
         )
-        out.append(Slice(tuple(coords.items()), tuple(d.local for d in dims), segments))
+        out.append(Slice(tuple(coords.items()), tuple(shape), segments))
     return tuple(out)
 
 

@@ -132,17 +132,21 @@ class Compiler:
         one, so its first tensor writes it — a tensor on several stages (a tied layer)
         before the others, as its counters cover theirs on each of its stages."""
         owner: dict[tuple[str, str], str] = {}
+        keys_of = {t.name: self._step_keys(t) for t in self.T.tensors if STEP in self.T.states(t)}
+        # Tensors on more stages first; then those with more counters (a tensor cut in uneven
+        # grains has none on ranks where its slice is empty).
         ranked = sorted(
-            (t for t in self.T.tensors if STEP in self.T.states(t)), key=lambda t: -len(t.stages)
+            (t for t in self.T.tensors if t.name in keys_of),
+            key=lambda t: (-len(t.stages), -len(keys_of[t.name])),
         )
         for t in ranked:
-            keys = self._step_keys(t)
+            keys = keys_of[t.name]
             free = [k for k in keys if k not in owner]
             if free and len(free) < len(keys):
                 raise Unsupported(
                     f"{t.name} shares its optimizer group's step counter with other tensors on "
-                    "some of its stages but not on others; layoutc places a stage-tied tensor "
-                    "in a group whose other stage-tied tensors are on the same stages"
+                    "some of its stages or ranks but not on others; layoutc places a tensor "
+                    "whose step counters are a subset of another's in its group, or apart"
                 )
             owner.update(dict.fromkeys(free, t.name))
         return set(owner.values())
@@ -253,7 +257,13 @@ class Compiler:
         return self._assign(units)
 
     def _copy(self, uid: int, t: ir.Tensor, state: str) -> int:
-        return uid % self.S.copies(t, state)
+        """The source copy a unit reads (spread over the replicas)."""
+        n = self.S.copies(t, state)
+        if state == STEP and t.uneven:  # ranks whose slice is empty keep no step
+            sl = self.S.slices(t, state)[0]
+            held = [c for c in range(n) if self.S.runs(t, state, sl, c, 0, 1)]
+            return held[uid % len(held)]
+        return uid % n
 
     def _unit(self, uid: int, r: _Route) -> Unit:
         S, T = self.S, self.T
