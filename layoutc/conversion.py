@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from layoutc import ir
-from layoutc.errors import LayoutcError
-from layoutc.formats import pt, weights
+from layoutc.errors import LayoutcError, Unsupported
+from layoutc.formats import autotp, pt, weights
 from layoutc.formats import safetensors as st
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer, open_checkpoint
 from layoutc.formats.match import check_against, check_replicas
@@ -220,6 +220,8 @@ def convert(
         check_copies(placed, ckpt.folder)
         source, folder, src_tag = src, ckpt.folder, ckpt.tag
     tgt = target_for(src, text, to, overrides)
+    if not isinstance(source, WeightsPlacement):
+        _check_autotp_cuts(ckpt, src, tgt)
     if tgt.store.format in ("safetensors", "torch"):
         tgt = with_dtype(tgt, dtype)
     elif dtype is not None:
@@ -258,6 +260,22 @@ def convert(
         started=start,
         param_groups=param_groups,
     )
+
+
+def _check_autotp_cuts(ckpt: DeepSpeedCheckpoint, source: ir.Layout, target: ir.Layout) -> None:
+    """Refuse to write an AutoTP checkpoint at a tp whose cut of some tensor the layout
+    does not prove (see :func:`layoutc.formats.autotp.unproven_cuts`)."""
+    unproven = autotp.unproven_cuts(ckpt.model_states.get(autotp.INFO), source, target)
+    if unproven:
+        raise Unsupported(
+            f"{ckpt.folder}: AutoTP cuts {len(unproven)} tensor(s) in whole key/value-head "
+            f"groups ({', '.join(unproven[:3])}{' ...' if len(unproven) > 3 else ''}); the "
+            f"layout splits them evenly, which tp = {source.mesh.size(*source.model_axes)} "
+            "proves but tp = "
+            f"{target.mesh.size(*target.model_axes)} may not be: write the layout (layoutc "
+            "infer CKPT -o model.layout), declare each as grains(N, N / num_key_value_heads) / "
+            "tp, and pass --spec model.layout"
+        )
 
 
 def check_copies(placement: Placement, folder: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from layoutc.errors import LayoutcError, Unsupported
-from layoutc.formats import pt
+from layoutc.formats import autotp, pt
 from layoutc.place.deepspeed import layer_of, tied_key
 
 MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
@@ -162,11 +162,14 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     dims = ms.get("checkpoint_parallel_dimensions") or {}
     tp, pp = int(dims.get("tp_degree", 1)), int(dims.get("pp_degree", 1))
     mp = int(ms.get("mp_world_size") or 1)
+    if tp > 1 and not ckpt.layer_files and pp == 1 and not ckpt.zero3:
+        return _infer_autotp(ckpt, tp, name)
     if tp > 1 or (mp > 1 and not ckpt.layer_files):
         raise Unsupported(
             f"{ckpt.folder}: tensor-parallel checkpoint (tp = {tp}, pp = {pp}, {mp} model-parallel "
-            "files): infer does not yet read which dim each tensor is split on; declare the "
-            "layout (e.g. [H, F / tp] for a row-parallel weight) and pass --spec"
+            "files) without DeepSpeed AutoTP's record of how each tensor is cut: infer cannot "
+            "tell which dim each tensor is split on; declare the layout (e.g. [H, F / tp] for a "
+            "row-parallel weight) and pass --spec"
         )
     if ckpt.layer_files:
         return _infer_pipeline(ckpt, pp, name)
@@ -242,6 +245,102 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     lines.append(f'store {store} {{ tag "{ckpt.tag}" }}')
     text = "\n".join(lines) + "\n"
     return fmt(parse(text, f"{ckpt.folder}.layout"))
+
+
+def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:
+    """An AutoTP checkpoint (ZeRO-1/2, no pipeline): one ``mp_rank`` file per tp rank, each
+    holding DeepSpeed's affine map of every parameter's cut, which becomes the dims."""
+    from layoutc.lang.fmt import fmt
+    from layoutc.lang.parse import parse
+
+    if len(ckpt.model_files) != tp:
+        raise NotACheckpoint(f"{ckpt.folder}: {len(ckpt.model_files)} mp_rank files for tp = {tp}")
+    ms = ckpt.model_states
+    info = ms.get(autotp.INFO) or {}
+    amap = (info.get("affine_map") or {}).get("params") if isinstance(info, dict) else None
+    if not isinstance(amap, dict):
+        raise Unsupported(
+            f"{ckpt.model_files[0]}: a tensor-parallel checkpoint without AutoTP's affine map "
+            f"({autotp.INFO}): infer cannot tell which dim each tensor is split on; declare the "
+            "layout and pass --spec"
+        )
+    odd = info.get("parameter_with_sub_params") or info.get("autotp_unsupported_parameter_patterns")
+    if odd:
+        raise Unsupported(
+            f"{ckpt.model_files[0]}: AutoTP cut some parameters in fused sub-parameters ({odd}); "
+            "declare their blocks in a layout and pass --spec"
+        )
+    param_shapes = ms.get("param_shapes")
+    if not isinstance(param_shapes, list):
+        raise Unsupported(f"{ckpt.model_files[0]}: no param_shapes (not a ZeRO checkpoint)")
+    module: dict[str, Any] = ms.get("module") or {}
+    grain_size = int((ckpt.config.get("tensor_parallel") or {}).get("tp_grain_size", 1) or 1)
+
+    def dims(pname: str) -> str:
+        entry = next((e for pat, e in amap.items() if re.fullmatch(pat, pname)), None)
+        if entry is None:
+            raise Unsupported(
+                f"{ckpt.model_files[0]}: AutoTP's affine map does not describe {pname}; declare "
+                "the layout and pass --spec"
+            )
+        try:
+            shape, dim, sizes = autotp.split_of(pname, entry, tp)
+        except ValueError as e:
+            raise Unsupported(f"{ckpt.model_files[0]}: {e}") from None
+        out = [str(n) for n in shape]
+        if dim is not None:
+            grain = autotp.grain_of(shape[dim], sizes, grain_size, autotp.uses_grain_size(pname))
+            if grain is None:
+                raise Unsupported(
+                    f"{ckpt.model_files[0]}: {pname} is cut {sizes} along dim {dim} of "
+                    f"{list(shape)}, in no whole grains; declare the layout and pass --spec"
+                )
+            out[dim] = autotp.dim_text(shape[dim], grain, "tp")
+            if grain == 0:
+                even.append(pname)
+        return "[" + ", ".join(out) + "]"
+
+    even: list[str] = []  # cut evenly here, by a grain the files do not record
+
+    stage, variant = _zero_stage(ckpt)
+    params = [(g, _check_name(p, ckpt)) for g, shapes in enumerate(param_shapes) for p in shapes]
+    known = {p for _, p in params} | set(ms.get("buffer_names") or [])
+    dtype = _dtype(module.get(params[0][1]), params[0][1]) if params else "fp32"
+    lines = _header(ckpt, name, f"mesh {{ dp = {ckpt.dp}, tp = {tp} }}", dtype)
+    if ckpt.optim_states is not None:
+        first = _first_state(ckpt, params[0][1] if params else None)
+        zcfg = ckpt.config.get("zero_optimization") or {}
+        lines.extend(_optimizer_lines(first, stage, variant, zcfg))
+    for g in sorted({g for g, _ in params}):
+        body = [
+            f"tensor {p} {dims(p)}"
+            + (f" {module[p].dtype}" if _own_dtype(module, p, dtype) else "")
+            for gg, p in params
+            if gg == g
+        ]
+        lines.extend(_group(g, body))
+    shared = ms.get("shared_params") or {}
+    for key, ref in module.items():  # the module's other parameters are frozen
+        if key not in known and key not in shared and isinstance(ref, pt.TensorRef):
+            lines.append(f"frozen {_check_name(key, ckpt)} {dims(key)}")
+    for b in ms.get("buffer_names") or []:
+        if b in module:
+            lines.append(
+                _entry("buffer", _check_name(b, ckpt), module[b].shape, module[b].dtype, dtype)
+            )
+    lines.extend(
+        f"tie {alias} = {source}" for alias, source in (ms.get("shared_params") or {}).items()
+    )
+    if even:
+        lines.insert(
+            4,
+            "# AutoTP cuts attention rows in whole key/value-head groups: where such a dim is "
+            f"cut evenly here (N / tp; {len(even)} tensors, e.g. {even[0]}), another tp may "
+            "cut it unevenly; declare grains(N, N / num_key_value_heads) / tp to change tp "
+            "(docs/language.md)",
+        )
+    lines.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
+    return fmt(parse("\n".join(lines) + "\n", f"{ckpt.folder}.layout"))
 
 
 def _zero_stage(ckpt: DeepSpeedCheckpoint) -> tuple[int, str]:

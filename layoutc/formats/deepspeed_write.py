@@ -25,7 +25,7 @@ import numpy as np
 
 from layoutc import ir
 from layoutc.errors import Unsupported
-from layoutc.formats import pt
+from layoutc.formats import autotp, pt
 from layoutc.formats.writers import copy_values
 from layoutc.place.deepspeed import DeepSpeedPlacement
 from layoutc.place.shards import STEP, StoredBuffer, iter_coords
@@ -336,6 +336,12 @@ def _run_state(target: DeepSpeedPlacement, carried: Carried) -> dict[str, Any]:
     for key, value in src.items():  # client state, as the source had it
         if key not in _ENGINE_KEYS:
             obj[key] = copy_values(value)
+    if autotp.INFO in obj:  # AutoTP's account of its cuts, for the target's topology
+        info = autotp.retarget(obj[autotp.INFO], layout, target.model_axes)
+        if info is None:
+            del obj[autotp.INFO]
+        else:
+            obj[autotp.INFO] = info
     return obj
 
 
@@ -481,6 +487,8 @@ def _ds_config(target: DeepSpeedPlacement, carried: Carried) -> dict[str, Any]:
     with its live config; readers of the files, ``layoutc infer`` among them, use this)."""
     cfg = copy_values(carried.optim_outer.get("ds_config", carried.model.get("ds_config"))) or {}
     zero = target.layout.zero
+    if isinstance(cfg.get("tensor_parallel"), dict) and "autotp_size" in cfg["tensor_parallel"]:
+        cfg["tensor_parallel"]["autotp_size"] = target.mesh.size(*target.model_axes)
     zcfg = cfg.setdefault("zero_optimization", {})
     zcfg["stage"] = zero.stage
     if zero.stage != 3:
