@@ -254,7 +254,8 @@ def _model_states(
     def fragment(t: ir.Tensor) -> pt.Tensor:
         if t.kind == ir.FROZEN:
             return holes(f"frozen_param_fragments/{t.name}")
-        return pt.Tensor(t.dtype, (0,), np.zeros(0, np_dtype(t.dtype)))
+        shape = target.local_shape(t, model)  # an empty slice: the parameter itself
+        return pt.Tensor(t.dtype, shape, np.zeros(0, np_dtype(t.dtype)))
 
     obj: dict[str, Any] = {
         "module": module,

@@ -1,6 +1,6 @@
 """layoutc against real DeepSpeed AutoTP checkpoints: a Hugging Face Llama (4 query heads
 sharing 2 key/value heads, a vocabulary of 101) sharded by DeepSpeed's automatic tensor
-parallelism at tp = 2 and tp = 4, ZeRO-1. At tp = 4 the attention projections are cut in
+parallelism at tp = 2 and tp = 4, ZeRO-1 and ZeRO-2. At tp = 4 the attention projections are cut in
 whole key/value-head groups, so two ranks hold empty (0, 16) slices, and the vocabulary is
 cut 26/25/25/25: uneven shards, declared as ``grains(N, G) / tp``.
 
@@ -31,12 +31,20 @@ from layoutc.lang.fmt import fmt
 from layoutc.lang.parse import parse
 from layoutc.place import place
 
-CASES = ["autotp2_dp1_z1_bf16", "autotp2_dp2_z1_bf16", "autotp4_dp1_z1_bf16"]
+CASES = [
+    "autotp2_dp1_z1_bf16",
+    "autotp2_dp2_z1_bf16",
+    "autotp4_dp1_z1_bf16",
+    "autotp2_dp2_z2_bf16",
+    "autotp4_dp1_z2_bf16",
+]
 # (the case whose engine loads the output, its world size): another tp, and dp where it can
 OTHER_TP = {
     "autotp2_dp1_z1_bf16": ("autotp4_dp1_z1_bf16", 4),
     "autotp2_dp2_z1_bf16": ("autotp4_dp1_z1_bf16", 4),
     "autotp4_dp1_z1_bf16": ("autotp2_dp2_z1_bf16", 4),
+    "autotp2_dp2_z2_bf16": ("autotp4_dp1_z2_bf16", 4),
+    "autotp4_dp1_z2_bf16": ("autotp2_dp2_z2_bf16", 4),
 }
 KV_HEADS = ds_make.LLAMA_MODEL["num_key_value_heads"]
 
@@ -44,6 +52,13 @@ KV_HEADS = ds_make.LLAMA_MODEL["num_key_value_heads"]
 def _topology(case: str) -> dict[str, int]:
     c = ds_make.ALL_CASES[case]
     return {"pp": c["pp"], "tp": c["tp"], "dp": c["dp"]}
+
+
+def _engine_case(case: str, to: dict[str, int]) -> str:
+    """The case of ``case``'s ZeRO stage at the topology ``to`` (its engine loads there)."""
+    want = {**_topology(case), "dp": 1, **to}
+    stage = ds_make.ALL_CASES[case]["stage"]
+    return next(c for c in CASES if _topology(c) == want and ds_make.ALL_CASES[c]["stage"] == stage)
 
 
 def _declared(text: str) -> str:
@@ -127,6 +142,8 @@ def test_autotp_to_safetensors_loads_strictly_into_the_hugging_face_model(
         ("autotp4_dp1_z1_bf16", {"tp": 2, "dp": 2}),  # inferred: the tp = 4 cut proves it
         ("autotp2_dp1_z1_bf16", {"tp": 4}),  # declared: empty shards written
         ("autotp2_dp2_z1_bf16", {"tp": 4, "dp": 1}),
+        ("autotp4_dp1_z2_bf16", {"tp": 2, "dp": 2}),
+        ("autotp2_dp2_z2_bf16", {"tp": 4, "dp": 1}),  # empty slices recorded as frozen
     ],
 )
 def test_autotp_resharded_to_another_tp_loads_in_deepspeed_natively(ds_corpus, case, to, tmp_path):
@@ -140,7 +157,7 @@ def test_autotp_resharded_to_another_tp_loads_in_deepspeed_natively(ds_corpus, c
     out = tmp_path / "ds"
     convert(ds_corpus[case], out, "deepspeed", spec=spec, overrides=to)
     assert verify(out) == []
-    engine_case = next(c for c in CASES if _topology(c) == {"pp": 1, **to, "dp": to.get("dp", 1)})
+    engine_case = _engine_case(case, to)
     truth, meta = ds_corpus.truth(case)
     loaded = ds_corpus.load(engine_case, out, world=to["tp"] * to.get("dp", 1))
     assert loaded.meta["topology"] == _topology(engine_case)
@@ -149,8 +166,13 @@ def test_autotp_resharded_to_another_tp_loads_in_deepspeed_natively(ds_corpus, c
     ours, theirs = open_checkpoint(out), open_checkpoint(ds_corpus[engine_case])
     for mine, ds in zip(ours.model_files, theirs.model_files, strict=True):
         a, b = pt.load(mine), pt.load(ds)
-        for key in ("param_shapes", autotp.INFO, "ds_config", "mp_world_size", "dp_world_size"):
+        keys = ("param_shapes", "frozen_param_shapes", autotp.INFO, "ds_config", "mp_world_size")
+        for key in (*keys, "dp_world_size"):
             assert repr(a.get(key)) == repr(b.get(key)), (mine.name, key)
+        frozen = a.get("frozen_param_fragments") or {}  # ZeRO-2: the empty slices
+        assert {k: v.shape for k, v in frozen.items()} == {
+            k: v.shape for k, v in (b.get("frozen_param_fragments") or {}).items()
+        }
 
 
 def test_a_tp_the_files_do_not_prove_is_refused_not_guessed(ds_corpus, tmp_path):
