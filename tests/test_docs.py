@@ -44,6 +44,16 @@ def test_every_diagnostic_code_in_the_code_is_documented():
     assert codes <= documented, sorted(codes - documented)
 
 
+def test_every_conversion_diagnostic_code_is_documented():
+    """The checks against stored data and the planner's codes (E2xx, E3xx) are listed in
+    the how-tos."""
+    code = "".join(p.read_text() for p in Path("layoutc").rglob("*.py"))
+    codes = set(re.findall(r'"(E[23]\d\d)"', code))
+    docs = "".join(p.read_text() for p in Path("docs").glob("*.md"))
+    documented = set(re.findall(r"^\| (E[23]\d\d) \|", docs, re.M))
+    assert codes and codes <= documented, sorted(codes - documented)
+
+
 def test_diagnostic_examples_print_what_the_docs_show():
     if os.environ.get("LAYOUTC_UPDATE_DOCS"):
         text = DOC.read_text()

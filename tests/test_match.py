@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -42,3 +44,18 @@ def test_a_replica_that_differs_is_named_with_both_files():
     assert d.code == "E305"
     assert d.message.startswith("norm weight: declared the same in mp_rank_00_model_states.pt")
     assert "mp_rank_01_model_states.pt" in d.message and "element 2" in d.message
+
+
+def test_a_tensor_the_layout_leaves_out_is_named_not_dropped():
+    from layoutc.formats.deepspeed import infer, open_checkpoint
+    from layoutc.formats.match import check_against
+
+    ckpt = open_checkpoint(Path(__file__).parent.parent / "examples" / "deepspeed-zero2")
+    text = infer(ckpt)
+    check_against(place(load_text(text)), ckpt.folder)
+    partial = "\n".join(line for line in text.splitlines() if not line.startswith("buffer table"))
+    assert partial != text
+    with pytest.raises(LayoutError) as e:
+        check_against(place(load_text(partial + "\n")), ckpt.folder)
+    assert [d.code for d in e.value.diagnostics] == ["E306"]
+    assert "mp_rank_00_model_states.pt: holds module/table" in str(e.value)

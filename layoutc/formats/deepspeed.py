@@ -169,7 +169,7 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
             f"{ckpt.folder}: tensor-parallel checkpoint (tp = {tp}, pp = {pp}, {mp} model-parallel "
             "files) without DeepSpeed AutoTP's record of how each tensor is cut: infer cannot "
             "tell which dim each tensor is split on; declare the layout (e.g. [H, F / tp] for a "
-            "row-parallel weight) and pass --spec"
+            "row-parallel weight) and pass --spec" + _undeclared(ckpt)
         )
     if ckpt.layer_files:
         return _infer_pipeline(ckpt, pp, name)
@@ -341,6 +341,37 @@ def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:
         )
     lines.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
     return fmt(parse("\n".join(lines) + "\n", f"{ckpt.folder}.layout"))
+
+
+def _undeclared(ckpt: DeepSpeedCheckpoint, shown: int = 12) -> str:
+    """What a tensor-parallel pipeline's layer files hold, tensor by tensor: each tp rank's
+    shape, for the declarations the files leave out."""
+    shapes: dict[str, dict[int, tuple[int, ...]]] = {}
+    for path in ckpt.layer_files:
+        m = LAYER.match(path.name)
+        assert m is not None
+        obj = pt.load(path)
+        if not isinstance(obj, dict):
+            continue
+        for key, ref in obj.items():
+            if isinstance(ref, pt.TensorRef):
+                shapes.setdefault(f"{int(m.group(1))}.{key}", {})[int(m.group(2) or 0)] = ref.shape
+    if not shapes:
+        return ""
+    lines = []
+    for name, per_rank in list(shapes.items())[:shown]:
+        seen = sorted(set(per_rank.values()))
+        what = (
+            f"{_dims(seen[0])} on each of {len(per_rank)} tp ranks (replicated, or split evenly)"
+            if len(seen) == 1
+            else ", ".join(f"tp {r}: {_dims(s)}" for r, s in sorted(per_rank.items()))
+        )
+        lines.append(f"\n  {name}: {what}")
+    more = len(shapes) - shown
+    return (
+        f"\nthe {len(shapes)} tensors of its layer files, as stored (a tied module's under its "
+        "first layer):" + "".join(lines) + (f"\n  ... and {more} more" if more > 0 else "")
+    )
 
 
 def _zero_stage(ckpt: DeepSpeedCheckpoint) -> tuple[int, str]:

@@ -80,8 +80,48 @@ def check_against(placement: Placement, folder: str | Path) -> None:
             )
         if len(diags) >= MAX_SHOWN:
             break
+    if len(diags) < MAX_SHOWN:
+        for where in _undeclared(placement, folder, loaded):
+            add(
+                "E306",
+                f"{where}, which the layout does not declare",
+                "declare every tensor the checkpoint holds (layoutc infer shows them); "
+                "a converter that left it out would lose it",
+            )
+            if len(diags) >= MAX_SHOWN:
+                break
     if diags:
         raise LayoutError(diags)
+
+
+def _undeclared(placement: Placement, folder: Path, loaded: dict[str, Any]) -> list[str]:
+    """Tensors stored in the model-state and layer files (or a universal checkpoint's
+    ``zero/<param>`` folders) that no declared tensor or tie accounts for."""
+    expected = {(b.file, b.key) for b in placement.buffers()}
+    known = set(placement.layout.tie_source) | set(placement.layout.by_name)
+    out: list[str] = []
+    for file, obj in loaded.items():
+        if not isinstance(obj, dict):
+            continue
+        if file.startswith("layer_"):
+            found = [(k, v) for k, v in obj.items() if isinstance(v, pt.TensorRef)]
+            prefix = ""
+        elif isinstance(obj.get("module"), dict):
+            found = [(k, v) for k, v in obj["module"].items() if isinstance(v, pt.TensorRef)]
+            prefix = "module/"
+        else:
+            continue
+        for key, _ in found:
+            # a module key names its tensor (ZeRO-3 keeps a stub of each parameter there)
+            if (file, prefix + key) not in expected and not (prefix and key in known):
+                out.append(f"{folder / file}: holds {prefix}{key}")
+    zero = folder / "zero"
+    if zero.is_dir() and any(f.startswith("zero/") for f, _ in expected):
+        # (ds_to_universal also writes folders for buffers, which the module holds too)
+        for d in sorted(zero.iterdir()):
+            if d.is_dir() and (d / "fp32.pt").is_file() and d.name not in known:
+                out.append(f"{d}: holds the states of {d.name}")
+    return out
 
 
 CHUNK = 1 << 24  # elements compared at a time
