@@ -162,7 +162,7 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     dims = ms.get("checkpoint_parallel_dimensions") or {}
     tp, pp = int(dims.get("tp_degree", 1)), int(dims.get("pp_degree", 1))
     mp = int(ms.get("mp_world_size") or 1)
-    if tp > 1 and not ckpt.layer_files and pp == 1 and not ckpt.zero3:
+    if tp > 1 and not ckpt.layer_files and pp == 1:
         return _infer_autotp(ckpt, tp, name)
     if tp > 1 or (mp > 1 and not ckpt.layer_files):
         raise Unsupported(
@@ -193,18 +193,7 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
             "(param_alignment_paddings); layoutc does not place that yet"
         )
 
-    # the trainable parameters, group by group, in flat order
-    # ZeRO-3 records param_shapes per sub-group; the optimizer's param groups list them
-    group_of = list(range(len(param_shapes)))
-    if ckpt.zero3 and opt is not None:
-        groups = (opt.get("optimizer_state_dict") or {}).get("param_groups") or []
-        for g, pg in enumerate(groups):
-            for s in pg.get("params", []):
-                group_of[int(s)] = g
-    params: list[tuple[int, str, tuple[int, ...]]] = []
-    for s, shapes in enumerate(param_shapes):
-        for pname, shape in shapes.items():
-            params.append((group_of[s], _check_name(pname, ckpt), _shape(shape)))
+    params = _trainable(ckpt, param_shapes)
     first = params[0][1] if params else None
     dtype = _dtype(module.get(first), first) if first else "fp32"
 
@@ -247,14 +236,36 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     return fmt(parse(text, f"{ckpt.folder}.layout"))
 
 
+def _trainable(
+    ckpt: DeepSpeedCheckpoint, param_shapes: list[Any]
+) -> list[tuple[int, str, tuple[int, ...]]]:
+    """``(param group, name, shape)`` of the trainable parameters, group by group in flat
+    order. ZeRO-3 records param_shapes per sub-group; the optimizer's param groups list
+    the sub-groups of each."""
+    group_of = list(range(len(param_shapes)))
+    opt = ckpt.optim_states
+    if ckpt.zero3 and opt is not None:
+        groups = (opt.get("optimizer_state_dict") or {}).get("param_groups") or []
+        for g, pg in enumerate(groups):
+            for s in pg.get("params", []):
+                group_of[int(s)] = g
+    return [
+        (group_of[s], _check_name(pname, ckpt), _shape(shape))
+        for s, shapes in enumerate(param_shapes)
+        for pname, shape in shapes.items()
+    ]
+
+
 def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:
     """An AutoTP checkpoint (ZeRO-1/2, no pipeline): one ``mp_rank`` file per tp rank, each
     holding DeepSpeed's affine map of every parameter's cut, which becomes the dims."""
     from layoutc.lang.fmt import fmt
     from layoutc.lang.parse import parse
 
-    if len(ckpt.model_files) != tp:
-        raise NotACheckpoint(f"{ckpt.folder}: {len(ckpt.model_files)} mp_rank files for tp = {tp}")
+    if len(ckpt.model_files) != tp * (ckpt.dp if ckpt.zero3 else 1):
+        raise NotACheckpoint(
+            f"{ckpt.folder}: {len(ckpt.model_files)} model-states files for tp = {tp}, dp = {ckpt.dp}"
+        )
     ms = ckpt.model_states
     info = ms.get(autotp.INFO) or {}
     amap = (info.get("affine_map") or {}).get("params") if isinstance(info, dict) else None
@@ -303,7 +314,7 @@ def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:
     even: list[str] = []  # cut evenly here, by a grain the files do not record
 
     stage, variant = _zero_stage(ckpt)
-    params = [(g, _check_name(p, ckpt)) for g, shapes in enumerate(param_shapes) for p in shapes]
+    params = [(g, p) for g, p, _ in _trainable(ckpt, param_shapes)]
     known = {p for _, p in params} | set(ms.get("buffer_names") or [])
     dtype = _dtype(module.get(params[0][1]), params[0][1]) if params else "fp32"
     lines = _header(ckpt, name, f"mesh {{ dp = {ckpt.dp}, tp = {tp} }}", dtype)

@@ -24,6 +24,7 @@ This file imports torch, deepspeed and transformers only inside functions.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import ds_make
@@ -446,12 +447,28 @@ def _collect(payloads: list[dict[str, Any]], tp: int) -> dict[str, dict[int, Any
     return out
 
 
+def _shape(p) -> tuple[int, ...]:
+    """A parameter's (TP-local) shape, also when ZeRO-3 has partitioned it away."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 def _local_state(module) -> dict[str, Any]:
-    """This rank's module tensors in ground-truth keys (weight16/, frozen/, buffer/)."""
+    """This rank's module tensors in ground-truth keys (weight16/, frozen/, buffer/); a
+    collective under ZeRO-3, which gathers each TP-local parameter over data parallelism."""
+    from contextlib import nullcontext
+
+    import deepspeed
+
+    params = list(module.parameters())
+    zero3 = any(hasattr(p, "ds_shape") for p in params)
+    gather = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else nullcontext()
+    )
     tensors = {}
-    for name, p in module.named_parameters():
-        kind = "weight16" if p.requires_grad else "frozen"
-        tensors[f"{kind}/{name}"] = p.detach().float().cpu().clone()
+    with gather:
+        for name, p in module.named_parameters():
+            kind = "weight16" if p.requires_grad else "frozen"
+            tensors[f"{kind}/{name}"] = p.detach().float().cpu().reshape(_shape(p)).clone()
     for name in ds_make._persistent_buffers(module):
         tensors[f"buffer/{name}"] = module.get_buffer(name).detach().float().cpu().clone()
     return tensors
@@ -502,11 +519,11 @@ def _hp(p, key: str, base):
     import torch
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if p.numel() == 0:
+    if math.prod(_shape(p)) == 0:
         # An empty TP slice (AutoTP with more TP ranks than key/value heads): ZeRO gives it
         # no fragment, so there is nothing to read.
-        return torch.zeros(p.shape, dtype=torch.float32)
-    if hasattr(p, "_hp_mapping"):
+        return torch.zeros(_shape(p), dtype=torch.float32)
+    if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):  # ZeRO-1/2 fragments, ZeRO-3 pieces
         if key == "fp32":
             return safe_get_full_fp32_param(p)
         return safe_get_full_optimizer_state(p, key)
@@ -526,12 +543,22 @@ def _rank_meta(engine, case: dict[str, Any]) -> dict[str, Any]:
         flat = [[names[id(p)] for p in g["params"]] for g in base.param_groups]
         steps = [[float(base.state[p]["step"]) for p in g["params"]] for g in base.param_groups]
     else:
-        lp = getattr(opt, "round_robin_bit16_groups", None) or opt.bf16_groups
+        lp = (
+            getattr(opt, "round_robin_bit16_groups", None)
+            or getattr(opt, "bf16_groups", None)
+            or opt.fp16_groups  # ZeRO-3: its sub-groups
+        )
         flat = [[names[id(p)] for p in g] for g in lp]
-        steps = [
-            [float(base.state[f]["step"]) for f in g["params"] if "step" in base.state.get(f, {})]
-            for g in base.param_groups
-        ]
+        if case["stage"] == 3:  # the base optimizer steps one flat fp32 sub-group at a time
+            flats = list(opt.fp32_partitioned_groups_flat)
+            group_of = [opt.sub_group_to_group_id[i] for i in range(len(flats))]
+        else:
+            flats = [f for g in base.param_groups for f in g["params"]]
+            group_of = [gi for gi, g in enumerate(base.param_groups) for _ in g["params"]]
+        steps = [[] for _ in base.param_groups]
+        for f, gi in zip(flats, group_of, strict=True):
+            if "step" in base.state.get(f, {}):
+                steps[gi].append(float(base.state[f]["step"]))
     scaler = getattr(opt, "loss_scaler", None)
     sched = engine.lr_scheduler
     persistent = ds_make._persistent_buffers(module)
@@ -544,7 +571,7 @@ def _rank_meta(engine, case: dict[str, Any]) -> dict[str, Any]:
         "params": [
             {
                 "name": n,
-                "shape": list(p.shape),
+                "shape": list(_shape(p)),
                 "dtype": str(p.dtype).replace("torch.", ""),
                 "requires_grad": bool(p.requires_grad),
             }
@@ -607,7 +634,7 @@ def capture(engine, case: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             value = _hp(p, key, base)  # collective over the dp group at ZeRO-1
             assert value is not None, f"no {key} for {name}"
-            tensors[f"{key}/{name}"] = value.detach().float().cpu().reshape(p.shape).clone()
+            tensors[f"{key}/{name}"] = value.detach().float().cpu().reshape(_shape(p)).clone()
     c = coord(engine, case)
     rank_meta = _rank_meta(engine, case)
     payloads = _gather({"coord": c, "tensors": tensors if c["dp_rank"] == 0 else {}})

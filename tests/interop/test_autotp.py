@@ -1,6 +1,6 @@
 """layoutc against real DeepSpeed AutoTP checkpoints: a Hugging Face Llama (4 query heads
 sharing 2 key/value heads, a vocabulary of 101) sharded by DeepSpeed's automatic tensor
-parallelism at tp = 2 and tp = 4, ZeRO-1 and ZeRO-2. At tp = 4 the attention projections are cut in
+parallelism at tp = 2 and tp = 4, ZeRO-1, 2 and 3. At tp = 4 the attention projections are cut in
 whole key/value-head groups, so two ranks hold empty (0, 16) slices, and the vocabulary is
 cut 26/25/25/25: uneven shards, declared as ``grains(N, G) / tp``.
 
@@ -37,6 +37,8 @@ CASES = [
     "autotp4_dp1_z1_bf16",
     "autotp2_dp2_z2_bf16",
     "autotp4_dp1_z2_bf16",
+    "autotp2_dp2_z3_bf16",
+    "autotp2_dp1_z3_bf16",
 ]
 # (the case whose engine loads the output, its world size): another tp, and dp where it can
 OTHER_TP = {
@@ -45,6 +47,10 @@ OTHER_TP = {
     "autotp4_dp1_z1_bf16": ("autotp2_dp2_z1_bf16", 4),
     "autotp2_dp2_z2_bf16": ("autotp4_dp1_z2_bf16", 4),
     "autotp4_dp1_z2_bf16": ("autotp2_dp2_z2_bf16", 4),
+    # ZeRO-3 universal files keep ZeRO-3's model-states names, which only a ZeRO-3 engine
+    # looks for; DeepSpeed trains no ZeRO-3 AutoTP model with empty slices (tp = 4 here).
+    "autotp2_dp2_z3_bf16": ("autotp2_dp1_z3_bf16", 2),
+    "autotp2_dp1_z3_bf16": ("autotp2_dp2_z3_bf16", 4),
 }
 KV_HEADS = ds_make.LLAMA_MODEL["num_key_value_heads"]
 
@@ -144,9 +150,12 @@ def test_autotp_to_safetensors_loads_strictly_into_the_hugging_face_model(
         ("autotp2_dp2_z1_bf16", {"tp": 4, "dp": 1}),
         ("autotp4_dp1_z2_bf16", {"tp": 2, "dp": 2}),
         ("autotp2_dp2_z2_bf16", {"tp": 4, "dp": 1}),  # empty slices recorded as frozen
+        ("autotp2_dp2_z3_bf16", {"tp": 2, "dp": 1}),
     ],
 )
-def test_autotp_resharded_to_another_tp_loads_in_deepspeed_natively(ds_corpus, case, to, tmp_path):
+def test_autotp_resharded_to_another_topology_loads_in_deepspeed_natively(
+    ds_corpus, case, to, tmp_path
+):
     """DeepSpeed's files at the new topology, written directly: a plain load_checkpoint
     restores every weight, master and moment; the metadata (param shapes without the empty
     slices, AutoTP's affine map, the config) is what DeepSpeed itself writes there."""
@@ -173,6 +182,31 @@ def test_autotp_resharded_to_another_tp_loads_in_deepspeed_natively(ds_corpus, c
         assert {k: v.shape for k, v in frozen.items()} == {
             k: v.shape for k, v in (b.get("frozen_param_fragments") or {}).items()
         }
+
+
+@pytest.mark.parametrize(
+    ("case", "zero", "engine_case"),
+    [
+        ("autotp2_dp2_z1_bf16", "zero 3 over dp", "autotp2_dp2_z3_bf16"),
+        ("autotp2_dp2_z3_bf16", "zero 1 over dp", "autotp2_dp2_z1_bf16"),
+    ],
+)
+def test_autotp_written_at_another_zero_stage_loads_in_deepspeed_natively(
+    ds_corpus, case, zero, engine_case, tmp_path
+):
+    """ZeRO-1 <-> ZeRO-3 under AutoTP: each TP slice partitioned over data parallelism (or
+    gathered back into flat groups), loaded by a plain load_checkpoint."""
+    text = infer(open_checkpoint(ds_corpus[case]))
+    target = re.sub(r"zero \d over dp[^\n]*", zero, text)
+    assert target != text
+    (tmp_path / "target.layout").write_text(target)
+    out = tmp_path / "ds"
+    convert(ds_corpus[case], out, tmp_path / "target.layout")
+    assert verify(out) == []
+    truth, meta = ds_corpus.truth(case)
+    loaded = ds_corpus.load(engine_case, out, world=4)
+    assert loaded.meta["topology"] == _topology(engine_case)
+    _loaded_equals_truth(loaded, truth, meta)
 
 
 def test_a_tp_the_files_do_not_prove_is_refused_not_guessed(ds_corpus, tmp_path):
