@@ -158,6 +158,8 @@ PARALLEL_CASES: dict[str, dict[str, Any]] = {
     "pp2_dp2_z0_fp32": _pcase("pipe", 0, "fp32", pp=2, tp=1, dp=2),
     "pp2_dp1_z1_bf16": _pcase("pipe", 1, "bf16", pp=2, tp=1, dp=1),
     "pp2_dp2_z1_bf16": _pcase("pipe", 1, "bf16", pp=2, tp=1, dp=2),
+    # One stage: what a pp = 2 checkpoint resumes as when the pipeline degree changes.
+    "pp1_dp2_z1_bf16": _pcase("pipe", 1, "bf16", pp=1, tp=1, dp=2),
     # Hand-written column/row-parallel Blocks: layer_XX-model_YY files; mp_rank = 2*stage+tp.
     "pp2_tp2_dp1_z1_bf16": _pcase("pipe", 1, "bf16", pp=2, tp=2, dp=1),
     "autotp2_dp1_z1_bf16": _pcase("autotp", 1, "bf16", pp=1, tp=2, dp=1),

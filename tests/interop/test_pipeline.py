@@ -9,6 +9,7 @@ some runs here, not in others); zero_to_fp32 reads none of them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +263,47 @@ def test_a_wrong_split_is_caught_not_converted(ds_corpus, tmp_path, dims, code, 
         convert(ds_corpus[PPTP], tmp_path / "out", "universal", spec=spec)
     assert any(d.code == code and says in d.message for d in e.value.diagnostics), e.value
     assert not (tmp_path / "out").exists()
+
+
+ONE_STAGE = "pp1_dp2_z1_bf16"  # the same model in one stage, on 2 data-parallel ranks
+
+
+def _one_stage(text: str) -> str:
+    """The inferred pp = 2 layout moved onto one stage at dp = 2 (the tied layer once)."""
+    out = text.replace("mesh { pp = 2, dp = 1 }", "mesh { pp = 1, dp = 2 }")
+    out = out.replace("stage (0, 1)", "stage 0")
+    return re.sub(r" stage 1\b", " stage 0", out)
+
+
+def test_a_pipeline_resumes_at_another_pipeline_degree_through_universal(ds_corpus, tmp_path):
+    case = "pp2_dp1_z1_bf16"
+    out = tmp_path / "universal"
+    convert(ds_corpus[case], out, "universal")
+    loaded = ds_corpus.load(ONE_STAGE, out, world=2, universal=True)
+    assert loaded.meta["topology"] == {"pp": 1, "tp": 1, "dp": 2}
+    truth, meta = ds_corpus.truth(case)
+    for key, want in truth.items():
+        if key not in FRESH:
+            np.testing.assert_array_equal(loaded.tensors[key], want, err_msg=key)
+    for field in ("step", "global_steps", "lr_scheduler"):
+        assert loaded.meta[field] == meta[field], field
+    assert loaded.meta["global_steps_after"] == 3 and np.isfinite(loaded.meta["next_loss"])
+
+
+def test_a_pipeline_written_for_another_pipeline_degree_loads_natively(ds_corpus, tmp_path):
+    """pp 2 -> 1 (and dp 1 -> 2) written directly from a target layout that puts every layer
+    on stage 0: DeepSpeed loads every weight, buffer, master and moment. ``--set pp=1`` on
+    the source's own layout says which tensors would be off the mesh."""
+    case = "pp2_dp1_z1_bf16"
+    text = infer(open_checkpoint(ds_corpus[case]))
+    with pytest.raises(LayoutError, match="E107"):
+        convert(ds_corpus[case], tmp_path / "refused", "deepspeed", overrides={"pp": 1})
+    target = tmp_path / "one-stage.layout"
+    target.write_text(_one_stage(text))
+    out = tmp_path / "ds"
+    convert(ds_corpus[case], out, target)
+    assert verify(out) == []
+    loaded = ds_corpus.load(ONE_STAGE, out, world=2)
+    assert loaded.meta["topology"] == {"pp": 1, "tp": 1, "dp": 2}
+    truth, meta = ds_corpus.truth(case)
+    _loaded_equals_truth(loaded, truth, meta)
