@@ -167,6 +167,7 @@ PARALLEL_CASES: dict[str, dict[str, Any]] = {
     # More TP ranks than key/value heads: some ranks hold empty (0, hidden) k/v slices.
     "autotp4_dp1_z1_bf16": _pcase("autotp", 1, "bf16", pp=1, tp=4, dp=1),
     # ZeRO-2 records the empty slices with the frozen parameters.
+    "autotp2_dp1_z2_bf16": _pcase("autotp", 2, "bf16", pp=1, tp=2, dp=1),
     "autotp2_dp2_z2_bf16": _pcase("autotp", 2, "bf16", pp=1, tp=2, dp=2),
     "autotp4_dp1_z2_bf16": _pcase("autotp", 2, "bf16", pp=1, tp=4, dp=1),
     # ZeRO-3 partitions each TP slice over data parallelism. (With tp = 4, DeepSpeed 0.19.8

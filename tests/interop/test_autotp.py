@@ -35,6 +35,7 @@ CASES = [
     "autotp2_dp1_z1_bf16",
     "autotp2_dp2_z1_bf16",
     "autotp4_dp1_z1_bf16",
+    "autotp2_dp1_z2_bf16",
     "autotp2_dp2_z2_bf16",
     "autotp4_dp1_z2_bf16",
     "autotp2_dp2_z3_bf16",
@@ -45,6 +46,7 @@ OTHER_TP = {
     "autotp2_dp1_z1_bf16": ("autotp4_dp1_z1_bf16", 4),
     "autotp2_dp2_z1_bf16": ("autotp4_dp1_z1_bf16", 4),
     "autotp4_dp1_z1_bf16": ("autotp2_dp2_z1_bf16", 4),
+    "autotp2_dp1_z2_bf16": ("autotp4_dp1_z2_bf16", 4),
     "autotp2_dp2_z2_bf16": ("autotp4_dp1_z2_bf16", 4),
     "autotp4_dp1_z2_bf16": ("autotp2_dp2_z2_bf16", 4),
     # ZeRO-3 universal files keep ZeRO-3's model-states names, which only a ZeRO-3 engine

@@ -248,6 +248,21 @@ def test_a_tensor_parallel_pipeline_is_read_with_its_declared_layout(ds_corpus, 
             np.testing.assert_array_equal(got, want, err_msg=key)
 
 
+def test_a_tensor_parallel_pipeline_resharded_natively_loads_in_deepspeed(ds_corpus, tmp_path):
+    """PP x TP with its declared layout, written for dp = 2: per stage and tp rank its
+    mp_rank file, layer_XX-model_YY files, and optimizer partitions; DeepSpeed loads them
+    on 8 ranks with a plain load_checkpoint."""
+    truth, meta = ds_corpus.truth(PPTP)
+    spec = tmp_path / "model.layout"
+    spec.write_text(_spec(meta, truth, 1))
+    out = tmp_path / "ds"
+    convert(ds_corpus[PPTP], out, "deepspeed", spec=spec, overrides={"dp": 2})
+    assert verify(out) == []
+    loaded = ds_corpus.load(PPTP, out, world=8)
+    assert loaded.meta["topology"] == {"pp": 2, "tp": 2, "dp": 2}
+    _loaded_equals_truth(loaded, truth, meta)
+
+
 @pytest.mark.parametrize(
     ("dims", "code", "says"),
     [
