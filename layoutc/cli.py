@@ -211,6 +211,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from layoutc.conversion import target_for
 
     target = target_for(source, source_text, args.to, dict(args.overrides))
+    if Path(args.source).is_dir():  # what convert would refuse, plan refuses
+        from layoutc.conversion import check_autotp_cuts
+        from layoutc.formats.deepspeed import open_checkpoint
+
+        check_autotp_cuts(open_checkpoint(args.source), source, target)
     try:
         plan = compile_plan(source, target, memory=args.memory, workers=args.workers)
     except ValueError as e:

@@ -221,7 +221,7 @@ def convert(
         source, folder, src_tag = src, ckpt.folder, ckpt.tag
     tgt = target_for(src, text, to, overrides)
     if not isinstance(source, WeightsPlacement):
-        _check_autotp_cuts(ckpt, src, tgt)
+        check_autotp_cuts(ckpt, src, tgt)
     if tgt.store.format in ("safetensors", "torch"):
         tgt = with_dtype(tgt, dtype)
     elif dtype is not None:
@@ -262,7 +262,7 @@ def convert(
     )
 
 
-def _check_autotp_cuts(ckpt: DeepSpeedCheckpoint, source: ir.Layout, target: ir.Layout) -> None:
+def check_autotp_cuts(ckpt: DeepSpeedCheckpoint, source: ir.Layout, target: ir.Layout) -> None:
     """Refuse to write an AutoTP checkpoint at a tp whose cut of some tensor the layout
     does not prove (see :func:`layoutc.formats.autotp.unproven_cuts`)."""
     unproven = autotp.unproven_cuts(ckpt.model_states.get(autotp.INFO), source, target)

@@ -20,6 +20,7 @@ import ds_make
 import numpy as np
 import pytest
 
+from layoutc.cli import main
 from layoutc.conversion import convert, verify
 from layoutc.errors import LayoutError, Unsupported
 from layoutc.formats import autotp, pt
@@ -211,7 +212,7 @@ def test_autotp_written_at_another_zero_stage_loads_in_deepspeed_natively(
     _loaded_equals_truth(loaded, truth, meta)
 
 
-def test_a_tp_the_files_do_not_prove_is_refused_not_guessed(ds_corpus, tmp_path):
+def test_a_tp_the_files_do_not_prove_is_refused_not_guessed(ds_corpus, tmp_path, capsys):
     """At tp = 2 the attention rows split evenly whatever the key/value-head count; at tp = 4
     that count decides, and the files do not record it."""
     case = "autotp2_dp1_z1_bf16"
@@ -219,6 +220,10 @@ def test_a_tp_the_files_do_not_prove_is_refused_not_guessed(ds_corpus, tmp_path)
         convert(ds_corpus[case], tmp_path / "out", "deepspeed", overrides={"tp": 4})
     assert "model.layers.0.self_attn.q_proj.weight" in str(e.value)
     assert not (tmp_path / "out").exists()
+    # the dry run says the same
+    args = ["plan", str(ds_corpus[case]), "--to", "deepspeed", "--set", "tp=4"]
+    assert main(args) == 1
+    assert "key/value-head groups" in capsys.readouterr().err
 
 
 def test_an_even_split_declared_for_uneven_shards_is_caught(ds_corpus, tmp_path):
