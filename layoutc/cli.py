@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from layoutc import ir
 from layoutc.errors import LayoutcError, LayoutError, PlanError, Unsupported
@@ -99,16 +100,22 @@ def _load(path: str) -> ir.Layout:
 
 def _load_with_text(path: str) -> tuple[ir.Layout, tuple[str, str]]:
     """:func:`_load`, with the layout's text and name (for ``--set``)."""
+    layout, text, _ = _load_source(path)
+    return layout, text
+
+
+def _load_source(path: str) -> tuple[ir.Layout, tuple[str, str], Any]:
+    """:func:`_load_with_text`, with the checkpoint it describes (None for a file)."""
     from layoutc.lang.check import load_text
 
     if Path(path).is_dir():
-        from layoutc.conversion import source_layout, source_text
+        from layoutc.conversion import source_layout
         from layoutc.formats.deepspeed import open_checkpoint
 
         ckpt = open_checkpoint(path)
-        return source_layout(ckpt), source_text(ckpt)
+        return (*source_layout(ckpt), ckpt)
     text = (_read(path), path)
-    return load_text(*text), text
+    return load_text(*text), text, None
 
 
 def _setting(text: str) -> tuple[str, int]:
@@ -201,7 +208,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.ops and not args.json:
         raise _Usage("--ops adds every op to the JSON output; use it with --json")
-    source, source_text = _load_with_text(args.source)
+    source, source_text, ckpt = _load_source(args.source)
     if args.to not in ir.FORMATS and not Path(args.to).exists():
         guess = difflib.get_close_matches(args.to, ir.FORMATS, n=1, cutoff=0.6)
         hint = f"did you mean `{guess[0]}`? " if guess else ""
@@ -211,11 +218,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from layoutc.conversion import target_for
 
     target = target_for(source, source_text, args.to, dict(args.overrides))
-    if Path(args.source).is_dir():  # what convert would refuse, plan refuses
+    if ckpt is not None:  # what convert would refuse, plan refuses
         from layoutc.conversion import check_autotp_cuts
-        from layoutc.formats.deepspeed import open_checkpoint
 
-        check_autotp_cuts(open_checkpoint(args.source), source, target)
+        check_autotp_cuts(ckpt, source, target)
     try:
         plan = compile_plan(source, target, memory=args.memory, workers=args.workers)
     except ValueError as e:
@@ -382,7 +388,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from layoutc.render import human_size
 
     ckpt = open_checkpoint(args.checkpoint, args.tag)
-    layout = source_layout(ckpt)
+    layout, _ = source_layout(ckpt)
     p = place(layout)
     mesh = ", ".join(f"{a.name} = {a.size}" for a in layout.mesh.axes)
     params = sum(t.numel for t in p.tensors if t.trainable)

@@ -140,11 +140,15 @@ def source_text(ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None) -> tu
     return infer(ckpt), f"{ckpt.folder} (inferred)"
 
 
-def source_layout(ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None) -> ir.Layout:
-    """The layout of ``ckpt``: ``spec`` if given, else inferred; checked against the files."""
-    layout = load_text(*source_text(ckpt, spec))
+def source_layout(
+    ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None
+) -> tuple[ir.Layout, tuple[str, str]]:
+    """The layout of ``ckpt`` — ``spec`` if given, else inferred — checked against the
+    files, and its text and name (see :func:`source_text`)."""
+    text = source_text(ckpt, spec)
+    layout = load_text(*text)
     check_against(place(layout), ckpt.folder)
-    return layout
+    return layout, text
 
 
 def target_for(
@@ -197,6 +201,7 @@ def convert(
     hyperparameters written with fresh optimizer state (a source without any)."""
     start = time.perf_counter()
     source: Any
+    ckpt: DeepSpeedCheckpoint | None = None
     if weights.is_weights(checkpoint) and not is_deepspeed(checkpoint):
         if spec is None:
             raise ValueError(
@@ -220,7 +225,7 @@ def convert(
         check_copies(placed, ckpt.folder)
         source, folder, src_tag = src, ckpt.folder, ckpt.tag
     tgt = target_for(src, text, to, overrides)
-    if not isinstance(source, WeightsPlacement):
+    if ckpt is not None:
         check_autotp_cuts(ckpt, src, tgt)
     if tgt.store.format in ("safetensors", "torch"):
         tgt = with_dtype(tgt, dtype)

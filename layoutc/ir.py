@@ -143,6 +143,14 @@ class Dim:
     def uneven(self) -> bool:
         return self.grain > 0 and len({self.local_at(p) for p in range(self.parts)}) > 1
 
+    def part_of(self, coords: dict[str, int], sizes: dict[str, int]) -> int:
+        """The part of this dim that the rank at ``coords`` holds (mixed radix over the
+        split axes, major to minor; axes missing from ``coords`` count as 0)."""
+        part = 0
+        for a in self.split:
+            part = part * sizes[a] + coords.get(a, 0)
+        return part
+
     def bounds(self, part: int) -> tuple[int, int]:
         """``[lo, hi)`` of the (unpadded, unfused) dim that part ``part`` holds."""
         if not self.grain:
@@ -244,13 +252,7 @@ class Tensor:
 
     def local_shape_at(self, coords: dict[str, int], sizes: dict[str, int]) -> tuple[int, ...]:
         """The shape of the slice held at ``coords`` (mesh axis sizes ``sizes``)."""
-        out = []
-        for d in self.dims:
-            part = 0
-            for a in d.split:
-                part = part * sizes[a] + coords.get(a, 0)
-            out.append(d.local_at(part))
-        return tuple(out)
+        return tuple(d.local_at(d.part_of(coords, sizes)) for d in self.dims)
 
     @property
     def local_numel(self) -> int:

@@ -85,6 +85,21 @@ def grain_of(size: int, sizes: list[int], grain_size: int, by_grain_size: bool) 
     return None
 
 
+def matches(params: dict[str, Any], names: list[str]) -> dict[str, list[str]]:
+    """The names each pattern of the affine map's ``params`` matches in full. DeepSpeed
+    writes one ``^escaped-name$`` pattern per parameter, looked up directly; other patterns
+    are matched against every name."""
+    known = set(names)
+    out: dict[str, list[str]] = {}
+    for pattern in params:
+        literal = re.sub(r"\\(.)", r"\1", pattern[1:-1])
+        if pattern == f"^{re.escape(literal)}$":
+            out[pattern] = [literal] if literal in known else []
+        else:
+            out[pattern] = [n for n in names if re.fullmatch(pattern, n)]
+    return out
+
+
 def dim_text(size: int, grain: int, axis: str) -> str:
     return f"{size} / {axis}" if grain == 0 else f"grains({size}, {grain}) / {axis}"
 
@@ -111,7 +126,8 @@ def affine_entry(layout: ir.Layout, t: ir.Tensor, axis: str) -> dict[str, Any]:
         pieces = []
         for seg in sl.segments or (None,):
             if seg is None:  # an empty shard: one empty piece where its rows would start
-                lo = [_empty_start(d, coords, layout.mesh.sizes) for d in t.dims]
+                sizes = layout.mesh.sizes
+                lo = [d.bounds(d.part_of(coords, sizes))[0] if d.split else 0 for d in t.dims]
                 box = tuple((a, a + n) for a, n in zip(lo, sl.shape, strict=True))
                 local_lo: tuple[int, ...] = (0,) * len(shape)
             else:
@@ -125,16 +141,9 @@ def affine_entry(layout: ir.Layout, t: ir.Tensor, axis: str) -> dict[str, Any]:
                     "locations": where,
                 }
             )
-        for r in where if not split else [coords[axis]]:
+        for r in where:
             ranks[r] = {"shard_shape": list(sl.shape), "pieces": pieces}
     return {"logical_shape": list(shape), "ranks": {r: ranks[r] for r in sorted(ranks)}}
-
-
-def _empty_start(d: ir.Dim, coords: dict[str, int], sizes: dict[str, int]) -> int:
-    part = 0
-    for a in d.split:
-        part = part * sizes[a] + coords.get(a, 0)
-    return d.bounds(part)[0] if d.split else 0
 
 
 def retarget(info: Any, layout: ir.Layout, model_axes: tuple[str, ...]) -> Any:
@@ -149,11 +158,12 @@ def retarget(info: Any, layout: ir.Layout, model_axes: tuple[str, ...]) -> Any:
     if len(model_axes) != 1:
         return None
     (axis,) = model_axes
-    params: dict[str, Any] = {}
-    for pattern in amap["params"]:
-        found = [t for t in layout.tensors if re.fullmatch(pattern, t.name)]
-        if len(found) == 1:
-            params[pattern] = affine_entry(layout, found[0], axis)
+    found = matches(amap["params"], [t.name for t in layout.tensors])
+    params = {
+        pattern: affine_entry(layout, layout.tensor(names[0]), axis)
+        for pattern, names in found.items()
+        if len(names) == 1
+    }
     return {**info, "affine_map": {**amap, "params": params}}
 
 

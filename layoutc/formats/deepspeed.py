@@ -286,9 +286,14 @@ def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:
         raise Unsupported(f"{ckpt.model_files[0]}: no param_shapes (not a ZeRO checkpoint)")
     module: dict[str, Any] = ms.get("module") or {}
     grain_size = int((ckpt.config.get("tensor_parallel") or {}).get("tp_grain_size", 1) or 1)
+    entry_of: dict[str, Any] = {}  # the first pattern that names a tensor describes it
+    for pattern, names in autotp.matches(amap, list(module)).items():
+        for n in names:
+            entry_of.setdefault(n, amap[pattern])
+    even: list[str] = []  # cut evenly here, by a grain the files do not record
 
     def dims(pname: str) -> str:
-        entry = next((e for pat, e in amap.items() if re.fullmatch(pat, pname)), None)
+        entry = entry_of.get(pname)
         if entry is None:
             raise Unsupported(
                 f"{ckpt.model_files[0]}: AutoTP's affine map does not describe {pname}; declare "
@@ -311,46 +316,44 @@ def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:
                 even.append(pname)
         return "[" + ", ".join(out) + "]"
 
-    even: list[str] = []  # cut evenly here, by a grain the files do not record
-
     stage, variant = _zero_stage(ckpt)
     params = [(g, p) for g, p, _ in _trainable(ckpt, param_shapes)]
     known = {p for _, p in params} | set(ms.get("buffer_names") or [])
     dtype = _dtype(module.get(params[0][1]), params[0][1]) if params else "fp32"
+    body: list[str] = []
+    for g in sorted({g for g, _ in params}):
+        body += _group(
+            g,
+            [
+                f"tensor {p} {dims(p)}"
+                + (f" {module[p].dtype}" if _own_dtype(module, p, dtype) else "")
+                for gg, p in params
+                if gg == g
+            ],
+        )
+    shared = ms.get("shared_params") or {}
+    for key, ref in module.items():  # the module's other parameters are frozen
+        if key not in known and key not in shared and isinstance(ref, pt.TensorRef):
+            body.append(f"frozen {_check_name(key, ckpt)} {dims(key)}")
+    for b in ms.get("buffer_names") or []:
+        if b in module:
+            body.append(
+                _entry("buffer", _check_name(b, ckpt), module[b].shape, module[b].dtype, dtype)
+            )
+    body.extend(f"tie {alias} = {source}" for alias, source in shared.items())
     lines = _header(ckpt, name, f"mesh {{ dp = {ckpt.dp}, tp = {tp} }}", dtype)
+    if even:
+        lines.append(
+            "# AutoTP cuts attention rows in whole key/value-head groups: where such a dim is "
+            f"cut evenly here (N / tp; {len(even)} tensors, e.g. {even[0]}), another tp may "
+            "cut it unevenly; declare grains(N, N / num_key_value_heads) / tp to change tp "
+            "(docs/language.md)"
+        )
     if ckpt.optim_states is not None:
         first = _first_state(ckpt, params[0][1] if params else None)
         zcfg = ckpt.config.get("zero_optimization") or {}
         lines.extend(_optimizer_lines(first, stage, variant, zcfg))
-    for g in sorted({g for g, _ in params}):
-        body = [
-            f"tensor {p} {dims(p)}"
-            + (f" {module[p].dtype}" if _own_dtype(module, p, dtype) else "")
-            for gg, p in params
-            if gg == g
-        ]
-        lines.extend(_group(g, body))
-    shared = ms.get("shared_params") or {}
-    for key, ref in module.items():  # the module's other parameters are frozen
-        if key not in known and key not in shared and isinstance(ref, pt.TensorRef):
-            lines.append(f"frozen {_check_name(key, ckpt)} {dims(key)}")
-    for b in ms.get("buffer_names") or []:
-        if b in module:
-            lines.append(
-                _entry("buffer", _check_name(b, ckpt), module[b].shape, module[b].dtype, dtype)
-            )
-    lines.extend(
-        f"tie {alias} = {source}" for alias, source in (ms.get("shared_params") or {}).items()
-    )
-    if even:
-        lines.insert(
-            4,
-            "# AutoTP cuts attention rows in whole key/value-head groups: where such a dim is "
-            f"cut evenly here (N / tp; {len(even)} tensors, e.g. {even[0]}), another tp may "
-            "cut it unevenly; declare grains(N, N / num_key_value_heads) / tp to change tp "
-            "(docs/language.md)",
-        )
-    lines.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
+    lines += [*body, f'store deepspeed {{ tag "{ckpt.tag}" }}']
     return fmt(parse("\n".join(lines) + "\n", f"{ckpt.folder}.layout"))
 
 

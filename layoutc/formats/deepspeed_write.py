@@ -159,14 +159,15 @@ def files(
     """``(file, object to pickle, its holes)`` for every file of ``target``."""
     layout = target.layout
     first = True
+    run = _run_state(target, carried)  # the same in every model-states file
     dps = list(iter_coords(target.mesh, target.dp_axes))
     for mp in iter_coords(target.mesh, target.mp_axes):
         stage = mp.get(layout.pipeline, 0) if layout.pipeline else 0
+        model = target.model_index(mp)
         for dp in dps if layout.zero.stage == 3 else dps[:1]:  # ZeRO-3: one per rank
             f = target.model_file({**mp, **dp})
             holes = Holes(by_file.get(f, {}))
-            model = target.model_index(mp)
-            yield f, _model_states(target, carried, holes, first, stage, model), holes
+            yield f, _model_states(target, carried, run, holes, first, stage, model), holes
             first = False
     if target.layer_files:
         for f in dict.fromkeys(b.file for b in target.weight_buffers()):
@@ -218,6 +219,7 @@ def _plain_optimizer(
 def _model_states(
     target: DeepSpeedPlacement,
     carried: Carried,
+    run: dict[str, Any],
     holes: Holes,
     first_rank: bool,
     stage: int = 0,
@@ -227,7 +229,7 @@ def _model_states(
     src = carried.model
     stage3 = target.mode == "stage3"
     if target.layer_files:  # a pipeline keeps its weights in the layer files
-        return _stage_states(target, carried, holes, stage, model)
+        return _stage_states(target, carried, run, holes, stage, model)
     module: OrderedDict[str, Any] = OrderedDict()
     for t in layout.tensors:
         if stage3 and t.kind != ir.BUFFER:  # partitioned parameters leave a 0-element stub
@@ -279,13 +281,18 @@ def _model_states(
         "frozen_param_fragments": OrderedDict((t.name, fragment(t)) for t in frozen)
         if stage2
         else None,
-        **_run_state(target, carried),
+        **run,
     }
     return obj
 
 
 def _stage_states(
-    target: DeepSpeedPlacement, carried: Carried, holes: Holes, stage: int, model: int
+    target: DeepSpeedPlacement,
+    carried: Carried,
+    run: dict[str, Any],
+    holes: Holes,
+    stage: int,
+    model: int,
 ) -> dict[str, Any]:
     """A pipeline stage's ``mp_rank`` file: no module (the layer files hold the weights),
     the stage's buffers and param shapes, and (ZeRO-0) its torch optimizer."""
@@ -307,7 +314,7 @@ def _stage_states(
         "frozen_param_shapes": None,
         "shared_params": {} if flat else None,
         "frozen_param_fragments": None,
-        **_run_state(target, carried),
+        **run,
     }
 
 

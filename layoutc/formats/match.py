@@ -104,14 +104,12 @@ def _undeclared(placement: Placement, folder: Path, loaded: dict[str, Any]) -> l
         if not isinstance(obj, dict):
             continue
         if file.startswith("layer_"):
-            found = [(k, v) for k, v in obj.items() if isinstance(v, pt.TensorRef)]
-            prefix = ""
+            stored, prefix = obj, ""
         elif isinstance(obj.get("module"), dict):
-            found = [(k, v) for k, v in obj["module"].items() if isinstance(v, pt.TensorRef)]
-            prefix = "module/"
+            stored, prefix = obj["module"], "module/"
         else:
             continue
-        for key, _ in found:
+        for key in (k for k, v in stored.items() if isinstance(v, pt.TensorRef)):
             # a module key names its tensor (ZeRO-3 keeps a stub of each parameter there)
             if (file, prefix + key) not in expected and not (prefix and key in known):
                 out.append(f"{folder / file}: holds {prefix}{key}")

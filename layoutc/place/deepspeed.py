@@ -208,10 +208,10 @@ class DeepSpeedPlacement(Placement):
         out: dict[tuple[str, int, int], Member] = {}
         stages = sorted({s for t in self.trainable for s in self._stages_of(t)})
         models = range(self.mesh.size(*self.model_axes)) if self.uneven else range(1)
+        keep_empty = self.mode not in ("flat", "stage3")  # a torch optimizer keeps them
         for stage, model in ((s, m) for s in stages for m in models):
             on_stage = [t for t in self.trainable if stage in self._stages_of(t)]
             shapes = {t.name: self.local_shape(t, model) for t in on_stage}
-            keep_empty = self.mode not in ("flat", "stage3")  # a torch optimizer keeps them
             param_index = 0
             g = 0
             sub_group_base = 0

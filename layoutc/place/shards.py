@@ -115,14 +115,9 @@ def tensor_slices(
     out = []
     for values in itertools.product(*(range(sizes[a]) for a in axes)):
         coords = dict(zip(axes, values, strict=True))
-        per_dim = []
-        shape = []
-        for d in dims:
-            part = 0
-            for a in d.split:
-                part = part * sizes[a] + coords[a]
-            per_dim.append(d.segments(part))
-            shape.append(d.local_at(part))
+        parts = [d.part_of(coords, sizes) for d in dims]
+        per_dim = [d.segments(p) for d, p in zip(dims, parts, strict=True)]
+        shape = [d.local_at(p) for d, p in zip(dims, parts, strict=True)]
         segments = tuple(
             Segment(
                 tuple((lo, lo + n) for lo, _, n in combo),

@@ -317,6 +317,25 @@ def assert_universal_matches(out: Path | str, truth: dict[str, Any]) -> int:
     return compared
 
 
+RESUMED = ("step", "global_steps", "lr_scheduler")
+
+
+def assert_resumed(
+    loaded: Loaded, truth: dict[str, Any], meta: dict[str, Any], skip: tuple[str, ...] = ()
+) -> None:
+    """Assert that DeepSpeed loaded every ground-truth tensor but ``skip`` exactly, with the
+    saved step, global steps and lr scheduler state, and trained one more step from there."""
+    import numpy as np
+
+    assert loaded.error is None, loaded.error
+    for key, want in truth.items():
+        if key not in skip:
+            np.testing.assert_array_equal(loaded.tensors[key], want, err_msg=key)
+    for state in RESUMED:
+        assert loaded.meta[state] == meta[state], state
+    assert loaded.meta["global_steps_after"] == 3 and np.isfinite(loaded.meta["next_loss"])
+
+
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` but layoutc's manifest (its plan digest names the route),
     by relative path: to compare two outputs byte for byte."""

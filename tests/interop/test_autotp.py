@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import corpus  # tests/interop, on the path through conftest
 import ds_make
@@ -81,15 +80,6 @@ def _declared(text: str) -> str:
     return re.sub(r"(self_attn\.\w+\.weight \[(?:\d+, )?)(\d+) / tp", grains, text)
 
 
-def _loaded_equals_truth(loaded: corpus.Loaded, truth: dict[str, Any], meta: dict[str, Any]):
-    assert loaded.error is None, loaded.error
-    for key, want in truth.items():
-        np.testing.assert_array_equal(loaded.tensors[key], want, err_msg=key)
-    for field in ("step", "global_steps", "lr_scheduler"):
-        assert loaded.meta[field] == meta[field], field
-    assert loaded.meta["global_steps_after"] == 3 and np.isfinite(loaded.meta["next_loss"])
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_infer_reads_autotps_cut_of_every_tensor(ds_corpus, case):
     ckpt = open_checkpoint(ds_corpus[case])
@@ -121,7 +111,7 @@ def test_autotp_to_universal_is_exact_and_deepspeed_resumes_at_another_tp(
     engine_case, world = OTHER_TP[case]
     loaded = ds_corpus.load(engine_case, out, world=world, universal=True)
     assert loaded.meta["topology"] == _topology(engine_case) != _topology(case)
-    _loaded_equals_truth(loaded, truth, meta)
+    corpus.assert_resumed(loaded, truth, meta)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -173,7 +163,7 @@ def test_autotp_resharded_to_another_topology_loads_in_deepspeed_natively(
     truth, meta = ds_corpus.truth(case)
     loaded = ds_corpus.load(engine_case, out, world=to["tp"] * to.get("dp", 1))
     assert loaded.meta["topology"] == _topology(engine_case)
-    _loaded_equals_truth(loaded, truth, meta)
+    corpus.assert_resumed(loaded, truth, meta)
     # the model-states files say what DeepSpeed's own say at that topology
     ours, theirs = open_checkpoint(out), open_checkpoint(ds_corpus[engine_case])
     for mine, ds in zip(ours.model_files, theirs.model_files, strict=True):
@@ -209,7 +199,7 @@ def test_autotp_written_at_another_zero_stage_loads_in_deepspeed_natively(
     truth, meta = ds_corpus.truth(case)
     loaded = ds_corpus.load(engine_case, out, world=4)
     assert loaded.meta["topology"] == _topology(engine_case)
-    _loaded_equals_truth(loaded, truth, meta)
+    corpus.assert_resumed(loaded, truth, meta)
 
 
 def test_a_tp_the_files_do_not_prove_is_refused_not_guessed(ds_corpus, tmp_path, capsys):

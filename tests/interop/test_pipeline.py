@@ -120,13 +120,7 @@ def test_pipeline_to_universal_is_exact_and_deepspeed_resumes_at_another_dp(
     loaded = ds_corpus.load(case, out, world=_other_world(case), universal=True)
     assert loaded.meta["topology"]["pp"] == 2
     assert loaded.meta["topology"]["dp"] == _other_world(case) // 2
-    for key, want in truth.items():
-        if key in FRESH:
-            continue
-        np.testing.assert_array_equal(loaded.tensors[key], want, err_msg=key)
-    for field in ("step", "global_steps", "lr_scheduler"):
-        assert loaded.meta[field] == meta[field], field
-    assert loaded.meta["global_steps_after"] == 3 and np.isfinite(loaded.meta["next_loss"])
+    corpus.assert_resumed(loaded, truth, meta, skip=FRESH)
 
 
 @pytest.mark.parametrize("case", [*ZERO1, *ZERO0])
@@ -176,14 +170,6 @@ def test_a_tied_layer_declared_on_one_stage_is_a_diagnostic(ds_corpus, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-def _loaded_equals_truth(loaded: corpus.Loaded, truth: dict[str, Any], meta: dict[str, Any]):
-    for key, want in truth.items():
-        np.testing.assert_array_equal(loaded.tensors[key], want, err_msg=key)
-    for field in ("step", "global_steps", "lr_scheduler"):
-        assert loaded.meta[field] == meta[field], field
-    assert loaded.meta["global_steps_after"] == 3 and np.isfinite(loaded.meta["next_loss"])
-
-
 @pytest.mark.parametrize("case", [*ZERO1, "pp2_dp1_z0_fp32"])
 def test_a_pipeline_resharded_to_another_dp_loads_in_deepspeed_natively(ds_corpus, case, tmp_path):
     """DeepSpeed refuses a ZeRO-1 pipeline checkpoint at another data-parallel size; the one
@@ -201,7 +187,7 @@ def test_a_pipeline_resharded_to_another_dp_loads_in_deepspeed_natively(ds_corpu
     assert verify(out) == []
     loaded = ds_corpus.load(case, out, world=world)
     assert loaded.meta["topology"] == {"pp": 2, "tp": 1, "dp": world // 2}
-    _loaded_equals_truth(loaded, truth, meta)
+    corpus.assert_resumed(loaded, truth, meta)
 
 
 def test_a_pipeline_reshard_equals_the_one_through_universal(ds_corpus, tmp_path):
@@ -260,7 +246,7 @@ def test_a_tensor_parallel_pipeline_resharded_natively_loads_in_deepspeed(ds_cor
     assert verify(out) == []
     loaded = ds_corpus.load(PPTP, out, world=8)
     assert loaded.meta["topology"] == {"pp": 2, "tp": 2, "dp": 2}
-    _loaded_equals_truth(loaded, truth, meta)
+    corpus.assert_resumed(loaded, truth, meta)
 
 
 @pytest.mark.parametrize(
@@ -297,12 +283,7 @@ def test_a_pipeline_resumes_at_another_pipeline_degree_through_universal(ds_corp
     loaded = ds_corpus.load(ONE_STAGE, out, world=2, universal=True)
     assert loaded.meta["topology"] == {"pp": 1, "tp": 1, "dp": 2}
     truth, meta = ds_corpus.truth(case)
-    for key, want in truth.items():
-        if key not in FRESH:
-            np.testing.assert_array_equal(loaded.tensors[key], want, err_msg=key)
-    for field in ("step", "global_steps", "lr_scheduler"):
-        assert loaded.meta[field] == meta[field], field
-    assert loaded.meta["global_steps_after"] == 3 and np.isfinite(loaded.meta["next_loss"])
+    corpus.assert_resumed(loaded, truth, meta, skip=FRESH)
 
 
 def test_a_pipeline_written_for_another_pipeline_degree_loads_natively(ds_corpus, tmp_path):
@@ -321,4 +302,4 @@ def test_a_pipeline_written_for_another_pipeline_degree_loads_natively(ds_corpus
     loaded = ds_corpus.load(ONE_STAGE, out, world=2)
     assert loaded.meta["topology"] == {"pp": 1, "tp": 1, "dp": 2}
     truth, meta = ds_corpus.truth(case)
-    _loaded_equals_truth(loaded, truth, meta)
+    corpus.assert_resumed(loaded, truth, meta)
