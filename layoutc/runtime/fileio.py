@@ -36,7 +36,8 @@ from layoutc.runtime.checksum import Pieces
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
 DIRECT_MIN = 256 << 10  # smaller writes are buffered: direct IO pays off on large ones
-STAGING = 4 << 20  # bytes of each of a thread's two page-aligned staging buffers
+STAGING = 8 << 20  # bytes of each of a thread's page-aligned staging buffers
+TURNS = 3  # staging buffers per thread: one is filled while the writes of the others run
 
 
 def aligned_bytes(n: int) -> memoryview:
@@ -47,11 +48,11 @@ def aligned_bytes(n: int) -> memoryview:
 _local = threading.local()
 
 
-def staging() -> tuple[memoryview, memoryview]:
-    """This thread's two page-aligned staging buffers (:data:`STAGING` bytes each)."""
+def staging() -> tuple[memoryview, ...]:
+    """This thread's :data:`TURNS` page-aligned staging buffers (:data:`STAGING` bytes each)."""
     bufs = getattr(_local, "staging", None)
     if bufs is None:
-        bufs = _local.staging = (aligned_bytes(STAGING), aligned_bytes(STAGING))
+        bufs = _local.staging = tuple(aligned_bytes(STAGING) for _ in range(TURNS))
     return bufs
 
 
@@ -103,14 +104,19 @@ class Region:
             raise ValueError(f"{self.path}: writing {data.size} elements into a range of {hi - lo}")
         self.write_bytes(lo * self.dtype.itemsize, data.view(np.uint8).data)
 
-    def write_bytes(self, at: int, raw: memoryview) -> None:
-        """Write ``raw`` at byte ``at`` of the region (recording its CRC)."""
+    def write_bytes(self, at: int, raw: memoryview, crc: int | None = None) -> None:
+        """Write ``raw`` at byte ``at`` of the region, recording its CRC-32 (``crc`` when
+        the caller has taken it already)."""
         start = self.offset + at
+        pieces = self.pieces
+        if pieces is not None and crc is not None:
+            pieces.record(start, len(raw), crc)
+            pieces = None
         if self.direct is not None and len(raw) >= DIRECT_MIN:
-            self.direct.write(raw, start, self.pieces)
+            self.direct.write(raw, start, pieces)
             return
-        if self.pieces is not None:
-            self.pieces.add(start, raw)
+        if pieces is not None:
+            pieces.add(start, raw)
         pwrite_all(self.fd, raw, start)
         start_writeback(self.fd, start, len(raw))
 
@@ -156,15 +162,15 @@ class Direct:
 
 
 class InTurn:
-    """This thread's two staging buffers used in turn: one is filled while the write of
-    the other runs on a pool of threads (``pool`` names it: a writer that itself stages
-    uses another pool than its callers). Leaving the block waits for every write and
-    raises the first failure."""
+    """This thread's staging buffers used in turn: one is filled while the writes of the
+    others run on a pool of threads (``pool`` names it: a writer that itself stages uses
+    another pool than its callers), so two writes can be in flight per thread. Leaving the
+    block waits for every write and raises the first failure."""
 
     def __init__(self, pool: str) -> None:
         self.buffers = staging()
         self.pool = _pool(pool)
-        self.pending: list[Future[Any] | None] = [None, None]
+        self.pending: list[Future[Any] | None] = [None] * len(self.buffers)
         self.turn = 0
 
     def __enter__(self) -> InTurn:
@@ -176,9 +182,9 @@ class InTurn:
         return self.buffers[self.turn]
 
     def submit(self, write: Any, *args: Any) -> None:
-        """Run ``write(*args)`` (on the buffer just filled) while the other is filled."""
+        """Run ``write(*args)`` (on the buffer just filled) while the next is filled."""
         self.pending[self.turn] = self.pool.submit(write, *args)
-        self.turn ^= 1
+        self.turn = (self.turn + 1) % len(self.buffers)
 
     def __exit__(self, *exc: object) -> None:
         for f in self.pending:

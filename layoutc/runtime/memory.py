@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,10 +262,11 @@ class _Pending:
     def copy_to(self, dst: Region, dst_start: int, start: int, numel: int) -> None:
         """Elements ``[start, start + numel)`` of these into ``dst`` at element ``dst_start``.
 
-        Double-buffered: while one buffer is checksummed and written (by a writer thread),
-        the next chunk is read into the other. Each chunk lands in its buffer at the same
-        offset within a page as in the output file, so the whole pages of a direct write
-        leave from it without another copy."""
+        Staged in turn (:class:`~layoutc.runtime.fileio.InTurn`): each chunk is read into a
+        buffer and checksummed here while the writes of the chunks before it run on writer
+        threads. Each chunk lands in its buffer at the same offset within a page as in the
+        output file, so the whole pages of a direct write leave from it without another
+        copy."""
         size = self.dtype.itemsize
         at = dst_start * size
         with InTurn("write") as turns:
@@ -282,7 +284,10 @@ class _Pending:
                     got = os.preadv(region.fd, [chunk], src_at + done)
                     if got <= 0:
                         raise OSError(f"{region.path}: short read at byte {src_at + done}")
-                    turns.submit(dst.write_bytes, at, chunk[:got])
+                    # The CRC here, while the chunk is in cache and the last one's write
+                    # is in flight; the writer thread only writes.
+                    crc = zlib.crc32(chunk[:got]) if dst.pieces is not None else None
+                    turns.submit(dst.write_bytes, at, chunk[:got], crc)
                     done += got
                     at += got
                 numel -= take
