@@ -95,17 +95,12 @@ def _read(path: str) -> str:
 
 def _load(path: str) -> ir.Layout:
     """A layout from a ``.layout`` file, or inferred from a checkpoint folder."""
-    return _load_with_text(path)[0]
-
-
-def _load_with_text(path: str) -> tuple[ir.Layout, tuple[str, str]]:
-    """:func:`_load`, with the layout's text and name (for ``--set``)."""
-    layout, text, _ = _load_source(path)
-    return layout, text
+    return _load_source(path)[0]
 
 
 def _load_source(path: str) -> tuple[ir.Layout, tuple[str, str], Any]:
-    """:func:`_load_with_text`, with the checkpoint it describes (None for a file)."""
+    """:func:`_load`, with the layout's text and name (for ``--set``) and the checkpoint
+    it describes (None for a layout file)."""
     from layoutc.lang.check import load_text
 
     if Path(path).is_dir():

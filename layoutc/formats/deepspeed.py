@@ -183,10 +183,6 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     buffer_names = list(ms.get("buffer_names") or [])
     frozen_shapes: dict[str, Any] = dict(ms.get("frozen_param_shapes") or {})
     opt = ckpt.optim_states
-    cfg = ckpt.config
-    zcfg = cfg.get("zero_optimization") or {}
-
-    stage, variant = _zero_stage(ckpt)
     if opt is not None and any(any(p) for p in opt.get("param_alignment_paddings") or []):
         raise Unsupported(
             f"{ckpt.optim_files[0]}: parameters are aligned inside the flat buffer "
@@ -209,26 +205,15 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
         for key, ref in module.items():
             if key not in known and isinstance(ref, pt.TensorRef):
                 frozen.append((_check_name(key, ckpt), ref.shape, ref.dtype))
-    buffers = [
-        (_check_name(b, ckpt), module[b].shape, module[b].dtype)
+    lines = _header(ckpt, name, f"mesh {{ dp = {ckpt.dp} }}", dtype)
+    lines += _optimizer_lines(ckpt, first)
+    lines += _param_lines([(g, p, _dims(s)) for g, p, s in params], module, dtype)
+    lines.extend(_entry("frozen", f, s, d, dtype) for f, s, d in frozen)
+    lines.extend(
+        _entry("buffer", _check_name(b, ckpt), module[b].shape, module[b].dtype, dtype)
         for b in buffer_names
         if b in module
-    ]
-
-    lines = _header(ckpt, name, f"mesh {{ dp = {ckpt.dp} }}", dtype)
-    if opt is not None:
-        first_state = _first_state(ckpt, params[0][1] if params else None)
-        lines.extend(_optimizer_lines(first_state, stage, variant, zcfg))
-    for g in sorted({g for g, _, _ in params}):
-        body = [
-            f"tensor {p} {_dims(s)}"
-            + (f" {module[p].dtype}" if _own_dtype(module, p, dtype) else "")
-            for gg, p, s in params
-            if gg == g
-        ]
-        lines.extend(_group(g, body))
-    lines.extend(f"frozen {f} {_dims(s)}" + (f" {d}" if d != dtype else "") for f, s, d in frozen)
-    lines.extend(f"buffer {b} {_dims(s)}" + (f" {d}" if d != dtype else "") for b, s, d in buffers)
+    )
     lines.extend(f"tie {alias} = {source}" for alias, source in shared.items())
     store = "universal" if ckpt.universal else "deepspeed"
     lines.append(f'store {store} {{ tag "{ckpt.tag}" }}')
@@ -316,21 +301,11 @@ def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:
                 even.append(pname)
         return "[" + ", ".join(out) + "]"
 
-    stage, variant = _zero_stage(ckpt)
     params = [(g, p) for g, p, _ in _trainable(ckpt, param_shapes)]
     known = {p for _, p in params} | set(ms.get("buffer_names") or [])
-    dtype = _dtype(module.get(params[0][1]), params[0][1]) if params else "fp32"
-    body: list[str] = []
-    for g in sorted({g for g, _ in params}):
-        body += _group(
-            g,
-            [
-                f"tensor {p} {dims(p)}"
-                + (f" {module[p].dtype}" if _own_dtype(module, p, dtype) else "")
-                for gg, p in params
-                if gg == g
-            ],
-        )
+    first = params[0][1] if params else None
+    dtype = _dtype(module.get(first), first) if first else "fp32"
+    body = _param_lines([(g, p, dims(p)) for g, p in params], module, dtype)
     shared = ms.get("shared_params") or {}
     for key, ref in module.items():  # the module's other parameters are frozen
         if key not in known and key not in shared and isinstance(ref, pt.TensorRef):
@@ -349,10 +324,7 @@ def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:
             "cut it unevenly; declare grains(N, N / num_key_value_heads) / tp to change tp "
             "(docs/language.md)"
         )
-    if ckpt.optim_states is not None:
-        first = _first_state(ckpt, params[0][1] if params else None)
-        zcfg = ckpt.config.get("zero_optimization") or {}
-        lines.extend(_optimizer_lines(first, stage, variant, zcfg))
+    lines += _optimizer_lines(ckpt, first)
     lines += [*body, f'store deepspeed {{ tag "{ckpt.tag}" }}']
     return fmt(parse("\n".join(lines) + "\n", f"{ckpt.folder}.layout"))
 
@@ -428,10 +400,14 @@ def _header(ckpt: DeepSpeedCheckpoint, name: str | None, mesh: str, dtype: str) 
     ]
 
 
-def _optimizer_lines(
-    first_state: dict[str, Any], stage: int, variant: str, zcfg: dict[str, Any]
-) -> list[str]:
-    """``optimizer`` and ``zero`` statements; ``first_state``: one parameter's state dict."""
+def _optimizer_lines(ckpt: DeepSpeedCheckpoint, first: str | None) -> list[str]:
+    """``optimizer`` and ``zero`` statements (none without optimizer files); the state
+    names are read from ``first``, the first trainable parameter."""
+    if ckpt.optim_states is None:
+        return []
+    first_state = _first_state(ckpt, first)
+    stage, variant = _zero_stage(ckpt)
+    zcfg = ckpt.config.get("zero_optimization") or {}
     states = [k for k in first_state if k != "step"]
     if first_state:
         opts = [f"states ({', '.join(states)})" if len(states) != 1 else f"states {states[0]}"]
@@ -445,6 +421,21 @@ def _optimizer_lines(
     if variant:
         zopts.append(variant)
     lines.append(f"zero {stage} over dp" + (f" {{ {', '.join(zopts)} }}" if zopts else ""))
+    return lines
+
+
+def _param_lines(
+    params: list[tuple[int, str, str]], module: dict[str, Any], dtype: str
+) -> list[str]:
+    """``tensor`` entries of ``(param group, name, dims text)``, group by group."""
+    lines: list[str] = []
+    for g in sorted({g for g, _, _ in params}):
+        body = [
+            f"tensor {p} {d}" + (f" {module[p].dtype}" if _own_dtype(module, p, dtype) else "")
+            for gg, p, d in params
+            if gg == g
+        ]
+        lines += _group(g, body)
     return lines
 
 
@@ -568,14 +559,9 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
         return layers[found[0]][found[1]]
 
     dtype = ref(order[0]).dtype if order else "fp32"
-    stage, variant = _zero_stage(ckpt)
-    opt = ckpt.optim_states
     lines = _header(ckpt, name, f"mesh {{ pp = {pp}, dp = {ckpt.dp} }}", dtype)
     lines.append("pipeline over pp")
-    if opt is not None:
-        first = _first_state(ckpt, order[0] if order else None)
-        zcfg = ckpt.config.get("zero_optimization") or {}
-        lines.extend(_optimizer_lines(first, stage, variant, zcfg))
+    lines += _optimizer_lines(ckpt, order[0] if order else None)
 
     def placed(n: str, owner: list[int]) -> str:
         where_ = (

@@ -317,6 +317,16 @@ def assert_universal_matches(out: Path | str, truth: dict[str, Any]) -> int:
     return compared
 
 
+def universal_exact(ckpt: Path | str, out: Path, truth: dict[str, Any], **options: Any) -> int:
+    """layoutc's conversion of ``ckpt`` to DeepSpeed's universal format in ``out``
+    (``options`` as for ``convert``), checked by :func:`assert_universal_matches`; returns
+    how many states were compared."""
+    from layoutc.conversion import convert
+
+    convert(ckpt, out, "universal", **options)
+    return assert_universal_matches(out, truth)
+
+
 RESUMED = ("step", "global_steps", "lr_scheduler")
 
 

@@ -39,8 +39,9 @@ def _other_world(case: str) -> int:
     return 4 if "_dp1_" in case else 2
 
 
-def _universal_matches_truth(out: Path, truth: dict[str, Any]) -> None:
-    compared = corpus.assert_universal_matches(out, truth)
+def _universal_exact(ckpt: Path, out: Path, truth: dict[str, Any], **options: Any) -> None:
+    """Converted to universal, every trainable tensor's master and moments exact."""
+    compared = corpus.universal_exact(ckpt, out, truth, **options)
     assert compared == 3 * sum(k.startswith("fp32/") for k in truth)
 
 
@@ -113,9 +114,8 @@ def test_pipeline_to_universal_is_exact_and_deepspeed_resumes_at_another_dp(
     ds_corpus, case, tmp_path
 ):
     out = tmp_path / "universal"
-    convert(ds_corpus[case], out, "universal")
     truth, meta = ds_corpus.truth(case)
-    _universal_matches_truth(out, truth)
+    _universal_exact(ds_corpus[case], out, truth)
     assert verify(out) == []
     loaded = ds_corpus.load(case, out, world=_other_world(case), universal=True)
     assert loaded.meta["topology"]["pp"] == 2
@@ -151,8 +151,7 @@ def test_a_zero0_pipeline_is_read_with_its_declared_layout(ds_corpus, case, tmp_
     spec = tmp_path / "model.layout"
     spec.write_text(_spec(meta, truth, meta["topology"]["dp"]))
     out = tmp_path / "universal"
-    convert(ds_corpus[case], out, "universal", spec=spec)
-    _universal_matches_truth(out, truth)
+    _universal_exact(ds_corpus[case], out, truth, spec=spec)
 
 
 def test_a_tied_layer_declared_on_one_stage_is_a_diagnostic(ds_corpus, tmp_path):
@@ -214,8 +213,7 @@ def test_a_tensor_parallel_pipeline_is_read_with_its_declared_layout(ds_corpus, 
     spec = tmp_path / "model.layout"
     spec.write_text(_spec(meta, truth, 1))
     out = tmp_path / "universal"
-    convert(ds_corpus[PPTP], out, "universal", spec=spec)
-    _universal_matches_truth(out, truth)
+    _universal_exact(ds_corpus[PPTP], out, truth, spec=spec)
     tag = (out / "latest_universal").read_text()
     row = torch.load(out / tag / "zero" / "1.fc2.weight" / "fp32.pt", weights_only=True)
     assert row["cat_dim"] == 1  # row-parallel: split on dim 1
