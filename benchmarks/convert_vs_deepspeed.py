@@ -526,10 +526,10 @@ def main() -> None:
             [f"mkdir -p {' '.join(shlex.quote(f'{OUTDIR}/{d}') for d in folders)};"]
             + [
                 f"dd if={shlex.quote(str(ckpt / f))} of={shlex.quote(f'{OUTDIR}/{f}')} bs=32M "
-                "oflag=direct conv=fsync status=none &"
+                'oflag=direct conv=fsync status=none & pids="$pids $!";'
                 for f in files
             ]
-            + ["wait"]
+            + ['for p in $pids; do wait "$p" || exit 1; done']  # any dd failing fails the run
         )
         jobs = [
             ("cp -r", ["cp", "-r", str(ckpt), OUTDIR], env_lc, None),

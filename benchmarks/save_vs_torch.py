@@ -77,7 +77,7 @@ def dd_copy(src: Path, dst: Path, streams: int = 4, block: int = 32 << 20) -> No
         )
         for k in range(streams)
     ]
-    if any(p.wait() for p in procs):
+    if any([p.wait() for p in procs]):  # wait for every stream, then judge
         raise SystemExit("dd failed")
 
 
