@@ -58,17 +58,55 @@ class OutputExists(LayoutcError):
     """The output folder exists and is not empty."""
 
 
+Reads = dict[str, tuple[list[str], list[tuple[int, int, int]]]]  # see SourceFiles.reads
+
+
+def check_crcs(reads: Reads) -> None:
+    """Refuse the source if a member read has bytes other than its archive's CRC-32 says:
+    the CRC of each member is combined from the CRCs taken as its bytes were read (by any
+    rank), and only the bytes no read touched (padding, parts no target needs) are read
+    now."""
+    opener = pt.Opener()
+    try:
+        for path, (names, runs) in reads.items():
+            pieces = Pieces()
+            for offset, length, crc in runs:
+                pieces.record(offset, length, crc)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for name in names:
+                    m = opener.members(path)[name]
+                    pt.check_crc(path, m, pieces.crc(fd, m.data_at, m.data_at + m.size))
+            finally:
+                os.close(fd)
+    finally:
+        opener.close()
+
+
+def _merge_reads(all_reads: list[Reads]) -> Reads:
+    out: Reads = {}
+    for reads in all_reads:
+        for path, (names, runs) in reads.items():
+            have = out.setdefault(path, ([], []))
+            have[0].extend(n for n in names if n not in have[0])
+            have[1].extend(runs)
+    return out
+
+
 class SourceFiles(Mapping[tuple[str, str], Any]):
     """``(file, key) -> flat tensor`` of a checkpoint, read in place: a contiguous tensor is a
     :class:`~layoutc.runtime.fileio.Region` of its file (pread, nothing mapped); a strided
-    view (rare in checkpoints) is made contiguous once."""
+    view (rare in checkpoints) is made contiguous once, its member's CRC-32 checked first.
+    Regions record the CRC-32 of what they read, so :func:`check_crcs` proves each member
+    read against its archive's CRC without reading it again."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.opener = pt.Opener()
-        self.files = Files()
+        self.files = Files(record_reads=True)
         self._objs: dict[str, Any] = {}
         self._views: dict[tuple[str, str], Any] = {}
+        self._read: dict[str, set[str]] = {}  # file path -> members read through regions
 
     def __getitem__(self, fk: tuple[str, str]) -> Any:
         if fk not in self._views and fk[0].endswith(".safetensors"):
@@ -86,6 +124,7 @@ class SourceFiles(Mapping[tuple[str, str], Any]):
             ref = pt.at(self._objs[file], key)
             if ref.contiguous:
                 data_at, _ = self.opener.member(str(self.folder / file), ref.storage.member)
+                self._read.setdefault(str(self.folder / file), set()).add(ref.storage.member)
                 itemsize = memory.np_dtype(ref.dtype).itemsize
                 self._views[fk] = self.files.region(
                     str(self.folder / file),
@@ -102,6 +141,14 @@ class SourceFiles(Mapping[tuple[str, str], Any]):
 
     def __len__(self) -> int:
         return len(self._views)
+
+    def reads(self) -> Reads:
+        """The members read through regions, per file, and the CRCs of the runs read."""
+        return {
+            path: (sorted(names), self.files.reads[path].snapshot())
+            for path, names in self._read.items()
+            if path in self.files.reads
+        }
 
     def close(self) -> None:
         self._views.clear()
@@ -333,6 +380,7 @@ def execute(
         spill = Spill(out.with_name(out.name + f".swap-{os.getpid()}"))
         try:
             memory.execute(plan, files_in, prepared.views, on_unit=on_unit, spill=spill)
+            check_crcs(files_in.reads())
         finally:
             swapped = spill.moved
             spill.close()
@@ -513,6 +561,7 @@ def _execute_across(
 
     error = None
     swapped = 0
+    reads: Reads = {}
     files_in = SourceFiles(folder)
     spill = Spill(out.with_name(out.name + f".swap-{os.getpid()}-{rank}"))
     try:  # whatever fails here is reported to every rank below, never left hanging
@@ -526,12 +575,13 @@ def _execute_across(
     finally:
         swapped = spill.moved
         spill.close()
+        reads = files_in.reads()
         files_in.close()
     pieces = {path: p.snapshot() for path, p in io.pieces.items()}
     if prepared is None:
         io.close()
-    results = group.gather((error, pieces, swapped))
-    errors = [e for e, _, _ in results if e]
+    results = group.gather((error, pieces, swapped, reads))
+    errors = [e for e, _, _, _ in results if e]
     if watch is not None:
         watch.stop(final=not errors)
     files: Any = None
@@ -540,7 +590,8 @@ def _execute_across(
         try:
             if errors:
                 raise RankFailed(f"{out}: " + "; ".join(errors) + " (nothing committed)")
-            for _, theirs, _ in results[1:]:
+            check_crcs(_merge_reads([r for _, _, _, r in results]))
+            for _, theirs, _, _ in results[1:]:
                 for path, runs in theirs.items():
                     for offset, length, crc in runs:
                         prepared.io.pieces.setdefault(path, Pieces()).record(offset, length, crc)
@@ -553,7 +604,7 @@ def _execute_across(
     files = group.broadcast(files)
     if isinstance(files, str):
         raise RankFailed(f"{out}: {files} (nothing committed)")
-    return _report(plan, out, files, start, sum(s for _, _, s in results))
+    return _report(plan, out, files, start, sum(r[2] for r in results))
 
 
 def plan_digest(plan: Plan) -> str:

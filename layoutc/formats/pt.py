@@ -24,11 +24,13 @@ with the same storage ``key`` share one storage, as tied weights do in torch.
 from __future__ import annotations
 
 import io
+import itertools
 import mmap
 import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -174,15 +176,25 @@ class TensorRef:
 
 
 def _rebuild_tensor(
-    storage: StorageRef, offset: int, size: Any, stride: Any, requires_grad: bool = False, *_: Any
+    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, *_: Any
 ) -> TensorRef:
-    return TensorRef(
-        storage,
-        int(offset),
-        tuple(int(x) for x in size),
-        tuple(int(x) for x in stride),
-        bool(requires_grad),
-    )
+    """A :class:`TensorRef` of plainly typed arguments; its geometry is checked against the
+    storage once the whole pickle is loaded (:func:`check_view`)."""
+    if not isinstance(storage, StorageRef):
+        raise ValueError(f"a tensor is rebuilt from {type(storage).__name__}, not a storage")
+    return TensorRef(storage, _int(offset), _ints(size), _ints(stride), bool(requires_grad))
+
+
+def _int(x: Any) -> int:
+    if type(x) is not int:
+        raise ValueError(f"a tensor's size, stride or offset is {x!r:.40}, not an integer")
+    return x
+
+
+def _ints(xs: Any) -> tuple[int, ...]:
+    if not isinstance(xs, tuple | list) or len(xs) > MAX_DIMS:
+        raise ValueError(f"a tensor's size or stride is {xs!r:.60}, not a short tuple")
+    return tuple(_int(x) for x in xs)
 
 
 def _rebuild_parameter(data: TensorRef, requires_grad: bool = True, *_: Any) -> TensorRef:
@@ -292,12 +304,18 @@ class _Unpickler(pickle.Unpickler):
         _, stype, key, _location, numel = pid[:5]
         if not isinstance(stype, _StorageType):
             raise UnsafePickle(f"{self.path}: storage of unknown type {stype!r:.80}")
+        if not isinstance(key, str | int) or type(numel) is not int or numel < 0:
+            raise BadContainer(f"{self.path}: a malformed storage id {pid!r:.80}")
         key = str(key)
-        if key not in self.storages:
-            self.storages[key] = StorageRef(
-                self.path, f"{self.archive}/data/{key}", key, STORAGE_DTYPES[stype.name], int(numel)
+        ref = StorageRef(
+            self.path, f"{self.archive}/data/{key}", key, STORAGE_DTYPES[stype.name], numel
+        )
+        if self.storages.setdefault(key, ref) != ref:
+            raise BadContainer(
+                f"{self.path}: storage {key} is named as {self.storages[key].numel} "
+                f"{self.storages[key].dtype} elements and as {numel} {ref.dtype} elements"
             )
-        return self.storages[key]
+        return ref
 
 
 _RECORD_CLASSES = {q: _record_class(q) for q in DEEPSPEED_CLASSES}
@@ -305,13 +323,100 @@ _RECORD_CLASSES = {q: _record_class(q) for q in DEEPSPEED_CLASSES}
 
 # ------------------------------------------------------------------ opening files
 
+LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip member's local file header
+MAX_DEPTH = 100  # containers nested deeper are refused (DeepSpeed's go 6 deep)
+MAX_DIMS = 64  # dims of one tensor view (torch allows 64)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A stored member of a zip container: where its bytes are, how many, their CRC-32."""
+
+    name: str
+    data_at: int
+    size: int
+    crc: int
+
+
+def members(path: str, data: Any) -> dict[str, Member]:
+    """Every member of the zip container ``path`` (whose bytes ``data`` maps), each checked
+    against its local header: names unique, nothing compressed or encrypted, the local
+    header agreeing with the central directory (name, flags, method, and CRC and sizes
+    where it records them), its extra field well formed, and the members' bytes inside the
+    file, before the central directory, one after the other without overlap. So a damaged
+    or crafted header is refused instead of shifting what is read."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            end = z.start_dir
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise BadContainer(f"{path}: not a torch zip checkpoint ({e})") from None
+    out: dict[str, Member] = {}
+    spans = []
+    for info in infos:
+        name = info.filename
+        if name in out:
+            raise BadContainer(f"{path}: the member {name} appears twice in the archive")
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise BadContainer(
+                f"{path}: the member {name} is compressed; torch writes every member stored"
+            )
+        if info.flag_bits & 0x41:
+            raise BadContainer(f"{path}: the member {name} is encrypted")
+        h = info.header_offset
+        if h < 0 or h + LOCAL_HEADER.size > end:
+            raise BadContainer(f"{path}: the local header of {name} lies outside the archive")
+        sig, _, flags, method, _, _, crc, csize, _, nlen, xlen = LOCAL_HEADER.unpack(
+            data[h : h + LOCAL_HEADER.size]
+        )
+        raw = bytes(data[h + 30 : h + 30 + nlen])
+        problem = ""
+        if sig != 0x04034B50:
+            problem = "has no local header signature"
+        elif raw != info.orig_filename.encode("utf-8" if flags & 0x800 else "cp437"):
+            problem = f"has the local name {raw[:80]!r}"
+        elif flags != info.flag_bits or method != info.compress_type:
+            problem = "has local flags or method that differ from the central directory"
+        elif not flags & 0x08 and (crc, csize if csize != 0xFFFFFFFF else info.file_size) != (
+            info.CRC,
+            info.file_size,
+        ):
+            problem = "has a local CRC or size that differs from the central directory"
+        elif not _extra_ok(bytes(data[h + 30 + nlen : h + 30 + nlen + xlen])):
+            problem = "has a malformed extra field"
+        if problem:
+            raise BadContainer(f"{path}: the member {name} {problem}: the file is damaged")
+        data_at = h + 30 + nlen + xlen
+        if data_at + info.file_size > end:
+            raise BadContainer(
+                f"{path}: the member {name} ({info.file_size} bytes at byte {data_at}) runs past "
+                f"the archive's data, which ends at byte {end}: the file is truncated or damaged"
+            )
+        out[name] = Member(name, data_at, info.file_size, info.CRC)
+        spans.append((h, data_at + info.file_size, name))
+    spans.sort()
+    for (_, a_end, a), (b_at, _, b) in itertools.pairwise(spans):
+        if b_at < a_end:
+            raise BadContainer(f"{path}: the members {a} and {b} overlap: the file is crafted")
+    return out
+
+
+def _extra_ok(extra: bytes) -> bool:
+    """A zip extra field is whole records of (id, length, data)."""
+    at = 0
+    while at + 4 <= len(extra):
+        at += 4 + struct.unpack_from("<H", extra, at + 2)[0]
+    return at == len(extra)
+
 
 class Opener:
-    """Memory maps of container files and the data offsets of their members (cached)."""
+    """Memory maps of container files and their checked members (cached). A member read
+    through :meth:`storage` has its CRC-32 checked once, before its bytes are used."""
 
     def __init__(self) -> None:
         self._maps: dict[str, mmap.mmap] = {}
-        self._offsets: dict[tuple[str, str], tuple[int, int]] = {}
+        self._members: dict[str, dict[str, Member]] = {}
+        self._checked: set[tuple[str, str]] = set()
 
     def _map(self, path: str) -> mmap.mmap:
         if path not in self._maps:
@@ -319,38 +424,44 @@ class Opener:
                 self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[path]
 
+    def members(self, path: str) -> dict[str, Member]:
+        if path not in self._members:
+            self._members[path] = members(path, self._map(path))
+        return self._members[path]
+
     def member(self, path: str, name: str) -> tuple[int, int]:
-        """(data offset, size) of a stored member, read from its local header."""
-        key = (path, name)
-        if key not in self._offsets:
-            with zipfile.ZipFile(path) as z:
-                for info in z.infolist():
-                    if info.compress_type != zipfile.ZIP_STORED:
-                        raise BadContainer(f"{path}: member {info.filename} is compressed")
-                    m = self._map(path)
-                    h = info.header_offset
-                    if m[h : h + 4] != b"PK\x03\x04":
-                        raise BadContainer(f"{path}: bad local header for {info.filename}")
-                    name_len, extra_len = struct.unpack("<HH", m[h + 26 : h + 30])
-                    self._offsets[(path, info.filename)] = (
-                        h + 30 + name_len + extra_len,
-                        info.file_size,
-                    )
-        if key not in self._offsets:
+        """(data offset, size) of a stored member."""
+        m = self.members(path).get(name)
+        if m is None:
             raise BadContainer(f"{path}: no member {name}")
-        return self._offsets[key]
+        return m.data_at, m.size
 
     def storage(self, s: StorageRef) -> memoryview:
-        offset, size = self.member(s.path, s.member)
+        """The bytes of a storage, its member's CRC-32 checked."""
+        m = self.members(s.path).get(s.member)
         need = s.numel * ITEMSIZE[s.dtype]
-        if size < need:
-            raise BadContainer(f"{s.path}: storage {s.key} holds {size} bytes, {need} expected")
-        return memoryview(self._map(s.path))[offset : offset + need]
+        if m is None or m.size != need:
+            found = "no member" if m is None else f"{m.size} bytes"
+            raise BadContainer(f"{s.path}: storage {s.key} holds {found}, {need} expected")
+        view = memoryview(self._map(s.path))[m.data_at : m.data_at + need]
+        if (s.path, s.member) not in self._checked:
+            check_crc(s.path, m, zlib.crc32(view))
+            self._checked.add((s.path, s.member))
+        return view
 
     def close(self) -> None:
         for m in self._maps.values():
             m.close()
         self._maps.clear()
+
+
+def check_crc(path: str, m: Member, crc: int) -> None:
+    """Refuse a member whose bytes do not have the CRC-32 its archive records."""
+    if crc != m.crc:
+        raise BadContainer(
+            f"{path}: the member {m.name} fails its CRC-32 check ({crc:08x}, the archive "
+            f"records {m.crc:08x}): the file is damaged"
+        )
 
 
 _OPENER: Opener | None = None
@@ -364,24 +475,108 @@ def _default_opener() -> Opener:
 
 
 def load(path: str | os.PathLike[str]) -> Any:
-    """The object in a torch zip file, tensors as :class:`TensorRef` (no data read)."""
+    """The object in a torch zip file, tensors as :class:`TensorRef` (no data read).
+
+    Refused with :class:`BadContainer`, naming the file: a damaged or crafted archive (see
+    :func:`members`), a pickle whose CRC-32 fails, containers nested deeper than
+    :data:`MAX_DEPTH` or more objects, counted as a walk reaches them (so shared ones count
+    each time), than the pickle's own size can account for — a "billion laughs" — and any
+    tensor view that is not a non-overlapping view inside its storage (see :func:`check_view`)
+    or whose storage's member does not hold exactly its bytes."""
     path = str(path)
     try:
-        z = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            found = members(path, data)
+            pkl = [n for n in found if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pkl) != 1:
+                many = "no" if not pkl else "more than one"
+                raise BadContainer(f"{path}: {many} data.pkl inside")
+            m = found[pkl[0]]
+            pickled = data[m.data_at : m.data_at + m.size]
+    except (OSError, ValueError) as e:  # unreadable, or empty (mmap refuses length 0)
         raise BadContainer(f"{path}: not a torch zip checkpoint ({e})") from None
-    with z:
-        pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if not pkl:
-            raise BadContainer(f"{path}: no data.pkl inside")
-        archive = pkl[0].split("/", 1)[0]
-        data = z.read(pkl[0])
+    archive = pkl[0].split("/", 1)[0]
+    check_crc(path, m, zlib.crc32(pickled))
+    unpickler = _Unpickler(pickled, path, archive)
     try:
-        return _Unpickler(data, path, archive).load()
+        obj = unpickler.load()
     except (UnsafePickle, BadContainer):
         raise
     except Exception as e:
         raise BadContainer(f"{path}: cannot read its pickle: {type(e).__name__}: {e}") from None
+    for s in unpickler.storages.values():
+        member = found.get(s.member)
+        need = s.numel * ITEMSIZE[s.dtype]
+        if member is None or member.size != need:
+            held = "is missing" if member is None else f"holds {member.size} bytes"
+            raise BadContainer(
+                f"{path}: storage {s.key} ({s.numel} {s.dtype} elements, {need} bytes) "
+                f"{held} in the archive"
+            )
+    _check_tree(obj, path, budget=10_000 + 2 * len(pickled))
+    return obj
+
+
+def _check_tree(obj: Any, path: str, budget: int) -> None:
+    """Walk a loaded object once, as a tree: bounded depth, bounded visits, every tensor
+    view checked against its storage (see :func:`load`)."""
+    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    visits = 0
+    while stack:
+        value, key, depth = stack.pop()
+        visits += 1
+        if visits > budget:
+            raise BadContainer(
+                f"{path}: its pickle expands to more than {budget:,} objects (shared ones "
+                "counted each time they are reached); a checkpoint's pickle holds about one "
+                "object per byte or two, so this one is crafted to blow up"
+            )
+        if depth > MAX_DEPTH:
+            raise BadContainer(
+                f"{path}: containers nested more than {MAX_DEPTH} deep at {key[:200]!r}"
+            )
+        if isinstance(value, TensorRef):
+            problem = check_view(value)
+            if problem:
+                raise BadContainer(f"{path}: the tensor {key or '(root)'} {problem}")
+        elif isinstance(value, dict):
+            stack.extend((v, f"{key}/{k}" if key else str(k), depth + 1) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend(
+                (v, f"{key}/{i}" if key else str(i), depth + 1) for i, v in enumerate(value)
+            )
+        elif isinstance(value, Record):
+            stack.append((value.args, f"{key}/<args>", depth + 1))
+            stack.append((value.state, f"{key}/<state>", depth + 1))
+
+
+def check_view(t: TensorRef) -> str | None:
+    """What is wrong with a tensor view, or None: every element it names must lie inside its
+    storage and no two of its elements may be the same storage element (a view that repeats
+    elements would multiply what is written), with no negative size, stride or offset
+    (torch refuses those too) and at most :data:`MAX_DIMS` dims."""
+    s = t.storage
+    where = (
+        f"(size {list(t.shape)}, stride {list(t.stride)}, offset {t.offset}) over storage "
+        f"{s.key} of {s.numel} {s.dtype} elements"
+    )
+    if len(t.shape) != len(t.stride) or len(t.shape) > MAX_DIMS:
+        return f"has a malformed view {where}"
+    if t.offset < 0 or any(n < 0 for n in t.shape) or any(st < 0 for st in t.stride):
+        return f"has a negative size, stride or offset {where}"
+    if 0 in t.shape:
+        return None if t.offset <= s.numel else f"starts past its storage {where}"
+    last = t.offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride, strict=True))
+    if last >= s.numel:
+        return f"reaches past its storage {where}: its last element is {last}"
+    reach = 1  # elements spanned by the dims taken so far, smallest stride first
+    for n, st in sorted(
+        ((n, st) for n, st in zip(t.shape, t.stride, strict=True) if n > 1), key=lambda d: d[1]
+    ):
+        if st < reach:
+            return f"names some storage elements more than once {where}"
+        reach += st * (n - 1)
+    return None
 
 
 def tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, TensorRef]]:

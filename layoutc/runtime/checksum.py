@@ -94,12 +94,17 @@ class Pieces:
 
     def crc(self, fd: int, lo: int, hi: int) -> int:
         """CRC-32 of ``[lo, hi)``: written pieces combined, the gaps between them read from
-        the file. Pieces that overlap (one range written twice) make it read the range."""
+        the file. A range recorded twice counts once; pieces that overlap otherwise make
+        it read the range."""
         with self._lock:
             inside = sorted(p for p in self._pieces if p[0] < hi and p[0] + p[1] > lo)
         crc = 0
         pos = lo
+        last = None
         for off, n, piece_crc in inside:
+            if (off, n) == last:  # the same range twice (a source read twice): once counts
+                continue
+            last = (off, n)
             if off < pos or off + n > hi:  # overlapping or straddling a boundary
                 return crc_of_file_range(fd, lo, hi)
             if off > pos:

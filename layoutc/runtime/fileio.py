@@ -71,6 +71,7 @@ class Region:
         path: str = "",
         pieces: Pieces | None = None,
         direct: Direct | None = None,
+        reads: Pieces | None = None,
     ) -> None:
         self.fd = fd
         self.direct = direct
@@ -78,7 +79,8 @@ class Region:
         self.size = numel
         self.dtype = dtype
         self.path = path
-        self.pieces = pieces
+        self.pieces = pieces  # what was written, with CRCs
+        self.reads = reads  # what was read, with CRCs (a source checked against its own)
 
     def _range(self, s: slice) -> tuple[int, int]:
         lo, hi, step = s.indices(self.size)
@@ -89,9 +91,10 @@ class Region:
     def __getitem__(self, s: slice) -> np.ndarray:
         lo, hi = self._range(s)
         out = np.empty(hi - lo, self.dtype)
-        pread_all(
-            self.fd, out.view(np.uint8).data, self.offset + lo * self.dtype.itemsize, self.path
-        )
+        at = self.offset + lo * self.dtype.itemsize
+        pread_all(self.fd, out.view(np.uint8).data, at, self.path)
+        if self.reads is not None:
+            self.reads.add(at, out.view(np.uint8).data)
         return out
 
     def __setitem__(self, s: slice, value: Any) -> None:
@@ -287,12 +290,16 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 class Files:
     """Open file descriptors, shared by the regions of one conversion; closed together."""
 
-    def __init__(self, mode: int = os.O_RDONLY, direct: bool = False) -> None:
+    def __init__(
+        self, mode: int = os.O_RDONLY, direct: bool = False, record_reads: bool = False
+    ) -> None:
         self.mode = mode
         self.fds: dict[str, int] = {}
         self.direct = direct and bool(getattr(os, "O_DIRECT", 0)) and mode != os.O_RDONLY
         self.directs: dict[str, Direct | None] = {}
         self.pieces: dict[str, Pieces] = {}  # what was written, per file (write mode)
+        self.record_reads = record_reads
+        self.reads: dict[str, Pieces] = {}  # what was read, per file (with record_reads)
 
     def fd(self, path: str) -> int:
         if path not in self.fds:
@@ -311,6 +318,7 @@ class Files:
             path,
             pieces,
             self._direct(path) if self.direct else None,
+            self.reads.setdefault(path, Pieces()) if self.record_reads else None,
         )
 
     def _direct(self, path: str) -> Direct | None:

@@ -285,8 +285,13 @@ class _Pending:
                     if got <= 0:
                         raise OSError(f"{region.path}: short read at byte {src_at + done}")
                     # The CRC here, while the chunk is in cache and the last one's write
-                    # is in flight; the writer thread only writes.
-                    crc = zlib.crc32(chunk[:got]) if dst.pieces is not None else None
+                    # is in flight; the writer thread only writes. The same CRC checks
+                    # the source against its own record of it.
+                    crc = None
+                    if dst.pieces is not None or region.reads is not None:
+                        crc = zlib.crc32(chunk[:got])
+                    if region.reads is not None and crc is not None:
+                        region.reads.record(src_at + done, got, crc)
                     turns.submit(dst.write_bytes, at, chunk[:got], crc)
                     done += got
                     at += got
