@@ -24,7 +24,8 @@ def test_the_example_converts_to_universal_and_verifies(tmp_path):
     assert (out / "latest_universal").read_text() == "global_step2"
     assert verify(out) == []
     manifest = json.loads((out / MANIFEST).read_text())
-    assert set(manifest["files"]) == {f for f in report.files if f != "latest_universal"}
+    assert set(manifest["files"]) == set(report.files)  # the marker too
+    assert manifest["markers"] == ["latest_universal"]
     for rel, entry in manifest["files"].items():  # combined from the writes, never re-read
         assert entry["crc32"] == f"{zlib.crc32((out / rel).read_bytes()):08x}", rel
     for container in out.rglob("*.pt"):  # every zip member's CRC patched correctly

@@ -5,8 +5,13 @@ pre-sized, not yet written storages (holes) — and returns writable file region
 stored buffers the plan's ``write`` ops address. Metadata a plan does not move (step
 counts, lr scheduler state, loss scaler, param groups, client state) is carried over from
 the source checkpoint's files. :meth:`Prepared.finish` patches the zip CRCs once the data
-is in place. Markers a loader looks for (``latest_universal``, the safetensors index) are
-returned to the caller to write last.
+is in place. Markers a loader looks for (``latest``, ``latest_universal``, the safetensors
+index) are returned to the caller, which writes them beside the files before the folder is
+committed (see :mod:`layoutc.runtime.commit`).
+
+Every path a writer creates — the tag folder, each file of the placement, each marker — goes
+through :func:`~layoutc.runtime.commit.inside`: a tag or a file name that is absolute, has a
+``..`` or resolves outside ``out`` is refused, whatever let it through before.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from layoutc.formats import pt
 from layoutc.place.base import Placement
 from layoutc.place.shards import STEP, StoredBuffer
 from layoutc.runtime.checksum import file_crc
+from layoutc.runtime.commit import inside
 from layoutc.runtime.fileio import Files
 from layoutc.runtime.memory import np_dtype
 
@@ -35,7 +41,7 @@ class Prepared:
     root: Path  # where files go (the tag folder for DeepSpeed formats)
     views: dict[tuple[str, str], Any] = field(default_factory=dict)  # Regions of the output files
     created: list[pt.Created] = field(default_factory=list)
-    markers: dict[Path, str] = field(default_factory=dict)  # written last, in this order
+    markers: dict[Path, str] = field(default_factory=dict)  # path -> text, for the commit
     files: list[Path] = field(default_factory=list)
     io: Files = field(default_factory=lambda: Files(os.O_RDWR, direct=True))
 
@@ -168,14 +174,14 @@ def _deepspeed(
     from layoutc.formats import deepspeed_write as dw
 
     root = target.layout.store.tag or tag
-    p = Prepared(out / root)
+    p = Prepared(inside(out, root))
     p.root.mkdir(parents=True, exist_ok=True)
     by_file = _by_file(target)
     carried = dw.Carried.read(source, placement)
     carried.fresh_param_groups = param_groups
     written: set[str] = set()
     for f, obj, holes in dw.files(target, carried, by_file):
-        path = p.root / f
+        path = inside(p.root, f)
         c = pt.create(obj, path)
         p.created.append(c)
         p.files.append(path)
@@ -188,16 +194,16 @@ def _deepspeed(
     unplaced = set(by_file) - written
     if unplaced:
         raise InternalError(f"the placement stores {sorted(unplaced)[0]}, the writer not")
-    p.markers[out / "latest"] = root
+    p.markers[inside(out, "latest")] = root
     return p
 
 
 def _universal(target: Any, out: Path, source: Path | None, tag: str) -> Prepared:
-    root = out / tag
+    root = inside(out, tag)
     p = Prepared(root)
     by_file = _by_file(target)
     for f in target.model.model_files():
-        path = root / f
+        path = inside(root, f)
         path.parent.mkdir(parents=True, exist_ok=True)
         planned = by_file.get(f, {})
         keys: dict[str, str] = {}
@@ -222,7 +228,7 @@ def _universal(target: Any, out: Path, source: Path | None, tag: str) -> Prepare
         for state in target.optimizer_states(t):
             f, key = target.location(t, state)
             b = by_file[f][key]
-            path = root / f
+            path = inside(root, f)
             path.parent.mkdir(parents=True, exist_ok=True)
             tensor = pt.Tensor(b.dtype, b.shape, None, key="0")
             c = pt.create(tensor if state == STEP else {"param": tensor, **_slicing(t)}, path)
@@ -230,11 +236,11 @@ def _universal(target: Any, out: Path, source: Path | None, tag: str) -> Prepare
             p.files.append(path)
             _map(p, c, {key: b}, {key: "0"})
     if target.layout.optimizer is not None:
-        path = root / target.OPTIMIZER_FILE
+        path = inside(root, target.OPTIMIZER_FILE)
         path.parent.mkdir(parents=True, exist_ok=True)
         pt.save(_optimizer_state(source), path)
         p.files.append(path)
-    p.markers[out / "latest_universal"] = tag
+    p.markers[inside(out, "latest_universal")] = tag
     return p
 
 
@@ -299,7 +305,7 @@ def _torch(target: Placement, out: Path) -> Prepared:
         if alias not in obj:
             b = buffers[source]
             obj[alias] = pt.Tensor(b.dtype, b.shape, None, key=source)
-    path = out / "pytorch_model.bin"
+    path = inside(out, "pytorch_model.bin")
     c = pt.create(obj, path)
     p.created.append(c)
     p.files.append(path)
@@ -325,7 +331,7 @@ def _safetensors(target: Placement, out: Path) -> Prepared:
         entries = [(b.key, b.dtype, b.shape) for b in buffers.values()]
         header, offsets = st.plan_file(entries, meta)
         size = len(header) + sum(b.nbytes for b in buffers.values())
-        path = out / f
+        path = inside(out, f)
         with open(path, "wb") as fh:
             fh.write(header)
             fh.truncate(size)
@@ -342,7 +348,7 @@ def _safetensors(target: Placement, out: Path) -> Prepared:
     if len(by_file) > 1:
         for alias, source in ties.items():
             weight_map.setdefault(alias, weight_map[source])
-        index = out / "model.safetensors.index.json"
+        index = inside(out, "model.safetensors.index.json")
         p.markers[index] = (
             json.dumps(
                 {
