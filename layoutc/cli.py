@@ -351,6 +351,7 @@ def _convert(args: argparse.Namespace, group: object) -> int:
             on_plan=show if lead else None,
             overrides=dict(args.overrides),
             param_groups=_param_groups(args.param_groups),
+            sha256=args.sha256,
         )
     except ValueError as e:
         raise _Usage(str(e)) from None
@@ -364,15 +365,19 @@ def _convert(args: argparse.Namespace, group: object) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from layoutc.conversion import MANIFEST, verify
 
-    if not (Path(args.output) / MANIFEST).is_file():
-        raise _Usage(f"{args.output}: no {MANIFEST} (not written by layoutc convert)")
-    bad = verify(args.output)
+    out = Path(args.output)
+    if not out.is_dir():
+        raise _Usage(f"{out}: no such folder")
+    if not os.path.lexists(out / MANIFEST):
+        raise _Usage(f"{out}: no {MANIFEST} (not written by layoutc convert)")
+    bad = verify(out, strong=args.strong)
     for line in bad:
-        print(f"{args.output}/{line}", file=sys.stderr)
+        print(f"{out}/{line}", file=sys.stderr)
     if bad:
-        print(f"{args.output}: {len(bad)} file(s) differ from the manifest", file=sys.stderr)
+        print(f"{out}: {len(bad)} problem(s) against the manifest", file=sys.stderr)
         return EXIT_USER
-    print(f"{args.output}: every file matches its checksum")
+    sums = "CRC-32 and SHA-256" if args.strong else "size and CRC-32"
+    print(f"{out}: every file matches the manifest (the exact file set, markers, {sums})")
     return EXIT_OK
 
 
@@ -534,15 +539,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer hyperparameters for a fresh optimizer state (from full weights): a "
         "JSON list, one object per param group (lr, betas, eps, weight_decay, ...)",
     )
+    p.add_argument(
+        "--sha256",
+        action="store_true",
+        help="also record each file's SHA-256 in the manifest (reads the output back once), "
+        "for `verify --strong`",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
         "verify",
         help="check an output against its checksum manifest",
-        description="Recompute the checksums of a layoutc output and name any file that differs.",
+        description="Check a layoutc output against its manifest: exactly its files, the "
+        "markers a loader needs and what they point at, each size, then each CRC-32; name "
+        "everything that differs.",
     )
     p.add_argument("output", metavar="OUT")
+    p.add_argument(
+        "--strong",
+        action="store_true",
+        help="check each file's SHA-256 too (recorded by `convert --sha256`)",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser(
@@ -584,6 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as e:  # a file the command reads or writes failed under it
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"layoutc {args.command}: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_USER
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,10 +9,12 @@ The steps, each refusing to go on if the previous one found a problem:
 3. the target's files are created with their structure under a temporary folder next to
    the output, then filled by running the plan: it reads exactly the runs it needs from the
    source files and writes at known offsets of the output files (pread / pwrite);
-4. the output is committed: CRCs patched, files fsynced, a manifest of each file's size and
-   CRC-32 written (``layoutc-manifest.json``, with the plan's digest and layoutc's version), the
-   folder renamed into place, and only then the marker a loader looks for
-   (``latest_universal``, the safetensors index).
+4. the output is committed in one step (:mod:`layoutc.runtime.commit`): CRCs patched, the
+   markers a loader looks for (``latest``, ``latest_universal``, the safetensors index) and a
+   manifest of each file's size and CRC-32 (``layoutc-manifest.json``, with the plan's digest
+   and layoutc's version) written beside the files, everything fsynced, and the folder
+   renamed into place. The output folder is checked before step 3: not a file or a link,
+   empty, outside the source, with room for what the plan writes.
 
 Nothing pickled runs: the source is read with the restricted unpickler, and DeepSpeed need
 not be installed.
@@ -20,11 +22,8 @@ not be installed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import resource
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -39,7 +38,7 @@ from layoutc.errors import LayoutcError, Unsupported
 from layoutc.formats import autotp, pt, weights
 from layoutc.formats import safetensors as st
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer, open_checkpoint
-from layoutc.formats.match import check_against, check_replicas
+from layoutc.formats.match import check_against, check_masters, check_replicas
 from layoutc.formats.writers import prepare
 from layoutc.lang.check import load_layout, load_text
 from layoutc.place import Placement, place
@@ -47,16 +46,22 @@ from layoutc.place.full import WeightsPlacement
 from layoutc.plan.compile import compile_plan
 from layoutc.plan.plan import Plan
 from layoutc.runtime import distributed, memory
-from layoutc.runtime.checksum import Pieces, file_crc
-from layoutc.runtime.fileio import Files, Region, fsync_path
+from layoutc.runtime.checksum import Pieces
+from layoutc.runtime.commit import MANIFEST as MANIFEST  # re-exported: the API's names
+from layoutc.runtime.commit import OutputError as OutputError
+from layoutc.runtime.commit import OutputExists as OutputExists
+from layoutc.runtime.commit import (
+    as_output_error,
+    check_output,
+    commit,
+    discard,
+    is_output_failure,
+    make_partial,
+)
+from layoutc.runtime.commit import plan_digest as plan_digest
+from layoutc.runtime.commit import verify as verify
+from layoutc.runtime.fileio import Files, Region
 from layoutc.runtime.spill import Spill
-
-MANIFEST = "layoutc-manifest.json"
-
-
-class OutputExists(LayoutcError):
-    """The output folder exists and is not empty."""
-
 
 Reads = dict[str, tuple[list[str], list[tuple[int, int, int]]]]  # see SourceFiles.reads
 
@@ -240,12 +245,14 @@ def convert(
     on_plan: Callable[[Plan], None] | None = None,
     overrides: Mapping[str, int] | None = None,
     param_groups: list[dict[str, Any]] | None = None,
+    sha256: bool = False,
 ) -> Report:
     """Convert ``checkpoint`` — a DeepSpeed checkpoint, or full weights (safetensors, a
     torch state dict, a Hugging Face folder) with ``spec`` describing the model — into
     ``output`` in format (or layout file) ``to``; ``overrides`` set mesh axes or let
     constants of the target (``--set``); ``param_groups`` are the optimizer
-    hyperparameters written with fresh optimizer state (a source without any)."""
+    hyperparameters written with fresh optimizer state (a source without any);
+    ``sha256``: record each output file's SHA-256 in the manifest too."""
     start = time.perf_counter()
     source: Any
     ckpt: DeepSpeedCheckpoint | None = None
@@ -271,6 +278,7 @@ def convert(
         check_against(placed, ckpt.folder)
         check_copies(placed, ckpt.folder)
         source, folder, src_tag = src, ckpt.folder, ckpt.tag
+    check_output(Path(output), None, folder)  # before the plan is shown; space once planned
     tgt = target_for(src, text, to, overrides)
     if ckpt is not None:
         check_autotp_cuts(ckpt, src, tgt)
@@ -311,6 +319,7 @@ def convert(
         progress=progress,
         started=start,
         param_groups=param_groups,
+        sha256=sha256,
     )
 
 
@@ -332,12 +341,16 @@ def check_autotp_cuts(ckpt: DeepSpeedCheckpoint, source: ir.Layout, target: ir.L
 
 def check_copies(placement: Placement, folder: Path) -> None:
     """The slices a layout stores several times hold the same values in every copy (see
-    :func:`~layoutc.formats.match.check_replicas`)."""
+    :func:`~layoutc.formats.match.check_replicas`), and low-precision weights are the
+    rounding of their masters (:func:`~layoutc.formats.match.check_masters`)."""
     files = SourceFiles(folder)
     try:
-        check_replicas(
-            placement, lambda f, k, at, n: np.asarray(files[(f, k)][at : at + n]).reshape(-1)
-        )
+
+        def read(f: str, k: str, at: int, n: int) -> np.ndarray:
+            return np.asarray(files[(f, k)][at : at + n]).reshape(-1)
+
+        check_replicas(placement, read)
+        check_masters(placement, read)
     finally:
         files.close()
 
@@ -357,11 +370,15 @@ def execute(
     progress: Callable[[int, int], None] | None = None,
     started: float | None = None,
     param_groups: list[dict[str, Any]] | None = None,
+    sha256: bool = False,
 ) -> Report:
     """Run a compiled plan: read ``source`` (the folder holding the source's files, e.g. a
-    DeepSpeed tag folder), write ``output`` atomically with its manifest. The plan must come
-    from :func:`layoutc.compile` in this process (it carries the shard maps the output's
-    files are created from); validate it first."""
+    DeepSpeed tag folder), write ``output`` atomically with its manifest (with ``sha256``,
+    each file's SHA-256 too, read back once). The plan must come from
+    :func:`layoutc.compile` in this process (it carries the shard maps the output's files
+    are created from); validate it first. An output that cannot be committed is refused
+    before the plan runs, a failure of its filesystem midway raises
+    :class:`~layoutc.runtime.commit.OutputError`; either way nothing is left."""
     start = started if started is not None else time.perf_counter()
     if plan.target_placement is None:
         raise ValueError(
@@ -371,8 +388,9 @@ def execute(
     out = Path(output)
     group = distributed.current()
     if group is not None:
-        return _execute_across(group, plan, folder, out, tag, progress, start, param_groups)
-    partial = _partial(out)
+        return _execute_across(group, plan, folder, out, tag, progress, start, param_groups, sha256)
+    check_output(out, plan, folder)
+    partial = make_partial(out)
     files_in = SourceFiles(folder)
     try:
         prepared = _prepare(plan, partial, folder, tag, param_groups)
@@ -385,28 +403,24 @@ def execute(
             swapped = spill.moved
             spill.close()
         crcs = prepared.finish()
-        files = _commit(partial, out, prepared, plan, crcs)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        files = commit(partial, out, prepared.markers, plan, crcs, sha256=sha256)
+    except BaseException as e:
+        discard(partial)
+        named = _named(e, out)
+        if named is not e:
+            raise named from None
         raise
     finally:
         files_in.close()
     return _report(plan, out, files, start, swapped)
 
 
-def _partial(out: Path) -> Path:
-    """A fresh folder beside ``out`` to write into (``out`` must be absent or empty)."""
-    if out.exists() and any(out.iterdir()):
-        raise OutputExists(f"{out}: exists and is not empty; choose a new output folder")
-    partial = _partial_path(out)
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return partial
-
-
-def _partial_path(out: Path) -> Path:
-    return out.with_name(out.name + f".partial-{os.getpid()}")
+def _named(e: BaseException, out: Path) -> BaseException:
+    """``e``, or for a failure of the output's filesystem (full, read-only, a name too
+    long, ...) the :class:`~layoutc.runtime.commit.OutputError` that names it."""
+    if isinstance(e, OSError) and is_output_failure(e, out):
+        return as_output_error(e, out)
+    return e
 
 
 def _prepare(
@@ -522,18 +536,20 @@ def _execute_across(
     progress: Callable[[int, int], None] | None,
     start: float,
     param_groups: list[dict[str, Any]] | None,
+    sha256: bool = False,
 ) -> Report:
     """:func:`execute` on every rank of ``group``: rank 0 creates the files, every rank
     writes the units of its workers (``unit.worker % world``), rank 0 combines the CRCs of
     all ranks' writes and commits once every rank has succeeded; a failure anywhere leaves
     nothing committed and is raised on every rank, naming the rank."""
     rank, world = group.rank, group.world
-    partial = _partial_path(out)
+    partial: Path | None = None
     prepared = None
     layout: Any = None
     if rank == 0:
         try:
-            _partial(out)
+            check_output(out, plan, folder)
+            partial = make_partial(out)
             prepared = _prepare(plan, partial, folder, tag, param_groups)
             layout = {
                 k: (v.path, v.offset, v.size, memory.dtype_name(v.dtype))
@@ -543,9 +559,11 @@ def _execute_across(
             }
             layout[("", "progress")] = f"layoutc-written-{partial.name}"  # the run's counter
         except BaseException as e:
-            shutil.rmtree(partial, ignore_errors=True)
-            layout = f"rank 0: {type(e).__name__}: {e}"
-            group.broadcast(layout)
+            discard(partial)
+            named = _named(e, out)
+            group.broadcast(f"rank 0: {type(named).__name__}: {named}")
+            if named is not e:
+                raise named from None
             raise
     layout = group.broadcast(layout)
     if isinstance(layout, str):
@@ -586,7 +604,7 @@ def _execute_across(
         watch.stop(final=not errors)
     files: Any = None
     if rank == 0:
-        assert prepared is not None
+        assert prepared is not None and partial is not None
         try:
             if errors:
                 raise RankFailed(f"{out}: " + "; ".join(errors) + " (nothing committed)")
@@ -595,78 +613,16 @@ def _execute_across(
                 for path, runs in theirs.items():
                     for offset, length, crc in runs:
                         prepared.io.pieces.setdefault(path, Pieces()).record(offset, length, crc)
-            files = _commit(partial, out, prepared, plan, prepared.finish())
+            files = commit(partial, out, prepared.markers, plan, prepared.finish(), sha256)
         except BaseException as e:
-            shutil.rmtree(partial, ignore_errors=True)
-            files = f"rank 0: {type(e).__name__}: {e}" if not errors else "; ".join(errors)
+            discard(partial)
+            named = _named(e, out)
+            files = f"rank 0: {type(named).__name__}: {named}" if not errors else "; ".join(errors)
             group.broadcast(files)
+            if named is not e:
+                raise named from None
             raise
     files = group.broadcast(files)
     if isinstance(files, str):
         raise RankFailed(f"{out}: {files} (nothing committed)")
     return _report(plan, out, files, start, sum(r[2] for r in results))
-
-
-def plan_digest(plan: Plan) -> str:
-    """SHA-256 of what the plan moves — both endpoints and, per unit, the tensor, the
-    target and source states and the cast — not of how it is scheduled: the same for
-    any memory budget, worker count or number of ranks."""
-    what = {
-        "source": plan.source.to_dict(),
-        "target": plan.target.to_dict(),
-        "routes": [[u.tensor, u.state, u.source_state, u.cast] for u in plan.units],
-    }
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-
-
-def _commit(
-    partial: Path, out: Path, prepared: Any, plan: Plan, crcs: dict[Path, int]
-) -> list[str]:
-    from layoutc import __version__
-
-    files = sorted(p for p in partial.rglob("*") if p.is_file())
-    for p in files:
-        fsync_path(p)
-    manifest = {
-        "layoutc": __version__,
-        "plan_sha256": plan_digest(plan),
-        "source": plan.source.to_dict(),
-        "target": plan.target.to_dict(),
-        "files": {
-            str(p.relative_to(partial)): {
-                "bytes": p.stat().st_size,
-                "crc32": f"{crcs[p] if p in crcs else file_crc(p):08x}",
-            }
-            for p in files
-        },
-    }
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    fsync_path(partial / MANIFEST)
-    if out.exists():
-        out.rmdir()  # empty, checked before
-    partial.rename(out)
-    for marker, text in prepared.markers.items():
-        final = out / marker.relative_to(partial)
-        tmp = final.with_name(final.name + ".tmp")
-        tmp.write_text(text)
-        fsync_path(tmp)
-        tmp.rename(final)
-    return [str(p.relative_to(partial)) for p in files] + [
-        str(m.relative_to(partial)) for m in prepared.markers
-    ]
-
-
-def verify(output: str | Path) -> list[str]:
-    """Files of ``output`` whose size or CRC-32 differs from the manifest (or are missing)."""
-    out = Path(output)
-    manifest = json.loads((out / MANIFEST).read_text())
-    bad = []
-    for rel, entry in sorted(manifest["files"].items()):
-        p = out / rel
-        if not p.is_file():
-            bad.append(f"{rel}: missing")
-        elif p.stat().st_size != entry["bytes"]:
-            bad.append(f"{rel}: {p.stat().st_size} bytes, the manifest says {entry['bytes']}")
-        elif f"{file_crc(p):08x}" != entry["crc32"]:
-            bad.append(f"{rel}: CRC-32 differs from the manifest")
-    return bad

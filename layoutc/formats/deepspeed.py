@@ -49,10 +49,7 @@ class DeepSpeedCheckpoint:
     @cached_property
     def model_states(self) -> dict[str, Any]:
         """The first model-states file (metadata; tensors stay unread)."""
-        obj = pt.load(self.model_files[0])
-        if not isinstance(obj, dict):
-            raise NotACheckpoint(f"{self.model_files[0]}: not a DeepSpeed model-states dict")
-        return obj
+        return load_model_states(self.model_files[0])
 
     @cached_property
     def optim_states(self) -> dict[str, Any] | None:
@@ -60,13 +57,13 @@ class DeepSpeedCheckpoint:
             path = self.folder / self.UNIVERSAL_OPTIMIZER
             if not path.is_file():
                 return None
-            universal = pt.load(path)
+            universal = load_checked(path)
             if not isinstance(universal, dict):
                 raise NotACheckpoint(f"{path}: not an optimizer state dict")
             return universal
         if not self.optim_files:
             return None
-        obj = pt.load(self.optim_files[0])
+        obj = load_checked(self.optim_files[0])
         if not isinstance(obj, dict) or "optimizer_state_dict" not in obj:
             raise NotACheckpoint(f"{self.optim_files[0]}: no optimizer_state_dict")
         inner: dict[str, Any] = obj["optimizer_state_dict"]
@@ -92,6 +89,142 @@ class DeepSpeedCheckpoint:
         return cfg if isinstance(cfg, dict) else {}
 
 
+def tag_problem(tag: str) -> str | None:
+    """What makes ``tag`` other than one plain folder name, or None."""
+    if not tag or tag in (".", ".."):
+        return "is empty, . or .."
+    if any(c in tag for c in "/\\\0"):
+        return "holds a path separator or NUL"
+    if len(tag.encode("utf-8")) > 255:
+        return "is longer than a file name may be (255 bytes)"
+    return None
+
+
+def _shape_ok(v: Any) -> bool:
+    return isinstance(v, tuple | list) and all(type(x) is int and x >= 0 for x in v)
+
+
+def _all(check: Any) -> Any:
+    """A dict (name -> x) or list whose every value passes ``check``."""
+
+    def ok(v: Any) -> bool:
+        if isinstance(v, dict):
+            return all(isinstance(k, str | int) and check(x) for k, x in v.items())
+        return isinstance(v, list | tuple) and all(check(x) for x in v)
+
+    return ok
+
+
+def _names(check: Any) -> Any:
+    """A dict whose every value passes ``check``."""
+    return lambda v: isinstance(v, dict) and _all(check)(v)
+
+
+def _or_none(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+def _is(*types: type) -> Any:
+    return lambda v: isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+
+
+_TENSOR = _is(pt.TensorRef)
+_INT = _is(int)
+_POSITIVE = lambda v: type(v) is int and v >= 1  # noqa: E731
+_DICT, _LIST = _is(dict), _is(list, tuple)
+_OPT = ("optimizer_state_dict",)
+
+# What each metadata entry layoutc reads must be where present, by key path, with the words
+# a user reads it in. None passes only where DeepSpeed writes None (a pipeline's `module`,
+# ZeRO-0's `param_shapes`).
+_SCHEMA: dict[tuple[Any, ...], tuple[Any, str]] = {
+    ("module",): (_or_none(_names(_TENSOR)), "name -> tensor"),
+    ("param_shapes",): (_or_none(_all(_names(_shape_ok))), "a list of {name: shape}"),
+    ("frozen_param_shapes",): (_or_none(_names(_shape_ok)), "name -> shape"),
+    ("frozen_param_fragments",): (_or_none(_names(_TENSOR)), "name -> tensor"),
+    ("shared_params",): (_or_none(_names(_is(str))), "name -> name"),
+    ("buffer_names",): (_or_none(_all(_is(str))), "a list of names"),
+    ("checkpoint_parallel_dimensions",): (_names(_POSITIVE), "axis -> a positive integer"),
+    ("mp_world_size",): (_POSITIVE, "a positive integer"),
+    ("dp_world_size",): (_POSITIVE, "a positive integer"),
+    ("ds_config",): (_DICT, "a dict"),
+    ("ds_config", "zero_optimization"): (_DICT, "a dict"),
+    ("ds_config", "tensor_parallel"): (_DICT, "a dict"),
+    _OPT: (_DICT, "a dict"),
+    (*_OPT, "zero_stage"): (lambda v: _INT(v) or isinstance(v, pt.Record), "the ZeRO stage"),
+    (*_OPT, "single_partition_of_fp32_groups"): (_all(_TENSOR), "a list of tensors"),
+    (*_OPT, "fp32_flat_groups"): (_all(_TENSOR), "a list of tensors"),
+    (*_OPT, "group_paddings"): (_all(_INT), "a list of integers"),
+    (*_OPT, "param_alignment_paddings"): (_all(_all(_INT)), "a list of lists of integers"),
+    (*_OPT, "partition_count"): (lambda v: _INT(v) or _all(_INT)(v), "integers"),
+    (*_OPT, "param_slice_mappings"): (_all(_DICT), "a list of dicts"),
+    (*_OPT, "base_optimizer_state"): (lambda v: _DICT(v) or _LIST(v), "an optimizer state"),
+    (*_OPT, "base_optimizer_state", "state"): (_all(_DICT), "param index -> states"),
+    (*_OPT, "base_optimizer_state", "param_groups"): (_all(_DICT), "a list of dicts"),
+    (*_OPT, "optimizer_state_dict"): (_DICT, "an optimizer state"),
+    (*_OPT, "optimizer_state_dict", "state"): (_all(_DICT), "param index -> states"),
+    (*_OPT, "optimizer_state_dict", "param_groups"): (_all(_DICT), "a list of dicts"),
+    (*_OPT, "param_groups"): (_all(_DICT), "a list of dicts"),
+    (*_OPT, "state"): (_all(_DICT), "param index -> states"),
+}
+
+
+def _found(obj: Any, path: tuple[Any, ...]) -> Any:
+    """``(key path, value)`` of the value at ``path``, if there is one."""
+    values: list[tuple[tuple[Any, ...], Any]] = [((), obj)]
+    for part in path:
+        nxt: list[tuple[tuple[Any, ...], Any]] = []
+        for at, v in values:
+            if isinstance(v, dict) and part in v:
+                nxt.append(((*at, part), v[part]))
+        values = nxt
+    return values
+
+
+def load_checked(path: Path) -> Any:
+    """A DeepSpeed file, its metadata checked against the types DeepSpeed writes: each
+    entry layoutc reads (``param_shapes``, ``module``, the optimizer's flat groups and
+    paddings, world sizes, ...) is absent, None, or what DeepSpeed writes there; anything
+    else is refused naming the file, the entry and what it holds, instead of failing later
+    somewhere deep in a conversion."""
+    obj = pt.load(path)
+    if not isinstance(obj, dict):
+        return obj
+    for where, (ok, what) in _SCHEMA.items():
+        for at, value in _found(obj, where):
+            if not ok(value):
+                key = "/".join(map(str, at))
+                raise NotACheckpoint(
+                    f"{path}: `{key}` holds {type(value).__name__} {value!r:.80}; DeepSpeed "
+                    f"writes {what} there"
+                )
+    return obj
+
+
+def load_model_states(path: Path) -> dict[str, Any]:
+    """A model-states file (see :func:`load_checked`)."""
+    obj = load_checked(path)
+    if not isinstance(obj, dict):
+        raise NotACheckpoint(f"{path}: not a DeepSpeed model-states dict")
+    return obj
+
+
+def _tag_in(root: Path, marker: str) -> Path:
+    """The tag folder a ``latest``-style marker names: one folder name inside ``root``."""
+    raw = (root / marker).read_bytes()
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise NotACheckpoint(f"{root / marker}: not UTF-8 text ({raw[:40]!r})") from None
+    problem = tag_problem(tag)
+    if problem:
+        raise NotACheckpoint(
+            f"{root / marker}: names the tag {tag[:80]!r}, which {problem}; a tag is one "
+            "folder inside the checkpoint"
+        )
+    return root / tag
+
+
 def open_checkpoint(path: str | Path, tag: str | None = None) -> DeepSpeedCheckpoint:
     """A checkpoint from its root (with ``latest``) or a tag folder; ``tag`` picks another."""
     path = Path(path)
@@ -100,13 +233,16 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> DeepSpeedCheckp
     root: Path | None = None
     folder = path
     if tag is not None:
+        problem = tag_problem(tag)
+        if problem:
+            raise NotACheckpoint(
+                f"--tag {tag[:80]!r}: {problem}; a tag is one folder inside {path}"
+            )
         root, folder = path, path / tag
     elif (path / "latest").is_file():
-        root = path
-        folder = path / (path / "latest").read_text().strip()
+        root, folder = path, _tag_in(path, "latest")
     elif (path / "latest_universal").is_file():
-        root = path
-        folder = path / (path / "latest_universal").read_text().strip()
+        root, folder = path, _tag_in(path, "latest_universal")
     if not folder.is_dir():
         raise NotACheckpoint(f"{folder}: the tag folder does not exist")
     ckpt = DeepSpeedCheckpoint(folder, folder.name, root)
@@ -336,7 +472,7 @@ def _undeclared(ckpt: DeepSpeedCheckpoint, shown: int = 12) -> str:
     for path in ckpt.layer_files:
         m = LAYER.match(path.name)
         assert m is not None
-        obj = pt.load(path)
+        obj = load_checked(path)
         if not isinstance(obj, dict):
             continue
         for key, ref in obj.items():
@@ -455,7 +591,7 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
     from layoutc.lang.fmt import fmt
     from layoutc.lang.parse import parse
 
-    stages = [pt.load(p) for p in ckpt.model_files]
+    stages = [load_model_states(p) for p in ckpt.model_files]
     if len(stages) != pp:
         raise Unsupported(
             f"{ckpt.folder}: {len(stages)} mp_rank files for pp = {pp}; with tensor parallelism "
@@ -470,7 +606,7 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
                 f"{path}: a model-parallel layer file; infer reads pipelines without a "
                 "model-parallel axis: write the layout with its tp axis and pass --spec"
             )
-        obj = pt.load(path)
+        obj = load_checked(path)
         if not isinstance(obj, dict):
             raise NotACheckpoint(f"{path}: not a layer state dict")
         layers[int(m.group(1))] = obj
@@ -599,7 +735,7 @@ def _stage_groups(ckpt: DeepSpeedCheckpoint, counts: list[int]) -> list[list[int
     saved: list[list[dict[str, Any]]] = []
     for s, n in enumerate(counts):
         files = [p for p in ckpt.optim_files if (m := OPTIM.match(p.name)) and int(m.group(3)) == s]
-        inner = (pt.load(files[0]).get("optimizer_state_dict") or {}) if files else {}
+        inner = (load_checked(files[0]).get("optimizer_state_dict") or {}) if files else {}
         groups = (inner.get("base_optimizer_state") or {}).get("param_groups") or []
         if len(groups) != n:
             raise Unsupported(
@@ -627,7 +763,7 @@ def _universal_states(ckpt: DeepSpeedCheckpoint, param: str) -> dict[str, bool]:
     (``fp32.pt`` is the master; the others are named for their state)."""
     folder = ckpt.folder / "zero" / param
     master = folder / "fp32.pt"
-    if master.is_file() and not isinstance(pt.load(master), dict):
+    if master.is_file() and not isinstance(load_checked(master), dict):
         raise Unsupported(
             f"{master}: a bare tensor, not a dict with `param` — what ds_to_universal writes "
             "for ZeRO-3 (flattened, without step.pt); layoutc reads universal checkpoints that "

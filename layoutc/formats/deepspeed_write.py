@@ -26,6 +26,7 @@ import numpy as np
 from layoutc import ir
 from layoutc.errors import Unsupported
 from layoutc.formats import autotp, pt
+from layoutc.formats.deepspeed import load_checked
 from layoutc.formats.writers import copy_values
 from layoutc.place.deepspeed import DeepSpeedPlacement
 from layoutc.place.shards import STEP, StoredBuffer, iter_coords
@@ -91,7 +92,7 @@ class Carried:
         path = self.folder / name if self.folder is not None else None
         if path is None or not path.is_file():
             return []
-        obj = pt.load(path)
+        obj = load_checked(path)
         return list(obj) if isinstance(obj, dict) else []
 
     @classmethod
@@ -102,11 +103,11 @@ class Carried:
             folder.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")
         )
         optims = sorted(folder.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))
-        model = pt.load(models[0]) if models else {}
+        model = load_checked(models[0]) if models else {}
         universal = folder / "zero" / "optimizer_state.pt"  # DeepSpeed's universal format
         if not optims and universal.is_file():
-            return cls(model, pt.load(universal), {})
-        outer = pt.load(optims[0]) if optims else {}
+            return cls(model, load_checked(universal), {})
+        outer = load_checked(optims[0]) if optims else {}
         return cls(model, outer.get("optimizer_state_dict", {}), outer)
 
     def param_groups(self, count: int, names: list[str] | None = None) -> list[Any] | None:
@@ -378,7 +379,7 @@ def _named_groups(source: DeepSpeedPlacement, folder: Path) -> dict[str, Any]:
         path = folder / (source.model_file(coords) if plain else source.optim_file(coords))
         if not groups or not path.is_file():
             continue
-        obj = pt.load(path)
+        obj = load_checked(path)
         inner = obj.get("optimizer") if plain else obj.get("optimizer_state_dict")
         if not isinstance(inner, dict):
             continue

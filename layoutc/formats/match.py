@@ -16,7 +16,9 @@ import numpy as np
 
 from layoutc.errors import Diagnostic, LayoutError, Span
 from layoutc.formats import pt
+from layoutc.formats.deepspeed import load_checked
 from layoutc.place.base import Placement
+from layoutc.place.shards import MASTER, WEIGHT
 
 MAX_SHOWN = 50
 
@@ -46,7 +48,7 @@ def check_against(placement: Placement, folder: str | Path) -> None:
                     _hint(placement),
                 )
                 continue
-            loaded[buf.file] = pt.load(path)
+            loaded[buf.file] = load_checked(path)
         obj = loaded[buf.file]
         if obj is None:
             continue
@@ -185,6 +187,83 @@ def _first_difference(
                     f"declared the same in {first[1]} and {where}, but element {lo + i} of "
                     f"{sl.label()} is {first[0][i]!r} in one and {got[i]!r} in the other"
                 )
+    return None
+
+
+SAMPLE = 1024  # elements compared at each end of a slice by check_masters
+
+# How far a 16-bit weight may be from its fp32 master: the rounding of the master (half a
+# unit in the last place) with room to spare, relative, and the smallest normal number
+# absolute (a master too small for the 16-bit type becomes 0 or a subnormal there).
+_ROUNDING = {"bf16": (2.0**-7, 2.0**-126), "fp16": (2.0**-10, 2.0**-14), "fp32": (0.0, 0.0)}
+
+
+def check_masters(placement: Placement, read: Callable[[str, str, int, int], np.ndarray]) -> None:
+    """Raise LayoutError if a tensor's low-precision weights are not the rounding of its
+    fp32 master. A native DeepSpeed checkpoint stores both (the module's 16-bit copy, the
+    optimizer's flat partitions) and DeepSpeed writes one from the other, so metadata that points the masters
+    at the wrong bytes — two equal-sized parameters swapped in ``param_shapes`` — shows up
+    here. The first and last :data:`SAMPLE` elements of each slice are compared."""
+    diags: list[Diagnostic] = []
+    if placement.layout.store.format != "deepspeed":  # written by DeepSpeed's own save
+        return
+    for t in placement.tensors:
+        states = placement.states(t)
+        if WEIGHT not in states or MASTER not in states:
+            continue
+        rounding = _ROUNDING.get(placement.dtype(t, WEIGHT))
+        if rounding is None:
+            continue
+        rel, tiny = rounding
+        for sl in placement.slices(t, WEIGHT):
+            bad = _unrounded(placement, read, t, sl, rel, tiny)
+            if bad is not None:
+                diags.append(
+                    Diagnostic(
+                        "E307",
+                        f"{t.name}: {bad}",
+                        _span(placement.layout.source),
+                        "the checkpoint's metadata (param_shapes, the flat partitions) does "
+                        "not describe its own data: it is damaged or crafted",
+                    )
+                )
+                break
+        if len(diags) >= MAX_SHOWN:
+            break
+    if diags:
+        raise LayoutError(diags)
+
+
+def _unrounded(
+    placement: Placement,
+    read: Callable[[str, str, int, int], np.ndarray],
+    t: Any,
+    sl: Any,
+    rel: float,
+    tiny: float,
+) -> str | None:
+    n = sl.numel if sl.shape else 1
+    for lo, hi in sorted({(0, min(n, SAMPLE)), (max(0, n - SAMPLE), n)}):
+        weight_runs = placement.runs(t, WEIGHT, sl, 0, lo, hi)
+        master_runs = placement.runs(t, MASTER, sl, 0, lo, hi)
+        if not weight_runs or not master_runs:  # a ZeRO-3 stub, or an empty slice
+            return None
+        w = np.concatenate([read(r.file, r.key, r.offset, r.numel) for r in weight_runs])
+        m = np.concatenate([read(r.file, r.key, r.offset, r.numel) for r in master_runs])
+        if w.size != m.size:
+            return None
+        w64, m64 = w.astype(np.float64), m.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            off = np.abs(w64 - m64) > rel * np.abs(m64) + tiny
+        off &= ~(np.isnan(w64) & np.isnan(m64))
+        if off.any():
+            i = int(np.argmax(off))
+            where = ", ".join(sorted({r.file for r in master_runs}))
+            return (
+                f"element {lo + i} of {sl.label()} is {w[i]!r} in the model states' "
+                f"{placement.dtype(t, WEIGHT)} copy but {m[i]!r} in its fp32 master ({where}): "
+                "the weights are not the rounding of their masters"
+            )
     return None
 
 

@@ -19,6 +19,7 @@ from layoutc import ir
 from layoutc.errors import Diagnostic, LayoutcError, LayoutError
 from layoutc.formats import pt
 from layoutc.formats import safetensors as st
+from layoutc.formats.deepspeed import tag_problem
 
 
 class NotWeights(LayoutcError):
@@ -78,7 +79,7 @@ def open_weights(path: str | Path) -> Weights:
             for name, e in entries.items():
                 w.entries[name] = WeightEntry(f, name, e.dtype, tuple(e.shape))
             if st.TIES_KEY in metadata:
-                w.ties.update(json.loads(metadata[st.TIES_KEY]))
+                w.ties.update(_ties(folder / f, metadata[st.TIES_KEY]))
         else:
             _torch_entries(w, folder, f)
     for alias, source in w.ties.items():  # a tie stored once is found under both names
@@ -93,14 +94,48 @@ def _folder_files(p: Path) -> tuple[str, list[str]]:
         ("torch", "pytorch_model.bin", "pytorch_model.bin.index.json"),
     ):
         if (p / index).is_file():
-            weight_map = json.loads((p / index).read_text())["weight_map"]
-            return fmt, sorted(set(weight_map.values()))
+            return fmt, sorted(set(_weight_map(p / index).values()))
         if (p / single).is_file():
             return fmt, [single]
     raise NotWeights(
         f"{p}: no model.safetensors, pytorch_model.bin or index of either (a weights folder), "
         "and no `latest` or *_model_states.pt (a DeepSpeed checkpoint)"
     )
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """An index's ``weight_map`` (tensor name -> shard file), each shard a plain file name
+    in the index's folder: a path that leaves it (``../x``, ``/x``) is refused."""
+    try:
+        doc = json.loads(index.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NotWeights(f"{index}: not a JSON index ({e})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise NotWeights(f"{index}: no `weight_map` object of tensor name -> file name")
+    for name, file in weight_map.items():
+        problem = tag_problem(file)
+        if problem:
+            raise NotWeights(
+                f"{index}: the shard of {name[:80]} is {file[:80]!r}, which {problem}; "
+                "shards are files beside the index"
+            )
+    return weight_map
+
+
+def _ties(path: Path, text: str) -> dict[str, str]:
+    """The ties a safetensors file records in its metadata (alias -> source)."""
+    try:
+        ties = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise NotWeights(f"{path}: its {st.TIES_KEY} metadata is not JSON ({e})") from None
+    if not isinstance(ties, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in ties.items()
+    ):
+        raise NotWeights(f"{path}: its {st.TIES_KEY} metadata is not an object of names")
+    return ties
 
 
 def _torch_entries(w: Weights, folder: Path, f: str) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from layoutc import ir
 from layoutc.errors import InternalError, Unsupported
 from layoutc.formats import pt
+from layoutc.formats.deepspeed import load_checked
 from layoutc.place.base import Placement
 from layoutc.place.shards import STEP, StoredBuffer
 from layoutc.runtime.checksum import file_crc
@@ -209,7 +210,7 @@ def _universal(target: Any, out: Path, source: Path | None, tag: str) -> Prepare
         keys: dict[str, str] = {}
         src = source / f if source is not None else None
         if src is not None and src.is_file():
-            obj = _carry(pt.load(src), planned, keys)
+            obj = _carry(load_checked(src), planned, keys)
         else:
             obj = {"module": OrderedDict()}
             for key, b in planned.items():
@@ -266,7 +267,7 @@ def _optimizer_state(source: Path | None) -> dict[str, Any]:
     files = sorted(source.glob("*optim_states.pt")) if source is not None else []
     if not files:
         return {"param_groups": []}
-    inner = pt.load(files[0])["optimizer_state_dict"]
+    inner = load_checked(files[0])["optimizer_state_dict"]
     drop = {
         "base_optimizer_state",
         "param_slice_mappings",

@@ -24,6 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from bounded import ROOT, assert_no_output, assert_refused, tree
+from bounded import cli as run_cli
 
 from layoutc import cli
 from layoutc.conversion import MANIFEST, convert, execute, verify
@@ -33,8 +35,6 @@ from layoutc.lang.check import load_text
 from layoutc.plan.compile import compile_plan
 from layoutc.runtime import commit as commit_module
 from layoutc.runtime.commit import OutputError, OutputExists
-from tests.attacks.conftest import ROOT, assert_no_output, assert_refused, tree
-from tests.attacks.conftest import cli as run_cli
 
 GiB = 1 << 30
 

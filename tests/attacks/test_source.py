@@ -2,7 +2,7 @@
 
 Each case damages a private copy of the shipped real DeepSpeed checkpoint (ZeRO-2, bf16,
 two ranks) the way a crafted or corrupted file would be, runs the real command line on it in
-a bounded child process and checks the refusal (see ``conftest.py``): exit 1, the file and
+a bounded child process and checks the refusal (see ``bounded.py``): exit 1, the file and
 what is wrong named, no traceback, no output, the source unchanged.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import craft
 import numpy as np
 import pytest
-from conftest import assert_no_output, assert_refused, cli, tree
+from bounded import EXAMPLE, ROOT, assert_no_output, assert_refused, cli, tree
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -273,3 +273,132 @@ def test_what_a_checkpoint_legitimately_shares_still_loads(tmp_path: Path) -> No
     entries["s"] = shared
     craft.write(tmp_path / "big.pt", {"state": entries})
     assert len(pt.load(tmp_path / "big.pt")["state"]) == 100_001
+
+
+# ---------------------------------------------------------------- metadata of the wrong type
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("optimizer_state_dict",), [1]),
+        (("optimizer_state_dict", "zero_stage"), None),
+        (("optimizer_state_dict", "single_partition_of_fp32_groups"), "x"),
+        (("optimizer_state_dict", "param_alignment_paddings"), 7),
+        (("optimizer_state_dict", "base_optimizer_state", "state"), None),
+        (("optimizer_state_dict", "base_optimizer_state", "param_groups"), [7]),
+        (("ds_config", "zero_optimization"), None),
+    ],
+)
+def test_optimizer_metadata_of_the_wrong_type_is_refused_by_name(
+    example: Path, tmp_path: Path, path: tuple[Any, ...], value: Any
+) -> None:
+    def edit(obj: Any) -> None:
+        for k in path[:-1]:
+            obj = obj[k]
+        obj[path[-1]] = value
+
+    craft.rewrite(example / OPTIM, edit)
+    key = "/".join(map(str, path))
+    refused_everywhere(example, tmp_path, "optim_states.pt", f"`{key}` holds")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("param_shapes", [1, 2, 3]),
+        ("param_shapes", [{"embed.weight": "big"}]),
+        ("module", [1, 2]),
+        ("buffer_names", 7),
+        ("frozen_param_shapes", [1]),
+        ("checkpoint_parallel_dimensions", "tp=2"),
+        ("shared_params", ["head.weight"]),
+        ("mp_world_size", "two"),
+        ("dp_world_size", -3),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_refused_by_name(
+    example: Path, tmp_path: Path, key: str, value: Any
+) -> None:
+    edit_model(example, lambda obj: obj.__setitem__(key, value))
+    refused_everywhere(example, tmp_path, "mp_rank_00_model_states.pt", f"`{key}` holds")
+
+
+# ---------------------------------------------------------------- latest
+
+
+@pytest.mark.parametrize(
+    "latest",
+    [b"\xff\xfeglobal", b"../global_step2", b"/etc", b"..", b"g" * 5000, b"a/b"],
+)
+def test_a_latest_that_is_not_one_folder_name_is_refused(
+    example: Path, tmp_path: Path, latest: bytes
+) -> None:
+    (example / "latest").write_bytes(latest)
+    refused_everywhere(example, tmp_path, str(example / "latest"))
+
+
+def test_a_latest_climbing_out_of_a_nested_root_writes_nothing_outside(tmp_path: Path) -> None:
+    """``D/sub/latest`` holding ``..`` made ``convert D/sub -o P/out`` write into ``P/``."""
+    import shutil
+
+    d = tmp_path / "D"
+    shutil.copytree(EXAMPLE, d)
+    (d / "sub").mkdir()
+    (d / "sub" / "latest").write_text("..")
+    (tmp_path / "P").mkdir()
+    run = cli("convert", d / "sub", "--to", "deepspeed", "-o", tmp_path / "P" / "out", "-q")
+    assert_refused(run, "latest", "'..'")
+    assert list((tmp_path / "P").iterdir()) == []
+
+
+def test_a_tag_option_that_is_a_path_is_refused(example: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    run = cli("convert", example, "--tag", "../ckpt/global_step2", "--to", "universal", "-o", out)
+    assert_refused(run, "--tag", "one folder")
+    assert_no_output(out)
+
+
+def test_two_equal_sized_parameters_swapped_in_param_shapes_are_refused(
+    example: Path, tmp_path: Path
+) -> None:
+    """The masters would be converted onto each other's names; the module's own bf16 copy
+    of each weight shows the truth."""
+
+    def edit(obj: Any) -> None:
+        group = obj["param_shapes"][0]
+        assert group["fc1.weight"] != group["fc2.weight"] and len(group) == 3
+        obj["param_shapes"][0] = OrderedDict(
+            [(k, group[k]) for k in ("embed.weight", "fc2.weight", "fc1.weight")]
+        )
+
+    edit_model(example, edit)
+    for to in TARGETS:
+        out = tmp_path / f"out-{to}"
+        run = cli("convert", example, "--to", to, "-o", out, "-q")
+        assert_refused(run, "E307", "fc2.weight", "not the rounding of their masters")
+        assert_no_output(out)
+
+
+# ---------------------------------------------------------------- weights folders
+
+
+@pytest.mark.parametrize(
+    ("index", "needle"),
+    [
+        ('{"weight_map": {"w": "../outside.safetensors"}}', "shards are files beside the index"),
+        ('{"weight_map": {"w": "/etc/outside.safetensors"}}', "shards are files beside the index"),
+        ('{"weight_map": ["w"]}', "no `weight_map` object"),
+        ("{not json", "not a JSON index"),
+        ('"\\ud800"', "no `weight_map` object"),
+    ],
+)
+def test_a_hostile_weights_index_is_refused(tmp_path: Path, index: str, needle: str) -> None:
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors.index.json").write_text(index)
+    out = tmp_path / "out"
+    spec = ROOT / "specs" / "gpt2-small.layout"
+    run = cli("convert", hf, "--spec", spec, "--to", "safetensors", "-o", out, "-q")
+    assert_refused(run, "model.safetensors.index.json", needle)
+    assert_no_output(out)
