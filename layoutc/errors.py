@@ -32,6 +32,7 @@ class Span:
 
 
 NO_SPAN = Span("<none>", 0, 0)
+SHOWN_COLUMNS = 120  # the most of one source line a diagnostic shows
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,23 +45,36 @@ class Diagnostic:
 
     def render(self, source: str | None = None) -> str:
         """The diagnostic as a terminal user reads it, with the line and a caret."""
+        return self.render_lines(None if source is None else source.split("\n"))
+
+    def render_lines(self, lines: list[str] | None) -> str:
+        """:meth:`render` with the source already cut into lines (as the parser counts them),
+        so many diagnostics of one file cost one split, not one each. A line longer than
+        :data:`SHOWN_COLUMNS` is shown as a window around the span, so a huge one-line file
+        does not print itself once per diagnostic."""
         head = f"{self.span}: {self.severity}[{self.code}]: {self.message}"
         if self.span is NO_SPAN:
             head = f"{self.severity}[{self.code}]: {self.message}"
-        lines = [head]
-        if source is not None and self.span.line > 0:
-            text_lines = source.split("\n")  # lines as the parser counts them
-            if self.span.line <= len(text_lines):
-                text = text_lines[self.span.line - 1].rstrip("\r")
-                width = max(
-                    1, min(self.span.end - self.span.start, len(text) - self.span.column + 1)
+        out = [head]
+        if lines is not None and 0 < self.span.line <= len(lines):
+            text = lines[self.span.line - 1].rstrip("\r")
+            column = self.span.column
+            if len(text) > SHOWN_COLUMNS:
+                first = max(0, min(column - 1 - SHOWN_COLUMNS // 3, len(text) - SHOWN_COLUMNS))
+                window = text[first : first + SHOWN_COLUMNS]
+                text = (
+                    ("…" if first else "")
+                    + window
+                    + ("…" if first + SHOWN_COLUMNS < len(text) else "")
                 )
-                gutter = f"{self.span.line:>4} | "
-                lines.append(gutter + text)
-                lines.append(" " * (len(gutter) + self.span.column - 1) + "^" * width)
+                column += 1 - first if first else 0
+            width = max(1, min(self.span.end - self.span.start, len(text) - column + 1))
+            gutter = f"{self.span.line:>4} | "
+            out.append(gutter + text)
+            out.append(" " * (len(gutter) + column - 1) + "^" * width)
         if self.hint:
-            lines.append(f"  = help: {self.hint}")
-        return "\n".join(lines)
+            out.append(f"  = help: {self.hint}")
+        return "\n".join(out)
 
 
 class LayoutcError(Exception):
@@ -79,7 +93,8 @@ class LayoutError(LayoutcError):
 
     def render(self, limit: int | None = None) -> str:
         shown = self.diagnostics if limit is None else self.diagnostics[:limit]
-        parts = [d.render(self.source) for d in shown]
+        lines = None if self.source is None else self.source.split("\n")
+        parts = [d.render_lines(lines) for d in shown]
         rest = len(self.diagnostics) - len(shown)
         if rest > 0:
             parts.append(f"... and {rest} more")

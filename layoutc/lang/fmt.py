@@ -10,6 +10,8 @@ trees.
 
 from __future__ import annotations
 
+import bisect
+from collections import deque
 from dataclasses import dataclass, field
 
 from layoutc.lang import ast
@@ -111,13 +113,17 @@ def statement_head(st: ast.Statement) -> str:
 
 @dataclass
 class _Printer:
-    comments: list[ast.Comment]
-    blanks: frozenset[int]
+    """Prints statements in order, taking comments from the front of a queue sorted by
+    line, so a file is printed in time linear in its statements, comments and blank lines."""
+
+    comments: deque[ast.Comment]
+    blanks: list[int]  # sorted
     out: list[str] = field(default_factory=list)
     last_line: int = 0
 
     def blank_since(self, line: int) -> bool:
-        return any(self.last_line < b < line for b in self.blanks)
+        i = bisect.bisect_right(self.blanks, self.last_line)
+        return i < len(self.blanks) and self.blanks[i] < line
 
     def emit(self, text: str, indent: int, line: int) -> None:
         if (
@@ -135,12 +141,12 @@ class _Printer:
     def leading(self, before: int, indent: int) -> None:
         """Own-line comments above ``before`` (and stray ones inside a printed-flat statement)."""
         while self.comments and self.comments[0].line < before:
-            c = self.comments.pop(0)
+            c = self.comments.popleft()
             self.emit(c.text, indent, c.line)
 
     def trailing(self, line: int) -> str:
         if self.comments and self.comments[0].line == line and not self.comments[0].own_line:
-            return "  " + self.comments.pop(0).text
+            return "  " + self.comments.popleft().text
         return ""
 
     def statement(self, st: ast.Statement, indent: int) -> None:
@@ -157,15 +163,14 @@ class _Printer:
         if isinstance(st, ast.Let | ast.Mesh) and end > start and len(self._bindings(st)) > 1:
             self._multiline(st, indent, start, end)
             return
-        # comments inside a multi-line statement that is printed on one line go above it
-        inside = [
-            c
-            for c in self.comments
-            if start <= c.line <= end and not (c.line == end and not c.own_line)
-        ]
-        for c in inside:
-            self.comments.remove(c)
-            self.emit(c.text, indent, start)
+        # comments inside a multi-line statement that is printed on one line go above it;
+        # leading() took those before it, so they are at the front of the queue
+        while (
+            self.comments
+            and start <= self.comments[0].line <= end
+            and not (self.comments[0].line == end and not self.comments[0].own_line)
+        ):
+            self.emit(self.comments.popleft().text, indent, start)
         self.emit(statement_head(st) + self.trailing(end), indent, start)
         self.last_line = max(self.last_line, end)
 
@@ -195,7 +200,7 @@ class _Printer:
 
 def fmt(file: ast.File) -> str:
     """Canonical text of a parsed file (ends with one newline)."""
-    p = _Printer(sorted(file.comments, key=lambda c: c.line), file.blank_before)
+    p = _Printer(deque(sorted(file.comments, key=lambda c: c.line)), sorted(file.blank_before))
     if file.header is not None:
         p.leading(file.header.span.line or 1, 0)
         line = file.header.span.line
