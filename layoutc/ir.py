@@ -340,6 +340,33 @@ class Offload:
         }
 
 
+MAX_TAG_BYTES = 255  # the longest file name Linux, macOS and Windows file systems all accept
+
+
+def check_tag(tag: str) -> str | None:
+    """What makes ``tag`` unusable as a checkpoint tag, or None if it is fine.
+
+    A tag names one folder inside a checkpoint (DeepSpeed's ``global_step100``); the
+    readers join it to the checkpoint folder and the writers to their output folder. So it
+    must be a single path component: a ``/``, a ``\\``, ``.`` or ``..`` would reach outside
+    that folder, a NUL ends the name early in the operating system. The layout language
+    (E137), the checkpoint readers and the writers all apply this one rule.
+    """
+    if not tag:
+        return "is empty"
+    for ch, name in (("/", "`/`"), ("\\", "`\\`"), ("\0", "a NUL character")):
+        if ch in tag:
+            return f"contains {name}"
+    if tag in (".", ".."):
+        return (
+            f"is `{tag}`, which means {'the folder itself' if tag == '.' else 'the parent folder'}"
+        )
+    size = len(tag.encode("utf-8", "surrogatepass"))
+    if size > MAX_TAG_BYTES:
+        return f"is {size} bytes long in UTF-8; a folder name has at most {MAX_TAG_BYTES}"
+    return None
+
+
 @dataclass(frozen=True)
 class Store:
     format: str = "deepspeed"

@@ -11,14 +11,17 @@ read the diff.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from layoutc import LayoutError, load_text
+from layoutc import LayoutError, load_layout, load_text
 from layoutc.errors import Diagnostic
+from layoutc.lang.parse import MAX_SOURCE_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDENS = Path(__file__).resolve().parent / "golden" / "diagnostics"
@@ -26,8 +29,9 @@ UPDATE = bool(os.environ.get("LAYOUTC_UPDATE_GOLDENS"))
 PATH = "example.layout"
 
 # id -> minimal bad input. The id starts with the code it must produce; variants of one
-# code carry a suffix. Most inputs are the examples of docs/language.md.
-CASES: dict[str, str] = {
+# code carry a suffix. Most inputs are the examples of docs/language.md. Bytes are a file's
+# content: they are written to a file and loaded from it.
+CASES: dict[str, str | bytes] = {
     # ---- syntax (parse.py): exactly one diagnostic, parsing stops
     "E001": "mesh { dp = 8 }\ntensor w [4096, 4096] stage\n",
     "E002": "mesh { dp = 8\ntensor w [4096]\n",
@@ -42,6 +46,10 @@ CASES: dict[str, str] = {
     "E008": "mesh { dp = 8 }\nlayout gpt2\n",
     "E009": "mesh { dp = 8 }\ntensor w [4096] bf16 fp32\n",
     "E009-stage": "mesh { pp = 2 }\npipeline over pp\ntensor w [4096] stage 0 stage 1\n",
+    "E010": b"mesh { dp = 2 }\ntensor w [4]  # caf\xe9 (Latin-1)\n",
+    "E011": "mesh { dp = 2 }\nlet X = " + "(" * 101 + "1" + ")" * 101 + "\n",
+    "E011-template": "mesh { dp = 2 }\ntensor w.{" + "(" * 101 + "0" + ")" * 101 + "} [4]\n",
+    "E012": b"#" * (MAX_SOURCE_BYTES + 1),
     # ---- semantic (check.py)
     "E101": "mesh { pp = 2, dp = 4 }\npipeline over ppp\n",
     "E101-split": "mesh { dp = 2, tp = 2 }\ntensor w [4096 / (tp, sp), 4096]\n",
@@ -131,6 +139,8 @@ CASES: dict[str, str] = {
     "E131-paren": "mesh { tp = 2 }\ntensor w [(4096 / tp), 64]\n",
     "E132": "mesh { dp = 2 }\nfor i in 0..2 {\n  let H = 64\n  tensor layers.{i}.w [64]\n}\n",
     "E133": "mesh { dp = 2 }\ntensor w [1e30]\n",
+    "E133-digits": "mesh { dp = 2 }\ntensor w [" + "9" * 100 + "]\n",
+    "E133-exponent": "mesh { dp = 2 }\ntensor w [1e999999999]\n",
     # ---- --set NAME=VALUE overrides (OVERRIDES below)
     "E109-set": "mesh { dp = 2 }\ntensor w [8]\n",
     "E134": "mesh { dp = 2 }\ntensor w [8]\n",
@@ -141,18 +151,38 @@ CASES: dict[str, str] = {
     "E136-arity": "mesh { tp = 2 }\ntensor w [grains(101) / tp, 16]\n",
     "E136-unsplit": "mesh { tp = 2 }\ntensor w [grains(101, 1), 16]\n",
     "E136-grain": "mesh { tp = 2 }\ntensor w [grains(48, 64) / tp, 16]\n",
+    # ---- limits: what a layout may expand to
+    "E137": 'mesh { dp = 2 }\ntensor w [4]\nstore deepspeed { tag "../global_step100" }\n',
+    "E137-dots": 'mesh { dp = 2 }\ntensor w [4]\nstore deepspeed { tag ".." }\n',
+    "E137-empty": 'mesh { dp = 2 }\ntensor w [4]\nstore deepspeed { tag "" }\n',
+    "E138": "mesh { dp = 2 }\nfor i in 0..1e9 {\n  tensor layers.{i}.w [4]\n}\n",
+    "E138-nested": (
+        "mesh { dp = 2 }\nfor i in 0..1024 {\n  for j in 0..1024 {\n"
+        "    tensor layers.{i}.experts.{j}.w [4]\n  }\n}\n"
+    ),
+    "E138-tensors": "mesh { dp = 2 }\nfor i in 0..300000 {\n  tensor layers.{i}.w [4]\n}\n",
+    "E139": "mesh { dp = 2 }\ntensor w [1e9, 1e9]\n",
+    "E139-total": "mesh { dp = 2 }\ntensor a [5e15]\ntensor b [5e15]\n",
+    "E140": "mesh { dp = 2 }\ntensor w [" + ", ".join(["1"] * 33) + "]\n",
+    "E141": "mesh { pp = 64, dp = 8192, tp = 8 }\n",
 }
 OVERRIDES: dict[str, dict[str, int]] = {"E109-set": {"dp": 0}, "E134": {"pd": 3}}
 COMMAND_LINE = {"E134"}  # reported against the command line, not a source location
+WHOLE_FILE = {"E012"}  # about the whole file, with no line to show
 
 
 def code_of(case: str) -> str:
     return case.split("-")[0]
 
 
-def diagnose(text: str, path: str = PATH, case: str = "") -> LayoutError:
+def diagnose(text: str | bytes, path: str = PATH, case: str = "") -> LayoutError:
     with pytest.raises(LayoutError) as info:
-        load_text(text, path, OVERRIDES.get(case))
+        if isinstance(text, bytes):  # a file, read from a folder of its own by its bare name
+            with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):
+                Path(path).write_bytes(text)
+                load_layout(path, OVERRIDES.get(case))
+        else:
+            load_text(text, path, OVERRIDES.get(case))
     return info.value
 
 
@@ -195,20 +225,27 @@ def test_each_bad_input_renders_exactly_its_golden(case: str) -> None:
     assert got == golden.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("case", sorted(set(CASES) - COMMAND_LINE))
+@pytest.mark.parametrize("case", sorted(set(CASES) - COMMAND_LINE - WHOLE_FILE))
 def test_each_bad_input_reports_its_code_first_at_a_real_location(case: str) -> None:
     error = diagnose(CASES[case], case=case)
     first = error.diagnostics[0]
     assert first.code == code_of(case)
-    lines = CASES[case].splitlines()
+    text = CASES[case]
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    lines = text.splitlines()
     assert 1 <= first.span.line <= len(lines)
     assert 1 <= first.span.column <= len(lines[first.span.line - 1]) + 1
-    head = first.render(CASES[case]).splitlines()[0]
+    head, shown, caret, *_ = first.render(text).splitlines()
     assert head.startswith(f"{PATH}:{first.span.line}:{first.span.column}: error[{first.code}]: ")
-    # the caret line sits under the source line and starts at the reported column
-    caret = first.render(CASES[case]).splitlines()[2]
+    # the caret sits under the source line, at the character of the reported column (a long
+    # line is shown as a window around it)
     gutter = f"{first.span.line:>4} | "
-    assert caret.index("^") == len(gutter) + first.span.column - 1
+    assert shown.startswith(gutter)
+    at = caret.index("^")
+    column = first.span.column
+    assert shown[at : at + 1] == lines[first.span.line - 1][column - 1 : column]
+    if len(lines[first.span.line - 1]) <= 120:
+        assert caret.index("^") == len(gutter) + first.span.column - 1
 
 
 def test_every_code_the_parser_and_checker_emit_has_a_golden_case() -> None:

@@ -9,23 +9,52 @@ Dims. The top-level ``/`` of a dim whose right side is a mesh axis, or a tuple o
 axes, means "split over"; anything else is arithmetic. ``pad(n, m)`` pads a dim to a
 multiple of ``m`` and is allowed only at the top of a dim; a parenthesised tuple of sizes
 ``(q: H, k: KV, v: KV)`` declares fused blocks, each split separately.
+
+Limits. What a layout may expand to is bounded, and each bound is checked *before* the work
+it bounds (a loop's trip count before the loop runs): :data:`MAX_TENSORS`,
+:data:`MAX_EXPANDED`, :data:`MAX_ELEMENTS`, :data:`MAX_DIMS` and :data:`MAX_WORLD`. Each
+is far above any real training job; past it a layout is refused (E138-E141) instead of
+exhausting time or memory here or in the planner.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterable
+import math
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from layoutc import ir
 from layoutc.errors import NO_SPAN, Diagnostic, LayoutError, Span
 from layoutc.lang import ast
-from layoutc.lang.parse import parse
+from layoutc.lang.parse import parse, read_source
 
 _FUNCTIONS = ("pad", "grains", "min", "max", "cdiv")
 _LIMIT = 2**62
+
+# Tensors after loops are expanded: 2**18 is six times the ~45,000 tensors of a
+# DeepSeek-V3-sized MoE with every expert matrix apart; checking that many takes ~4 s.
+MAX_TENSORS = 2**18
+# Loop iterations plus the statements they run (nested loops multiplied), so loops whose
+# bodies declare no tensor are bounded too; 2**20 take about a second.
+MAX_EXPANDED = 2**20
+# Elements of one tensor, and of all tensors together: 2**53 is thousands of times the
+# largest models trained; counts stay exact as floats (JSON read by JavaScript), and bytes
+# (8 an element, four copies with Adam) under 2**58, inside the int64 offsets of numpy
+# and of the file formats.
+MAX_ELEMENTS = 2**53
+# Dims of one tensor: real tensors have at most 5; 32 is the most numpy 1.x arrays have.
+MAX_DIMS = 32
+# Ranks of the mesh: 2**18 = 262,144 is four times the 65,536 of specs/llama2-70b.layout and
+# above the largest jobs run (~100,000 GPUs); planning visits ranks one by one (a ZeRO
+# target's files), which takes minutes at a million.
+MAX_WORLD = 2**18
+# Close-match suggestions ("did you mean"): each compares against every known name, so a
+# file with tens of thousands of mistakes stops suggesting after this many comparisons.
+_GUESS_BUDGET = 200_000
+_LISTED = 20  # names listed in one hint ("valid axes: ..."); more are counted, not listed
 
 _OPTIMIZER_DEFAULTS: dict[str, tuple[tuple[str, ...], bool]] = {
     "adam": (("exp_avg", "exp_avg_sq"), True),
@@ -50,6 +79,10 @@ class _Fail(Exception):
     """Aborts evaluating one construct after its diagnostic has been recorded."""
 
 
+class _Stop(Exception):
+    """Aborts expanding the whole file after a limit's diagnostic has been recorded."""
+
+
 @dataclass
 class _Scope:
     group: str | None = None
@@ -63,6 +96,11 @@ class _Checker:
     diags: list[Diagnostic] = field(default_factory=list)
     seen: dict[tuple[object, ...], int] = field(default_factory=dict)
     looping: int = 0  # loop depth, so repeats of one mistake are counted per iteration
+    loops: list[tuple[ast.Loop, int]] = field(default_factory=list)  # (loop, trips left)
+    expanded: int = 0  # loop iterations and the statements they ran, against MAX_EXPANDED
+    guessed: int = 0  # comparisons spent on suggestions, against _GUESS_BUDGET
+    names_sorted: list[str] | None = None  # known_names(), until the names change
+    axis_list: list[str] = field(default_factory=list)  # axis_names()
 
     env: dict[str, int] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)  # name -> "axis" | "let" | "loop"
@@ -107,6 +145,15 @@ class _Checker:
         self.error(code, message, span, hint)
         return _Fail()
 
+    def guess(self, word: str, options: Collection[str], cutoff: float = 0.5) -> str | None:
+        """The closest of ``options`` to ``word`` (a "did you mean"), while the budget of
+        comparisons lasts: each guess costs one comparison per option."""
+        if self.guessed + len(options) > _GUESS_BUDGET:
+            return None
+        self.guessed += len(options)
+        found = difflib.get_close_matches(word, list(options), n=1, cutoff=cutoff)
+        return found[0] if found else None
+
     # ------------------------------------------------------------ expressions
 
     def eval(self, e: ast.Expr) -> int:
@@ -126,10 +173,10 @@ class _Checker:
         if isinstance(e, ast.Name):
             if e.id in self.env:
                 return self.env[e.id]
-            known = sorted(self.env)
-            guess = difflib.get_close_matches(e.id, known, n=1, cutoff=0.5)
-            hint = f"did you mean `{guess[0]}`? " if guess else ""
-            hint += "known names: " + (", ".join(known) if known else "none (declare with `let`)")
+            known = self.known_names()
+            guess = self.guess(e.id, known)
+            hint = f"did you mean `{guess}`? " if guess else ""
+            hint += "known names: " + (_listing(known) if known else "none (declare with `let`)")
             raise self.fail("E110", f"unknown name `{e.id}`", e.span, hint)
         if isinstance(e, ast.Paren):
             return self.eval(e.expr)
@@ -205,21 +252,31 @@ class _Checker:
             )
         self.env[name] = value
         self.kinds[name] = kind
+        self.names_sorted = None
 
     def axis_names(self) -> list[str]:
-        return [a.name for a in self.axes]
+        """The mesh axes' names (built once the mesh is read: many unknown axes must not
+        each rebuild it)."""
+        if len(self.axis_list) != len(self.axes):
+            self.axis_list = [a.name for a in self.axes]
+        return self.axis_list
+
+    def known_names(self) -> list[str]:
+        """Every name in scope, sorted; kept until a name is declared or a loop ends, so
+        thousands of unknown names do not each sort them again."""
+        if self.names_sorted is None:
+            self.names_sorted = sorted(self.env)
+        return self.names_sorted
 
     def require_axis(
         self, name: str, span: Span, code: str = "E101", what: str = "mesh axis"
     ) -> bool:
-        if name in self.axis_names():
+        if self.kinds.get(name) == "mesh axis":
             return True
         valid = self.axis_names()
-        guess = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-        hint = (f"did you mean `{guess[0]}`? " if guess else "") + (
-            "valid axes: " + ", ".join(valid)
-            if valid
-            else "declare the mesh first: mesh { dp = 8 }"
+        guess = self.guess(name, valid)
+        hint = (f"did you mean `{guess}`? " if guess else "") + (
+            "valid axes: " + _listing(valid) if valid else "declare the mesh first: mesh { dp = 8 }"
         )
         self.error(code, f"unknown {what} `{name}`", span, hint)
         return False
@@ -287,8 +344,12 @@ class _Checker:
         store = self.store_decl(top)
 
         # pass 2: entries
-        self.statements(top, _Scope())
+        try:
+            self.statements(top, _Scope())
+        except _Stop:  # a limit was passed: what was expanded is incomplete, check no further
+            raise LayoutError(self.finish(), self.source) from None
         tensors = self.tensors
+        self.total_elements(tensors)
         ties = self.check_ties()
         self.check_groups(tensors, zero)
 
@@ -321,6 +382,22 @@ class _Checker:
                 self.axes.append(ir.Axis(b.name, size))
             except _Fail:
                 pass
+        world = 1
+        for a in self.axes:  # stops early: thousands of huge axes are never multiplied out
+            world *= a.size
+            if world > MAX_WORLD:
+                break
+        if world > MAX_WORLD:
+            whole = len(self.axes) <= _LISTED
+            sizes = ", ".join(f"{a.name} = {a.size}" for a in self.axes[:_LISTED])
+            count = f"{math.prod(a.size for a in self.axes):,}" if whole else "more than that"
+            self.error(
+                "E141",
+                f"the mesh has {count} ranks ({sizes}{'' if whole else ', ...'}); "
+                f"a mesh has at most {MAX_WORLD:,}",
+                st.span,
+                "the largest training jobs run on about 100,000 devices; check the axis sizes",
+            )
 
     def overridden(self, name: str, e: ast.Expr, kind: str) -> int:
         """The value of a mesh axis or let constant: its ``--set`` override, if any."""
@@ -339,15 +416,15 @@ class _Checker:
         for name in self.overrides:
             if name in settable:
                 continue
-            guess = difflib.get_close_matches(name, settable, n=1, cutoff=0.5)
+            guess = self.guess(name, settable)
             self.error(
                 "E134",
                 f"--set {name}={self.overrides[name]}: {self.file.path} has no mesh axis or "
                 f"let constant `{name}`",
                 Span("<command line>", 0, 0),
-                (f"did you mean `{guess[0]}`? " if guess else "")
+                (f"did you mean `{guess}`? " if guess else "")
                 + "settable names: "
-                + (", ".join(settable) if settable else "none"),
+                + (_listing(settable) if settable else "none"),
             )
 
     def single(self, top: Iterable[ast.Statement], kind: type, what: str) -> ast.Statement | None:
@@ -371,9 +448,9 @@ class _Checker:
         out: dict[str, ast.Option] = {}
         for o in opts:
             if o.name not in valid:
-                guess = difflib.get_close_matches(o.name, list(valid), n=1, cutoff=0.5)
+                guess = self.guess(o.name, valid)
                 hint = (
-                    (f"did you mean `{guess[0]}`? " if guess else "")
+                    (f"did you mean `{guess}`? " if guess else "")
                     + "valid options: "
                     + ", ".join(f"{k} {v}".strip() for k, v in valid.items())
                 )
@@ -565,7 +642,15 @@ class _Checker:
         tag = None
         if "tag" in opts:
             v = opts["tag"].value
-            if isinstance(v, ast.Str):
+            problem = ir.check_tag(v.value) if isinstance(v, ast.Str) else None
+            if problem is not None and isinstance(v, ast.Str):
+                self.error(
+                    "E137",
+                    f'the tag "{_shown(v.value)}" {problem}; a tag is one folder name',
+                    v.span,
+                    'the tag names the folder of one checkpoint inside the output, e.g. tag "global_step100"',
+                )
+            elif isinstance(v, ast.Str):
                 tag = v.value
             else:
                 self.error("E114", 'tag takes a string: tag "global_step100"', opts["tag"].span)
@@ -613,17 +698,65 @@ class _Checker:
                 "ranges are half-open: `for i in 0..L` runs i = 0 .. L-1",
             )
             return
+        self.expansion(st, stop - start)
         self.declare(st.var, start, "loop variable", st.span)
         try:
             inner = _Scope(scope.group, st.stage if st.stage is not None else scope.stage)
             self.looping += 1
+            self.loops.append((st, stop - start))
             for i in range(start, stop):
+                self.loops[-1] = (st, stop - i)
                 self.env[st.var] = i
                 self.statements(st.body, inner)
         finally:
+            self.loops.pop()
             self.looping -= 1
             del self.env[st.var]
             del self.kinds[st.var]
+            self.names_sorted = None
+
+    def expansion(self, st: ast.Loop, trips: int) -> None:
+        """Refuse (E138) a loop that would take the layout past :data:`MAX_EXPANDED` loop
+        iterations and statements or :data:`MAX_TENSORS` tensors, before it runs: its trips
+        times what is left of the loops around it, times what its body holds."""
+        outer = math.prod(left for _, left in self.loops)
+        runs = trips * outer
+        statements, entries = _count(st.body)
+        tensors = runs * entries
+        expanded = self.expanded + runs * (1 + statements)
+        if expanded <= MAX_EXPANDED and len(self.tensors) + tensors <= MAX_TENSORS:
+            self.expanded += trips * (1 + statements)
+            return
+        span = Span(
+            st.span.file,
+            st.start.span.line,
+            st.start.span.column,
+            st.start.span.start,
+            st.stop.span.end,
+        )
+        head = f"the loop `for {st.var} in {_text(self.source, st.start.span)}..{_text(self.source, st.stop.span)}`"
+        nested = (
+            f" in all ({trips:,} times in each of {outer:,} runs of the loops around it)"
+            if outer > 1
+            else ""
+        )
+        if expanded > MAX_EXPANDED:
+            message = (
+                f"{head} runs {runs:,} times{nested}: {runs * (1 + statements):,} loop "
+                f"iterations and statements; a layout expands to at most {MAX_EXPANDED:,}"
+            )
+        else:
+            message = (
+                f"{head} declares {tensors:,} tensors{nested}; a layout has at most "
+                f"{MAX_TENSORS:,} tensors"
+            )
+        self.error(
+            "E138",
+            message,
+            span,
+            "ranges are half-open: `for i in 0..L` runs L times; check the bounds",
+        )
+        raise _Stop()
 
     def template(self, t: ast.Template) -> str:
         out = []
@@ -709,6 +842,13 @@ class _Checker:
                     st.layer.span,
                     "layer N is the file layer_NN-model_states.pt",
                 )
+        if len(st.shape) > MAX_DIMS:
+            raise self.fail(
+                "E140",
+                f"{name} has {len(st.shape)} dims; a tensor has at most {MAX_DIMS}",
+                _span_of(st.shape[MAX_DIMS]),
+                "real tensors have at most 5 dims; numpy 1.x arrays at most 32",
+            )
         dims: list[ir.Dim] = []
         used: dict[str, int] = {}
         failed = False
@@ -746,6 +886,23 @@ class _Checker:
                     "E103", f"tensor {name} is declared twice (first at {first.span})", st.name.span
                 )
             return
+        elements = math.prod(d.padded for d in dims)
+        if elements > MAX_ELEMENTS:
+            raise self.fail(
+                "E139",
+                f"{name} has {elements:,} elements; a tensor has at most 2**53 ({MAX_ELEMENTS:,})",
+                st.name.span,
+                "check the dims: the largest tensors of real models have about 2**34 elements",
+            )
+        if len(self.tensors) >= MAX_TENSORS:
+            self.error(
+                "E138",
+                f"{name} is tensor number {len(self.tensors) + 1:,}; a layout has at most "
+                f"{MAX_TENSORS:,} tensors",
+                st.name.span,
+                "check the bounds of the loops around it",
+            )
+            raise _Stop()
         kind = {"tensor": ir.PARAM, "frozen": ir.FROZEN, "buffer": ir.BUFFER}[st.kind]
         tensor = ir.Tensor(
             name, tuple(dims), dtype, kind, stages[0], group, st.name.span, stages[1:], layer
@@ -951,6 +1108,7 @@ class _Checker:
         out: list[tuple[str, str]] = []
         aliases: set[str] = set()
         tied = {a: s for a, s, _, _ in self.ties}
+        roots: dict[str, str] = {}
         for alias, source, span, st in self.ties:
             if alias == source:
                 self.error("E127", f"{alias} is tied to itself", span)
@@ -958,11 +1116,16 @@ class _Checker:
             if (source in tied and source not in by_name) or (
                 source in tied and tied[source] in by_name
             ):
-                root = source
-                while root in tied and root != tied[root]:
-                    root = tied[root]
-                    if root == source:
-                        break
+                root = _root(source, tied, roots)
+                if root in tied:  # the chain closes on itself: no tensor at its end
+                    self.error(
+                        "E127",
+                        f"tie {alias} = {source}: the ties from {source} go round in a circle "
+                        "and reach no tensor",
+                        st.source.span,
+                        "tie every alias to a declared tensor",
+                    )
+                    continue
                 self.error(
                     "E127",
                     f"tie {alias} = {source}: {source} is itself an alias of {root}",
@@ -971,12 +1134,12 @@ class _Checker:
                 )
                 continue
             if source not in by_name:
-                guess = difflib.get_close_matches(source, list(by_name), n=1, cutoff=0.6)
+                guess = self.guess(source, by_name, cutoff=0.6)
                 self.error(
                     "E104",
                     f"tie {alias} = {source}: no tensor named {source}",
                     st.source.span,
-                    f"did you mean `{guess[0]}`?" if guess else "declare the source tensor first",
+                    f"did you mean `{guess}`?" if guess else "declare the source tensor first",
                 )
                 continue
             if alias == source:
@@ -996,6 +1159,22 @@ class _Checker:
             aliases.add(alias)
             out.append((alias, source))
         return tuple(out)
+
+    def total_elements(self, tensors: list[ir.Tensor]) -> None:
+        """All tensors together stay within :data:`MAX_ELEMENTS` (E139), so every byte count
+        the planner sums stays exact."""
+        total = 0
+        for t in tensors:
+            total += math.prod(d.padded for d in t.dims)
+            if total > MAX_ELEMENTS:
+                self.error(
+                    "E139",
+                    f"the tensors up to {t.name} have {total:,} elements together; a layout has "
+                    f"at most 2**53 ({MAX_ELEMENTS:,})",
+                    t.span,
+                    "the largest models trained have about 2**41 parameters; check the dims",
+                )
+                return
 
     def check_groups(self, tensors: list[ir.Tensor], zero: ir.Zero) -> None:
         """A ZeRO group is one flat buffer: its tensors must be partitioned over the same axes."""
@@ -1018,6 +1197,20 @@ class _Checker:
             seen.setdefault(t.group, (replicated, t))
 
 
+def _count(body: tuple[ast.Statement, ...]) -> tuple[int, int]:
+    """Statements and tensors one run of ``body`` holds itself (groups included; what
+    nested loops expand to is counted when they start)."""
+    statements = entries = 0
+    for st in body:
+        statements += 1
+        if isinstance(st, ast.Entry):
+            entries += 1
+        elif isinstance(st, ast.Group):
+            more, inner = _count(st.body)
+            statements, entries = statements + more, entries + inner
+    return statements, entries
+
+
 def _names(v: ast.Expr | ast.Str | None) -> list[str] | None:
     if isinstance(v, ast.Name):
         return [v.id]
@@ -1036,7 +1229,40 @@ def _span_of(node: object) -> Span:
 
 
 def _text(source: str, span: Span) -> str:
-    return source[span.start : span.end] if span.end > span.start else "?"
+    """The source text of ``span`` for a message, cut to 60 characters."""
+    if span.end <= span.start:
+        return "?"
+    if span.end - span.start > 60:
+        return source[span.start : span.start + 59] + "…"
+    return source[span.start : span.end]
+
+
+def _shown(text: str) -> str:
+    """``text`` for a message: at most 60 characters, control characters escaped."""
+    text = text if len(text) <= 60 else text[:59] + "…"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _listing(names: list[str]) -> str:
+    """Names for a hint: all of them, or the first :data:`_LISTED` and how many more."""
+    if len(names) <= _LISTED:
+        return ", ".join(names)
+    return ", ".join(names[:_LISTED]) + f", ... ({len(names) - _LISTED:,} more)"
+
+
+def _root(name: str, tied: dict[str, str], roots: dict[str, str]) -> str:
+    """Where a chain of ties starting at ``name`` ends (in a cycle: where it closes).
+    ``roots`` remembers every name walked, so all chains together cost one walk each."""
+    path: list[str] = []
+    on_path: set[str] = set()
+    r = name
+    while r in tied and r not in roots and r not in on_path:
+        path.append(r)
+        on_path.add(r)
+        r = tied[r]
+    end = roots.get(r, r)
+    roots.update(dict.fromkeys(path, end))
+    return end
 
 
 def check(file: ast.File, source: str, overrides: dict[str, int] | None = None) -> ir.Layout:
@@ -1053,6 +1279,4 @@ def load_text(
 
 def load_layout(path: str | Path, overrides: dict[str, int] | None = None) -> ir.Layout:
     """Read, parse and check a ``.layout`` file."""
-    p = Path(path)
-    text = p.read_text(encoding="utf-8")
-    return load_text(text, str(path), overrides)
+    return load_text(read_source(path), str(path), overrides)

@@ -5,11 +5,17 @@
 the line, a caret, and what was expected. Common mistakes are recognised by matching the
 failing parser state against a table of known-bad snippets (lark's ``match_examples``),
 so a missing ``}`` or a ``:`` written for ``=`` gets a human label rather than a token list.
+
+Hostile text is refused, never crashed on: a file that is not UTF-8 (E010), nesting deeper
+than :data:`MAX_DEPTH` (E011, before any recursive pass walks the tree), a file larger than
+:data:`MAX_SOURCE_BYTES` (E012). A number literal too large for 64 bits is read as
+:data:`OUT_OF_RANGE` without computing it, and the checker refuses it (E133).
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import lark
@@ -19,6 +25,20 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from layoutc.errors import Diagnostic, LayoutError, Span
 from layoutc.lang import ast
 from layoutc.lang.grammar import parser
+
+# Nesting of the syntax tree (a loop body, a parenthesis, one `+` of a chain each count one
+# level): real layouts nest under 10; 100 keeps lark's transformer (about three Python
+# frames a level) and the checker's recursion far inside Python's 1,000-frame limit.
+MAX_DEPTH = 100
+# Bytes in one layout file: lark reads about 1 MiB in 6 s with 200 MiB of memory; 8 MiB is
+# twice a DeepSpeed-V3-sized model written out one tensor per line as `layoutc infer` does.
+MAX_SOURCE_BYTES = 8 << 20
+# Characters in one number literal: 2**62 has 19 digits, so 64 leaves room for `_`
+# separators and a fraction, and no literal is long enough to be slow to convert.
+MAX_LITERAL = 64
+# What a size like `1e999999999` reads as, so the number is never computed; it is beyond
+# the checker's ±2**62 and refused there (E133).
+OUT_OF_RANGE = 2**63
 
 _UNITS = {
     "KB": 10**3,
@@ -51,18 +71,29 @@ KEYWORDS = (
 
 
 def size_value(text: str) -> int:
-    """Value of a size literal: ``1MiB`` -> 1048576, ``1e9`` -> 10**9, ``1.5GB``."""
+    """Value of a size literal: ``1MiB`` -> 1048576, ``1e9`` -> 10**9, ``1.5GB`` (rounded
+    down). One whose leading digit stands at 10**19 or above is :data:`OUT_OF_RANGE`, known
+    from where its digits stand, so ``1e999999999`` costs nothing."""
     t = text.replace("_", "")
     m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(?:e([0-9]+)|([KMGT]i?B))", t)
     if not m:
         raise ValueError(text)
     mantissa, exp, unit = m.groups()
-    scale = 10 ** int(exp) if exp else _UNITS[unit]
     whole, _, frac = mantissa.partition(".")
-    value = (
-        int(whole) * scale + (int(frac) * scale) // 10 ** len(frac) if frac else int(whole) * scale
-    )
-    return value
+    whole, frac = whole.lstrip("0"), frac.rstrip("0")
+    if not (whole + frac).strip("0"):
+        return 0
+    if exp is not None:
+        if len(exp.lstrip("0")) > 18:  # 10**exp dwarfs any fraction a text can hold
+            return OUT_OF_RANGE
+        e = int(exp)
+        lead = len(whole) - 1 if whole else -(len(frac) - len(frac.lstrip("0")) + 1)
+        if lead + e >= 19:
+            return OUT_OF_RANGE
+        scale = 10**e
+    else:
+        scale = _UNITS[unit]
+    return (int(whole + frac) * scale) // 10 ** len(frac)
 
 
 def _span(path: str, meta: Any) -> Span:
@@ -96,10 +127,29 @@ class _Build(Transformer):
 
     # expressions
     def integer(self, meta: Any, c: list[Token]) -> ast.Int:
+        self._short(meta, c[0])
         return ast.Int(int(str(c[0]).replace("_", "")), str(c[0]), self._s(meta))
 
     def size(self, meta: Any, c: list[Token]) -> ast.Size:
+        self._short(meta, c[0])
         return ast.Size(size_value(str(c[0])), str(c[0]), self._s(meta))
+
+    def _short(self, meta: Any, tok: Token) -> None:
+        """A literal longer than :data:`MAX_LITERAL` is refused before it is converted
+        (Python refuses to convert more than 4,300 digits, and takes quadratic time)."""
+        if len(tok) > MAX_LITERAL:
+            raise LayoutError(
+                [
+                    Diagnostic(
+                        "E133",
+                        f"`{tok[:20]}…` is a number of {len(tok):,} characters; a number is at "
+                        f"most {MAX_LITERAL} characters long and within ±2**62",
+                        self._s(meta),
+                        "sizes, counts and indices must fit in 64 bits",
+                    )
+                ],
+                self.text,
+            )
 
     def name(self, meta: Any, c: list[Token]) -> ast.Name:
         return ast.Name(str(c[0]), self._s(meta))
@@ -273,6 +323,7 @@ class _Build(Transformer):
         padded = " " * start + text  # keep offsets; lines do not matter inside one token
         try:
             tree = parser().parse(padded, start="expr")
+            _refuse_deep(tree, self.path, self.text, tok)
         except UnexpectedInput as e:
             col = (tok.column or 0) + offset + max(0, (e.column or 1) - 1 - start)
             raise LayoutError(
@@ -546,6 +597,73 @@ def _comments(text: str) -> tuple[tuple[ast.Comment, ...], frozenset[int]]:
     return tuple(comments), frozenset(blanks)
 
 
+def _refuse_deep(tree: lark.Tree[Any], path: str, text: str, tok: Token | None = None) -> None:
+    """Refuse (E011) a tree nested deeper than :data:`MAX_DEPTH`, walked with a list rather
+    than recursion, so no later pass can exceed Python's recursion limit. ``tok``: the name
+    token a template's sub-expression came from (its spans are on that token's line)."""
+    stack: list[tuple[lark.Tree[Any], int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            meta = node.meta
+            if tok is not None:
+                col = (tok.column or 0) + meta.start_pos - (tok.start_pos or 0)
+                span = Span(path, tok.line or 0, col, meta.start_pos, meta.start_pos + 1)
+            else:
+                span = Span(path, meta.line, meta.column, meta.start_pos, meta.start_pos + 1)
+            raise LayoutError(
+                [
+                    Diagnostic(
+                        "E011",
+                        f"nested more than {MAX_DEPTH} levels deep",
+                        span,
+                        "each loop, group, parenthesis and operator of a chain is a level; "
+                        "name parts of a long expression with `let`",
+                    )
+                ],
+                text,
+            )
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, lark.Tree))
+
+
+def read_source(path: str | Path) -> str:
+    """The text of a layout file. Refuses a file larger than :data:`MAX_SOURCE_BYTES`
+    (E012) without reading it all, and one that is not UTF-8 (E010) at its first bad byte."""
+    name = str(path)
+    with open(path, "rb") as f:
+        data = f.read(MAX_SOURCE_BYTES + 1)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise LayoutError(
+            [
+                Diagnostic(
+                    "E012",
+                    f"the file is larger than {MAX_SOURCE_BYTES >> 20} MiB, the most a layout may be",
+                    Span(name, 1, 1),
+                    "is this a layout file? write repeated tensors with a `for` loop",
+                )
+            ]
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        column = len(data[line_start : e.start].decode("utf-8")) + 1
+        shown = data.decode("utf-8", "replace")  # the line with U+FFFD for the bad bytes
+        start = len(data[: e.start].decode("utf-8"))
+        raise LayoutError(
+            [
+                Diagnostic(
+                    "E010",
+                    f"the file is not UTF-8 text: byte 0x{data[e.start]:02x} cannot be decoded",
+                    Span(name, line, column, start, start + 1),
+                    "a layout is UTF-8 text; is this a checkpoint or another binary file?",
+                )
+            ],
+            shown,
+        ) from None
+
+
 def parse(text: str, path: str = "<string>") -> ast.File:
     """Parse layout text. Raises LayoutError with a located diagnostic on a syntax error."""
     try:
@@ -554,6 +672,7 @@ def parse(text: str, path: str = "<string>") -> ast.File:
         raise LayoutError([_syntax_diagnostic(e, text, path)], text) from None
     except lark.exceptions.LarkError as e:  # pragma: no cover - lark internals
         raise LayoutError([Diagnostic("E001", str(e), Span(path, 1, 1))], text) from None
+    _refuse_deep(tree, path, text)
     try:
         file: ast.File = _Build(path, text).transform(tree)
     except lark.exceptions.VisitError as e:
