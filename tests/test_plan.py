@@ -133,6 +133,22 @@ def test_a_shape_mismatch_names_the_tensor_and_both_shapes():
         compile_plan(src, dst)
 
 
+def test_a_step_counter_shared_on_one_rank_but_not_another_is_written_once_per_file():
+    # ZeRO-3 closes a sub-group by each rank's slice sizes: on tp rank 0, w0's 2 elements
+    # fill sub-group 0 and w1 has a counter of its own; on rank 1, w0's 1 element and w1
+    # share one.
+    body = "tensor w0 [grains(3, 1) / tp]\ntensor w1 [1]\nstore deepspeed\n"
+    src = load_text("mesh { dp = 1, tp = 1 }\noptimizer adam\nzero 0 over dp\n" + body)
+    dst = load_text(
+        "mesh { dp = 1, tp = 2 }\noptimizer adam\nzero 3 over dp { sub_group 2 }\n" + body
+    )
+    plan, values, T, result = run(src, dst)  # validated: every counter written exactly once
+    counters = [b for b in T.buffers() if b.key.endswith("/step")]
+    assert len(counters) == 3
+    assert all(result.stored[(b.file, b.key)][0] == 7 for b in counters)
+    assert_moved_exactly(plan, values, T, result)
+
+
 def test_validation_catches_an_element_written_twice():
     layout = load_text(
         "mesh { dp = 2 }\noptimizer adam\nzero 1 over dp\ntensor w [6]\nstore deepspeed\n"

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import heapq
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from layoutc import ir
-from layoutc.errors import Diagnostic, LayoutError, Span, Unsupported
+from layoutc.errors import Diagnostic, LayoutError, Span
 from layoutc.place import Placement, place
 from layoutc.place.shards import MASTER, STEP, WEIGHT, Box, Slice
 from layoutc.plan import ops as O
@@ -119,37 +121,52 @@ class Compiler:
 
     # -------------------------------------------------------------- routes
 
-    def _step_keys(self, t: ir.Tensor) -> list[tuple[str, str]]:
-        """Where the target keeps ``t``'s step counter, in every copy."""
+    @cached_property
+    def _step_copies(self) -> dict[str, tuple[int, ...]]:
+        """The copies of the target's step counters each tensor writes. An optimizer group
+        (a ZeRO-3 sub-group) keeps one counter per file, shared by its tensors, so each
+        counter is written once, by the first tensor holding it. Groups need not line up
+        across files: a tied layer's group spans its stages, and ZeRO-3 closes a sub-group
+        by the size of each rank's slices, so with uneven grains two tensors can share a
+        counter on one model-parallel rank and keep their own on another. Tensors holding
+        most counters go first (those on more stages, then those with a slice on more
+        ranks), which keeps step units few; tensors left no counter write none."""
         T = self.T
-        sl = T.slices(t, STEP)[0]
-        return [
-            (r.file, r.key) for c in range(T.copies(t, STEP)) for r in T.runs(t, STEP, sl, c, 0, 1)
-        ]
-
-    def _step_writers(self) -> set[str]:
-        """The tensors that write the target's step counters: an optimizer group shares
-        one, so its first tensor writes it — a tensor on several stages (a tied layer)
-        before the others, as its counters cover theirs on each of its stages."""
-        owner: dict[tuple[str, str], str] = {}
-        keys_of = {t.name: self._step_keys(t) for t in self.T.tensors if STEP in self.T.states(t)}
-        # Tensors on more stages first; then those with more counters (a tensor cut in uneven
-        # grains has none on ranks where its slice is empty).
+        held: dict[str, list[tuple[int, tuple[str, str]]]] = {}
+        for t in T.tensors:
+            if STEP in T.states(t):
+                sl = T.slices(t, STEP)[0]
+                held[t.name] = [
+                    (c, (r.file, r.key))
+                    for c in range(T.copies(t, STEP))
+                    for r in T.runs(t, STEP, sl, c, 0, 1)
+                ]
         ranked = sorted(
-            (t for t in self.T.tensors if t.name in keys_of),
-            key=lambda t: (-len(t.stages), -len(keys_of[t.name])),
+            (t for t in T.tensors if t.name in held),
+            key=lambda t: (-len(t.stages), -len(held[t.name])),
         )
+        written: set[tuple[str, str]] = set()
+        out: dict[str, tuple[int, ...]] = {}
         for t in ranked:
-            keys = keys_of[t.name]
-            free = [k for k in keys if k not in owner]
-            if free and len(free) < len(keys):
-                raise Unsupported(
-                    f"{t.name} shares its optimizer group's step counter with other tensors on "
-                    "some of its stages or ranks but not on others; layoutc places a tensor "
-                    "whose step counters are a subset of another's in its group, or apart"
-                )
-            owner.update(dict.fromkeys(free, t.name))
-        return set(owner.values())
+            mine = tuple(c for c, k in held[t.name] if k not in written)
+            written.update(k for _, k in held[t.name])
+            if mine:
+                out[t.name] = mine
+        return out
+
+    def _dst_copies(self, t: ir.Tensor, state: str) -> Sequence[int]:
+        """The target copies a unit writes: every copy, but of a step counter only those
+        no earlier tensor of its group wrote."""
+        if state == STEP:
+            return self._step_copies.get(t.name, ())
+        return range(self.T.copies(t, state))
+
+    def _count_writes(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
+        if state == STEP:
+            return sum(
+                self.T.count_runs(t, state, sl, lo, hi, c) for c in self._dst_copies(t, state)
+            )
+        return self.T.count_runs_all(t, state, sl, lo, hi)
 
     def routes(self) -> list[_Route]:
         S, T = self.S, self.T
@@ -157,7 +174,6 @@ class Compiler:
         aliases = S.layout.tie_source
         diags: list[Diagnostic] = []
         out: list[_Route] = []
-        step_writers = self._step_writers()
         fresh: dict[str, int] = {}
         for tt in T.tensors:
             name = aliases.get(tt.name, tt.name) if tt.name not in src_by_name else tt.name
@@ -182,7 +198,7 @@ class Compiler:
                 continue
             have = S.states(st)
             for state in T.states(tt):
-                if state == STEP and tt.name not in step_writers:
+                if state == STEP and tt.name not in self._step_copies:
                     continue  # one step per optimizer group in the target
                 ss = self._source_state(st, tt, state, have)
                 if ss is None:
@@ -268,10 +284,10 @@ class Compiler:
     def _unit(self, uid: int, r: _Route) -> Unit:
         S, T = self.S, self.T
         dst = T.slices(r.dst, r.state)
-        copies = T.copies(r.dst, r.state)
+        copies = len(self._dst_copies(r.dst, r.state))
         out_bytes = _isz(r.dst_dtype)
         write_bytes = sum(s.numel for s in dst) * copies * out_bytes
-        writes = sum(T.count_runs_all(r.dst, r.state, s, 0, s.numel) for s in dst)
+        writes = sum(self._count_writes(r.dst, r.state, s, 0, s.numel) for s in dst)
         where = self._where(T, r.dst, r.state, dst[0])
         if r.source_state is None:
             stats = Stats(writes=writes, write_bytes=write_bytes)
@@ -297,11 +313,11 @@ class Compiler:
             for sl, d in zip(src, dst, strict=True):
                 for lo, hi in self._direct_ranges(sl, chunk):
                     reads += S.count_runs(r.src, r.source_state, sl, lo, hi)
-                    writes += T.count_runs_all(r.dst, r.state, d, lo, hi)
+                    writes += self._count_writes(r.dst, r.state, d, lo, hi)
                     gathers += 1
                     largest = max(largest, hi - lo)
                 writes += sum(
-                    T.count_runs_all(r.dst, r.state, d, lo, hi) for lo, hi in _pad_rows(d)
+                    self._count_writes(r.dst, r.state, d, lo, hi) for lo, hi in _pad_rows(d)
                 )
             stats = Stats(
                 reads=reads,
@@ -368,7 +384,7 @@ class Compiler:
         copies: int,
         need: int,
     ) -> Unit:
-        S, T = self.S, self.T
+        S = self.S
         assert r.source_state is not None
         chunk = self._chunk(r)
         reads = gathers = swaps = writes = 0
@@ -388,7 +404,7 @@ class Compiler:
             for lo, hi in self._chunks(0, s.numel, chunk):
                 swaps += 1
                 swap_bytes += (hi - lo) * _isz(r.dst_dtype)
-                writes += T.count_runs_all(r.dst, r.state, s, lo, hi)
+                writes += self._count_writes(r.dst, r.state, s, lo, hi)
         peak = chunk * 2 * max(_isz(r.src_dtype), _isz(r.dst_dtype))
         self.warnings.append(
             f"{r.dst.name} {r.state}: merging its slices in memory needs {need} bytes, over the "
@@ -473,10 +489,10 @@ class Compiler:
         st = self.S.layout.by_name[st_name]
         dst_dtype = self.T.dtype(tt, unit.state)
         dst = self.T.slices(tt, unit.state)
-        copies = self.T.copies(tt, unit.state)
+        copies = self._dst_copies(tt, unit.state)
         if unit.mode == "fill":
             for s in dst:
-                for c in range(copies):
+                for c in copies:
                     for run in self.T.runs(tt, unit.state, s, c, 0, s.numel if s.shape else 1):
                         b.write(None, 0, run.file, run.key, run.offset, run.numel, dst_dtype)
             return tuple(b.ops)
@@ -500,7 +516,7 @@ class Compiler:
                         for run in self.S.runs(st, ss, s, copy, lo, hi)
                     ]
                     buf = b.gather(parts, (hi - lo,), dst_dtype, cast)
-                    for c in range(copies):
+                    for c in copies:
                         for run in self.T.runs(tt, unit.state, d, c, lo, hi):
                             b.write(
                                 buf,
@@ -512,7 +528,7 @@ class Compiler:
                                 dst_dtype,
                             )
                 for lo, hi in _pad_rows(d):
-                    for c in range(copies):
+                    for c in copies:
                         for run in self.T.runs(tt, unit.state, d, c, lo, hi):
                             b.write(None, 0, run.file, run.key, run.offset, run.numel, dst_dtype)
             return tuple(b.ops)
@@ -543,7 +559,7 @@ class Compiler:
             outs.append((d, tuple((seg.logical, seg.local) for seg in d.segments)))
         names = b.split(logical, [(d.shape, segs) for d, segs in outs], dst_dtype)
         for (d, _), name in zip(outs, names, strict=True):
-            for c in range(copies):
+            for c in copies:
                 for run in self.T.runs(tt, unit.state, d, c, 0, d.numel if d.shape else 1):
                     b.write(name, run.start, run.file, run.key, run.offset, run.numel, dst_dtype)
         return tuple(b.ops)
@@ -561,7 +577,7 @@ class Compiler:
         dst_dtype: str,
         cast: str | None,
         copy: int,
-        copies: int,
+        copies: Sequence[int],
     ) -> tuple[O.Op, ...]:
         chunk = self._chunk(_Route(st, tt, unit.state, ss, src_dtype, dst_dtype))
         path = f"swap/u{unit.id}"
@@ -599,7 +615,7 @@ class Compiler:
                 buf = b.swap(
                     None, "in", path, d.shape, segs, shape, lo, hi - lo, dst_dtype, dst_dtype, None
                 )
-                for c in range(copies):
+                for c in copies:
                     for run in self.T.runs(tt, unit.state, d, c, lo, hi):
                         b.write(
                             buf, run.start - lo, run.file, run.key, run.offset, run.numel, dst_dtype
