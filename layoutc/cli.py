@@ -87,10 +87,13 @@ def _workers_option(p: argparse.ArgumentParser) -> None:
 
 
 def _read(path: str) -> str:
+    """A file's text: UTF-8 and of bounded size, else a diagnostic (E010, E012)."""
+    from layoutc.lang.parse import read_source
+
     p = Path(path)
     if not p.is_file():
         raise _Usage(f"{path}: no such file")
-    return p.read_text(encoding="utf-8")
+    return read_source(p)
 
 
 def _load(path: str) -> ir.Layout:

@@ -22,6 +22,7 @@ from typing import Any
 
 from layoutc.errors import LayoutcError, Unsupported
 from layoutc.formats import autotp, pt
+from layoutc.ir import check_tag
 from layoutc.place.deepspeed import layer_of, tied_key
 
 MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
@@ -87,17 +88,6 @@ class DeepSpeedCheckpoint:
     def config(self) -> dict[str, Any]:
         cfg = self.model_states.get("ds_config")
         return cfg if isinstance(cfg, dict) else {}
-
-
-def tag_problem(tag: str) -> str | None:
-    """What makes ``tag`` other than one plain folder name, or None."""
-    if not tag or tag in (".", ".."):
-        return "is empty, . or .."
-    if any(c in tag for c in "/\\\0"):
-        return "holds a path separator or NUL"
-    if len(tag.encode("utf-8")) > 255:
-        return "is longer than a file name may be (255 bytes)"
-    return None
 
 
 def _shape_ok(v: Any) -> bool:
@@ -216,7 +206,7 @@ def _tag_in(root: Path, marker: str) -> Path:
         tag = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise NotACheckpoint(f"{root / marker}: not UTF-8 text ({raw[:40]!r})") from None
-    problem = tag_problem(tag)
+    problem = check_tag(tag)
     if problem:
         raise NotACheckpoint(
             f"{root / marker}: names the tag {tag[:80]!r}, which {problem}; a tag is one "
@@ -233,7 +223,7 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> DeepSpeedCheckp
     root: Path | None = None
     folder = path
     if tag is not None:
-        problem = tag_problem(tag)
+        problem = check_tag(tag)
         if problem:
             raise NotACheckpoint(
                 f"--tag {tag[:80]!r}: {problem}; a tag is one folder inside {path}"

@@ -19,7 +19,6 @@ from layoutc import ir
 from layoutc.errors import Diagnostic, LayoutcError, LayoutError
 from layoutc.formats import pt
 from layoutc.formats import safetensors as st
-from layoutc.formats.deepspeed import tag_problem
 
 
 class NotWeights(LayoutcError):
@@ -116,7 +115,7 @@ def _weight_map(index: Path) -> dict[str, str]:
     ):
         raise NotWeights(f"{index}: no `weight_map` object of tensor name -> file name")
     for name, file in weight_map.items():
-        problem = tag_problem(file)
+        problem = ir.check_tag(file)
         if problem:
             raise NotWeights(
                 f"{index}: the shard of {name[:80]} is {file[:80]!r}, which {problem}; "
