@@ -141,6 +141,7 @@ CASES: dict[str, str | bytes] = {
     "E133": "mesh { dp = 2 }\ntensor w [1e30]\n",
     "E133-digits": "mesh { dp = 2 }\ntensor w [" + "9" * 100 + "]\n",
     "E133-exponent": "mesh { dp = 2 }\ntensor w [1e999999999]\n",
+    "E133-template": "mesh { dp = 2 }\ntensor w.{" + "9" * 100 + "} [4]\n",
     # ---- --set NAME=VALUE overrides (OVERRIDES below)
     "E109-set": "mesh { dp = 2 }\ntensor w [8]\n",
     "E134": "mesh { dp = 2 }\ntensor w [8]\n",

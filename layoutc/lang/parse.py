@@ -117,10 +117,11 @@ def _tok_span(path: str, tok: Token) -> Span:
 class _Build(Transformer):
     """Builds AST nodes only; every semantic rule is left to the checker."""
 
-    def __init__(self, path: str, text: str) -> None:
+    def __init__(self, path: str, text: str, tok: Token | None = None) -> None:
         super().__init__()
         self.path = path
         self.text = text
+        self.tok = tok  # the name token a template's sub-expression is parsed from
 
     def _s(self, meta: Any) -> Span:
         return _span(self.path, meta)
@@ -138,13 +139,17 @@ class _Build(Transformer):
         """A literal longer than :data:`MAX_LITERAL` is refused before it is converted
         (Python refuses to convert more than 4,300 digits, and takes quadratic time)."""
         if len(tok) > MAX_LITERAL:
+            span = self._s(meta)
+            if self.tok is not None:  # parsed alone: place it on the name token's line
+                column = (self.tok.column or 0) + span.start - (self.tok.start_pos or 0)
+                span = Span(self.path, self.tok.line or 0, column, span.start, span.end)
             raise LayoutError(
                 [
                     Diagnostic(
                         "E133",
                         f"`{tok[:20]}…` is a number of {len(tok):,} characters; a number is at "
                         f"most {MAX_LITERAL} characters long and within ±2**62",
-                        self._s(meta),
+                        span,
                         "sizes, counts and indices must fit in 64 bits",
                     )
                 ],
@@ -337,8 +342,13 @@ class _Build(Transformer):
                 ],
                 self.text,
             ) from None
-        sub = _Build(self.path, self.text)
-        result: ast.Expr = _fix_line(sub.transform(tree), tok)
+        try:
+            built = _Build(self.path, self.text, tok).transform(tree)
+        except lark.exceptions.VisitError as e:
+            if isinstance(e.orig_exc, LayoutError):
+                raise e.orig_exc from None
+            raise
+        result: ast.Expr = _fix_line(built, tok)
         return result
 
 

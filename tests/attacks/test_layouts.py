@@ -182,6 +182,11 @@ def test_a_number_too_large_for_64_bits_is_refused_without_computing_it(
     refused_by_check_and_plan(tmp_path, f"mesh {{ dp = 2 }}\ntensor w [{number}]\n", "E133")
 
 
+def test_a_number_too_long_inside_a_name_template_is_refused(tmp_path: Path) -> None:
+    text = "mesh { dp = 2 }\ntensor w.{" + "9" * 5000 + "} [4]\n"
+    refused_by_check_and_plan(tmp_path, text, "E133")
+
+
 def test_ties_that_go_round_in_a_circle_are_refused_not_followed_forever(tmp_path: Path) -> None:
     text = GOOD + "tie c = a\ntie a = b\ntie b = a\ntie x = c\n"
     refused_by_check_and_plan(tmp_path, text, "E127")
