@@ -201,9 +201,10 @@ _ROUNDING = {"bf16": (2.0**-7, 2.0**-126), "fp16": (2.0**-10, 2.0**-14), "fp32":
 def check_masters(placement: Placement, read: Callable[[str, str, int, int], np.ndarray]) -> None:
     """Raise LayoutError if a tensor's low-precision weights are not the rounding of its
     fp32 master. A native DeepSpeed checkpoint stores both (the module's 16-bit copy, the
-    optimizer's flat partitions) and DeepSpeed writes one from the other, so metadata that points the masters
-    at the wrong bytes — two equal-sized parameters swapped in ``param_shapes`` — shows up
-    here. The first and last :data:`SAMPLE` elements of each slice are compared."""
+    optimizer's flat partitions) and DeepSpeed writes one from the other, so metadata that
+    points the masters at the wrong bytes — two equal-sized parameters swapped in
+    ``param_shapes`` — shows up here. The first and last :data:`SAMPLE` elements of each
+    slice are compared."""
     diags: list[Diagnostic] = []
     if placement.layout.store.format != "deepspeed":  # written by DeepSpeed's own save
         return
