@@ -4,8 +4,8 @@ For each tool: write 1 GiB of random bytes to a file in ``--dir`` and read it ba
 synchronous from the caller's point of view (a write is done when its data is on disk:
 direct IO, or an fsync), best of ``--repeat``:
 
-    layoutc swap        layoutc.swap.SwapPool(dir).swap_out(array).wait() / .swap_in(out=...),
-                        arrays from layoutc.swap.aligned_empty (page-aligned, no staging copy)
+    layoutc swap        layoutc.runtime.swap.SwapPool(dir).swap_out(array).wait() / .swap_in(out=...),
+                        arrays from layoutc.runtime.swap.aligned_empty (page-aligned, no staging copy)
                         (default settings: 8 MiB blocks, queue depth 8, 4 threads, O_DIRECT
                         where the filesystem has it), and a tuned setting (1 MiB, 32, 4)
     DeepSpeed aio       deepspeed.ops.op_builder.AsyncIOBuilder().load().aio_handle(1 MiB,
@@ -69,7 +69,7 @@ print("RESULT " + json.dumps(out))
 def layoutc_runs(folder: Path, size: int, repeat: int, **settings: int) -> dict[str, list[float]]:
     import numpy as np
 
-    from layoutc.swap import SwapPool, aligned_empty
+    from layoutc.runtime.swap import SwapPool, aligned_empty
 
     data = aligned_empty(size, np.uint8)  # like DeepSpeed's page-locked tensor
     data[:] = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)

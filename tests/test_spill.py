@@ -82,3 +82,31 @@ def test_a_conversion_under_a_tiny_budget_spills_to_disk_and_equals_the_unbounde
         outputs[budget] = _files(out)
     assert outputs[None] == outputs[256]
     assert not list(tmp_path.glob("*.swap-*"))  # swap files removed
+
+
+def test_spills_go_under_the_nvme_offload_directory_with_its_settings(tmp_path):
+    nvme = load_text(
+        TP_LAYOUT.replace(
+            "store deepspeed",
+            f'offload params to nvme "{tmp_path}/p"\n'
+            f'offload optimizer to nvme "{tmp_path}/nvme" {{ block 64KiB, queue 3, threads 2 }}\n'
+            "store deepspeed",
+        )
+    )
+    out = tmp_path / "out"
+    spill = Spill.beside(nvme, out, "7")
+    assert spill.folder == tmp_path / "nvme" / "out.swap-7"
+    assert spill.settings == {"block_size": 64 << 10, "queue_depth": 3, "threads": 2}
+    plain = Spill.beside(load_text(TP_LAYOUT), out, "7")
+    assert plain.folder == tmp_path / "out.swap-7" and plain.settings == {}
+
+    plan = compile_plan(nvme, "universal", memory=256, workers=2)
+    stored = memory.store(place(nvme), memory.markers(place(nvme), seed=3))
+    in_memory = memory.execute(plan, stored, plan.target_placement)
+    on_disk = memory.execute(plan, stored, plan.target_placement, spill=spill)
+    assert spill.pool is not None and spill.pool.block_size == 64 << 10
+    assert spill.pool.queue_depth == 3 and not spill.pool.direct
+    spill.close()
+    assert list((tmp_path / "nvme").iterdir()) == []  # the directory stays, our folder goes
+    for key, arr in in_memory.stored.items():
+        assert np.array_equal(arr, on_disk.stored[key]), key

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layoutc.swap import ALIGN, SwapError, SwapPool, aligned_empty
+from layoutc.runtime.swap import ALIGN, SwapError, SwapPool, aligned_empty
 
 DTYPES = [np.float32, np.float16, np.int8, np.int64, ml_dtypes.bfloat16, np.bool_]
 
@@ -107,3 +107,26 @@ def test_page_aligned_arrays_move_without_staging_and_come_back_aligned(pool):
     assert back.ctypes.data % ALIGN == 0 and np.array_equal(back, a)
     out = aligned_empty(a.shape, a.dtype)
     assert np.array_equal(h.swap_in(out=out), a)
+
+
+def test_a_swap_file_moves_scattered_pieces_and_reads_zeros_where_nothing_was_written(tmp_path):
+    with SwapPool(tmp_path / "s", block_size=ALIGN, queue_depth=2, threads=2) as pool:
+        f = pool.file("t.bin", 5 * ALIGN + 7)
+        data = _array(5 * ALIGN + 7, np.uint8, 1)
+        pieces = [(0, 10), (ALIGN - 3, 2 * ALIGN + 5), (4 * ALIGN, ALIGN + 7)]  # across blocks
+        written = f.write((at, data[at : at + n].data) for at, n in pieces)
+        assert written == sum(n for _, n in pieces) == pool.bytes_out
+        back = np.full(data.size, 0xFF, np.uint8)
+        assert f.read([(0, back.data)]) == data.size
+        want = np.zeros_like(data)
+        for at, n in pieces:
+            want[at : at + n] = data[at : at + n]
+        assert back.tobytes() == want.tobytes()
+        with pytest.raises(SwapError, match="beyond its"):
+            f.write([(5 * ALIGN, memoryview(bytes(ALIGN)))])
+        f.close()
+        assert not f.path.exists()
+        with pytest.raises(SwapError, match="was closed"):
+            f.read([(0, back[:1].data)])
+        g = pool.file("u.bin", 100)
+    assert not g.path.exists()  # closing the pool deletes the files it still holds

@@ -8,9 +8,13 @@ consecutive elements that land consecutively in the logical tensor (whole rows w
 segment spans them), so a chunk moves with a few large IOs and no index arrays — memory
 stays within the chunk the plan budgeted.
 
-:class:`Spill` keeps the swap files under a folder (``pread`` / ``pwrite``, files
-pre-sized and removed on :meth:`Spill.close`), or, with no folder, in memory (the test
-executor).
+:class:`Spill` keeps the swap files in the swap tier — a
+:class:`~layoutc.runtime.swap.SwapPool` under a folder, one pre-sized
+:class:`~layoutc.runtime.swap.SwapFile` per spilled tensor, the folder removed on
+:meth:`Spill.close` — or, with no folder, in memory (the test executor).
+:meth:`Spill.beside` chooses the folder and the pool's settings for a conversion: the
+target layout's ``offload ... to nvme "DIR" { block, queue, threads }`` when it has one,
+else a folder beside the output with the pool's defaults.
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from layoutc import ir
 from layoutc.plan import ops as O
-from layoutc.runtime.fileio import pread_all, pwrite_all
+from layoutc.runtime.swap import SwapFile, SwapPool
 
 
 def runs(op: O.Swap) -> Iterator[tuple[int, int, int]]:
@@ -83,31 +89,55 @@ def _unravel(index: int, shape: tuple[int, ...]) -> list[int]:
 
 
 class Spill:
-    """The swap files of one execution: under ``folder``, or in memory when it is None."""
+    """The swap files of one execution: in a swap pool under ``folder`` (made when the
+    first tensor spills, with ``settings`` — ``block_size``, ``queue_depth``, ``threads``
+    of :class:`~layoutc.runtime.swap.SwapPool`), or in memory when it is None."""
 
-    def __init__(self, folder: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike[str] | None = None, **settings: int) -> None:
         self.folder = Path(folder) if folder is not None else None
+        self.settings = settings
+        self.pool: SwapPool | None = None
         self.arrays: dict[str, np.ndarray] = {}  # in memory: path -> logical tensor (flat)
-        self.fds: dict[str, int] = {}
+        self.files: dict[str, SwapFile] = {}
+        self.lock = threading.Lock()  # units spill in parallel: one pool, one file each
         self.bytes_out = 0
         self.bytes_in = 0
+
+    @classmethod
+    def beside(cls, layout: ir.Layout, out: Path, suffix: str) -> Spill:
+        """The spill of a conversion writing ``layout`` to ``out``: a folder
+        ``<out name>.swap-<suffix>`` under the directory of the layout's ``offload ... to
+        nvme`` (the optimizer's, else the params'), with its block size, queue depth and
+        threads; without one, that folder beside ``out`` and the pool's defaults."""
+        nvme = [o for o in layout.offloads if o.device == "nvme" and o.path]
+        nvme.sort(key=lambda o: o.what != "optimizer")
+        name = f"{out.name}.swap-{suffix}"
+        if not nvme:
+            return cls(out.with_name(name))
+        o = nvme[0]
+        return cls(
+            Path(o.path) / name,  # type: ignore[arg-type]
+            block_size=o.block_size,
+            queue_depth=o.queue_depth,
+            threads=o.threads,
+        )
 
     def _file(self, op: O.Swap) -> Any:
         from layoutc.runtime.memory import np_dtype
 
         size = math.prod(op.logical_shape) if op.logical_shape else 1
         dtype = np_dtype(op.file_dtype)
-        if self.folder is None:
-            if op.path not in self.arrays:
-                self.arrays[op.path] = np.zeros(size, dtype)
-            return self.arrays[op.path]
-        if op.path not in self.fds:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / op.path.replace("/", "_")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(fd, size * dtype.itemsize)  # zeros where nothing is written
-            self.fds[op.path] = fd
-        return self.fds[op.path]
+        with self.lock:
+            if self.folder is None:
+                if op.path not in self.arrays:
+                    self.arrays[op.path] = np.zeros(size, dtype)
+                return self.arrays[op.path]
+            if op.path not in self.files:
+                if self.pool is None:
+                    self.pool = SwapPool(self.folder, direct=False, **self.settings)
+                name = op.path.replace("/", "_")
+                self.files[op.path] = self.pool.file(name, size * dtype.itemsize)
+            return self.files[op.path]
 
     def write(self, op: O.Swap, data: np.ndarray) -> None:
         """Swap out: the chunk ``data`` (``op.numel`` elements) to its logical places."""
@@ -116,12 +146,15 @@ class Spill:
         f = self._file(op)
         flat = np.ascontiguousarray(data.reshape(-1).astype(np_dtype(op.file_dtype), copy=False))
         item = flat.dtype.itemsize
-        for off, logical, n in runs(op):
-            if isinstance(f, np.ndarray):
+        if isinstance(f, np.ndarray):
+            for off, logical, n in runs(op):
                 f[logical : logical + n] = flat[off : off + n]
-            else:
-                pwrite_all(f, flat[off : off + n].view(np.uint8).data, logical * item)
-            self.bytes_out += n * item
+                self.bytes_out += n * item
+            return
+        raw = flat.view(np.uint8).data
+        self.bytes_out += f.write(
+            (logical * item, raw[off * item : (off + n) * item]) for off, logical, n in runs(op)
+        )
 
     def read(self, op: O.Swap) -> np.ndarray:
         """Swap in: the chunk's elements from their logical places (zero where no segment
@@ -131,12 +164,15 @@ class Spill:
         f = self._file(op)
         buf = np.zeros(op.numel, np_dtype(op.file_dtype))
         item = buf.dtype.itemsize
-        for off, logical, n in runs(op):
-            if isinstance(f, np.ndarray):
+        if isinstance(f, np.ndarray):
+            for off, logical, n in runs(op):
                 buf[off : off + n] = f[logical : logical + n]
-            else:
-                pread_all(f, buf[off : off + n].view(np.uint8).data, logical * item, op.path)
-            self.bytes_in += n * item
+                self.bytes_in += n * item
+        else:
+            raw = buf.view(np.uint8).data
+            self.bytes_in += f.read(
+                (logical * item, raw[off * item : (off + n) * item]) for off, logical, n in runs(op)
+            )
         want = np_dtype(op.dtype)
         return buf if buf.dtype == want else buf.astype(want)
 
@@ -146,9 +182,13 @@ class Spill:
         return self.bytes_out + self.bytes_in
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-        self.arrays.clear()
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        """Delete the swap files and their folder."""
+        try:
+            if self.pool is not None:
+                self.pool.close()
+        finally:
+            self.pool = None
+            self.files.clear()
+            self.arrays.clear()
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
