@@ -75,15 +75,35 @@ def default_workers() -> int:
     return max(1, min(cpus, 16))
 
 
-def _workers_option(p: argparse.ArgumentParser) -> None:
+def _workers_option(p: argparse.ArgumentParser, writers: bool = False) -> None:
+    """``--workers``; with ``writers``, its default is the layout's ``store { writers N }``
+    (see :func:`_convert_workers`)."""
     n = default_workers()
     p.add_argument(
         "--workers",
         type=_positive,
-        default=n,
+        default=None if writers else n,
         metavar="N",
-        help=f"workers (threads) to balance the plan over (default: one per CPU, here {n})",
+        help="workers (threads) to balance the plan over (default: "
+        + ("the target layout's `store { writers N }`, else " if writers else "")
+        + f"one per CPU, here {n})",
     )
+
+
+def _convert_workers(args: argparse.Namespace) -> int:
+    """``--workers`` if given, else the ``writers`` of the layout the output is written in
+    (the ``--to`` file, or for a format the ``--spec`` layout it stores again), else one
+    worker per CPU."""
+    if args.workers is not None:
+        return int(args.workers)
+    path = args.to if args.to not in ir.FORMATS else args.spec
+    if path is not None and Path(path).is_file():
+        from layoutc.lang.check import load_text
+
+        store = load_text(_read(path), path, dict(args.overrides)).store
+        if store.writers_given:
+            return store.writers
+    return default_workers()
 
 
 def _read(path: str) -> str:
@@ -347,7 +367,7 @@ def _convert(args: argparse.Namespace, group: object) -> int:
             spec=args.spec,
             tag=args.tag,
             memory_budget=args.memory,
-            workers=args.workers,
+            workers=_convert_workers(args),
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             progress=_Progress(not args.quiet and lead),
@@ -523,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
     p.add_argument("--memory", type=parse_size, metavar="SIZE", help="memory budget, e.g. 256MiB")
-    _workers_option(p)
+    _workers_option(p, writers=True)
     _set_option(p)
     p.add_argument(
         "--dtype",

@@ -373,6 +373,9 @@ class Store:
     writers: int = 1
     max_shard_bytes: int = 5_000_000_000
     tag: str | None = None
+    # `writers N` was written (not the default): a conversion's workers unless --workers.
+    # Not compared: whether a value was spelt out does not change the store.
+    writers_given: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

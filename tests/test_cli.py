@@ -355,3 +355,36 @@ def test_convert_to_deepspeed_at_another_world_size(
     assert (out / "latest").read_text() == "global_step2"
     code, _, _ = run(capsys, "verify", out)
     assert code == 0
+
+
+def _example_layout(tmp_path: Path, store: str) -> Path:
+    """The example checkpoint's own layout (inferred), stored as ``store`` says."""
+    path = tmp_path / "example.layout"
+    assert main(["infer", str(ROOT / "examples" / "deepspeed-zero2"), "-o", str(path)]) == 0
+    text = path.read_text(encoding="utf-8")
+    path.write_text(re.sub(r"(?m)^store .*$", store, text), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("flags", "workers"), [([], 3), (["--workers", "2"], 2)])
+def test_convert_runs_the_written_layouts_writers_unless_workers_is_given(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], workers: int
+) -> None:
+    target = _example_layout(tmp_path, "store universal { writers 3 }")
+    capsys.readouterr()
+    example = ROOT / "examples" / "deepspeed-zero2"
+    code, _, err = run(capsys, "convert", example, "--to", target, "-o", tmp_path / "o", *flags)
+    assert code == 0, err
+    assert f"with {workers} workers" in err
+
+
+def test_convert_without_writers_or_workers_runs_one_worker_per_cpu(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    target = _example_layout(tmp_path, "store universal")
+    capsys.readouterr()
+    example = ROOT / "examples" / "deepspeed-zero2"
+    code, _, err = run(capsys, "convert", example, "--to", target, "-o", tmp_path / "o")
+    assert code == 0, err
+    n = default_workers()
+    assert f"with {n} worker{'s' if n > 1 else ''}" in err

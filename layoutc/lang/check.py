@@ -659,6 +659,7 @@ class _Checker:
             writers or 1,
             max_shard or 5_000_000_000,
             tag,
+            "writers" in opts,
         )
 
     # ------------------------------------------------------------ pass 2: entries
