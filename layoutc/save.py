@@ -7,6 +7,8 @@ concurrently at their offsets by ``workers`` threads — with O_DIRECT from page
 staging buffers where the filesystem allows, storages then starting on page boundaries —
 each piece's CRC-32 computed while it is in cache, the zip CRCs combined from them, and the
 file fsynced before it is renamed into place. ``torch.load`` (``weights_only=True``, ``mmap=True`` or not) reads the result.
+The container is created by :func:`layoutc.formats.writers.torch_state_dict`, the writer of
+the ``torch`` output format too: one way to write a state dict.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from layoutc.formats import pt
+from layoutc.formats.writers import torch_state_dict
 from layoutc.runtime.checksum import Pieces
 from layoutc.runtime.fileio import ALIGN, Files, direct_supported, fsync_path
 from layoutc.runtime.memory import as_numpy, dtype_name
@@ -49,15 +52,15 @@ def save(
         obj[name] = pt.Tensor(dtype_name(a.dtype), tuple(a.shape), None, key=key)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     direct = direct_supported(tmp.parent) if direct is None else direct
-    created = pt.create(obj, tmp, archive=path.stem or "archive", align=ALIGN if direct else 64)
     files = Files(os.O_RDWR, direct=direct)
     try:
+        created, regions = torch_state_dict(
+            obj, tmp, files, archive=path.stem or "archive", align=ALIGN if direct else 64
+        )
         jobs: list[tuple[Any, np.ndarray, int]] = []
         for key, a in arrays.items():
-            offset, _ = created.storages[key]
             raw = a.reshape(-1).view(np.uint8)
-            region = files.region(str(tmp), offset, raw.size, np.dtype(np.uint8))
-            jobs.extend((region, raw, lo) for lo in range(0, raw.size, PIECE))
+            jobs.extend((regions[key], raw, lo) for lo in range(0, raw.size, PIECE))
         _write_all(jobs, workers)
         pieces = files.pieces.get(str(tmp), Pieces())
     finally:

@@ -9,6 +9,11 @@ is in place. Markers a loader looks for (``latest``, ``latest_universal``, the s
 index) are returned to the caller, which writes them beside the files before the folder is
 committed (see :mod:`layoutc.runtime.commit`).
 
+:data:`WRITERS` maps each format to its writer, as :data:`layoutc.place.PLACEMENTS` maps
+it to its shard map. :func:`torch_state_dict` is the one writer of a torch state dict
+(``name -> tensor``): the ``torch`` format's ``pytorch_model.bin`` and
+:func:`layoutc.save.save` both create theirs with it.
+
 Every path a writer creates — the tag folder, each file of the placement, each marker — goes
 through :func:`~layoutc.runtime.commit.inside`: a tag or a file name that is absolute, has a
 ``..`` or resolves outside ``out`` is refused, whatever let it through before.
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +146,18 @@ def _by_file(target: Placement) -> dict[str, dict[str, StoredBuffer]]:
     return out
 
 
+@dataclass(frozen=True)
+class Origin:
+    """What an output takes from its source: the folder of the source's files, the tag to
+    write, optimizer hyperparameters for fresh optimizer state, and the source's
+    placement (which finds each group's by name)."""
+
+    folder: Path | None = None
+    tag: str = "global_step0"
+    param_groups: list[dict[str, Any]] | None = None
+    placement: Placement | None = None
+
+
 def prepare(
     target: Placement,
     out: Path,
@@ -151,35 +169,22 @@ def prepare(
     """Create ``target``'s files under ``out``; see the module docstring. ``param_groups``
     (optimizer hyperparameters) are used where the source has none; ``source``, the
     placement of the checkpoint in ``source_folder``, finds each group's by name."""
-    fmt = target.format
-    if fmt == "universal":
-        return _universal(target, out, source_folder, tag or "global_step0")
-    if fmt == "torch":
-        return _torch(target, out)
-    if fmt == "safetensors":
-        return _safetensors(target, out)
-    if fmt == "deepspeed":
-        return _deepspeed(target, out, source_folder, tag or "global_step0", param_groups, source)
-    raise Unsupported(f"writing the {fmt} format is not supported yet")
+    writer = WRITERS.get(target.format)
+    if writer is None:
+        raise Unsupported(f"writing the {target.format} format is not supported yet")
+    return writer(target, out, Origin(source_folder, tag or "global_step0", param_groups, source))
 
 
-def _deepspeed(
-    target: Any,
-    out: Path,
-    source: Path | None,
-    tag: str,
-    param_groups: list[dict[str, Any]] | None = None,
-    placement: Placement | None = None,
-) -> Prepared:
+def _deepspeed(target: Any, out: Path, origin: Origin) -> Prepared:
     """A native DeepSpeed checkpoint: ``OUT/<tag>/`` and ``OUT/latest``."""
     from layoutc.formats import deepspeed_write as dw
 
-    root = target.layout.store.tag or tag
+    root = target.layout.store.tag or origin.tag
     p = Prepared(inside(out, root))
     p.root.mkdir(parents=True, exist_ok=True)
     by_file = _by_file(target)
-    carried = dw.Carried.read(source, placement)
-    carried.fresh_param_groups = param_groups
+    carried = dw.Carried.read(origin.folder, origin.placement)
+    carried.fresh_param_groups = origin.param_groups
     written: set[str] = set()
     for f, obj, holes in dw.files(target, carried, by_file):
         path = inside(p.root, f)
@@ -199,7 +204,10 @@ def _deepspeed(
     return p
 
 
-def _universal(target: Any, out: Path, source: Path | None, tag: str) -> Prepared:
+def _universal(target: Any, out: Path, origin: Origin) -> Prepared:
+    """DeepSpeed's universal checkpoint: ``OUT/<tag>/zero/<param>/<state>.pt``, the model
+    files carried from the source, and ``OUT/latest_universal``."""
+    source, tag = origin.folder, origin.tag
     root = inside(out, tag)
     p = Prepared(root)
     by_file = _by_file(target)
@@ -292,12 +300,38 @@ def _optimizer_state(source: Path | None) -> dict[str, Any]:
     return out
 
 
-def _torch(target: Placement, out: Path) -> Prepared:
+def torch_state_dict(
+    state: Mapping[str, pt.Tensor],
+    path: Path,
+    io: Files,
+    *,
+    archive: str | None = None,
+    align: int = 64,
+) -> tuple[pt.Created, dict[str, Any]]:
+    """Create the torch state dict ``path`` — ``state`` (an ``OrderedDict`` stays one), its
+    tensors holes to fill, tensors of one storage ``key`` sharing it as ties do — and
+    return the container with a writable region of ``io`` for each storage, by key, in the
+    storage's dtype (an empty array for an empty one). Storages start at multiples of
+    ``align`` (a page lets direct IO write them from the first byte)."""
+    c = pt.create(state, path, archive=archive, align=align)
+    regions: dict[str, Any] = {}
+    for t in state.values():
+        key = t.key
+        if key is None or key in regions:
+            continue
+        offset, size = c.storages[key]
+        dtype = np_dtype(t.dtype)
+        numel = size // dtype.itemsize
+        regions[key] = io.region(str(path), offset, numel, dtype) if numel else np.zeros(0, dtype)
+    return c, regions
+
+
+def _torch(target: Placement, out: Path, origin: Origin) -> Prepared:
     """One state dict, ``pytorch_model.bin``; tie aliases share their source's storage."""
     p = Prepared(out)
     out.mkdir(parents=True, exist_ok=True)
     buffers = {b.key: b for b in target.buffers()}
-    obj: OrderedDict[str, Any] = OrderedDict()
+    obj: OrderedDict[str, pt.Tensor] = OrderedDict()
     for t in target.layout.tensors:
         name = target.layout.tie_source.get(t.name, t.name)
         b = buffers[name]
@@ -307,14 +341,15 @@ def _torch(target: Placement, out: Path) -> Prepared:
             b = buffers[source]
             obj[alias] = pt.Tensor(b.dtype, b.shape, None, key=source)
     path = inside(out, "pytorch_model.bin")
-    c = pt.create(obj, path)
+    c, regions = torch_state_dict(obj, path, p.io)
     p.created.append(c)
     p.files.append(path)
-    _map(p, c, {b.key: b for b in buffers.values()}, {k: k for k in buffers})
+    for key, b in buffers.items():
+        p.views[(b.file, key)] = regions[key]
     return p
 
 
-def _safetensors(target: Placement, out: Path) -> Prepared:
+def _safetensors(target: Placement, out: Path, origin: Origin) -> Prepared:
     """HF layout: shards in declaration order, an index when there are several; ties are
     stored once and recorded in the metadata (``layoutc.ties``)."""
     from layoutc.formats import safetensors as st
@@ -365,3 +400,11 @@ def _safetensors(target: Placement, out: Path) -> Prepared:
             + "\n"
         )
     return p
+
+
+WRITERS: dict[str, Callable[[Placement, Path, Origin], Prepared]] = {
+    "deepspeed": _deepspeed,
+    "universal": _universal,
+    "safetensors": _safetensors,
+    "torch": _torch,
+}
