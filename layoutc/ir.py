@@ -23,23 +23,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from layoutc import dtypes
 from layoutc.errors import NO_SPAN, Span
 
-DTYPE_BYTES: dict[str, int] = {
-    "fp64": 8,
-    "fp32": 4,
-    "fp16": 2,
-    "bf16": 2,
-    "fp8_e4m3": 1,
-    "fp8_e5m2": 1,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
-}
-DTYPES = tuple(DTYPE_BYTES)
+DTYPE_BYTES: dict[str, int] = dtypes.BYTES  # one table of dtypes: layoutc.dtypes
+DTYPES = dtypes.NAMES
 
 FORMATS = ("deepspeed", "universal", "safetensors", "torch")
 

@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 
 from layoutc import ir
+from layoutc.dtypes import np_dtype
 from layoutc.errors import Unsupported
 from layoutc.formats import autotp, pt
 from layoutc.formats.deepspeed import load_checked
 from layoutc.formats.writers import copy_values
 from layoutc.place.deepspeed import DeepSpeedPlacement
 from layoutc.place.shards import STEP, StoredBuffer, iter_coords
-from layoutc.runtime.memory import np_dtype
 
 DS_VERSION = "0.19.8"
 """The DeepSpeed version whose format layoutc writes, recorded when the source has none."""

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from layoutc.errors import Diagnostic, LayoutError, Span
 from layoutc.formats import pt
 from layoutc.formats.deepspeed import load_checked
 from layoutc.place.base import Placement
 from layoutc.place.shards import MASTER, WEIGHT
+
+if TYPE_CHECKING:  # numpy is imported by the checks that compare values, not by check_against
+    import numpy as np
 
 MAX_SHOWN = 50
 
@@ -168,6 +169,8 @@ def _first_difference(
     copies: int,
     n: int,
 ) -> str | None:
+    import numpy as np
+
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
         first = None
@@ -243,6 +246,8 @@ def _unrounded(
     rel: float,
     tiny: float,
 ) -> str | None:
+    import numpy as np
+
     n = sl.numel if sl.shape else 1
     for lo, hi in sorted({(0, min(n, SAMPLE)), (max(0, n - SAMPLE), n)}):
         weight_runs = placement.runs(t, WEIGHT, sl, 0, lo, hi)

@@ -35,13 +35,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from layoutc.dtypes import BYTES, np_dtype
 from layoutc.errors import LayoutcError
-from layoutc.ir import DTYPE_BYTES
 from layoutc.runtime.checksum import Pieces
+
+if TYPE_CHECKING:  # numpy is imported where tensor bytes are touched: metadata needs none
+    import numpy as np
 
 # torch storage class name <-> layoutc dtype
 STORAGE_DTYPES = {
@@ -76,7 +77,7 @@ TORCH_DTYPES = {
     "uint8": "uint8",
     "bool": "bool",
 }
-ITEMSIZE: dict[str, int] = DTYPE_BYTES  # one table of dtype sizes: the IR's
+ITEMSIZE: dict[str, int] = BYTES  # one table of dtype sizes: layoutc.dtypes
 
 
 class UnsafePickle(LayoutcError):
@@ -151,7 +152,7 @@ class TensorRef:
 
     def numpy(self, opener: Opener | None = None) -> np.ndarray:
         """The tensor as a numpy array (a view of the memory map when contiguous)."""
-        from layoutc.runtime.memory import np_dtype
+        import numpy as np
 
         data = (opener or _default_opener()).storage(self.storage)
         arr = np.frombuffer(data, dtype=np_dtype(self.dtype), count=self.storage.numel)
@@ -163,9 +164,9 @@ class TensorRef:
 
     def read_flat(self, lo: int, hi: int, opener: Opener | None = None) -> np.ndarray:
         """Elements ``[lo, hi)`` of the row-major flattening, without reading the rest."""
-        if self.contiguous:
-            from layoutc.runtime.memory import np_dtype
+        import numpy as np
 
+        if self.contiguous:
             data = (opener or _default_opener()).storage(self.storage)
             arr = np.frombuffer(data, dtype=np_dtype(self.dtype), count=self.storage.numel)
             return arr[self.offset + lo : self.offset + hi]
@@ -801,6 +802,8 @@ def _chunks(t: Tensor) -> Iterator[bytes]:
     elif callable(t.data):
         yield from t.data()
     else:
+        import numpy as np
+
         yield np.ascontiguousarray(np.asarray(t.data)).tobytes()
 
 

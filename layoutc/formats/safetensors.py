@@ -51,8 +51,9 @@ from typing import Any
 
 import numpy as np
 
+from layoutc.dtypes import BYTES, np_dtype
+from layoutc.dtypes import name_of as _layoutc_dtype
 from layoutc.errors import LayoutcError, Unsupported
-from layoutc.ir import DTYPE_BYTES
 
 # layoutc dtype -> safetensors dtype code
 DTYPE_CODES: dict[str, str] = {
@@ -70,7 +71,7 @@ DTYPE_CODES: dict[str, str] = {
     "fp8_e5m2": "F8_E5M2",
 }
 CODE_DTYPES: dict[str, str] = {v: k for k, v in DTYPE_CODES.items()}
-ITEMSIZE: dict[str, int] = DTYPE_BYTES  # one table of dtype sizes: the IR's
+ITEMSIZE: dict[str, int] = BYTES  # one table of dtype sizes: layoutc.dtypes
 
 MAX_HEADER_SIZE = 100_000_000  # bytes of JSON; the reference reader's limit
 ALIGN = 8  # the data buffer starts at a multiple of this
@@ -281,8 +282,6 @@ class File:
 
     def read(self, name: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Elements ``[lo, hi)`` of the row-major flattening of tensor ``name`` (a 1-D copy)."""
-        from layoutc.runtime.memory import np_dtype
-
         e = self.entries.get(name)
         if e is None:
             raise SafetensorsError(f"{self.path}: no tensor {name!r}")
@@ -390,15 +389,6 @@ def plan_file(
 
 
 Stream = tuple[str, tuple[int, ...], Callable[[], Iterator[bytes]]]
-
-
-def _layoutc_dtype(dt: np.dtype) -> str | None:
-    from layoutc.runtime.memory import NUMPY_DTYPES
-
-    for name, known in NUMPY_DTYPES.items():
-        if dt == known:
-            return name
-    return None
 
 
 def save(

@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from layoutc.dtypes import dtype_name as dtype_name  # re-exported: the executor's names
+from layoutc.dtypes import np_dtype as np_dtype
 from layoutc.place import Placement
 from layoutc.place.shards import STEP, Box, Slice
 from layoutc.plan import ops as O
@@ -27,27 +28,8 @@ from layoutc.plan.plan import Plan
 from layoutc.runtime.fileio import ALIGN, InTurn, Region
 from layoutc.runtime.spill import Spill
 
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "fp64": np.dtype(np.float64),
-    "fp32": np.dtype(np.float32),
-    "fp16": np.dtype(np.float16),
-    "bf16": np.dtype(ml_dtypes.bfloat16),
-    "fp8_e4m3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "fp8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
-    "int64": np.dtype(np.int64),
-    "int32": np.dtype(np.int32),
-    "int16": np.dtype(np.int16),
-    "int8": np.dtype(np.int8),
-    "uint8": np.dtype(np.uint8),
-    "bool": np.dtype(np.bool_),
-}
-
 Stored = dict[tuple[str, str], np.ndarray]
 Logical = Mapping[str, Mapping[str, np.ndarray]]  # tensor -> state -> logical array
-
-
-def np_dtype(dtype: str) -> np.dtype:
-    return NUMPY_DTYPES[dtype]
 
 
 def as_numpy(value: Any) -> np.ndarray:
@@ -58,14 +40,9 @@ def as_numpy(value: Any) -> np.ndarray:
 
         t = value.detach().cpu().contiguous()
         if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return t.view(torch.int16).numpy().view(np_dtype("bf16"))
         return t.numpy()
     return np.asarray(value)
-
-
-def dtype_name(dtype: np.dtype) -> str:
-    """The layoutc name of a numpy dtype (``np_dtype``'s inverse)."""
-    return next(name for name, dt in NUMPY_DTYPES.items() if dt == dtype)
 
 
 def _sl(box: Box) -> tuple[slice, ...]:
