@@ -127,8 +127,8 @@ def _load_source(path: str) -> tuple[ir.Layout, tuple[str, str], Any]:
     from layoutc.lang.check import load_text
 
     if Path(path).is_dir():
-        from layoutc.conversion import source_layout
         from layoutc.formats.deepspeed import open_checkpoint
+        from layoutc.plan.layouts import source_layout
 
         ckpt = open_checkpoint(path)
         return (*source_layout(ckpt), ckpt)
@@ -222,6 +222,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from layoutc.plan.compile import compile_plan
+    from layoutc.plan.layouts import target_for
     from layoutc.render import render
 
     if args.ops and not args.json:
@@ -233,22 +234,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise _Usage(
             f"--to {args.to}: no such file and not a format; {hint}formats: {', '.join(ir.FORMATS)}"
         )
-    from layoutc.conversion import target_for
-
-    target = target_for(source, source_text, args.to, dict(args.overrides))
-    if ckpt is not None:  # what convert would refuse, plan refuses
-        from layoutc.conversion import check_autotp_cuts
-
-        check_autotp_cuts(ckpt, source, target)
+    # resolved as convert resolves it: what convert would refuse, plan refuses
+    target = target_for(source, source_text, args.to, dict(args.overrides), checkpoint=ckpt)
     try:
         plan = compile_plan(source, target, memory=args.memory, workers=args.workers)
     except ValueError as e:
         raise _Usage(str(e)) from None
     if args.validate:
         from layoutc.place import place
-        from layoutc.plan.compile import target_layout
 
-        plan.validate(place(source), place(target_layout(source, target)))
+        plan.validate(place(source), place(target))
     if args.json:
         import json
 
@@ -260,10 +255,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         sys.stdout.write(render(plan, "markdown" if args.markdown else "text"))
     if args.html:
         from layoutc.place import place
-        from layoutc.plan.compile import target_layout
         from layoutc.render import drawings
 
-        pictures = drawings(plan, place(source), place(target_layout(source, target)))
+        pictures = drawings(plan, place(source), place(target))
         Path(args.html).write_text(render(plan, "html", drawings=pictures), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
     if args.output:
@@ -405,9 +399,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from layoutc.conversion import source_layout
     from layoutc.formats.deepspeed import open_checkpoint
     from layoutc.place import place
+    from layoutc.plan.layouts import source_layout
     from layoutc.render import human_size
 
     ckpt = open_checkpoint(args.checkpoint, args.tag)

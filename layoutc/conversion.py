@@ -33,17 +33,17 @@ from typing import Any
 
 import numpy as np
 
-from layoutc import ir
-from layoutc.errors import LayoutcError, Unsupported
-from layoutc.formats import autotp, pt, weights
+from layoutc.errors import LayoutcError
+from layoutc.formats import pt, weights
 from layoutc.formats import safetensors as st
-from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer, open_checkpoint
+from layoutc.formats.deepspeed import DeepSpeedCheckpoint, open_checkpoint
 from layoutc.formats.match import check_against, check_masters, check_replicas
 from layoutc.formats.writers import prepare
-from layoutc.lang.check import load_layout, load_text
+from layoutc.lang.check import load_text
 from layoutc.place import Placement, place
 from layoutc.place.full import WeightsPlacement
 from layoutc.plan.compile import compile_plan
+from layoutc.plan.layouts import source_text, target_for
 from layoutc.plan.plan import Plan
 from layoutc.runtime import distributed, memory
 from layoutc.runtime.checksum import Pieces
@@ -185,51 +185,6 @@ class Report:
         )
 
 
-def source_text(ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None) -> tuple[str, str]:
-    """The text of ``ckpt``'s layout and the name diagnostics use: ``spec``, or inferred."""
-    if spec is not None:
-        return Path(spec).read_text(encoding="utf-8"), str(spec)
-    return infer(ckpt), f"{ckpt.folder} (inferred)"
-
-
-def source_layout(
-    ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None
-) -> tuple[ir.Layout, tuple[str, str]]:
-    """The layout of ``ckpt`` — ``spec`` if given, else inferred — checked against the
-    files, and its text and name (see :func:`source_text`)."""
-    text = source_text(ckpt, spec)
-    layout = load_text(*text)
-    check_against(place(layout), ckpt.folder)
-    return layout, text
-
-
-def target_for(
-    source: ir.Layout,
-    source_text: tuple[str, str],
-    to: str | Path,
-    overrides: Mapping[str, int] | None = None,
-) -> ir.Layout:
-    """The target layout: a ``.layout`` file, or a format name meaning the source layout
-    stored in that format; ``overrides`` (``--set``) change mesh axes and let constants of
-    whichever it is."""
-    if str(to) not in ir.FORMATS:
-        return load_layout(to, dict(overrides or {}))
-    base = load_text(*source_text, dict(overrides)) if overrides else source
-    return base.with_store(replace(base.store, format=str(to)))
-
-
-def with_dtype(layout: ir.Layout, dtype: str | None) -> ir.Layout:
-    """The layout with every floating tensor stored as ``dtype`` (for safetensors / torch)."""
-    if dtype is None:
-        return layout
-    floats = {"fp32", "fp16", "bf16", "fp64"}
-    tensors = tuple(replace(t, dtype=dtype) if t.dtype in floats else t for t in layout.tensors)
-    opt = layout.optimizer
-    return replace(
-        layout, tensors=tensors, dtype=dtype, optimizer=replace(opt, master=dtype) if opt else None
-    )
-
-
 def convert(
     checkpoint: str | Path,
     output: str | Path,
@@ -279,21 +234,9 @@ def convert(
         check_copies(placed, ckpt.folder)
         source, folder, src_tag = src, ckpt.folder, ckpt.tag
     check_output(Path(output), None, folder)  # before the plan is shown; space once planned
-    tgt = target_for(src, text, to, overrides)
-    if ckpt is not None:
-        check_autotp_cuts(ckpt, src, tgt)
-    if tgt.store.format in ("safetensors", "torch"):
-        tgt = with_dtype(tgt, dtype)
-    elif dtype is not None:
-        raise ValueError(
-            f"--dtype applies to safetensors and torch outputs, not {tgt.store.format}"
-        )
-    if max_shard_size is not None:
-        if tgt.store.format != "safetensors":
-            raise ValueError(
-                f"--max-shard-size applies to safetensors output, not {tgt.store.format}"
-            )
-        tgt = tgt.with_store(replace(tgt.store, max_shard_bytes=max_shard_size))
+    tgt = target_for(
+        src, text, to, overrides, dtype=dtype, max_shard_size=max_shard_size, checkpoint=ckpt
+    )
     group = distributed.current()
     if group is not None:  # under torchrun: `workers` threads on each rank
         workers *= group.world
@@ -321,22 +264,6 @@ def convert(
         param_groups=param_groups,
         sha256=sha256,
     )
-
-
-def check_autotp_cuts(ckpt: DeepSpeedCheckpoint, source: ir.Layout, target: ir.Layout) -> None:
-    """Refuse to write an AutoTP checkpoint at a tp whose cut of some tensor the layout
-    does not prove (see :func:`layoutc.formats.autotp.unproven_cuts`)."""
-    unproven = autotp.unproven_cuts(ckpt.model_states.get(autotp.INFO), source, target)
-    if unproven:
-        raise Unsupported(
-            f"{ckpt.folder}: AutoTP cuts {len(unproven)} tensor(s) in whole key/value-head "
-            f"groups ({', '.join(unproven[:3])}{' ...' if len(unproven) > 3 else ''}); the "
-            f"layout splits them evenly, which tp = {source.mesh.size(*source.model_axes)} "
-            "proves but tp = "
-            f"{target.mesh.size(*target.model_axes)} may not be: write the layout (layoutc "
-            "infer CKPT -o model.layout), declare each as grains(N, N / num_key_value_heads) / "
-            "tp, and pass --spec model.layout"
-        )
 
 
 def check_copies(placement: Placement, folder: Path) -> None:
@@ -395,7 +322,7 @@ def execute(
     try:
         prepared = _prepare(plan, partial, folder, tag, param_groups)
         on_unit = _progress_by_bytes_written(plan, progress)
-        spill = Spill(out.with_name(out.name + f".swap-{os.getpid()}"))
+        spill = Spill.beside(plan.target_placement.layout, out, str(os.getpid()))
         try:
             memory.execute(plan, files_in, prepared.views, on_unit=on_unit, spill=spill)
             check_crcs(files_in.reads())
@@ -581,7 +508,7 @@ def _execute_across(
     swapped = 0
     reads: Reads = {}
     files_in = SourceFiles(folder)
-    spill = Spill(out.with_name(out.name + f".swap-{os.getpid()}-{rank}"))
+    spill = Spill.beside(plan.target_placement.layout, out, f"{os.getpid()}-{rank}")
     try:  # whatever fails here is reported to every rank below, never left hanging
         views: Any = prepared.views if prepared is not None else _regions(io, layout)
         threads = max(1, plan.workers // world)

@@ -28,10 +28,11 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from layoutc import ir
-from layoutc.errors import Diagnostic, LayoutError, Span
+from layoutc.errors import Diagnostic, LayoutError
 from layoutc.place import Placement, place
 from layoutc.place.shards import MASTER, STEP, WEIGHT, Box, Slice
 from layoutc.plan import ops as O
+from layoutc.plan.layouts import target_layout
 from layoutc.plan.plan import Endpoint, Plan, Stats, Unit
 
 MIN_BUDGET = 2 * max(ir.DTYPE_BYTES.values())  # one element read and one converted
@@ -719,24 +720,6 @@ class _OpBuilder:
         dtype: str,
     ) -> None:
         self.ops.append(O.Write(len(self.ops), src, src_offset, file, key, offset, numel, dtype))
-
-
-def target_layout(source: ir.Layout, target: ir.Layout | str) -> ir.Layout:
-    """A format name means: the source layout stored in that format."""
-    if isinstance(target, ir.Layout):
-        return target
-    if target not in ir.FORMATS:
-        raise LayoutError(
-            [
-                Diagnostic(
-                    "E203",
-                    f"unknown target `{target}`",
-                    Span("<command line>", 0, 0),
-                    "a .layout file or one of: " + ", ".join(ir.FORMATS),
-                )
-            ]
-        )
-    return source.with_store(replace(source.store, format=target))
 
 
 def compile_plan(

@@ -1,0 +1,141 @@
+"""The layouts at both ends of a plan, resolved from what the command line names.
+
+The source: a checkpoint's layout — given (``--spec``) or inferred from its metadata — and
+checked against its files before anything is planned (:func:`source_layout`).
+
+The target (:func:`target_for`): a ``.layout`` file, or a format name, which means the
+source layout stored in that format (:func:`target_layout`, the one place that rule is
+written); ``--set`` overrides change mesh axes and let constants of whichever it is;
+``--dtype`` stores every floating tensor of a safetensors or torch output in that dtype;
+``--max-shard-size`` caps a safetensors output's shards. ``layoutc plan`` and ``layoutc
+convert`` resolve their target here, so the dry run shows what the conversion would do.
+
+Planning only: nothing here imports numpy or torch or reads a tensor's bytes (the check
+against a checkpoint's files reads their metadata). Refused: a target that is neither a
+layout nor a format (E203); ``--dtype`` for a deepspeed or universal output and
+``--max-shard-size`` for any but safetensors (``ValueError``, a usage error); an AutoTP
+checkpoint resharded at a tp whose cuts the layout does not prove (:class:`Unsupported`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from layoutc import ir
+from layoutc.errors import Diagnostic, LayoutError, Span, Unsupported
+from layoutc.lang.check import load_layout, load_text
+
+if TYPE_CHECKING:
+    from layoutc.formats.deepspeed import DeepSpeedCheckpoint
+
+FLOATS = frozenset({"fp32", "fp16", "bf16", "fp64"})  # what --dtype converts
+
+
+def source_text(ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None) -> tuple[str, str]:
+    """The text of ``ckpt``'s layout and the name diagnostics use: ``spec``, or inferred."""
+    from layoutc.formats.deepspeed import infer
+
+    if spec is not None:
+        return Path(spec).read_text(encoding="utf-8"), str(spec)
+    return infer(ckpt), f"{ckpt.folder} (inferred)"
+
+
+def source_layout(
+    ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None
+) -> tuple[ir.Layout, tuple[str, str]]:
+    """The layout of ``ckpt`` — ``spec`` if given, else inferred — checked against the
+    files, and its text and name (see :func:`source_text`)."""
+    from layoutc.formats.match import check_against
+    from layoutc.place import place
+
+    text = source_text(ckpt, spec)
+    layout = load_text(*text)
+    check_against(place(layout), ckpt.folder)
+    return layout, text
+
+
+def target_layout(source: ir.Layout, target: ir.Layout | str) -> ir.Layout:
+    """``target`` itself, or for a format name, the source layout stored in that format."""
+    if isinstance(target, ir.Layout):
+        return target
+    if target not in ir.FORMATS:
+        raise LayoutError(
+            [
+                Diagnostic(
+                    "E203",
+                    f"unknown target `{target}`",
+                    Span("<command line>", 0, 0),
+                    "a .layout file or one of: " + ", ".join(ir.FORMATS),
+                )
+            ]
+        )
+    return source.with_store(replace(source.store, format=target))
+
+
+def target_for(
+    source: ir.Layout,
+    source_text: tuple[str, str],
+    to: str | Path,
+    overrides: Mapping[str, int] | None = None,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+    checkpoint: DeepSpeedCheckpoint | None = None,
+) -> ir.Layout:
+    """The target layout: the ``.layout`` file ``to``, or the source layout (its text
+    ``source_text`` checked again with ``overrides``, if any) stored in format ``to``;
+    ``overrides`` (``--set``) change mesh axes and let constants of whichever it is, then
+    ``dtype`` and ``max_shard_size`` apply. With the source ``checkpoint``, an AutoTP
+    reshard the layout does not prove is refused (:func:`check_autotp_cuts`)."""
+    if str(to) not in ir.FORMATS:
+        target = load_layout(to, dict(overrides or {}))
+    else:
+        base = load_text(*source_text, dict(overrides)) if overrides else source
+        target = target_layout(base, str(to))
+    if checkpoint is not None:
+        check_autotp_cuts(checkpoint, source, target)
+    if target.store.format in ("safetensors", "torch"):
+        target = with_dtype(target, dtype)
+    elif dtype is not None:
+        raise ValueError(
+            f"--dtype applies to safetensors and torch outputs, not {target.store.format}"
+        )
+    if max_shard_size is not None:
+        if target.store.format != "safetensors":
+            raise ValueError(
+                f"--max-shard-size applies to safetensors output, not {target.store.format}"
+            )
+        target = target.with_store(replace(target.store, max_shard_bytes=max_shard_size))
+    return target
+
+
+def with_dtype(layout: ir.Layout, dtype: str | None) -> ir.Layout:
+    """The layout with every floating tensor stored as ``dtype`` (for safetensors / torch)."""
+    if dtype is None:
+        return layout
+    tensors = tuple(replace(t, dtype=dtype) if t.dtype in FLOATS else t for t in layout.tensors)
+    opt = layout.optimizer
+    return replace(
+        layout, tensors=tensors, dtype=dtype, optimizer=replace(opt, master=dtype) if opt else None
+    )
+
+
+def check_autotp_cuts(ckpt: DeepSpeedCheckpoint, source: ir.Layout, target: ir.Layout) -> None:
+    """Refuse to write an AutoTP checkpoint at a tp whose cut of some tensor the layout
+    does not prove (see :func:`layoutc.formats.autotp.unproven_cuts`)."""
+    from layoutc.formats import autotp
+
+    unproven = autotp.unproven_cuts(ckpt.model_states.get(autotp.INFO), source, target)
+    if unproven:
+        raise Unsupported(
+            f"{ckpt.folder}: AutoTP cuts {len(unproven)} tensor(s) in whole key/value-head "
+            f"groups ({', '.join(unproven[:3])}{' ...' if len(unproven) > 3 else ''}); the "
+            f"layout splits them evenly, which tp = {source.mesh.size(*source.model_axes)} "
+            "proves but tp = "
+            f"{target.mesh.size(*target.model_axes)} may not be: write the layout (layoutc "
+            "infer CKPT -o model.layout), declare each as grains(N, N / num_key_value_heads) / "
+            "tp, and pass --spec model.layout"
+        )
