@@ -11,8 +11,9 @@ side, each of:
     dd direct        every file of the checkpoint copied by its own ``dd bs=32M oflag=direct
                      conv=fsync``, all at once: the same bytes made durable at the disk's
                      direct-IO speed — no tool that writes this much can finish sooner
-    imports          ``python -c "import layoutc.cli, layoutc.conversion"``: the interpreter
-                     start and imports every layoutc run pays before moving a byte
+    imports          ``python -c IMPORT_PROBE``: the interpreter start and every import a
+                     ``layoutc convert`` of this (bf16) checkpoint pays before moving a byte —
+                     the same modules, checked by tests/test_imports.py
     layoutc univ     layoutc convert CKPT --to universal -o OUT -q        (+ --memory 256MiB)
     ds_to_universal  python -m deepspeed.checkpoint.ds_to_universal --input_folder CKPT/<tag>
                      --output_folder OUT/<tag> --inject_missing_state (default workers)
@@ -86,6 +87,13 @@ TORCHRUN = "layoutc → universal, torchrun 2 ranks x 1 thread"
 RESHARD = f"layoutc → {RESHARD_SHORT} (native reshard)"
 DD = "dd oflag=direct, every file at once (durable copy)"
 IMPORTS = "layoutc start + imports"
+# What `layoutc convert CKPT --to universal` imports on a bf16 checkpoint: the command line,
+# the converter, the plan's text rendering, the distributed check, the plan's validation,
+# and bf16 (ml_dtypes, looked up lazily by layoutc.dtypes on the first bf16 tensor).
+IMPORT_PROBE = (
+    "import layoutc.cli, layoutc.conversion, layoutc.render, layoutc.runtime.distributed, "
+    "layoutc.plan.validate, layoutc.lang.fmt, layoutc.dtypes; layoutc.dtypes.np_dtype('bf16')"
+)
 METADATA = {"layoutc-manifest.json", "latest", "latest_universal", "model.safetensors.index.json"}
 
 
@@ -534,7 +542,7 @@ def main() -> None:
         jobs = [
             ("cp -r", ["cp", "-r", str(ckpt), OUTDIR], env_lc, None),
             (DD, ["sh", "-c", dd], env_lc, None),
-            (IMPORTS, [lc_py, "-c", "import layoutc.cli, layoutc.conversion"], env_lc, None),
+            (IMPORTS, [lc_py, "-c", IMPORT_PROBE], env_lc, None),
             (
                 "layoutc → universal",
                 [args.layoutc, *convert("universal")],
