@@ -134,7 +134,9 @@ def test_where_direct_io_is_refused_writes_are_buffered(tmp_path, monkeypatch) -
 
 
 def test_the_probe_leaves_nothing_behind(tmp_path) -> None:
+    fileio._DIRECT.clear()  # probed once per filesystem: make this call probe
     fileio.direct_supported(tmp_path)
+    assert os.stat(tmp_path).st_dev in fileio._DIRECT
     assert list(tmp_path.iterdir()) == []
 
 

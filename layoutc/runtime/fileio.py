@@ -204,12 +204,23 @@ def _pool(name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"layoutc-{name}")
 
 
-@cache
-def direct_supported(folder: Path) -> bool:
-    """Whether files in ``folder`` take page-aligned O_DIRECT writes (probed once)."""
+_DIRECT: dict[int, bool] = {}  # st_dev -> whether it takes O_DIRECT writes
+
+
+def direct_supported(folder: str | os.PathLike[str]) -> bool:
+    """Whether files in ``folder`` take page-aligned O_DIRECT writes: probed once per
+    filesystem (a universal output has a folder per tensor, all on one device)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return False
+    folder = Path(folder)
+    dev = os.stat(folder).st_dev
+    if dev not in _DIRECT:
+        _DIRECT[dev] = _probe_direct(folder, flag)
+    return _DIRECT[dev]
+
+
+def _probe_direct(folder: Path, flag: int) -> bool:
     probe = folder / f".direct-probe-{os.getpid()}-{threading.get_ident()}"
     try:
         fd = os.open(probe, os.O_RDWR | os.O_CREAT | flag, 0o600)
