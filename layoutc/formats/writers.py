@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from layoutc import ir
+from layoutc.dtypes import np_dtype
 from layoutc.errors import InternalError, Unsupported
 from layoutc.formats import pt
 from layoutc.formats.deepspeed import load_checked
@@ -40,7 +41,6 @@ from layoutc.place.shards import STEP, StoredBuffer
 from layoutc.runtime.checksum import file_crc
 from layoutc.runtime.commit import inside
 from layoutc.runtime.fileio import Files
-from layoutc.runtime.memory import np_dtype
 
 
 @dataclass
