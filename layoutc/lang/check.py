@@ -36,6 +36,7 @@ _LIMIT = 2**62
 
 # Tensors after loops are expanded: 2**18 is six times the ~45,000 tensors of a
 # DeepSeek-V3-sized MoE with every expert matrix apart; checking that many takes ~4 s.
+SWAP_PAGE = 4096  # swap blocks are whole pages: spills write them with O_DIRECT
 MAX_TENSORS = 2**18
 # Loop iterations plus the statements they run (nested loops multiplied), so loops whose
 # bodies declare no tensor are bounded too; 2**20 take about a second.
@@ -609,6 +610,16 @@ class _Checker:
             st.options, {"block": "SIZE", "queue": "N", "threads": "N"}, f"offload {st.what}"
         )
         values = {k: self.int_option(o, k) for k, o in opts.items()}
+        block = values.get("block")
+        if block is not None and block % SWAP_PAGE:
+            self.error(
+                "E114",
+                f"option `block` of offload {st.what} is {block} bytes, not a whole number "
+                f"of {SWAP_PAGE}-byte pages",
+                opts["block"].span,
+                "swap files are written with O_DIRECT, in whole pages: e.g. block 1MiB",
+            )
+            ok = False
         if not ok:
             return None
         return ir.Offload(
