@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from layoutc import ir
-from layoutc.errors import LayoutcError, LayoutError, PlanError, Unsupported
+from layoutc.errors import LayoutcError, LayoutError, PlanError, Unsupported, UsageError
 
 EXIT_OK, EXIT_USER, EXIT_USAGE = 0, 1, 2
 MIN_MEMORY = 1 << 20  # smallest --memory the command line accepts
@@ -236,10 +236,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     # resolved as convert resolves it: what convert would refuse, plan refuses
     target = target_for(source, source_text, args.to, dict(args.overrides), checkpoint=ckpt)
-    try:
-        plan = compile_plan(source, target, memory=args.memory, workers=args.workers)
-    except ValueError as e:
-        raise _Usage(str(e)) from None
+    plan = compile_plan(source, target, memory=args.memory, workers=args.workers)
     if args.validate:
         from layoutc.place import place
 
@@ -353,25 +350,22 @@ def _convert(args: argparse.Namespace, group: object) -> int:
             f"--to {to}: no such file and not a format"
             + (f"; did you mean `{guess[0]}`?" if guess else "")
         )
-    try:
-        report = convert(
-            args.checkpoint,
-            args.output,
-            to,
-            spec=args.spec,
-            tag=args.tag,
-            memory_budget=args.memory,
-            workers=_convert_workers(args),
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            progress=_Progress(not args.quiet and lead),
-            on_plan=show if lead else None,
-            overrides=dict(args.overrides),
-            param_groups=_param_groups(args.param_groups),
-            sha256=args.sha256,
-        )
-    except ValueError as e:
-        raise _Usage(str(e)) from None
+    report = convert(
+        args.checkpoint,
+        args.output,
+        to,
+        spec=args.spec,
+        tag=args.tag,
+        memory_budget=args.memory,
+        workers=_convert_workers(args),
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        progress=_Progress(not args.quiet and lead),
+        on_plan=show if lead else None,
+        overrides=dict(args.overrides),
+        param_groups=_param_groups(args.param_groups),
+        sha256=args.sha256,
+    )
     if lead:
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -602,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args))
-    except _Usage as e:
+    except (_Usage, UsageError) as e:
         print(f"layoutc {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except LayoutError as e:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from layoutc.errors import LayoutcError
+from layoutc.errors import LayoutcError, UsageError
 from layoutc.formats import pt, weights
 from layoutc.formats import safetensors as st
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint, open_checkpoint
@@ -213,7 +213,7 @@ def convert(
     ckpt: DeepSpeedCheckpoint | None = None
     if weights.is_weights(checkpoint) and not is_deepspeed(checkpoint):
         if spec is None:
-            raise ValueError(
+            raise UsageError(
                 f"{checkpoint}: full weights carry no layout to infer; give --spec MODEL.layout "
                 "(the model's tensors and the topology to lay them out for)"
             )
@@ -308,7 +308,7 @@ def execute(
     :class:`~layoutc.runtime.commit.OutputError`; either way nothing is left."""
     start = started if started is not None else time.perf_counter()
     if plan.target_placement is None:
-        raise ValueError(
+        raise UsageError(
             "this plan has no shard maps (loaded from JSON?): compile it with layoutc.compile"
         )
     folder = Path(source)

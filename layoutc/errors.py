@@ -108,6 +108,11 @@ class LayoutError(LayoutcError):
         return [d.code for d in self.diagnostics]
 
 
+class UsageError(LayoutcError, ValueError):
+    """The request does not apply as asked: a flag for another kind of output, a budget
+    too small to move anything, a missing argument. The command line exits 2 (usage)."""
+
+
 class Unsupported(LayoutcError):
     """The input is valid, but layoutc does not support it (yet)."""
 

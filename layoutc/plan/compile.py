@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from layoutc import ir
-from layoutc.errors import Diagnostic, LayoutError
+from layoutc.errors import Diagnostic, LayoutError, UsageError
 from layoutc.place import Placement, place
 from layoutc.place.shards import MASTER, STEP, WEIGHT, Box, Slice
 from layoutc.plan import ops as O
@@ -112,7 +112,7 @@ class Compiler:
         self.S = source
         self.T = target
         if budget is not None and budget < MIN_BUDGET:
-            raise ValueError(
+            raise UsageError(
                 f"a memory budget of {budget} bytes is too small to move any tensor; give at least {MIN_BUDGET}"
             )
         self.budget = budget

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from layoutc import ir
-from layoutc.errors import Diagnostic, LayoutError, Span, Unsupported
+from layoutc.errors import Diagnostic, LayoutError, Span, Unsupported, UsageError
 from layoutc.lang.check import load_layout, load_text
 
 if TYPE_CHECKING:
@@ -100,12 +100,12 @@ def target_for(
     if target.store.format in ("safetensors", "torch"):
         target = with_dtype(target, dtype)
     elif dtype is not None:
-        raise ValueError(
+        raise UsageError(
             f"--dtype applies to safetensors and torch outputs, not {target.store.format}"
         )
     if max_shard_size is not None:
         if target.store.format != "safetensors":
-            raise ValueError(
+            raise UsageError(
                 f"--max-shard-size applies to safetensors output, not {target.store.format}"
             )
         target = target.with_store(replace(target.store, max_shard_bytes=max_shard_size))
