@@ -127,7 +127,7 @@ _OPT = ("optimizer_state_dict",)
 # What each metadata entry layoutc reads must be where present, by key path, with the words
 # a user reads it in. None passes only where DeepSpeed writes None (a pipeline's `module`,
 # ZeRO-0's `param_shapes`).
-_SCHEMA: dict[tuple[Any, ...], tuple[Any, str]] = {
+_SCHEMA: dict[tuple[str, ...], tuple[Any, str]] = {
     ("module",): (_or_none(_names(_TENSOR)), "name -> tensor"),
     ("param_shapes",): (_or_none(_all(_names(_shape_ok))), "a list of {name: shape}"),
     ("frozen_param_shapes",): (_or_none(_names(_shape_ok)), "name -> shape"),
@@ -159,16 +159,16 @@ _SCHEMA: dict[tuple[Any, ...], tuple[Any, str]] = {
 }
 
 
-def _found(obj: Any, path: tuple[Any, ...]) -> Any:
-    """``(key path, value)`` of the value at ``path``, if there is one."""
-    values: list[tuple[tuple[Any, ...], Any]] = [((), obj)]
+_MISSING = object()
+
+
+def _value_at(obj: Any, path: tuple[str, ...]) -> Any:
+    """The value at ``path`` through nested dicts, or :data:`_MISSING`."""
     for part in path:
-        nxt: list[tuple[tuple[Any, ...], Any]] = []
-        for at, v in values:
-            if isinstance(v, dict) and part in v:
-                nxt.append(((*at, part), v[part]))
-        values = nxt
-    return values
+        if not isinstance(obj, dict) or part not in obj:
+            return _MISSING
+        obj = obj[part]
+    return obj
 
 
 def load_checked(path: Path) -> Any:
@@ -181,13 +181,12 @@ def load_checked(path: Path) -> Any:
     if not isinstance(obj, dict):
         return obj
     for where, (ok, what) in _SCHEMA.items():
-        for at, value in _found(obj, where):
-            if not ok(value):
-                key = "/".join(map(str, at))
-                raise NotACheckpoint(
-                    f"{path}: `{key}` holds {type(value).__name__} {value!r:.80}; DeepSpeed "
-                    f"writes {what} there"
-                )
+        value = _value_at(obj, where)
+        if value is not _MISSING and not ok(value):
+            raise NotACheckpoint(
+                f"{path}: `{'/'.join(where)}` holds {type(value).__name__} {value!r:.80}; "
+                f"DeepSpeed writes {what} there"
+            )
     return obj
 
 
