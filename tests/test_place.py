@@ -65,6 +65,28 @@ def test_every_file_is_listed_and_counted(layout, fmt):
     assert {b.file for b in p.buffers()} <= set(files)
 
 
+@settings(max_examples=80, deadline=None)
+@given(training_layouts(), st.sampled_from(FORMATS))
+def test_step_counters_name_the_buffers_their_copies_write(layout, fmt):
+    """A counter named by several tensors is the same set of (file, key) for each of them,
+    and two counters never share one: what the planner relies on to write each once."""
+    p = place(with_format(layout, fmt))
+    held: dict[object, set[tuple[str, str]]] = {}
+    for t in p.tensors:
+        if STEP not in p.states(t):
+            continue
+        sl = p.slices(t, STEP)[0]
+        listed = [c for _, copies in p.step_counters(t) for c in copies]
+        assert sorted(listed) == [
+            c for c in range(p.copies(t, STEP)) if p.runs(t, STEP, sl, c, 0, 1)
+        ], t.name
+        for counter, copies in p.step_counters(t):
+            runs = {(r.file, r.key) for c in copies for r in p.runs(t, STEP, sl, c, 0, 1)}
+            assert held.setdefault(counter, runs) == runs, (t.name, counter)
+    named = [k for runs in held.values() for k in runs]
+    assert len(named) == len(set(named))
+
+
 @settings(max_examples=60, deadline=None)
 @given(training_layouts())
 def test_slices_tile_each_tensor_exactly_once(layout):

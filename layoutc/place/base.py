@@ -10,7 +10,7 @@ costs no more to describe than its arithmetic: counts are closed forms, lists ar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 
 from layoutc import ir
@@ -83,6 +83,19 @@ class Placement:
         """``count_runs`` summed over every copy (copies are cut alike unless a placement
         says otherwise)."""
         return self.count_runs(t, state, sl, lo, hi) * self.copies(t, state)
+
+    def step_counters(self, t: ir.Tensor) -> list[tuple[object, Sequence[int]]]:
+        """The step counters ``t``'s copies write, as ``(counter, copies)``: tensors naming
+        the same counter share it (an optimizer group keeps one per file). By default
+        each copy's runs name its counter; a placement whose counters follow its groups
+        answers in closed form."""
+        sl = self.slices(t, STEP)[0]
+        out: list[tuple[object, Sequence[int]]] = []
+        for c in range(self.copies(t, STEP)):
+            runs = self.runs(t, STEP, sl, c, 0, 1)
+            if runs:
+                out.append((tuple((r.file, r.key) for r in runs), (c,)))
+        return out
 
     # -------------------------------------------------------------- files
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -368,6 +368,23 @@ class DeepSpeedPlacement(Placement):
             out.append(
                 Run(self.optim_file(fc), key, f.buffer_offset, f.param_offset, f.numel, dtype)
             )
+        return out
+
+    def step_counters(self, t: ir.Tensor) -> list[tuple[object, Sequence[int]]]:
+        """A stage's ranks all hold one counter per optimizer group (a ZeRO-3 sub-group),
+        in files no other stage has: a counter is (stage, its key), its copies the stage's.
+        With uneven grains groups differ by model-parallel rank: counted copy by copy."""
+        if self.uneven:
+            return super().step_counters(t)
+        per_stage = self._copies_per_stage(t, STEP)
+        out: list[tuple[object, Sequence[int]]] = []
+        for k, stage in enumerate(self._stages_of(t)):
+            try:
+                m = self.member(t, stage if self.layout.pipeline else None)
+            except KeyError:  # no elements: the optimizer leaves it out
+                continue
+            copies = range(k * per_stage, (k + 1) * per_stage)
+            out.append(((stage, self._state_key(m, STEP)), copies))
         return out
 
     def count_runs_all(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:

@@ -133,24 +133,17 @@ class Compiler:
         most counters go first (those on more stages, then those with a slice on more
         ranks), which keeps step units few; tensors left no counter write none."""
         T = self.T
-        held: dict[str, list[tuple[int, tuple[str, str]]]] = {}
-        for t in T.tensors:
-            if STEP in T.states(t):
-                sl = T.slices(t, STEP)[0]
-                held[t.name] = [
-                    (c, (r.file, r.key))
-                    for c in range(T.copies(t, STEP))
-                    for r in T.runs(t, STEP, sl, c, 0, 1)
-                ]
+        held = {t.name: T.step_counters(t) for t in T.tensors if STEP in T.states(t)}
+        size = {name: sum(len(c) for _, c in counters) for name, counters in held.items()}
         ranked = sorted(
             (t for t in T.tensors if t.name in held),
-            key=lambda t: (-len(t.stages), -len(held[t.name])),
+            key=lambda t: (-len(t.stages), -size[t.name]),
         )
-        written: set[tuple[str, str]] = set()
+        written: set[object] = set()
         out: dict[str, tuple[int, ...]] = {}
         for t in ranked:
-            mine = tuple(c for c, k in held[t.name] if k not in written)
-            written.update(k for _, k in held[t.name])
+            mine = tuple(c for k, copies in held[t.name] if k not in written for c in copies)
+            written.update(k for k, _ in held[t.name])
             if mine:
                 out[t.name] = mine
         return out
@@ -163,10 +156,8 @@ class Compiler:
         return range(self.T.copies(t, state))
 
     def _count_writes(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
-        if state == STEP:
-            return sum(
-                self.T.count_runs(t, state, sl, lo, hi, c) for c in self._dst_copies(t, state)
-            )
+        if state == STEP:  # the copies listed hold the counter: one run each
+            return len(self._dst_copies(t, state))
         return self.T.count_runs_all(t, state, sl, lo, hi)
 
     def routes(self) -> list[_Route]:
