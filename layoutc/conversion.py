@@ -35,9 +35,10 @@ import numpy as np
 
 from layoutc.errors import LayoutcError, UsageError
 from layoutc.formats import pt, weights
-from layoutc.formats import safetensors as st
-from layoutc.formats.deepspeed import DeepSpeedCheckpoint, open_checkpoint
+from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.formats.match import check_against, check_masters, check_replicas
+from layoutc.formats.sources import in_folder, open_source
 from layoutc.formats.writers import prepare
 from layoutc.lang.check import load_text
 from layoutc.place import Placement, place
@@ -66,26 +67,22 @@ from layoutc.runtime.spill import Spill
 Reads = dict[str, tuple[list[str], list[tuple[int, int, int]]]]  # see SourceFiles.reads
 
 
-def check_crcs(reads: Reads) -> None:
+def check_crcs(reads: Reads, source: Checkpoint) -> None:
     """Refuse the source if a member read has bytes other than its archive's CRC-32 says:
     the CRC of each member is combined from the CRCs taken as its bytes were read (by any
     rank), and only the bytes no read touched (padding, parts no target needs) are read
     now."""
-    opener = pt.Opener()
-    try:
-        for path, (names, runs) in reads.items():
-            pieces = Pieces()
-            for offset, length, crc in runs:
-                pieces.record(offset, length, crc)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                for name in names:
-                    m = opener.members(path)[name]
-                    pt.check_crc(path, m, pieces.crc(fd, m.data_at, m.data_at + m.size))
-            finally:
-                os.close(fd)
-    finally:
-        opener.close()
+    for path, (names, runs) in reads.items():
+        pieces = Pieces()
+        for offset, length, crc in runs:
+            pieces.record(offset, length, crc)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for name in names:
+                m = source.opener.members(path)[name]
+                pt.check_crc(path, m, pieces.crc(fd, m.data_at, m.data_at + m.size))
+        finally:
+            os.close(fd)
 
 
 def _merge_reads(all_reads: list[Reads]) -> Reads:
@@ -105,28 +102,24 @@ class SourceFiles(Mapping[tuple[str, str], Any]):
     Regions record the CRC-32 of what they read, so :func:`check_crcs` proves each member
     read against its archive's CRC without reading it again."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.opener = pt.Opener()
+    def __init__(self, source: Checkpoint | Path) -> None:
+        self.source = source if isinstance(source, Checkpoint) else Checkpoint(Path(source))
+        self.folder = self.source.folder
+        self.opener = self.source.opener
         self.files = Files(record_reads=True)
-        self._objs: dict[str, Any] = {}
         self._views: dict[tuple[str, str], Any] = {}
         self._read: dict[str, set[str]] = {}  # file path -> members read through regions
 
     def __getitem__(self, fk: tuple[str, str]) -> Any:
         if fk not in self._views and fk[0].endswith(".safetensors"):
             file, key = fk
-            if file not in self._objs:
-                self._objs[file] = st.read_header(self.folder / file)[0]
-            e = self._objs[file][key]
+            e = self.source.header(file)[0][key]
             self._views[fk] = self.files.region(
                 str(self.folder / file), e.begin, e.numel, memory.np_dtype(e.dtype)
             )
         if fk not in self._views:
             file, key = fk
-            if file not in self._objs:
-                self._objs[file] = pt.load(self.folder / file)
-            ref = pt.at(self._objs[file], key)
+            ref = pt.at(self.source.load(file), key)
             if ref.contiguous:
                 data_at, _ = self.opener.member(str(self.folder / file), ref.storage.member)
                 self._read.setdefault(str(self.folder / file), set()).add(ref.storage.member)
@@ -158,7 +151,6 @@ class SourceFiles(Mapping[tuple[str, str], Any]):
     def close(self) -> None:
         self._views.clear()
         self.files.close()
-        self.opener.close()
 
 
 @dataclass
@@ -209,31 +201,70 @@ def convert(
     hyperparameters written with fresh optimizer state (a source without any);
     ``sha256``: record each output file's SHA-256 in the manifest too."""
     start = time.perf_counter()
-    source: Any
-    ckpt: DeepSpeedCheckpoint | None = None
-    if weights.is_weights(checkpoint) and not is_deepspeed(checkpoint):
-        if spec is None:
+    handle = open_source(checkpoint, tag)
+    try:
+        if isinstance(handle, weights.Weights) and spec is None:
             raise UsageError(
                 f"{checkpoint}: full weights carry no layout to infer; give --spec MODEL.layout "
                 "(the model's tensors and the topology to lay them out for)"
             )
-        w = weights.open_weights(checkpoint)
+        return _convert(
+            handle,
+            output,
+            to,
+            spec,
+            memory_budget,
+            workers,
+            dtype,
+            max_shard_size,
+            progress,
+            on_plan,
+            overrides,
+            param_groups,
+            sha256,
+            start,
+        )
+    finally:
+        handle.close()
+
+
+def _convert(
+    handle: Checkpoint,
+    output: str | Path,
+    to: str | Path,
+    spec: str | Path | None,
+    memory_budget: int | None,
+    workers: int,
+    dtype: str | None,
+    max_shard_size: int | None,
+    progress: Callable[[int, int], None] | None,
+    on_plan: Callable[[Plan], None] | None,
+    overrides: Mapping[str, int] | None,
+    param_groups: list[dict[str, Any]] | None,
+    sha256: bool,
+    start: float,
+) -> Report:
+    source: Any
+    ckpt = handle if isinstance(handle, DeepSpeedCheckpoint) else None
+    if isinstance(handle, weights.Weights):
+        assert spec is not None
+        w = handle
         text = (Path(spec).read_text(encoding="utf-8"), str(spec))
         src = load_text(*text)
         weights.check_weights(src, w)
         source = WeightsPlacement(
             src.with_store(replace(src.store, format=w.format)), w.entries, w.format
         )
-        folder, src_tag = w.folder, None
+        src_tag = None
     else:
-        ckpt = open_checkpoint(checkpoint, tag)
+        assert ckpt is not None
         text = source_text(ckpt, spec)
         src = load_text(*text)
         placed = place(src)
-        check_against(placed, ckpt.folder)
-        check_copies(placed, ckpt.folder)
-        source, folder, src_tag = src, ckpt.folder, ckpt.tag
-    check_output(Path(output), None, folder)  # before the plan is shown; space once planned
+        check_against(placed, ckpt)
+        check_copies(placed, ckpt)
+        source, src_tag = src, ckpt.tag
+    check_output(Path(output), None, handle.folder)  # before the plan is shown; space once planned
     tgt = target_for(
         src, text, to, overrides, dtype=dtype, max_shard_size=max_shard_size, checkpoint=ckpt
     )
@@ -256,7 +287,7 @@ def convert(
         on_plan(plan)
     return execute(
         plan,
-        folder,
+        handle,
         output,
         tag=src_tag or tgt.store.tag or "global_step0",
         progress=progress,
@@ -266,11 +297,11 @@ def convert(
     )
 
 
-def check_copies(placement: Placement, folder: Path) -> None:
+def check_copies(placement: Placement, source: Checkpoint) -> None:
     """The slices a layout stores several times hold the same values in every copy (see
     :func:`~layoutc.formats.match.check_replicas`), and low-precision weights are the
     rounding of their masters (:func:`~layoutc.formats.match.check_masters`)."""
-    files = SourceFiles(folder)
+    files = SourceFiles(source)
     try:
 
         def read(f: str, k: str, at: int, n: int) -> np.ndarray:
@@ -282,15 +313,9 @@ def check_copies(placement: Placement, folder: Path) -> None:
         files.close()
 
 
-def is_deepspeed(path: str | Path) -> bool:
-    """A DeepSpeed checkpoint root (``latest``) or tag folder (``*_model_states.pt``)."""
-    p = Path(path)
-    return p.is_dir() and ((p / "latest").is_file() or any(p.glob("*model_states.pt")))
-
-
 def execute(
     plan: Plan,
-    source: str | Path,
+    source: Checkpoint | str | Path,
     output: str | Path,
     *,
     tag: str | None = None,
@@ -299,8 +324,8 @@ def execute(
     param_groups: list[dict[str, Any]] | None = None,
     sha256: bool = False,
 ) -> Report:
-    """Run a compiled plan: read ``source`` (the folder holding the source's files, e.g. a
-    DeepSpeed tag folder), write ``output`` atomically with its manifest (with ``sha256``,
+    """Run a compiled plan: read ``source`` (the checkpoint, or the folder holding its
+    files, e.g. a DeepSpeed tag folder), write ``output`` atomically with its manifest (with ``sha256``,
     each file's SHA-256 too, read back once). The plan must come from
     :func:`layoutc.compile` in this process (it carries the shard maps the output's files
     are created from); validate it first. An output that cannot be committed is refused
@@ -311,21 +336,35 @@ def execute(
         raise UsageError(
             "this plan has no shard maps (loaded from JSON?): compile it with layoutc.compile"
         )
-    folder = Path(source)
+    if not isinstance(source, Checkpoint):
+        handle = in_folder(source)
+        try:
+            return execute(
+                plan,
+                handle,
+                output,
+                tag=tag,
+                progress=progress,
+                started=start,
+                param_groups=param_groups,
+                sha256=sha256,
+            )
+        finally:
+            handle.close()
     out = Path(output)
     group = distributed.current()
     if group is not None:
-        return _execute_across(group, plan, folder, out, tag, progress, start, param_groups, sha256)
-    check_output(out, plan, folder)
+        return _execute_across(group, plan, source, out, tag, progress, start, param_groups, sha256)
+    check_output(out, plan, source.folder)
     partial = make_partial(out)
-    files_in = SourceFiles(folder)
+    files_in = SourceFiles(source)
     try:
-        prepared = _prepare(plan, partial, folder, tag, param_groups)
+        prepared = _prepare(plan, partial, source, tag, param_groups)
         on_unit = _progress_by_bytes_written(plan, progress)
         spill = Spill.beside(plan.target_placement.layout, out, str(os.getpid()))
         try:
             memory.execute(plan, files_in, prepared.views, on_unit=on_unit, spill=spill)
-            check_crcs(files_in.reads())
+            check_crcs(files_in.reads(), source)
         finally:
             swapped = spill.moved
             spill.close()
@@ -353,7 +392,7 @@ def _named(e: BaseException, out: Path) -> BaseException:
 def _prepare(
     plan: Plan,
     partial: Path,
-    folder: Path,
+    source: Checkpoint,
     tag: str | None,
     param_groups: list[dict[str, Any]] | None,
 ) -> Any:
@@ -361,8 +400,8 @@ def _prepare(
     return prepare(
         plan.target_placement,
         partial,
-        folder,
-        tag or folder.name,
+        source,
+        tag or source.folder.name,
         param_groups=param_groups,
         source=plan.source_placement,
     )
@@ -457,7 +496,7 @@ class RankFailed(LayoutcError):
 def _execute_across(
     group: distributed.Group,
     plan: Plan,
-    folder: Path,
+    source: Checkpoint,
     out: Path,
     tag: str | None,
     progress: Callable[[int, int], None] | None,
@@ -475,9 +514,9 @@ def _execute_across(
     layout: Any = None
     if rank == 0:
         try:
-            check_output(out, plan, folder)
+            check_output(out, plan, source.folder)
             partial = make_partial(out)
-            prepared = _prepare(plan, partial, folder, tag, param_groups)
+            prepared = _prepare(plan, partial, source, tag, param_groups)
             layout = {
                 k: (v.path, v.offset, v.size, memory.dtype_name(v.dtype))
                 if isinstance(v, Region)
@@ -507,7 +546,7 @@ def _execute_across(
     error = None
     swapped = 0
     reads: Reads = {}
-    files_in = SourceFiles(folder)
+    files_in = SourceFiles(source)
     spill = Spill.beside(plan.target_placement.layout, out, f"{os.getpid()}-{rank}")
     try:  # whatever fails here is reported to every rank below, never left hanging
         views: Any = prepared.views if prepared is not None else _regions(io, layout)
@@ -535,7 +574,7 @@ def _execute_across(
         try:
             if errors:
                 raise RankFailed(f"{out}: " + "; ".join(errors) + " (nothing committed)")
-            check_crcs(_merge_reads([r for _, _, _, r in results]))
+            check_crcs(_merge_reads([r for _, _, _, r in results]), source)
             for _, theirs, _, _ in results[1:]:
                 for path, runs in theirs.items():
                     for offset, length, crc in runs:

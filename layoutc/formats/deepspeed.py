@@ -15,13 +15,13 @@ buffers and ties. Tensor- and pipeline-parallel checkpoints are refused here for
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from layoutc.errors import LayoutcError, Unsupported
 from layoutc.formats import autotp, pt
+from layoutc.formats.checkpoint import Checkpoint
 from layoutc.ir import check_tag
 from layoutc.place.deepspeed import layer_of, tied_key
 
@@ -35,22 +35,50 @@ class NotACheckpoint(LayoutcError):
     """The path holds no DeepSpeed checkpoint."""
 
 
-@dataclass
-class DeepSpeedCheckpoint:
-    folder: Path  # the tag folder
-    tag: str
-    root: Path | None  # the folder holding `latest`, if any
-    model_files: list[Path] = field(default_factory=list)
-    optim_files: list[Path] = field(default_factory=list)
-    layer_files: list[Path] = field(default_factory=list)
-    universal: bool = False  # DeepSpeed's universal format: zero/<param>/<state>.pt
+class DeepSpeedCheckpoint(Checkpoint):
+    """A DeepSpeed checkpoint's tag folder (``root``: the folder holding ``latest``, if
+    any): its model-states, optimizer and layer files, each file's metadata checked
+    against the types DeepSpeed writes (:func:`load_checked`) as it is loaded."""
 
+    format = "deepspeed"
     UNIVERSAL_OPTIMIZER = "zero/optimizer_state.pt"
+
+    def __init__(self, folder: Path, tag: str, root: Path | None = None) -> None:
+        super().__init__(folder, tag)
+        self.root = root
+        self.model_files: list[Path] = []
+        self.optim_files: list[Path] = []
+        self.layer_files: list[Path] = []
+        self.universal = False  # DeepSpeed's universal format: zero/<param>/<state>.pt
+
+    @classmethod
+    def scan(cls, folder: Path, root: Path | None = None) -> DeepSpeedCheckpoint:
+        """The DeepSpeed files in the tag folder ``folder``, by kind (none required)."""
+        ckpt = cls(folder, folder.name, root)
+        for p in sorted(folder.iterdir()):
+            if MODEL.match(p.name):
+                ckpt.model_files.append(p)
+            elif OPTIM.match(p.name):
+                ckpt.optim_files.append(p)
+            elif LAYER.match(p.name):
+                ckpt.layer_files.append(p)
+        ckpt.universal = not ckpt.optim_files and (folder / "zero").is_dir()
+        return ckpt
+
+    def _load(self, path: Path) -> Any:
+        return load_checked(path)
 
     @cached_property
     def model_states(self) -> dict[str, Any]:
         """The first model-states file (metadata; tensors stay unread)."""
-        return load_model_states(self.model_files[0])
+        return self.model_states_of(self.model_files[0])
+
+    def model_states_of(self, path: Path) -> dict[str, Any]:
+        """A model-states file (see :func:`load_checked`)."""
+        obj = self.load(path)
+        if not isinstance(obj, dict):
+            raise NotACheckpoint(f"{path}: not a DeepSpeed model-states dict")
+        return obj
 
     @cached_property
     def optim_states(self) -> dict[str, Any] | None:
@@ -58,13 +86,13 @@ class DeepSpeedCheckpoint:
             path = self.folder / self.UNIVERSAL_OPTIMIZER
             if not path.is_file():
                 return None
-            universal = load_checked(path)
+            universal = self.load(path)
             if not isinstance(universal, dict):
                 raise NotACheckpoint(f"{path}: not an optimizer state dict")
             return universal
         if not self.optim_files:
             return None
-        obj = load_checked(self.optim_files[0])
+        obj = self.load(self.optim_files[0])
         if not isinstance(obj, dict) or "optimizer_state_dict" not in obj:
             raise NotACheckpoint(f"{self.optim_files[0]}: no optimizer_state_dict")
         inner: dict[str, Any] = obj["optimizer_state_dict"]
@@ -190,14 +218,6 @@ def load_checked(path: Path) -> Any:
     return obj
 
 
-def load_model_states(path: Path) -> dict[str, Any]:
-    """A model-states file (see :func:`load_checked`)."""
-    obj = load_checked(path)
-    if not isinstance(obj, dict):
-        raise NotACheckpoint(f"{path}: not a DeepSpeed model-states dict")
-    return obj
-
-
 def _tag_in(root: Path, marker: str) -> Path:
     """The tag folder a ``latest``-style marker names: one folder name inside ``root``."""
     raw = (root / marker).read_bytes()
@@ -234,18 +254,10 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> DeepSpeedCheckp
         root, folder = path, _tag_in(path, "latest_universal")
     if not folder.is_dir():
         raise NotACheckpoint(f"{folder}: the tag folder does not exist")
-    ckpt = DeepSpeedCheckpoint(folder, folder.name, root)
-    for p in sorted(folder.iterdir()):
-        if MODEL.match(p.name):
-            ckpt.model_files.append(p)
-        elif OPTIM.match(p.name):
-            ckpt.optim_files.append(p)
-        elif LAYER.match(p.name):
-            ckpt.layer_files.append(p)
+    ckpt = DeepSpeedCheckpoint.scan(folder, root)
     if not ckpt.model_files:
         hint = "" if root else " (give the checkpoint root holding `latest`, or a tag folder)"
         raise NotACheckpoint(f"{folder}: no DeepSpeed *_model_states.pt files{hint}")
-    ckpt.universal = not ckpt.optim_files and (folder / "zero").is_dir()
     return ckpt
 
 
@@ -461,7 +473,7 @@ def _undeclared(ckpt: DeepSpeedCheckpoint, shown: int = 12) -> str:
     for path in ckpt.layer_files:
         m = LAYER.match(path.name)
         assert m is not None
-        obj = load_checked(path)
+        obj = ckpt.load(path)
         if not isinstance(obj, dict):
             continue
         for key, ref in obj.items():
@@ -513,7 +525,7 @@ def _first_state(ckpt: DeepSpeedCheckpoint, first: str | None) -> dict[str, Any]
 
 
 def _header(ckpt: DeepSpeedCheckpoint, name: str | None, mesh: str, dtype: str) -> list[str]:
-    name = name or re.sub(r"[^A-Za-z0-9_]", "_", ckpt.tag) or "checkpoint"
+    name = name or re.sub(r"[^A-Za-z0-9_]", "_", ckpt.tag or "") or "checkpoint"
     if name[0].isdigit():
         name = "ckpt_" + name
     version = ckpt.model_states.get("ds_version", "?")
@@ -580,7 +592,7 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
     from layoutc.lang.fmt import fmt
     from layoutc.lang.parse import parse
 
-    stages = [load_model_states(p) for p in ckpt.model_files]
+    stages = [ckpt.model_states_of(p) for p in ckpt.model_files]
     if len(stages) != pp:
         raise Unsupported(
             f"{ckpt.folder}: {len(stages)} mp_rank files for pp = {pp}; with tensor parallelism "
@@ -595,7 +607,7 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
                 f"{path}: a model-parallel layer file; infer reads pipelines without a "
                 "model-parallel axis: write the layout with its tp axis and pass --spec"
             )
-        obj = load_checked(path)
+        obj = ckpt.load(path)
         if not isinstance(obj, dict):
             raise NotACheckpoint(f"{path}: not a layer state dict")
         layers[int(m.group(1))] = obj
@@ -724,7 +736,7 @@ def _stage_groups(ckpt: DeepSpeedCheckpoint, counts: list[int]) -> list[list[int
     saved: list[list[dict[str, Any]]] = []
     for s, n in enumerate(counts):
         files = [p for p in ckpt.optim_files if (m := OPTIM.match(p.name)) and int(m.group(3)) == s]
-        inner = (load_checked(files[0]).get("optimizer_state_dict") or {}) if files else {}
+        inner = (ckpt.load(files[0]).get("optimizer_state_dict") or {}) if files else {}
         groups = (inner.get("base_optimizer_state") or {}).get("param_groups") or []
         if len(groups) != n:
             raise Unsupported(
@@ -752,7 +764,7 @@ def _universal_states(ckpt: DeepSpeedCheckpoint, param: str) -> dict[str, bool]:
     (``fp32.pt`` is the master; the others are named for their state)."""
     folder = ckpt.folder / "zero" / param
     master = folder / "fp32.pt"
-    if master.is_file() and not isinstance(load_checked(master), dict):
+    if master.is_file() and not isinstance(ckpt.load(master), dict):
         raise Unsupported(
             f"{master}: a bare tensor, not a dict with `param` — what ds_to_universal writes "
             "for ZeRO-3 (flattened, without step.pt); layoutc reads universal checkpoints that "

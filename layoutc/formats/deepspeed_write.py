@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,8 @@ from layoutc import ir
 from layoutc.dtypes import np_dtype
 from layoutc.errors import Unsupported
 from layoutc.formats import autotp, pt
-from layoutc.formats.deepspeed import load_checked
+from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.formats.writers import copy_values
 from layoutc.place.deepspeed import DeepSpeedPlacement
 from layoutc.place.shards import STEP, StoredBuffer, iter_coords
@@ -74,40 +74,36 @@ class Carried:
     optim_outer: dict[str, Any] = field(default_factory=dict)
     fresh_param_groups: list[dict[str, Any]] | None = None  # given, for a source without
     named: dict[str, Any] = field(default_factory=dict)  # layout group -> the source's groups
-    folder: Path | None = None
+    source: DeepSpeedCheckpoint | None = None
 
     @classmethod
-    def read(cls, folder: Path | None, source: Any = None) -> Carried:
-        """The unsharded state of the checkpoint in ``folder``; with its placement
-        ``source``, also each stage's param groups by the layout's group names (a target
-        with other stages may have other groups on each)."""
-        carried = cls._read(folder)
-        carried.folder = folder
-        if folder is not None and isinstance(source, DeepSpeedPlacement):
-            carried.named = _named_groups(source, folder)
+    def read(cls, source: Checkpoint | None, placement: Any = None) -> Carried:
+        """The unsharded state of ``source`` (nothing unless it is a DeepSpeed
+        checkpoint); with its placement, also each stage's param groups by the layout's
+        group names (a target with other stages may have other groups on each)."""
+        if not isinstance(source, DeepSpeedCheckpoint):
+            return cls()
+        carried = cls._read(source)
+        carried.source = source
+        if isinstance(placement, DeepSpeedPlacement):
+            carried.named = _named_groups(placement, source)
         return carried
 
     def layer_order(self, name: str) -> list[str]:
         """The keys of the source's layer file ``name``, in its order (none if absent)."""
-        path = self.folder / name if self.folder is not None else None
-        if path is None or not path.is_file():
+        if self.source is None or not self.source.path(name).is_file():
             return []
-        obj = load_checked(path)
+        obj = self.source.load(name)
         return list(obj) if isinstance(obj, dict) else []
 
     @classmethod
-    def _read(cls, folder: Path | None) -> Carried:
-        if folder is None:
-            return cls()
-        models = sorted(folder.glob("mp_rank_*_model_states.pt")) or sorted(
-            folder.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")
-        )
-        optims = sorted(folder.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))
-        model = load_checked(models[0]) if models else {}
-        universal = folder / "zero" / "optimizer_state.pt"  # DeepSpeed's universal format
+    def _read(cls, source: DeepSpeedCheckpoint) -> Carried:
+        models, optims = source.model_files, source.optim_files
+        model = source.load(models[0]) if models else {}
+        universal = source.path(source.UNIVERSAL_OPTIMIZER)  # DeepSpeed's universal format
         if not optims and universal.is_file():
-            return cls(model, load_checked(universal), {})
-        outer = load_checked(optims[0]) if optims else {}
+            return cls(model, source.load(universal), {})
+        outer = source.load(optims[0]) if optims else {}
         return cls(model, outer.get("optimizer_state_dict", {}), outer)
 
     def param_groups(self, count: int, names: list[str] | None = None) -> list[Any] | None:
@@ -365,7 +361,7 @@ def _flat_members(target: DeepSpeedPlacement, model: int = 0) -> list[list[ir.Te
     return out
 
 
-def _named_groups(source: DeepSpeedPlacement, folder: Path) -> dict[str, Any]:
+def _named_groups(source: DeepSpeedPlacement, checkpoint: DeepSpeedCheckpoint) -> dict[str, Any]:
     """Layout group name -> param group (hyperparameters) as each stage of ``source``
     saved it (the first stage holding a group gives it)."""
     out: dict[str, Any] = {}
@@ -376,10 +372,10 @@ def _named_groups(source: DeepSpeedPlacement, folder: Path) -> dict[str, Any]:
         if layout.pipeline:
             coords[layout.pipeline] = stage
         plain = source.mode == "plain"
-        path = folder / (source.model_file(coords) if plain else source.optim_file(coords))
+        path = checkpoint.path(source.model_file(coords) if plain else source.optim_file(coords))
         if not groups or not path.is_file():
             continue
-        obj = load_checked(path)
+        obj = checkpoint.load(path)
         inner = obj.get("optimizer") if plain else obj.get("optimizer_state_dict")
         if not isinstance(inner, dict):
             continue

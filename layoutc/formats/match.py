@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from layoutc.errors import Diagnostic, LayoutError, Span
 from layoutc.formats import pt
-from layoutc.formats.deepspeed import load_checked
+from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.sources import as_checkpoint
 from layoutc.place.base import Placement
 from layoutc.place.shards import MASTER, WEIGHT
 
@@ -28,9 +29,11 @@ def _span(layout_source: str) -> Span:
     return Span(layout_source, 0, 0)
 
 
-def check_against(placement: Placement, folder: str | Path) -> None:
-    """Raise LayoutError if the files under ``folder`` do not hold what ``placement`` says."""
-    folder = Path(folder)
+def check_against(placement: Placement, source: Checkpoint | str | Path) -> None:
+    """Raise LayoutError if the files of ``source`` (a checkpoint, or its folder) do not
+    hold what ``placement`` says."""
+    ckpt = as_checkpoint(source)
+    folder = ckpt.folder
     src = placement.layout.source
     diags: list[Diagnostic] = []
     loaded: dict[str, Any] = {}
@@ -49,7 +52,7 @@ def check_against(placement: Placement, folder: str | Path) -> None:
                     _hint(placement),
                 )
                 continue
-            loaded[buf.file] = load_checked(path)
+            loaded[buf.file] = ckpt.load(buf.file)
         obj = loaded[buf.file]
         if obj is None:
             continue

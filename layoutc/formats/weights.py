@@ -12,13 +12,14 @@ byte is read. Dtypes may differ from the layout's: the plan casts.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from layoutc import ir
 from layoutc.errors import Diagnostic, LayoutcError, LayoutError
 from layoutc.formats import pt
-from layoutc.formats import safetensors as st
+from layoutc.formats import safetensors_header as st
+from layoutc.formats.checkpoint import Checkpoint
 
 
 class NotWeights(LayoutcError):
@@ -33,12 +34,14 @@ class WeightEntry:
     shape: tuple[int, ...]
 
 
-@dataclass
-class Weights:
-    folder: Path
-    format: str  # "safetensors" | "torch"
-    entries: dict[str, WeightEntry] = field(default_factory=dict)
-    ties: dict[str, str] = field(default_factory=dict)  # alias -> source, stored once
+class Weights(Checkpoint):
+    """Full weights: ``entries`` by tensor name, ``ties`` (alias -> source) stored once."""
+
+    def __init__(self, folder: Path, format: str) -> None:
+        super().__init__(folder)
+        self.format = format  # "safetensors" | "torch"
+        self.entries: dict[str, WeightEntry] = {}
+        self.ties: dict[str, str] = {}
 
     @property
     def files(self) -> list[str]:
@@ -74,13 +77,13 @@ def open_weights(path: str | Path) -> Weights:
     w = Weights(folder, fmt)
     for f in files:
         if fmt == "safetensors":
-            entries, metadata = st.read_header(folder / f)
+            entries, metadata = w.header(f)
             for name, e in entries.items():
                 w.entries[name] = WeightEntry(f, name, e.dtype, tuple(e.shape))
             if st.TIES_KEY in metadata:
                 w.ties.update(_ties(folder / f, metadata[st.TIES_KEY]))
         else:
-            _torch_entries(w, folder, f)
+            _torch_entries(w, f)
     for alias, source in w.ties.items():  # a tie stored once is found under both names
         if source in w.entries:
             w.entries.setdefault(alias, w.entries[source])
@@ -137,12 +140,12 @@ def _ties(path: Path, text: str) -> dict[str, str]:
     return ties
 
 
-def _torch_entries(w: Weights, folder: Path, f: str) -> None:
+def _torch_entries(w: Weights, f: str) -> None:
     """A torch state dict: top-level tensors by name; the first name of a shared view is
     stored, later names of the same view become ties."""
-    obj = pt.load(folder / f)
+    obj = w.load(f)
     if not isinstance(obj, dict):
-        raise NotWeights(f"{folder / f}: not a state dict (a {type(obj).__name__})")
+        raise NotWeights(f"{w.folder / f}: not a state dict (a {type(obj).__name__})")
     seen: dict[tuple[object, ...], str] = {}
     for name, ref in obj.items():
         if not isinstance(ref, pt.TensorRef):

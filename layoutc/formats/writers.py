@@ -35,7 +35,8 @@ from layoutc import ir
 from layoutc.dtypes import np_dtype
 from layoutc.errors import InternalError, Unsupported
 from layoutc.formats import pt
-from layoutc.formats.deepspeed import load_checked
+from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.place.base import Placement
 from layoutc.place.shards import STEP, StoredBuffer
 from layoutc.runtime.checksum import file_crc
@@ -148,11 +149,11 @@ def _by_file(target: Placement) -> dict[str, dict[str, StoredBuffer]]:
 
 @dataclass(frozen=True)
 class Origin:
-    """What an output takes from its source: the folder of the source's files, the tag to
-    write, optimizer hyperparameters for fresh optimizer state, and the source's
-    placement (which finds each group's by name)."""
+    """What an output takes from its source: the source checkpoint, the tag to write,
+    optimizer hyperparameters for fresh optimizer state, and the source's placement
+    (which finds each group's by name)."""
 
-    folder: Path | None = None
+    checkpoint: Checkpoint | None = None
     tag: str = "global_step0"
     param_groups: list[dict[str, Any]] | None = None
     placement: Placement | None = None
@@ -161,18 +162,21 @@ class Origin:
 def prepare(
     target: Placement,
     out: Path,
-    source_folder: Path | None = None,
+    checkpoint: Checkpoint | Path | None = None,
     tag: str | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     source: Placement | None = None,
 ) -> Prepared:
-    """Create ``target``'s files under ``out``; see the module docstring. ``param_groups``
-    (optimizer hyperparameters) are used where the source has none; ``source``, the
-    placement of the checkpoint in ``source_folder``, finds each group's by name."""
+    """Create ``target``'s files under ``out``; see the module docstring. ``checkpoint``
+    is the source (or a DeepSpeed tag folder): what unsharded state is carried from;
+    ``param_groups`` (optimizer hyperparameters) are used where it has none; ``source``,
+    its placement, finds each group's by name."""
     writer = WRITERS.get(target.format)
     if writer is None:
         raise Unsupported(f"writing the {target.format} format is not supported yet")
-    return writer(target, out, Origin(source_folder, tag or "global_step0", param_groups, source))
+    if isinstance(checkpoint, Path):
+        checkpoint = DeepSpeedCheckpoint.scan(checkpoint)
+    return writer(target, out, Origin(checkpoint, tag or "global_step0", param_groups, source))
 
 
 def _deepspeed(target: Any, out: Path, origin: Origin) -> Prepared:
@@ -183,7 +187,7 @@ def _deepspeed(target: Any, out: Path, origin: Origin) -> Prepared:
     p = Prepared(inside(out, root))
     p.root.mkdir(parents=True, exist_ok=True)
     by_file = _by_file(target)
-    carried = dw.Carried.read(origin.folder, origin.placement)
+    carried = dw.Carried.read(origin.checkpoint, origin.placement)
     carried.fresh_param_groups = origin.param_groups
     written: set[str] = set()
     for f, obj, holes in dw.files(target, carried, by_file):
@@ -207,7 +211,7 @@ def _deepspeed(target: Any, out: Path, origin: Origin) -> Prepared:
 def _universal(target: Any, out: Path, origin: Origin) -> Prepared:
     """DeepSpeed's universal checkpoint: ``OUT/<tag>/zero/<param>/<state>.pt``, the model
     files carried from the source, and ``OUT/latest_universal``."""
-    source, tag = origin.folder, origin.tag
+    source, tag = origin.checkpoint, origin.tag
     root = inside(out, tag)
     p = Prepared(root)
     by_file = _by_file(target)
@@ -216,9 +220,9 @@ def _universal(target: Any, out: Path, origin: Origin) -> Prepared:
         path.parent.mkdir(parents=True, exist_ok=True)
         planned = by_file.get(f, {})
         keys: dict[str, str] = {}
-        src = source / f if source is not None else None
-        if src is not None and src.is_file():
-            obj = _carry(load_checked(src), planned, keys)
+        src = source.path(f) if source is not None else None
+        if source is not None and src is not None and src.is_file():
+            obj = _carry(source.load(src), planned, keys)
         else:
             obj = {"module": OrderedDict()}
             for key, b in planned.items():
@@ -269,13 +273,12 @@ def _slicing(t: ir.Tensor) -> dict[str, Any]:
     return {}
 
 
-def _optimizer_state(source: Path | None) -> dict[str, Any]:
+def _optimizer_state(source: Checkpoint | None) -> dict[str, Any]:
     """The global optimizer state DeepSpeed's universal loader reads: rank 0's scalars and
     param groups, without the partitions (ZeRO-3 keeps only each sub-group's step)."""
-    files = sorted(source.glob("*optim_states.pt")) if source is not None else []
-    if not files:
+    if not isinstance(source, DeepSpeedCheckpoint) or not source.optim_files:
         return {"param_groups": []}
-    inner = load_checked(files[0])["optimizer_state_dict"]
+    inner = source.load(source.optim_files[0])["optimizer_state_dict"]
     drop = {
         "base_optimizer_state",
         "param_slice_mappings",

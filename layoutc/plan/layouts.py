@@ -53,7 +53,7 @@ def source_layout(
 
     text = source_text(ckpt, spec)
     layout = load_text(*text)
-    check_against(place(layout), ckpt.folder)
+    check_against(place(layout), ckpt)
     return layout, text
 
 

@@ -1,0 +1,104 @@
+"""A checkpoint opened for one run: its files, each one's metadata loaded once.
+
+Every stage of a run — inferring the layout, checking it against the files, the copy
+checks, the writers carrying unsharded state over and the executor reading tensors —
+asks the same :class:`Checkpoint` for a file, so each file is unpickled (a safetensors
+header parsed) once per run, with the checks its format needs (:meth:`Checkpoint._load`).
+A format is a subclass; :mod:`layoutc.formats.sources` lists them.
+
+:meth:`Checkpoint.identity` is what a saved plan records of its source — each file's size
+and a digest of its metadata — so a plan run later against a changed folder is refused
+(:meth:`Checkpoint.check_identity`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from layoutc.errors import LayoutcError
+from layoutc.formats import pt
+from layoutc.formats import safetensors_header as st
+
+
+class SourceChanged(LayoutcError):
+    """The source's files are not the ones a saved plan was made from."""
+
+
+class Checkpoint:
+    """The files of one checkpoint (``folder``; ``tag``: its DeepSpeed tag, if any)."""
+
+    format = ""
+
+    def __init__(self, folder: Path, tag: str | None = None) -> None:
+        self.folder = folder
+        self.tag = tag
+        self.loads: Counter[str] = Counter()  # file -> times unpickled (one per run)
+        self._loaded: dict[str, Any] = {}
+        self._headers: dict[str, tuple[dict[str, st.Entry], dict[str, str]]] = {}
+        self.opener = pt.Opener()  # member indexes of the .pt files read
+
+    def path(self, file: str | Path) -> Path:
+        """``file``: a name relative to the folder, or (a :class:`~pathlib.Path`) a path
+        as it is, e.g. one of the checkpoint's own lists."""
+        return file if isinstance(file, Path) else self.folder / file
+
+    def load(self, file: str | Path) -> Any:
+        """The object in the torch file ``file``, tensors as references (no data read),
+        loaded and checked once per run."""
+        key = str(self.path(file))
+        if key not in self._loaded:
+            self.loads[key] += 1
+            self._loaded[key] = self._load(Path(key))
+        return self._loaded[key]
+
+    def _load(self, path: Path) -> Any:
+        return pt.load(path)
+
+    def header(self, file: str | Path) -> tuple[dict[str, st.Entry], dict[str, str]]:
+        """A safetensors file's entries and metadata, parsed once per run."""
+        key = str(self.path(file))
+        if key not in self._headers:
+            self.loads[key] += 1
+            self._headers[key] = st.read_header(key)
+        return self._headers[key]
+
+    # -------------------------------------------------------------- identity
+
+    def identity(self, files: list[str]) -> dict[str, dict[str, Any]]:
+        """Of each of ``files`` (names relative to the folder): its size and the SHA-256
+        of its metadata — a torch file's zip index (every member's name, size and CRC-32),
+        a safetensors file's header."""
+        return {f: self._identity_of(self.path(f)) for f in files}
+
+    def _identity_of(self, path: Path) -> dict[str, Any]:
+        h = hashlib.sha256()
+        if path.suffix == ".safetensors":
+            entries, metadata = self.header(path)
+            for name, e in entries.items():
+                h.update(repr((name, e.dtype, tuple(e.shape), e.begin, e.end)).encode())
+            h.update(repr(sorted(metadata.items())).encode())
+        else:
+            for name, m in sorted(self.opener.members(str(path)).items()):
+                h.update(repr((name, m.size, m.crc)).encode())
+        return {"size": os.path.getsize(path), "digest": h.hexdigest()}
+
+    def check_identity(self, recorded: dict[str, dict[str, Any]]) -> None:
+        """Refuse a folder whose files differ from ``recorded`` (:meth:`identity`)."""
+        for f, want in sorted(recorded.items()):
+            path = self.path(f)
+            if not path.is_file():
+                raise SourceChanged(f"{path}: the plan reads this file, which is not there")
+            have = self._identity_of(path)
+            for what in ("size", "digest"):
+                if have[what] != want[what]:
+                    raise SourceChanged(
+                        f"{path}: {what} {have[what]}, the plan was made from {what} "
+                        f"{want[what]}: the source changed since; plan it again"
+                    )
+
+    def close(self) -> None:
+        self.opener.close()

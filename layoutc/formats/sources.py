@@ -1,0 +1,53 @@
+"""The formats a conversion reads, in the order a path is tried: one row per format.
+
+A row says how to recognise the format from a path and how to open it as a
+:class:`~layoutc.formats.checkpoint.Checkpoint`; a new source format is a new row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from layoutc.formats import deepspeed, weights
+from layoutc.formats.checkpoint import Checkpoint
+
+
+def is_deepspeed(path: str | Path) -> bool:
+    """A DeepSpeed checkpoint root (``latest``) or tag folder (``*_model_states.pt``)."""
+    p = Path(path)
+    return p.is_dir() and ((p / "latest").is_file() or any(p.glob("*model_states.pt")))
+
+
+def _weights(path: Path, tag: str | None) -> Checkpoint:
+    return weights.open_weights(path)
+
+
+SOURCES: list[tuple[str, Callable[[Path], bool], Callable[[Path, str | None], Checkpoint]]] = [
+    ("deepspeed", is_deepspeed, deepspeed.open_checkpoint),
+    ("weights", weights.is_weights, _weights),
+]
+
+
+def open_source(path: str | Path, tag: str | None = None) -> Checkpoint:
+    """The checkpoint at ``path`` (``tag``: a DeepSpeed tag other than ``latest``'s), in
+    the first format of :data:`SOURCES` it is; a DeepSpeed checkpoint if none."""
+    p = Path(path)
+    for _, test, opener in SOURCES:
+        if test(p):
+            return opener(p, tag)
+    return deepspeed.open_checkpoint(p, tag)  # names what a DeepSpeed folder lacks
+
+
+def as_checkpoint(source: Checkpoint | str | Path) -> Checkpoint:
+    """``source`` itself, or the checkpoint in the folder it names."""
+    return source if isinstance(source, Checkpoint) else open_source(source)
+
+
+def in_folder(folder: str | Path) -> Checkpoint:
+    """The files in ``folder`` as a handle, without requiring a whole checkpoint there: a
+    DeepSpeed tag folder's (its files checked as DeepSpeed's), else plain files."""
+    p = Path(folder)
+    if is_deepspeed(p) or any(p.glob("*optim_states.pt")):
+        return deepspeed.DeepSpeedCheckpoint.scan(p)
+    return Checkpoint(p)
