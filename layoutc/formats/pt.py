@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import mmap
 import os
 import pickle
@@ -326,6 +327,7 @@ _RECORD_CLASSES = {q: _record_class(q) for q in DEEPSPEED_CLASSES}
 
 LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip member's local file header
 MAX_DEPTH = 100  # containers nested deeper are refused (DeepSpeed's go 6 deep)
+MAX_VIEW_ENUMERATED = 1 << 16  # elements of an interleaved view checked one by one
 MAX_DIMS = 64  # dims of one tensor view (torch allows 64)
 
 
@@ -570,13 +572,26 @@ def check_view(t: TensorRef) -> str | None:
     last = t.offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride, strict=True))
     if last >= s.numel:
         return f"reaches past its storage {where}: its last element is {last}"
-    reach = 1  # elements spanned by the dims taken so far, smallest stride first
-    for n, st in sorted(
+    dims = sorted(
         ((n, st) for n, st in zip(t.shape, t.stride, strict=True) if n > 1), key=lambda d: d[1]
-    ):
+    )
+    reach = 1  # elements spanned by the dims taken so far, smallest stride first
+    for n, st in dims:
         if st < reach:
-            return f"names some storage elements more than once {where}"
+            break
         reach += st * (n - 1)
+    else:
+        return None  # each stride steps past everything the smaller ones reach
+    # interleaved dims (size [2, 3], stride [3, 2]) may still be distinct: count them
+    if dims[0][1] == 0:
+        return f"names some storage elements more than once {where}"
+    if math.prod(n for n, _ in dims) > MAX_VIEW_ENUMERATED:
+        return f"interleaves its dims over more elements than layoutc checks one by one {where}"
+    seen = {0}
+    for n, st in dims:
+        seen = {e + i * st for e in seen for i in range(n)}
+    if len(seen) < math.prod(n for n, _ in dims):
+        return f"names some storage elements more than once {where}"
     return None
 
 
