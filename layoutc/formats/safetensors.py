@@ -53,7 +53,7 @@ import numpy as np
 
 from layoutc.dtypes import BYTES, np_dtype
 from layoutc.dtypes import name_of as _layoutc_dtype
-from layoutc.errors import LayoutcError, Unsupported
+from layoutc.errors import InputError, Unsupported
 
 # layoutc dtype -> safetensors dtype code
 DTYPE_CODES: dict[str, str] = {
@@ -78,12 +78,14 @@ ALIGN = 8  # the data buffer starts at a multiple of this
 METADATA_KEY = "__metadata__"
 
 
-class SafetensorsError(LayoutcError):
+class SafetensorsError(InputError):
     """A safetensors file (or a request to write or read one) is malformed."""
 
 
-class UnsupportedDtype(SafetensorsError, Unsupported):
-    """A well-formed safetensors file holds a dtype layoutc does not handle (``U16``, ``F4``...)."""
+class UnsupportedDtype(Unsupported, SafetensorsError):
+    """A well-formed safetensors file holds a dtype layoutc does not handle (``U16``, ``F4``...).
+    Of kind :class:`~layoutc.errors.Unsupported` (listed first), and still a
+    :class:`SafetensorsError` for callers that catch every refusal of a file."""
 
 
 @dataclass(frozen=True)

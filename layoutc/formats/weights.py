@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layoutc import ir
-from layoutc.errors import Diagnostic, LayoutcError, LayoutError
+from layoutc.errors import Diagnostic, InputError, LayoutError
 from layoutc.formats import pt
 from layoutc.formats import safetensors as st
 
 
-class NotWeights(LayoutcError):
+class NotWeights(InputError):
     """The path holds no weights layoutc can read."""
 
 
