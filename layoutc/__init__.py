@@ -12,7 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from layoutc.errors import Diagnostic, InternalError, LayoutError, PlanError, Span, Unsupported
+from layoutc.errors import (
+    Diagnostic,
+    InputError,
+    InternalError,
+    LayoutcError,
+    LayoutError,
+    PlanError,
+    Span,
+    Unsupported,
+    UsageError,
+)
 from layoutc.ir import Layout
 from layoutc.lang.check import load_layout, load_text
 from layoutc.place import place
@@ -38,13 +48,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Diagnostic",
+    "InputError",
     "InternalError",
     "Layout",
     "LayoutError",
+    "LayoutcError",
     "Plan",
     "PlanError",
     "Span",
     "Unsupported",
+    "UsageError",
     "__version__",
     "compile",
     "convert",

@@ -1,8 +1,11 @@
 """The ``layoutc`` command line.
 
-Exit codes: 0 success, 1 the input is wrong (diagnostics printed to stderr), 2 usage
-error (bad flags, missing files). Every subcommand prints what it did; nothing runs
-pickled code or touches a checkpoint unless asked to.
+Exit codes (one per kind of failure of :mod:`layoutc.errors`, mapped in :data:`FAILURES`):
+0 success, 1 the input is wrong or unsupported (the message on stderr), 2 usage error (bad
+flags, missing files), 3 a bug in layoutc (with a line asking to report it). An exception
+layoutc does not raise on purpose (``ValueError``, ``KeyError``, ...) is a bug too: exit 3,
+its traceback printed, never reported as a usage error. Every subcommand prints what it
+did; nothing runs pickled code or touches a checkpoint unless asked to.
 """
 
 from __future__ import annotations
@@ -11,19 +14,33 @@ import argparse
 import difflib
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from layoutc import ir
-from layoutc.errors import LayoutcError, LayoutError, PlanError, Unsupported, UsageError
+from layoutc.errors import (
+    InputError,
+    InternalError,
+    LayoutcError,
+    LayoutError,
+    Unsupported,
+    UsageError,
+    kind,
+)
 
-EXIT_OK, EXIT_USER, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 MIN_MEMORY = 1 << 20  # smallest --memory the command line accepts
 
-
-class _Usage(Exception):
-    pass
+# Each kind of failure: its exit code and what the message starts with (after the command).
+FAILURES: dict[type[LayoutcError], tuple[int, str]] = {
+    InputError: (EXIT_USER, ""),
+    Unsupported: (EXIT_USER, "unsupported: "),
+    UsageError: (EXIT_USAGE, ""),
+    InternalError: (EXIT_BUG, "internal error: "),
+}
+REPORT = "this is a bug in layoutc; please report it with the command and the inputs it ran on"
 
 
 def _bytes(text: str) -> int:
@@ -112,7 +129,7 @@ def _read(path: str) -> str:
 
     p = Path(path)
     if not p.is_file():
-        raise _Usage(f"{path}: no such file")
+        raise UsageError(f"{path}: no such file")
     return read_source(p)
 
 
@@ -226,12 +243,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from layoutc.render import render
 
     if args.ops and not args.json:
-        raise _Usage("--ops adds every op to the JSON output; use it with --json")
+        raise UsageError("--ops adds every op to the JSON output; use it with --json")
     source, source_text, ckpt = _load_source(args.source)
     if args.to not in ir.FORMATS and not Path(args.to).exists():
         guess = difflib.get_close_matches(args.to, ir.FORMATS, n=1, cutoff=0.6)
         hint = f"did you mean `{guess[0]}`? " if guess else ""
-        raise _Usage(
+        raise UsageError(
             f"--to {args.to}: no such file and not a format; {hint}formats: {', '.join(ir.FORMATS)}"
         )
     # resolved as convert resolves it: what convert would refuse, plan refuses
@@ -316,9 +333,9 @@ def _param_groups(path: str | None) -> list[dict[str, object]] | None:
     try:
         groups = json.loads(_read(path))
     except json.JSONDecodeError as e:
-        raise _Usage(f"--param-groups {path}: not JSON: {e}") from None
+        raise UsageError(f"--param-groups {path}: not JSON: {e}") from None
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-        raise _Usage(f"--param-groups {path}: expected a JSON list of objects, one per group")
+        raise UsageError(f"--param-groups {path}: expected a JSON list of objects, one per group")
     return groups
 
 
@@ -346,7 +363,7 @@ def _convert(args: argparse.Namespace, group: object) -> int:
     to = args.to
     if to not in ir.FORMATS and not Path(to).is_file():
         guess = difflib.get_close_matches(to, ir.FORMATS, n=1, cutoff=0.6)
-        raise _Usage(
+        raise UsageError(
             f"--to {to}: no such file and not a format"
             + (f"; did you mean `{guess[0]}`?" if guess else "")
         )
@@ -378,9 +395,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     if not out.is_dir():
-        raise _Usage(f"{out}: no such folder")
+        raise UsageError(f"{out}: no such folder")
     if not os.path.lexists(out / MANIFEST):
-        raise _Usage(f"{out}: no {MANIFEST} (not written by layoutc convert)")
+        raise UsageError(f"{out}: no {MANIFEST} (not written by layoutc convert)")
     bad = verify(out, strong=args.strong)
     for line in bad:
         print(f"{out}/{line}", file=sys.stderr)
@@ -596,27 +613,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args))
-    except (_Usage, UsageError) as e:
-        print(f"layoutc {args.command}: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except LayoutError as e:
-        print(e.render(), file=sys.stderr)
-        return EXIT_USER
-    except Unsupported as e:
-        print(f"layoutc {args.command}: unsupported: {e}", file=sys.stderr)
-        return EXIT_USER
-    except PlanError as e:
-        print(f"layoutc {args.command}: internal error, the plan is invalid: {e}", file=sys.stderr)
-        return EXIT_USER
     except LayoutcError as e:
-        print(f"layoutc {args.command}: {e}", file=sys.stderr)
-        return EXIT_USER
+        code, prefix = FAILURES[kind(e) or InternalError]  # a class without a kind is a bug
+        if isinstance(e, LayoutError):  # its diagnostics say where themselves
+            print(e.render(), file=sys.stderr)
+        else:
+            print(f"layoutc {args.command}: {prefix}{e}", file=sys.stderr)
+        if code == EXIT_BUG:
+            print(REPORT, file=sys.stderr)
+        return code
     except BrokenPipeError:
         return EXIT_OK
-    except OSError as e:  # a file the command reads or writes failed under it
+    except OSError as e:  # the input: a file the command reads or writes failed under it
         where = f"{e.filename}: " if e.filename else ""
         print(f"layoutc {args.command}: {where}{e.strerror or e}", file=sys.stderr)
-        return EXIT_USER
+        return FAILURES[InputError][0]
+    except Exception as e:  # not raised on purpose (ValueError, KeyError, ...): a bug
+        traceback.print_exc()
+        code, prefix = FAILURES[InternalError]
+        print(f"layoutc {args.command}: {prefix}{type(e).__name__}: {e}", file=sys.stderr)
+        print(REPORT, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from layoutc.errors import LayoutcError, UsageError
+from layoutc.errors import InputError, UsageError
 from layoutc.formats import pt, weights
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
@@ -489,8 +489,11 @@ def _regions(io: Files, layout: dict[tuple[str, str], Any]) -> dict[tuple[str, s
     }
 
 
-class RankFailed(LayoutcError):
-    """A rank of a distributed conversion failed; nothing was committed."""
+class RankFailed(InputError):
+    """A rank of a distributed conversion failed; nothing was committed. The message names
+    each failing rank and the class of what it raised; the kind is not carried across ranks,
+    and what fails on one rank but not on rank 0 is most often that rank's own disk or
+    memory, so this is an input error (exit 1), never a usage error."""
 
 
 def _execute_across(

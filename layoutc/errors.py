@@ -1,11 +1,24 @@
-"""Diagnostics and the three kinds of failure layoutc reports.
+"""Diagnostics and the kinds of failure layoutc reports.
 
-Exceptions are split by what the caller should do about them:
+Every exception layoutc raises on purpose is a :class:`LayoutcError` of exactly one kind,
+chosen by what the caller should do about it (the command line maps each kind to one exit
+code, in one table in :mod:`layoutc.cli`):
 
-* :class:`LayoutError` — the layout (or checkpoint) is wrong; fix the input. Carries one or
-  more :class:`Diagnostic` s, each with a code, a source span and a message.
+* :class:`InputError` — the input is wrong: a layout, a checkpoint or another file layoutc
+  reads, or the output folder it is asked to write (exists, not empty, on a full or
+  read-only filesystem, a swap folder that fails). Fix the input and run again.
+  :class:`LayoutError` is the input error that carries :class:`Diagnostic` s, each with a
+  code, a source span and a message. A failure of the filesystem under the output is an
+  input error too, not a kind of its own: what the caller does is the same (fix the folder
+  or the disk it names, run again), and so is the exit code of an ``OSError``.
 * :class:`Unsupported` — the input is valid but layoutc cannot do this yet.
-* :class:`InternalError` — an invariant of layoutc itself broke; a bug to report.
+* :class:`UsageError` — the request does not apply as asked (a flag for another kind of
+  output, a budget too small to move anything); fix the command.
+* :class:`InternalError` — an invariant of layoutc itself broke; a bug to report. Anything
+  else that escapes (a ``ValueError``, ``KeyError``, ``AssertionError``) is a bug too.
+
+A class of one module (``UnsafePickle``, ``OutputError``, ...) names where it comes from and
+derives from its kind; :func:`kind` finds the kind of any exception.
 
 Diagnostics render as ``file:line:col: error[E123]: message`` followed by the source line
 and a caret under the offending span, so a terminal user can see exactly where to look.
@@ -78,11 +91,16 @@ class Diagnostic:
 
 
 class LayoutcError(Exception):
-    """Base class of everything layoutc raises on purpose."""
+    """Base class of everything layoutc raises on purpose; raise one of its kinds."""
+
+
+class InputError(LayoutcError):
+    """The input is wrong: a file layoutc reads or the folder it writes; the message names
+    it and what is wrong."""
 
 
 @dataclass
-class LayoutError(LayoutcError):
+class LayoutError(InputError):
     """The input is wrong. Holds every diagnostic found, not just the first."""
 
     diagnostics: list[Diagnostic]
@@ -121,5 +139,21 @@ class InternalError(LayoutcError):
     """An invariant of layoutc broke. Please report it with the input that caused it."""
 
 
-class PlanError(LayoutcError):
-    """A plan failed validation; the message names the offending op, buffer or piece."""
+class PlanError(InputError):
+    """A plan read back from JSON failed validation; the message names the offending op,
+    buffer or piece. A plan compiled in this process that fails is layoutc's bug and raises
+    :class:`InternalError` instead (see :meth:`layoutc.plan.plan.Plan.validate`)."""
+
+
+KINDS = (InputError, Unsupported, UsageError, InternalError)
+
+
+def kind(e: BaseException) -> type[LayoutcError] | None:
+    """The kind (one of :data:`KINDS`) of ``e``: the first in its class's method resolution
+    order, so a class that narrows its module's error (a safetensors dtype layoutc does not
+    read is :class:`Unsupported` before it is a malformed file) is of the narrower kind.
+    None for an exception layoutc did not raise on purpose."""
+    for cls in type(e).__mro__:
+        if cls in KINDS:
+            return cls
+    return None

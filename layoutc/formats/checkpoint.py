@@ -19,12 +19,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from layoutc.errors import LayoutcError
+from layoutc.errors import InputError
 from layoutc.formats import pt
 from layoutc.formats import safetensors_header as st
 
 
-class SourceChanged(LayoutcError):
+class SourceChanged(InputError):
     """The source's files are not the ones a saved plan was made from."""
 
 

@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from layoutc.errors import LayoutcError, Unsupported
+from layoutc.errors import InputError, Unsupported
 from layoutc.formats import autotp, pt
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.ir import check_tag
@@ -31,7 +31,7 @@ LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
-class NotACheckpoint(LayoutcError):
+class NotACheckpoint(InputError):
     """The path holds no DeepSpeed checkpoint."""
 
 

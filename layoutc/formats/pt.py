@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from layoutc.dtypes import BYTES, np_dtype
-from layoutc.errors import LayoutcError
+from layoutc.errors import InputError
 from layoutc.runtime.checksum import Pieces
 
 if TYPE_CHECKING:  # numpy is imported where tensor bytes are touched: metadata needs none
@@ -81,11 +81,11 @@ TORCH_DTYPES = {
 ITEMSIZE: dict[str, int] = BYTES  # one table of dtype sizes: layoutc.dtypes
 
 
-class UnsafePickle(LayoutcError):
+class UnsafePickle(InputError):
     """A checkpoint's pickle names a global layoutc will not load (it could run code)."""
 
 
-class BadContainer(LayoutcError):
+class BadContainer(InputError):
     """A file is not a readable torch zip container."""
 
 

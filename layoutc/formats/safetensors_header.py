@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from layoutc.dtypes import BYTES
-from layoutc.errors import LayoutcError, Unsupported
+from layoutc.errors import InputError, Unsupported
 
 # layoutc dtype -> safetensors dtype code
 DTYPE_CODES: dict[str, str] = {
@@ -40,12 +40,14 @@ METADATA_KEY = "__metadata__"
 TIES_KEY = "layoutc.ties"  # metadata: JSON {alias: source} of tensors stored once
 
 
-class SafetensorsError(LayoutcError):
+class SafetensorsError(InputError):
     """A safetensors file (or a request to write or read one) is malformed."""
 
 
-class UnsupportedDtype(SafetensorsError, Unsupported):
-    """A well-formed safetensors file holds a dtype layoutc does not handle (``U16``, ``F4``...)."""
+class UnsupportedDtype(Unsupported, SafetensorsError):
+    """A well-formed safetensors file holds a dtype layoutc does not handle (``U16``, ``F4``...).
+    Of kind :class:`~layoutc.errors.Unsupported` (listed first), and still a
+    :class:`SafetensorsError` for callers that catch every refusal of a file."""
 
 
 @dataclass(frozen=True)

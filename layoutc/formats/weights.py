@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layoutc import ir
-from layoutc.errors import Diagnostic, LayoutcError, LayoutError
+from layoutc.errors import Diagnostic, InputError, LayoutError
 from layoutc.formats import pt
 from layoutc.formats import safetensors_header as st
 from layoutc.formats.checkpoint import Checkpoint
 
 
-class NotWeights(LayoutcError):
+class NotWeights(InputError):
     """The path holds no weights layoutc can read."""
 
 

@@ -314,10 +314,19 @@ class Plan:
         return Plan.from_dict(json.loads(text))
 
     def validate(self, source: Any = None, target: Any = None) -> None:
-        """Check the plan; see :func:`layoutc.plan.validate.validate`."""
+        """Check the plan; see :func:`layoutc.plan.validate.validate`. A plan read back from
+        JSON that fails raises :class:`~layoutc.errors.PlanError` (the plan file is wrong); a
+        plan compiled in this process (it has its op builder) that fails raises
+        :class:`~layoutc.errors.InternalError`: the planner built it, so it is layoutc's bug."""
+        from layoutc.errors import InternalError, PlanError
         from layoutc.plan.validate import validate
 
-        validate(self, source, target)
+        try:
+            validate(self, source, target)
+        except PlanError as e:
+            if self.builder is None:  # read back from JSON: the file is wrong
+                raise
+            raise InternalError(f"the compiled plan is invalid: {e}") from None
 
 
 def _top(counts: Counter[str], n: int) -> list[tuple[str, int]]:

@@ -45,7 +45,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from layoutc.errors import LayoutcError
+from layoutc.errors import InputError
 from layoutc.plan.plan import Plan
 from layoutc.runtime.checksum import combine, file_crc
 from layoutc.runtime.fileio import fsync_path
@@ -83,9 +83,10 @@ _OUTPUT_ERRNOS = {
 }
 
 
-class OutputError(LayoutcError):
+class OutputError(InputError):
     """The output folder cannot be written, committed or trusted; the message names the
-    path and what is wrong."""
+    path and what is wrong. An input error: the folder is an argument of the command, and
+    whether it exists, is full or read-only, the caller fixes it (or picks another)."""
 
 
 class OutputExists(OutputError):

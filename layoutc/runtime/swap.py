@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from layoutc.errors import InputError
 from layoutc.runtime.fileio import ALIGN, aligned_bytes, direct_supported, pread_all, pwrite_all
 
 __all__ = [
@@ -72,8 +73,12 @@ def _aligned(a: np.ndarray) -> bool:
     return a.ctypes.data % ALIGN == 0
 
 
-class SwapError(Exception):
-    """A swap file could not be written or read back."""
+class SwapError(InputError):
+    """A swap file could not be written or read back, or a handle was used after it was
+    freed or closed. An input error, like :class:`~layoutc.runtime.commit.OutputError`: the
+    swap folder (a layout's ``offload ... to nvme "DIR"``, or beside the output) is a place
+    the caller chose to write, and a full or failing one is theirs to fix. Not an
+    ``OSError``: the errors the operating system raises stay those, with their ``errno``."""
 
 
 class Handle:
