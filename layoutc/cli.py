@@ -15,7 +15,7 @@ import difflib
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,9 @@ from layoutc.errors import (
     UsageError,
     kind,
 )
+from layoutc.lang.check import load_text
+from layoutc.plan.plan import Plan
+from layoutc.plan.request import default_workers as default_workers  # the CLI's default
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 MIN_MEMORY = 1 << 20  # smallest --memory the command line accepts
@@ -83,18 +86,9 @@ def _positive(text: str) -> int:
     return n
 
 
-def default_workers() -> int:
-    """One worker per CPU this process may run on (at most 16)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 16))
-
-
 def _workers_option(p: argparse.ArgumentParser, writers: bool = False) -> None:
     """``--workers``; with ``writers``, its default is the layout's ``store { writers N }``
-    (see :func:`_convert_workers`)."""
+    (see :func:`~layoutc.plan.request.workers_for`)."""
     n = default_workers()
     p.add_argument(
         "--workers",
@@ -105,22 +99,6 @@ def _workers_option(p: argparse.ArgumentParser, writers: bool = False) -> None:
         + ("the target layout's `store { writers N }`, else " if writers else "")
         + f"one per CPU, here {n})",
     )
-
-
-def _convert_workers(args: argparse.Namespace) -> int:
-    """``--workers`` if given, else the ``writers`` of the layout the output is written in
-    (the ``--to`` file, or for a format the ``--spec`` layout it stores again), else one
-    worker per CPU."""
-    if args.workers is not None:
-        return int(args.workers)
-    path = args.to if args.to not in ir.FORMATS else args.spec
-    if path is not None and Path(path).is_file():
-        from layoutc.lang.check import load_text
-
-        store = load_text(_read(path), path, dict(args.overrides)).store
-        if store.writers_given:
-            return store.writers
-    return default_workers()
 
 
 def _read(path: str) -> str:
@@ -237,27 +215,63 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     return status
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def _check_target(to: str) -> None:
+    """``--to``: a format, or a file that exists (else the closest format as a hint)."""
+    if to not in ir.FORMATS and not Path(to).is_file():
+        guess = difflib.get_close_matches(to, ir.FORMATS, n=1, cutoff=0.6)
+        hint = f"did you mean `{guess[0]}`? " if guess else ""
+        raise UsageError(
+            f"--to {to}: no such file and not a format; {hint}formats: {', '.join(ir.FORMATS)}"
+        )
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    """The plan ``layoutc plan`` shows: of a checkpoint as ``convert`` would make it (its
+    layout checked against the files; the plan records both layouts and the files, so
+    ``-o`` saves a plan ``layoutc execute`` runs), or of a ``.layout`` file."""
+    from layoutc.formats.sources import SOURCES, open_source
     from layoutc.plan.compile import compile_plan
     from layoutc.plan.layouts import target_for
+    from layoutc.plan.request import plan_checkpoint, workers_for
+
+    options = {
+        "overrides": dict(args.overrides),
+        "dtype": args.dtype,
+        "max_shard_size": args.max_shard_size,
+    }
+    if any(test(Path(args.source)) for _, test, _ in SOURCES):
+        handle = open_source(args.source, args.tag)
+        try:
+            return plan_checkpoint(
+                handle, args.to, spec=args.spec, memory=args.memory, workers=args.workers, **options
+            )
+        finally:
+            handle.close()
+    if args.spec or args.tag:
+        raise UsageError(f"{args.source}: --spec and --tag apply to a checkpoint, not a .layout")
+    text = (_read(args.source), args.source)
+    source = load_text(*text)
+    target = target_for(
+        source,
+        text,
+        args.to,
+        options["overrides"],
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+    )
+    workers = workers_for(target, args.workers)
+    return compile_plan(source, target, memory=args.memory, workers=workers)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
     from layoutc.render import render
 
     if args.ops and not args.json:
         raise UsageError("--ops adds every op to the JSON output; use it with --json")
-    source, source_text, ckpt = _load_source(args.source)
-    if args.to not in ir.FORMATS and not Path(args.to).exists():
-        guess = difflib.get_close_matches(args.to, ir.FORMATS, n=1, cutoff=0.6)
-        hint = f"did you mean `{guess[0]}`? " if guess else ""
-        raise UsageError(
-            f"--to {args.to}: no such file and not a format; {hint}formats: {', '.join(ir.FORMATS)}"
-        )
-    # resolved as convert resolves it: what convert would refuse, plan refuses
-    target = target_for(source, source_text, args.to, dict(args.overrides), checkpoint=ckpt)
-    plan = compile_plan(source, target, memory=args.memory, workers=args.workers)
+    _check_target(args.to)
+    plan = _plan(args)
     if args.validate:
-        from layoutc.place import place
-
-        plan.validate(place(source), place(target))
+        plan.validate(plan.source_placement, plan.target_placement)
     if args.json:
         import json
 
@@ -268,10 +282,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render(plan, "markdown" if args.markdown else "text"))
     if args.html:
-        from layoutc.place import place
         from layoutc.render import drawings
 
-        pictures = drawings(plan, place(source), place(target))
+        pictures = drawings(plan, plan.source_placement, plan.target_placement)
         Path(args.html).write_text(render(plan, "html", drawings=pictures), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
     if args.output:
@@ -339,55 +352,81 @@ def _param_groups(path: str | None) -> list[dict[str, object]] | None:
     return groups
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def _run(body: Callable[[argparse.Namespace, bool], int], args: argparse.Namespace) -> int:
+    """``body(args, lead)``, under torchrun in one process group for the run; ``lead``:
+    this process speaks for the run (rank 0, or the only process)."""
     from layoutc.runtime import distributed
 
-    made = distributed.init_from_env()  # under torchrun: one process group for the run
+    made = distributed.init_from_env()
     try:
-        return _convert(args, distributed.current())
+        group = distributed.current()
+        return body(args, group is None or group.rank == 0)
     finally:
         distributed.finish(made)
 
 
-def _convert(args: argparse.Namespace, group: object) -> int:
+def cmd_convert(args: argparse.Namespace) -> int:
+    return _run(_convert, args)
+
+
+def _convert(args: argparse.Namespace, lead: bool) -> int:
     from layoutc.conversion import convert
-    from layoutc.render import render
 
-    lead = group is None or getattr(group, "rank", 0) == 0  # rank 0 speaks for the run
-
-    def show(plan: object) -> None:
-        text = render(plan, "text")  # type: ignore[arg-type]
-        head = text.split("\nper worker")[0]
-        print(head.rstrip() + "\n", file=sys.stderr)
-
-    to = args.to
-    if to not in ir.FORMATS and not Path(to).is_file():
-        guess = difflib.get_close_matches(to, ir.FORMATS, n=1, cutoff=0.6)
-        raise UsageError(
-            f"--to {to}: no such file and not a format"
-            + (f"; did you mean `{guess[0]}`?" if guess else "")
-        )
+    _check_target(args.to)
     report = convert(
         args.checkpoint,
         args.output,
-        to,
+        args.to,
         spec=args.spec,
         tag=args.tag,
         memory_budget=args.memory,
-        workers=_convert_workers(args),
+        workers=args.workers,
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
         progress=_Progress(not args.quiet and lead),
-        on_plan=show if lead else None,
+        on_plan=_show_plan if lead else None,
         overrides=dict(args.overrides),
         param_groups=_param_groups(args.param_groups),
         sha256=args.sha256,
     )
+    return _reported(report, lead)
+
+
+def _show_plan(plan: Plan) -> None:
+    """The plan's summary on stderr, before it runs."""
+    from layoutc.render import render
+
+    text = render(plan, "text")
+    print(text.split("\nper worker")[0].rstrip() + "\n", file=sys.stderr)
+
+
+def _reported(report: Any, lead: bool) -> int:
+    """A run's warnings and summary (rank 0 speaks for a run under torchrun)."""
     if lead:
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
         print(report.summary())
     return EXIT_OK
+
+
+def cmd_execute(args: argparse.Namespace) -> int:
+    return _run(_execute, args)
+
+
+def _execute(args: argparse.Namespace, lead: bool) -> int:
+    from layoutc.conversion import execute_saved
+
+    plan = Plan.from_json(_read(args.plan), args.plan)
+    report = execute_saved(
+        plan,
+        args.checkpoint,
+        args.output,
+        progress=_Progress(not args.quiet and lead),
+        on_plan=_show_plan if lead else None,
+        param_groups=_param_groups(args.param_groups),
+        sha256=args.sha256,
+    )
+    return _reported(report, lead)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -442,6 +481,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--spec",
+        metavar="SRC.layout",
+        help="the source layout (default: inferred from the checkpoint); for full weights, "
+        "the model's layout, whose topology a format target (--to deepspeed) takes",
+    )
+    p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
+
+
+def _target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        help="dtype of safetensors/torch output (default: the fp32 masters)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=_shard_size,
+        metavar="SIZE",
+        help="safetensors: shards of at most SIZE (default 5GB)",
+    )
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--param-groups",
+        metavar="FILE.json",
+        help="optimizer hyperparameters for a fresh optimizer state (from full weights): a "
+        "JSON list, one object per param group (lr, betas, eps, weight_decay, ...)",
+    )
+    p.add_argument(
+        "--sha256",
+        action="store_true",
+        help="also record each file's SHA-256 in the manifest (reads the output back once), "
+        "for `verify --strong`",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="layoutc",
@@ -475,27 +554,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="dry run: plan moving a checkpoint from one layout to another",
         description="Compile SRC and a target into a plan and show it; nothing is read or written.",
     )
-    p.add_argument("source", metavar="SRC.layout")
+    p.add_argument(
+        "source",
+        metavar="SRC",
+        help="a .layout file, or a checkpoint as convert takes it (planned as convert plans "
+        "it: its layout checked against the files)",
+    )
     p.add_argument(
         "--to",
         required=True,
         metavar="TARGET",
         help="TARGET.layout, or a format: " + ", ".join(ir.FORMATS),
     )
+    _source_options(p)
     p.add_argument(
         "--memory",
         type=parse_size,
         metavar="SIZE",
         help="memory budget, e.g. 2GiB (default: unbounded)",
     )
-    _workers_option(p)
+    _workers_option(p, writers=True)
     _set_option(p)
+    _target_options(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the summary as JSON")
     out.add_argument("--markdown", action="store_true", help="print the summary as Markdown")
     p.add_argument("--ops", action="store_true", help="with --json: include every op (large)")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
-    p.add_argument("-o", "--output", metavar="FILE", help="also write the full plan as JSON")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="also write the full plan as JSON (of a checkpoint: a plan `layoutc execute` runs)",
+    )
     p.add_argument(
         "--validate",
         action="store_true",
@@ -540,41 +631,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TARGET",
         help="deepspeed, universal, safetensors, torch, or a TARGET.layout",
     )
-    p.add_argument(
-        "--spec",
-        metavar="SRC.layout",
-        help="the source layout (default: inferred from the checkpoint); for full weights, "
-        "the model's layout, whose topology a format target (--to deepspeed) takes",
-    )
-    p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
+    _source_options(p)
     p.add_argument("--memory", type=parse_size, metavar="SIZE", help="memory budget, e.g. 256MiB")
     _workers_option(p, writers=True)
     _set_option(p)
-    p.add_argument(
-        "--dtype",
-        choices=("fp32", "bf16", "fp16"),
-        help="dtype of safetensors/torch output (default: the fp32 masters)",
-    )
-    p.add_argument(
-        "--max-shard-size",
-        type=_shard_size,
-        metavar="SIZE",
-        help="safetensors: shards of at most SIZE (default 5GB)",
-    )
-    p.add_argument(
-        "--param-groups",
-        metavar="FILE.json",
-        help="optimizer hyperparameters for a fresh optimizer state (from full weights): a "
-        "JSON list, one object per param group (lr, betas, eps, weight_decay, ...)",
-    )
-    p.add_argument(
-        "--sha256",
-        action="store_true",
-        help="also record each file's SHA-256 in the manifest (reads the output back once), "
-        "for `verify --strong`",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _target_options(p)
+    _run_options(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "execute",
+        help="run a plan saved by `layoutc plan CKPT -o PLAN.json`",
+        description="Run a saved plan on the checkpoint it was made from, as convert would "
+        "have run it: refused if the checkpoint's files changed since (a file missing, of "
+        "another size, or with other metadata); committed atomically with a manifest.",
+    )
+    p.add_argument("plan", metavar="PLAN.json")
+    p.add_argument("checkpoint", metavar="CKPT", help="the checkpoint the plan was made from")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output folder (must not exist or be empty)",
+    )
+    _run_options(p)
+    p.set_defaults(func=cmd_execute)
 
     p = sub.add_parser(
         "verify",

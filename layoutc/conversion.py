@@ -37,15 +37,12 @@ from layoutc.errors import InputError, UsageError
 from layoutc.formats import pt, weights
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
-from layoutc.formats.match import check_against, check_masters, check_replicas
+from layoutc.formats.match import check_masters, check_replicas
 from layoutc.formats.sources import in_folder, open_source
 from layoutc.formats.writers import prepare
-from layoutc.lang.check import load_text
-from layoutc.place import Placement, place
-from layoutc.place.full import WeightsPlacement
-from layoutc.plan.compile import compile_plan
-from layoutc.plan.layouts import source_text, target_for
+from layoutc.place import Placement
 from layoutc.plan.plan import Plan
+from layoutc.plan.request import plan_checkpoint, source_placement
 from layoutc.runtime import distributed, memory
 from layoutc.runtime.checksum import Pieces
 from layoutc.runtime.commit import MANIFEST as MANIFEST  # re-exported: the API's names
@@ -185,7 +182,7 @@ def convert(
     spec: str | Path | None = None,
     tag: str | None = None,
     memory_budget: int | None = None,
-    workers: int = 1,
+    workers: int | None = 1,
     dtype: str | None = None,
     max_shard_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -208,18 +205,56 @@ def convert(
                 f"{checkpoint}: full weights carry no layout to infer; give --spec MODEL.layout "
                 "(the model's tensors and the topology to lay them out for)"
             )
-        return _convert(
+        group = distributed.current()
+        plan = plan_checkpoint(
+            handle,
+            to,
+            spec=spec,
+            overrides=overrides,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            memory=memory_budget,
+            workers=workers,
+            ranks=group.world if group is not None else 1,
+        )
+        return _run(plan, handle, output, progress, on_plan, param_groups, sha256, start)
+    finally:
+        handle.close()
+
+
+def execute_saved(
+    plan: Plan,
+    checkpoint: Checkpoint | str | Path,
+    output: str | Path,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
+    sha256: bool = False,
+) -> Report:
+    """Run a plan saved by ``layoutc plan CKPT -o plan.json`` (and read back with
+    :meth:`Plan.from_json`) on ``checkpoint``, as ``convert`` would have run it: refused
+    if the checkpoint's files are not those the plan was made from (one missing, of
+    another size, or other metadata), then checked like ``convert`` checks its source."""
+    start = time.perf_counter()
+    if plan.layouts is None or plan.source_files is None:
+        raise UsageError(
+            "this plan does not record its source checkpoint (plan a checkpoint folder, not "
+            "a layout file, to save a plan that can run on its own)"
+        )
+    folder = checkpoint.folder if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
+    # the tag the plan was made from, not whatever `latest` names now
+    handle = open_source(folder, plan.tag if plan.tag and (folder / plan.tag).is_dir() else None)
+    try:
+        handle.check_identity(plan.source_files)
+        layout = plan.layouts["source"]
+        _, placed = source_placement(handle, layout=(layout["text"], layout["name"]))
+        return _run(
+            replace(plan, source_placement=placed),
             handle,
             output,
-            to,
-            spec,
-            memory_budget,
-            workers,
-            dtype,
-            max_shard_size,
             progress,
             on_plan,
-            overrides,
             param_groups,
             sha256,
             start,
@@ -228,73 +263,24 @@ def convert(
         handle.close()
 
 
-def _convert(
+def _run(
+    plan: Plan,
     handle: Checkpoint,
     output: str | Path,
-    to: str | Path,
-    spec: str | Path | None,
-    memory_budget: int | None,
-    workers: int,
-    dtype: str | None,
-    max_shard_size: int | None,
     progress: Callable[[int, int], None] | None,
     on_plan: Callable[[Plan], None] | None,
-    overrides: Mapping[str, int] | None,
     param_groups: list[dict[str, Any]] | None,
     sha256: bool,
     start: float,
 ) -> Report:
-    source: Any
-    ckpt = handle if isinstance(handle, DeepSpeedCheckpoint) else None
-    if isinstance(handle, weights.Weights):
-        assert spec is not None
-        w = handle
-        text = (Path(spec).read_text(encoding="utf-8"), str(spec))
-        src = load_text(*text)
-        weights.check_weights(src, w)
-        source = WeightsPlacement(
-            src.with_store(replace(src.store, format=w.format)), w.entries, w.format
-        )
-        src_tag = None
-    else:
-        assert ckpt is not None
-        text = source_text(ckpt, spec)
-        src = load_text(*text)
-        placed = place(src)
-        check_against(placed, ckpt)
-        check_copies(placed, ckpt)
-        source, src_tag = src, ckpt.tag
+    """Check the source's copies, the output folder and the plan, then run it."""
+    if isinstance(handle, DeepSpeedCheckpoint):
+        check_copies(plan.source_placement, handle)
     check_output(Path(output), None, handle.folder)  # before the plan is shown; space once planned
-    tgt = target_for(
-        src, text, to, overrides, dtype=dtype, max_shard_size=max_shard_size, checkpoint=ckpt
-    )
-    group = distributed.current()
-    if group is not None:  # under torchrun: `workers` threads on each rank
-        workers *= group.world
-    plan = compile_plan(source, tgt, memory=memory_budget, workers=workers)
     plan.validate(plan.source_placement, plan.target_placement)
-    if src_tag is None and tgt.store.format == "deepspeed":
-        plan = replace(
-            plan,
-            warnings=(
-                *plan.warnings,
-                "the weights carry no run state: the checkpoint starts at step 0 with no lr "
-                "scheduler state; an engine with an lr scheduler loads it with "
-                "load_checkpoint(OUT, load_lr_scheduler_states=False)",
-            ),
-        )
     if on_plan is not None:
         on_plan(plan)
-    return execute(
-        plan,
-        handle,
-        output,
-        tag=src_tag or tgt.store.tag or "global_step0",
-        progress=progress,
-        started=start,
-        param_groups=param_groups,
-        sha256=sha256,
-    )
+    return _execute(plan, handle, output, None, progress, start, param_groups, sha256)
 
 
 def check_copies(placement: Placement, source: Checkpoint) -> None:
@@ -324,31 +310,41 @@ def execute(
     param_groups: list[dict[str, Any]] | None = None,
     sha256: bool = False,
 ) -> Report:
-    """Run a compiled plan: read ``source`` (the checkpoint, or the folder holding its
-    files, e.g. a DeepSpeed tag folder), write ``output`` atomically with its manifest (with ``sha256``,
-    each file's SHA-256 too, read back once). The plan must come from
-    :func:`layoutc.compile` in this process (it carries the shard maps the output's files
-    are created from); validate it first. An output that cannot be committed is refused
-    before the plan runs, a failure of its filesystem midway raises
-    :class:`~layoutc.runtime.commit.OutputError`; either way nothing is left."""
+    """Run a plan: read ``source`` (the checkpoint, or the folder holding its files, e.g.
+    a DeepSpeed tag folder), write ``output`` atomically with its manifest (with
+    ``sha256``, each file's SHA-256 too, read back once). A plan read back from JSON that
+    records its source checkpoint runs as :func:`execute_saved` runs it; any other must
+    carry its layouts (compiled here, or read back from layout files). An output that
+    cannot be committed is refused before the plan runs, a failure of its filesystem
+    midway raises :class:`~layoutc.runtime.commit.OutputError`; either way nothing is
+    left."""
+    if plan.builder is None and plan.source_files is not None:
+        return execute_saved(
+            plan, source, output, progress=progress, param_groups=param_groups, sha256=sha256
+        )
+    return _execute(plan, source, output, tag, progress, started, param_groups, sha256)
+
+
+def _execute(
+    plan: Plan,
+    source: Checkpoint | str | Path,
+    output: str | Path,
+    tag: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    started: float | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
+    sha256: bool = False,
+) -> Report:
     start = started if started is not None else time.perf_counter()
-    if plan.target_placement is None:
+    if plan.target_placement is None or plan.source_placement is None:
         raise UsageError(
-            "this plan has no shard maps (loaded from JSON?): compile it with layoutc.compile"
+            "this plan carries no layouts to run (compile it with layoutc.compile, or save "
+            "it with layoutc plan CKPT -o, and run a saved one with layoutc.execute_saved)"
         )
     if not isinstance(source, Checkpoint):
         handle = in_folder(source)
         try:
-            return execute(
-                plan,
-                handle,
-                output,
-                tag=tag,
-                progress=progress,
-                started=start,
-                param_groups=param_groups,
-                sha256=sha256,
-            )
+            return _execute(plan, handle, output, tag, progress, start, param_groups, sha256)
         finally:
             handle.close()
     out = Path(output)
@@ -401,7 +397,7 @@ def _prepare(
         plan.target_placement,
         partial,
         source,
-        tag or source.folder.name,
+        tag or plan.tag or source.folder.name,
         param_groups=param_groups,
         source=plan.source_placement,
     )
@@ -512,6 +508,11 @@ def _execute_across(
     all ranks' writes and commits once every rank has succeeded; a failure anywhere leaves
     nothing committed and is raised on every rank, naming the rank."""
     rank, world = group.rank, group.world
+    if plan.ranks != world:
+        raise UsageError(
+            f"this plan assigns its units to {plan.ranks} rank(s); torchrun runs {world}: "
+            f"plan it for {world} (layoutc.compile(..., ranks={world}))"
+        )
     partial: Path | None = None
     prepared = None
     layout: Any = None
@@ -539,7 +540,7 @@ def _execute_across(
         raise RankFailed(f"{out}: {layout}")
     counter = layout.pop(("", "progress"))
     io = prepared.io if prepared is not None else Files(os.O_RDWR, direct=True)
-    mine = [u for u in plan.units if u.worker % world == rank]
+    mine = [u for u in plan.units if plan.rank_of(u) == rank]
 
     def on_unit(unit: Any) -> None:
         group.add(counter, unit.stats.write_bytes)

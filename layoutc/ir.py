@@ -388,6 +388,9 @@ class Layout:
     store: Store = Store()
     groups: tuple[str, ...] = ("default",)
     source: str = field(default="<string>", compare=False)
+    # what it was read from (lang.check.load_text): its text and the --set overrides
+    text: str | None = field(default=None, compare=False, repr=False)
+    overrides: tuple[tuple[str, int], ...] = field(default=(), compare=False, repr=False)
 
     @cached_property
     def by_name(self) -> dict[str, Tensor]:

@@ -53,6 +53,12 @@ def test_ranks_together_write_what_one_process_writes(tmp_path, ranks, target, s
     line = next(x for x in run.stdout.splitlines() if x.startswith("progress "))
     _, done, total, _, written = line.split()
     assert int(done) == int(total) == int(written) > 0
+    # the planner dealt the units to the ranks, each running one unit at a time
+    planned = next(x for x in run.stdout.splitlines() if x.startswith("planned for "))
+    head, _, total_peak = planned.partition(", in all ")
+    assert head.startswith(f"planned for {ranks} ranks, peak per rank ")
+    peaks = [int(x) for x in head.split("peak per rank ")[1].split()]
+    assert len(peaks) == ranks and sum(peaks) == int(total_peak) and min(peaks) > 0
 
 
 def test_a_failing_rank_leaves_nothing_committed_and_every_rank_says_so(tmp_path):

@@ -7,7 +7,6 @@ import zipfile
 import zlib
 
 import numpy as np
-import pytest
 
 import layoutc
 from layoutc.conversion import MANIFEST, verify
@@ -68,7 +67,7 @@ def _single(tmp_path):
     return out
 
 
-def test_a_compiled_plan_executes_on_files_and_a_loaded_one_is_refused(tmp_path):
+def test_a_compiled_plan_and_the_same_plan_read_back_write_the_same_bytes(tmp_path):
     ckpt = open_checkpoint(EXAMPLE)
     source = layoutc.load_text(infer(ckpt))
     plan = layoutc.compile(source, "torch", memory=256, workers=2)  # many pieces per member
@@ -78,9 +77,9 @@ def test_a_compiled_plan_executes_on_files_and_a_loaded_one_is_refused(tmp_path)
     with zipfile.ZipFile(tmp_path / "t" / "pytorch_model.bin") as z:
         assert z.testzip() is None
     assert report.bytes_written == plan.summary()["bytes_written"]
-    loaded = layoutc.Plan.from_json(plan.to_json())
-    with pytest.raises(ValueError, match="no shard maps"):
-        layoutc.execute(loaded, ckpt.folder, tmp_path / "again")
+    loaded = layoutc.Plan.from_json(plan.to_json())  # it carries both layouts
+    layoutc.execute(loaded, ckpt.folder, tmp_path / "again", tag=ckpt.tag)
+    assert _files(tmp_path / "again") == _files(tmp_path / "t")
 
 
 def test_the_plan_counts_bytes_per_source_file_and_per_target_rank():

@@ -237,3 +237,22 @@ def test_a_budget_too_small_for_one_element_is_refused():
     layout = load_text("mesh { dp = 1 }\ntensor w [4]\nstore torch\n")
     with pytest.raises(ValueError, match="too small"):
         compile_plan(layout, "safetensors", memory=8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(layout_pairs(), st.integers(1, 4), st.integers(1, 3), st.sampled_from([None, 64, 400]))
+def test_each_rank_runs_its_share_within_its_own_budget(pair, ranks, workers, memory):
+    """The planner deals units to ranks; each rank holds at most its budget, and the
+    summary states what one rank and all of them together hold at most."""
+    plan = compile_plan(*pair, memory=memory, workers=workers, ranks=ranks)
+    assert plan.ranks == ranks and plan.workers == workers * ranks
+    per_rank = plan.peak_per_rank()
+    assert len(per_rank) == ranks
+    assert {plan.rank_of(u) for u in plan.units} <= set(range(ranks))
+    for rank, peak in enumerate(per_rank):
+        mine = sorted(u.stats.peak_bytes for u in plan.units if plan.rank_of(u) == rank)
+        assert peak == min(sum(mine[-workers:]) if mine else 0, memory or 1 << 62)
+    s = plan.summary()
+    assert s["peak_memory_bytes"] == max(per_rank)
+    assert s["peak_memory_bytes_all_ranks"] == sum(per_rank)
+    assert Plan.from_json(plan.to_json()).summary() == s

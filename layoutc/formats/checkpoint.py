@@ -68,13 +68,26 @@ class Checkpoint:
 
     # -------------------------------------------------------------- identity
 
-    def identity(self, files: list[str]) -> dict[str, dict[str, Any]]:
-        """Of each of ``files`` (names relative to the folder): its size and the SHA-256
-        of its metadata — a torch file's zip index (every member's name, size and CRC-32),
-        a safetensors file's header."""
-        return {f: self._identity_of(self.path(f)) for f in files}
+    def data_files(self) -> list[str]:
+        """The files holding the checkpoint's state, relative to its folder (by default
+        those read so far)."""
+        return sorted(str(Path(k).relative_to(self.folder)) for k in self.loads)
 
-    def _identity_of(self, path: Path) -> dict[str, Any]:
+    def identity(self) -> dict[str, dict[str, Any]]:
+        """What a saved plan records of its source (:meth:`check_identity`): the size of
+        each of its :meth:`data_files`, and of those whose metadata was read, a SHA-256 of
+        that metadata — a torch file's zip index (each member's name, size and CRC-32, the
+        pickle's included), a safetensors file's header."""
+        read = {str(Path(k).relative_to(self.folder)) for k in self.loads}
+        return {
+            f: {
+                "size": os.path.getsize(self.path(f)),
+                "digest": self._digest(self.path(f)) if f in read else None,
+            }
+            for f in sorted(set(self.data_files()) | read)
+        }
+
+    def _digest(self, path: Path) -> str:
         h = hashlib.sha256()
         if path.suffix == ".safetensors":
             entries, metadata = self.header(path)
@@ -84,21 +97,29 @@ class Checkpoint:
         else:
             for name, m in sorted(self.opener.members(str(path)).items()):
                 h.update(repr((name, m.size, m.crc)).encode())
-        return {"size": os.path.getsize(path), "digest": h.hexdigest()}
+        return h.hexdigest()
 
     def check_identity(self, recorded: dict[str, dict[str, Any]]) -> None:
-        """Refuse a folder whose files differ from ``recorded`` (:meth:`identity`)."""
+        """Refuse a checkpoint whose files are not those ``recorded`` (:meth:`identity`):
+        one missing, of another size, or with other metadata."""
         for f, want in sorted(recorded.items()):
             path = self.path(f)
             if not path.is_file():
-                raise SourceChanged(f"{path}: the plan reads this file, which is not there")
-            have = self._identity_of(path)
-            for what in ("size", "digest"):
-                if have[what] != want[what]:
-                    raise SourceChanged(
-                        f"{path}: {what} {have[what]}, the plan was made from {what} "
-                        f"{want[what]}: the source changed since; plan it again"
-                    )
+                raise SourceChanged(
+                    f"{path}: the plan was made from a checkpoint with this file; it is "
+                    "not there: plan again"
+                )
+            size = os.path.getsize(path)
+            if size != want["size"]:
+                raise SourceChanged(
+                    f"{path}: {size} bytes; the plan was made from {want['size']} bytes: "
+                    "the source changed since, plan again"
+                )
+            if want["digest"] is not None and self._digest(path) != want["digest"]:
+                raise SourceChanged(
+                    f"{path}: its metadata differs from what the plan was made from "
+                    f"(SHA-256 {want['digest'][:16]}...): the source changed since, plan again"
+                )
 
     def close(self) -> None:
         self.opener.close()

@@ -68,6 +68,13 @@ class DeepSpeedCheckpoint(Checkpoint):
     def _load(self, path: Path) -> Any:
         return load_checked(path)
 
+    def data_files(self) -> list[str]:
+        """Model-states, optimizer and layer files; a universal checkpoint's ``zero/``."""
+        files = [*self.model_files, *self.optim_files, *self.layer_files]
+        if self.universal:
+            files.extend((self.folder / "zero").rglob("*.pt"))
+        return sorted(str(p.relative_to(self.folder)) for p in files)
+
     @cached_property
     def model_states(self) -> dict[str, Any]:
         """The first model-states file (metadata; tensors stay unread)."""

@@ -47,6 +47,9 @@ class Weights(Checkpoint):
     def files(self) -> list[str]:
         return sorted({e.file for e in self.entries.values()})
 
+    def data_files(self) -> list[str]:
+        return self.files
+
 
 def is_weights(path: str | Path) -> bool:
     p = Path(path)

@@ -23,7 +23,7 @@ import contextlib
 import difflib
 import math
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from layoutc import ir
@@ -1286,7 +1286,8 @@ def check(file: ast.File, source: str, overrides: dict[str, int] | None = None) 
 def load_text(
     text: str, path: str = "<string>", overrides: dict[str, int] | None = None
 ) -> ir.Layout:
-    return check(parse(text, path), text, overrides)
+    layout = check(parse(text, path), text, overrides)
+    return replace(layout, text=text, overrides=tuple(sorted((overrides or {}).items())))
 
 
 def load_layout(path: str | Path, overrides: dict[str, int] | None = None) -> ir.Layout:

@@ -30,6 +30,7 @@ from functools import cached_property
 from layoutc import ir
 from layoutc.errors import Diagnostic, LayoutError, UsageError
 from layoutc.place import Placement, place
+from layoutc.place.full import WeightsPlacement
 from layoutc.place.shards import MASTER, STEP, WEIGHT, Box, Slice
 from layoutc.plan import ops as O
 from layoutc.plan.layouts import target_layout
@@ -719,14 +720,28 @@ def compile_plan(
     *,
     memory: int | None = None,
     workers: int = 1,
+    ranks: int = 1,
+    tag: str | None = None,
 ) -> Plan:
     """Plan moving a checkpoint stored as ``source`` into ``target`` (a layout or a format
-    name). ``source`` may be a placement of its own (files as they are, e.g. full weights)."""
+    name). ``source`` may be a placement of its own (files as they are, e.g. full weights).
+    ``ranks`` processes run the plan (torchrun's world), each with ``workers`` threads and
+    a ``memory`` budget of its own; ``tag``: the source's DeepSpeed tag, which a DeepSpeed
+    or universal output keeps (else the target's; full weights have none: ``global_step0``;
+    else the executor takes the name of the folder it reads)."""
     S = source if isinstance(source, Placement) else place(source)
     tgt = target_layout(S.layout, target)
     T = place(tgt)
-    c = Compiler(S, T, memory, workers)
+    ranks = max(1, ranks)
+    c = Compiler(S, T, memory, max(1, workers) * ranks)
     units = c.units()
+    warnings = list(c.warnings)
+    if isinstance(S, WeightsPlacement) and T.format == "deepspeed":
+        warnings.append(
+            "the weights carry no run state: the checkpoint starts at step 0 with no lr "
+            "scheduler state; an engine with an lr scheduler loads it with "
+            "load_checkpoint(OUT, load_lr_scheduler_states=False)"
+        )
 
     def endpoint(p: Placement, files: int) -> Endpoint:
         return Endpoint(p.layout.name, p.format, p.mesh.world, files, tuple(p.mesh.sizes.items()))
@@ -738,7 +753,9 @@ def compile_plan(
         tuple(units),
         c.workers,
         memory,
-        tuple(c.warnings),
+        tuple(warnings),
+        ranks,
+        tag or T.layout.store.tag or ("global_step0" if isinstance(S, WeightsPlacement) else None),
         builder=c.build,
         source_placement=S,
         target_placement=T,

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from layoutc import ir
 from layoutc.errors import Diagnostic, LayoutError, Span, Unsupported, UsageError
@@ -110,6 +110,35 @@ def target_for(
             )
         target = target.with_store(replace(target.store, max_shard_bytes=max_shard_size))
     return target
+
+
+def record(layout: ir.Layout) -> dict[str, Any] | None:
+    """What rebuilds ``layout`` (:func:`rebuild`) as plain data: the text it was read from,
+    its name and ``--set`` overrides, and what resolving a target changed — the format,
+    the shard size and ``--dtype``. None for a layout not read from text, or changed in a
+    way this does not record."""
+    if layout.text is None:
+        return None
+    rec: dict[str, Any] = {
+        "text": layout.text,
+        "name": layout.source,
+        "overrides": [[name, value] for name, value in layout.overrides],
+        "format": layout.store.format,
+        "max_shard_bytes": layout.store.max_shard_bytes,
+        "dtype": None,
+    }
+    for dtype in (None, layout.dtype):
+        rec["dtype"] = dtype
+        if rebuild(rec) == layout:
+            return rec
+    return None
+
+
+def rebuild(rec: dict[str, Any]) -> ir.Layout:
+    """The layout :func:`record` describes."""
+    base = load_text(rec["text"], rec["name"], {name: value for name, value in rec["overrides"]})
+    store = replace(base.store, format=rec["format"], max_shard_bytes=rec["max_shard_bytes"])
+    return with_dtype(base.with_store(store), rec["dtype"])
 
 
 def with_dtype(layout: ir.Layout, dtype: str | None) -> ir.Layout:

@@ -19,11 +19,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from layoutc.errors import InternalError, PlanError
 from layoutc.ir import DTYPE_BYTES
+from layoutc.place import place
+from layoutc.place.full import WeightsPlacement
+from layoutc.plan import layouts
 from layoutc.plan import ops as O
 
 IO_SUMMARY_MAX_OPS = 20_000  # per-file / per-rank detail in summaries up to this many ops
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -145,9 +149,15 @@ class Plan:
     source: Endpoint
     target: Endpoint
     units: tuple[Unit, ...]
-    workers: int = 1
-    budget: int | None = None
+    workers: int = 1  # in all: ``workers // ranks`` threads on each rank
+    budget: int | None = None  # bytes each rank holds at most
     warnings: tuple[str, ...] = ()
+    ranks: int = 1  # processes running the plan (torchrun's world); unit -> rank: rank_of
+    tag: str | None = None  # the tag a DeepSpeed or universal output is written under
+    # what rebuilds both layouts (see layoutc.plan.layouts.record), and the source's files
+    # as the plan saw them (see layoutc.formats.checkpoint.Checkpoint.identity)
+    layouts: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    source_files: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     builder: Callable[[Unit], tuple[O.Op, ...]] | None = field(
         default=None, compare=False, repr=False
     )
@@ -182,12 +192,27 @@ class Plan:
             total = total + u.stats
         return total
 
+    def rank_of(self, unit: Unit) -> int:
+        """The rank that runs ``unit``: workers are dealt to ranks round-robin."""
+        return unit.worker % self.ranks
+
+    def peak_per_rank(self) -> list[int]:
+        """Each rank runs at most one unit per thread at a time: its ``workers // ranks``
+        largest unit peaks, capped by the budget (which each rank holds on its own)."""
+        threads = max(1, self.workers // self.ranks)
+        peaks: list[list[int]] = [[] for _ in range(self.ranks)]
+        for u in self.units:
+            peaks[self.rank_of(u)].append(u.stats.peak_bytes)
+        out = []
+        for mine in peaks:
+            peak = sum(sorted(mine, reverse=True)[:threads])
+            out.append(min(peak, self.budget) if self.budget is not None else peak)
+        return out
+
     @property
     def peak_memory_bytes(self) -> int:
-        """At most one unit per worker at a time: the ``workers`` largest unit peaks, capped by the budget."""
-        peaks = sorted((u.stats.peak_bytes for u in self.units), reverse=True)[: self.workers]
-        peak = sum(peaks)
-        return min(peak, self.budget) if self.budget is not None else peak
+        """The most memory one rank holds at once (see :meth:`peak_per_rank`)."""
+        return max(self.peak_per_rank())
 
     def per_worker(self) -> list[dict[str, int]]:
         rows = [
@@ -266,7 +291,9 @@ class Plan:
             "bytes_written": t.write_bytes,
             "bytes_swapped": t.swap_bytes,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory_bytes_all_ranks": sum(self.peak_per_rank()),
             "memory_budget_bytes": self.budget,
+            "ranks": self.ranks,
             # counted from the ops when they are listed, else the closed form (an upper bound)
             "files_read": io["source_files_read"] if io else self.source.files,
             "files_written": self.target.files,
@@ -286,39 +313,75 @@ class Plan:
             "target": self.target.to_dict(),
             "workers": self.workers,
             "budget": self.budget,
+            "ranks": self.ranks,
+            "tag": self.tag,
             "warnings": list(self.warnings),
+            "layouts": self.layouts if self.layouts is not None else self._record(),
+            "source_files": self.source_files,
             "units": [u.to_dict(self.unit_ops(u) if with_ops else None) for u in self.units],
         }
+
+    def _record(self) -> dict[str, Any] | None:
+        """What rebuilds the plan's layouts (None unless both were read from text)."""
+        if self.source_placement is None or self.target_placement is None:
+            return None
+        source = layouts.record(self.source_placement.layout)
+        target = layouts.record(self.target_placement.layout)
+        if source is None or target is None:
+            return None
+        weights = isinstance(self.source_placement, WeightsPlacement)
+        return {"source": source, "target": target, "source_is_weights": weights}
 
     def to_json(self, with_ops: bool = True, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(with_ops), sort_keys=True, indent=indent)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> Plan:
-        version = d.get("layoutc_plan")
+    def from_dict(d: dict[str, Any], where: str = "the plan") -> Plan:
+        """The plan ``d`` holds (:meth:`to_dict`), with its layouts rebuilt and placed;
+        ``where`` names it in a refusal (:class:`~layoutc.errors.PlanError`)."""
+        version = d.get("layoutc_plan") if isinstance(d, dict) else None
         if version != PLAN_VERSION:
-            raise ValueError(
-                f"plan format version {version!r} is not {PLAN_VERSION} (this layoutc reads {PLAN_VERSION})"
+            raise PlanError(
+                f"{where}: plan format version {version!r} is not {PLAN_VERSION} (this "
+                f"layoutc reads {PLAN_VERSION}; plan again)"
             )
-        return Plan(
-            Endpoint.from_dict(d["source"]),
-            Endpoint.from_dict(d["target"]),
-            tuple(Unit.from_dict(u) for u in d["units"]),
-            d["workers"],
-            d["budget"],
-            tuple(d["warnings"]),
-        )
+        try:
+            plan = Plan(
+                Endpoint.from_dict(d["source"]),
+                Endpoint.from_dict(d["target"]),
+                tuple(Unit.from_dict(u) for u in d["units"]),
+                d["workers"],
+                d["budget"],
+                tuple(d["warnings"]),
+                d["ranks"],
+                d["tag"],
+                d["layouts"],
+                d["source_files"],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"{where}: not a layoutc plan ({type(e).__name__}: {e})") from None
+        recorded = d["layouts"]
+        if recorded is None:
+            return plan
+        source = layouts.rebuild(recorded["source"])
+        target = place(layouts.rebuild(recorded["target"]))
+        # full weights are placed as their files hold them: by the executor, from the files
+        placed = None if recorded["source_is_weights"] else place(source)
+        return replace(plan, source_placement=placed, target_placement=target)
 
     @staticmethod
-    def from_json(text: str) -> Plan:
-        return Plan.from_dict(json.loads(text))
+    def from_json(text: str, where: str = "the plan") -> Plan:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{where}: not JSON ({e})") from None
+        return Plan.from_dict(doc, where)
 
     def validate(self, source: Any = None, target: Any = None) -> None:
         """Check the plan; see :func:`layoutc.plan.validate.validate`. A plan read back from
         JSON that fails raises :class:`~layoutc.errors.PlanError` (the plan file is wrong); a
         plan compiled in this process (it has its op builder) that fails raises
         :class:`~layoutc.errors.InternalError`: the planner built it, so it is layoutc's bug."""
-        from layoutc.errors import InternalError, PlanError
         from layoutc.plan.validate import validate
 
         try:

@@ -52,6 +52,10 @@ def main() -> int:
         status = 0
         if rank == 0:
             print(f"progress {seen[-1][0]} {seen[-1][1]} written {report.bytes_written}")
+            summary = report.plan.summary()
+            peaks = " ".join(map(str, report.plan.peak_per_rank()))
+            print(f"planned for {summary['ranks']} ranks, peak per rank {peaks}, in all "
+                  f"{summary['peak_memory_bytes_all_ranks']}")  # fmt: skip
         elif seen:  # one display per run: only rank 0 reports
             print(f"rank {rank} reported progress", file=sys.stderr)
             status = 4

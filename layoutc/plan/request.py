@@ -1,0 +1,106 @@
+"""A checkpoint and a target, planned: what ``layoutc plan CKPT`` and ``layoutc convert``
+decide before a byte of tensor data is read.
+
+The source's layout is given (``--spec``) or inferred, and checked against the
+checkpoint's files through its handle (full weights are placed as their files hold
+them); the target is resolved (:func:`~layoutc.plan.layouts.target_for`); the plan is
+compiled for the ranks and workers that will run it, and carries what it needs to run
+later on its own: both layouts and the source's identity (each file's size and a digest
+of the metadata the plan relied on). Metadata only: nothing here imports numpy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+from layoutc import ir
+from layoutc.errors import UsageError
+from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.deepspeed import DeepSpeedCheckpoint
+from layoutc.formats.match import check_against
+from layoutc.formats.weights import Weights, check_weights
+from layoutc.lang.check import load_text
+from layoutc.lang.parse import read_source
+from layoutc.place import Placement, place
+from layoutc.place.full import WeightsPlacement
+from layoutc.plan.compile import compile_plan
+from layoutc.plan.layouts import source_text, target_for
+from layoutc.plan.plan import Plan
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on (at most 16)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 16))
+
+
+def workers_for(target: ir.Layout, workers: int | None) -> int:
+    """``workers`` if given, else the target's ``store { writers N }``, else one per CPU."""
+    if workers is not None:
+        return workers
+    return target.store.writers if target.store.writers_given else default_workers()
+
+
+def source_placement(
+    source: Checkpoint, spec: str | Path | None = None, layout: tuple[str, str] | None = None
+) -> tuple[ir.Layout, Placement]:
+    """The layout of ``source`` — the text ``layout`` (text, name), else ``spec``, else
+    inferred — and its shard map, checked against the files; full weights need a layout
+    and are placed as their files hold them."""
+    if isinstance(source, Weights):
+        if layout is None and spec is None:
+            raise UsageError(
+                f"{source.folder}: full weights carry no layout to infer; give --spec "
+                "MODEL.layout (the model's tensors and the topology to lay them out for)"
+            )
+        if layout is None:
+            assert spec is not None
+            layout = (read_source(spec), str(spec))
+        src = load_text(*layout)
+        check_weights(src, source)
+        held = src.with_store(replace(src.store, format=source.format))
+        return src, WeightsPlacement(held, source.entries, source.format)
+    assert isinstance(source, DeepSpeedCheckpoint)
+    src = load_text(*(layout or source_text(source, spec)))
+    placed = place(src)
+    check_against(placed, source)
+    return src, placed
+
+
+def plan_checkpoint(
+    source: Checkpoint,
+    to: str | Path,
+    *,
+    spec: str | Path | None = None,
+    overrides: Mapping[str, int] | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+    memory: int | None = None,
+    workers: int | None = None,
+    ranks: int = 1,
+) -> Plan:
+    """The plan converting ``source`` to ``to`` (a format name or a ``.layout`` file) with
+    the command line's options, for ``ranks`` processes of ``workers`` threads each (by
+    default: :func:`workers_for` the target)."""
+    layout, S = source_placement(source, spec)
+    ckpt = source if isinstance(source, DeepSpeedCheckpoint) else None
+    assert layout.text is not None
+    target = target_for(
+        layout,
+        (layout.text, layout.source),
+        to,
+        overrides,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        checkpoint=ckpt,
+    )
+    plan = compile_plan(
+        S, target, memory=memory, workers=workers_for(target, workers), ranks=ranks, tag=source.tag
+    )
+    return replace(plan, source_files=source.identity())
