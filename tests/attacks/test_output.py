@@ -310,12 +310,12 @@ def test_too_few_inodes_for_the_plan_is_refused_before_writing(
 def test_a_disk_that_fills_up_midway_is_named_and_the_partial_folder_removed(
     example, tmp_path, capsys, monkeypatch
 ):
-    from layoutc import conversion
+    from layoutc.runtime import execute as runtime
 
     with _tmpfs(tmp_path / "disk", "size=2m") as mounted:
         out = tmp_path / "disk" / "out"
         if mounted:
-            real = conversion.make_partial
+            real = runtime.make_partial
 
             def then_fill(o):  # after the space check: leave 8 KiB
                 partial = real(o)
@@ -323,7 +323,7 @@ def test_a_disk_that_fills_up_midway_is_named_and_the_partial_folder_removed(
                 (o.parent / "filler").write_bytes(bytes(st.f_bavail * st.f_frsize - 8192))
                 return partial
 
-            monkeypatch.setattr(conversion, "make_partial", then_fill)
+            monkeypatch.setattr(runtime, "make_partial", then_fill)
         else:
             monkeypatch.setattr(os, "pwrite", _failing("pwrite", errno.ENOSPC, 3))
         code, msg = _main(capsys, "convert", example, "--to", "universal", "-o", out, "-q")

@@ -1,0 +1,429 @@
+"""Run a plan on files: create the output, move the bytes, prove what was read, commit.
+
+:func:`run` runs a plan's units (:func:`layoutc.runtime.memory.execute`) reading the
+source through its checkpoint handle (:class:`SourceFiles`: regions of its files, read in
+place) and writing at known offsets of the output's files, created under a temporary
+folder beside the output (:func:`layoutc.formats.writers.prepare`). After the units run,
+the CRC-32 of every source member read is proven against its archive (:func:`check_crcs`)
+and the output is committed in one step (:mod:`layoutc.runtime.commit`). Under torchrun
+each rank runs the units the plan dealt it; rank 0 creates the files, combines every
+rank's CRCs and commits once every rank has succeeded (:func:`_run_across`). The runtime
+decides nothing: what runs where comes from the plan.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layoutc.errors import InputError, UsageError
+from layoutc.formats import pt
+from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.sources import in_folder
+from layoutc.formats.writers import prepare
+from layoutc.plan.plan import Plan
+from layoutc.runtime import distributed, memory
+from layoutc.runtime.checksum import Pieces
+from layoutc.runtime.commit import (
+    as_output_error,
+    check_output,
+    commit,
+    discard,
+    is_output_failure,
+    make_partial,
+)
+from layoutc.runtime.fileio import Files, Region
+from layoutc.runtime.spill import Spill
+
+Reads = dict[str, tuple[list[str], list[tuple[int, int, int]]]]  # see SourceFiles.reads
+
+
+def check_crcs(reads: Reads, source: Checkpoint) -> None:
+    """Refuse the source if a member read has bytes other than its archive's CRC-32 says:
+    the CRC of each member is combined from the CRCs taken as its bytes were read (by any
+    rank), and only the bytes no read touched (padding, parts no target needs) are read
+    now."""
+    for path, (names, runs) in reads.items():
+        pieces = Pieces()
+        for offset, length, crc in runs:
+            pieces.record(offset, length, crc)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for name in names:
+                m = source.opener.members(path)[name]
+                pt.check_crc(path, m, pieces.crc(fd, m.data_at, m.data_at + m.size))
+        finally:
+            os.close(fd)
+
+
+def _merge_reads(all_reads: list[Reads]) -> Reads:
+    out: Reads = {}
+    for reads in all_reads:
+        for path, (names, runs) in reads.items():
+            have = out.setdefault(path, ([], []))
+            have[0].extend(n for n in names if n not in have[0])
+            have[1].extend(runs)
+    return out
+
+
+class SourceFiles(Mapping[tuple[str, str], Any]):
+    """``(file, key) -> flat tensor`` of a checkpoint, read in place: a contiguous tensor is a
+    :class:`~layoutc.runtime.fileio.Region` of its file (pread, nothing mapped); a strided
+    view (rare in checkpoints) is made contiguous once, its member's CRC-32 checked first.
+    Regions record the CRC-32 of what they read, so :func:`check_crcs` proves each member
+    read against its archive's CRC without reading it again."""
+
+    def __init__(self, source: Checkpoint | Path) -> None:
+        self.source = source if isinstance(source, Checkpoint) else Checkpoint(Path(source))
+        self.folder = self.source.folder
+        self.opener = self.source.opener
+        self.files = Files(record_reads=True)
+        self._views: dict[tuple[str, str], Any] = {}
+        self._read: dict[str, set[str]] = {}  # file path -> members read through regions
+
+    def __getitem__(self, fk: tuple[str, str]) -> Any:
+        if fk not in self._views and fk[0].endswith(".safetensors"):
+            file, key = fk
+            e = self.source.header(file)[0][key]
+            self._views[fk] = self.files.region(
+                str(self.folder / file), e.begin, e.numel, memory.np_dtype(e.dtype)
+            )
+        if fk not in self._views:
+            file, key = fk
+            ref = pt.at(self.source.load(file), key)
+            if ref.contiguous:
+                data_at, _ = self.opener.member(str(self.folder / file), ref.storage.member)
+                self._read.setdefault(str(self.folder / file), set()).add(ref.storage.member)
+                itemsize = memory.np_dtype(ref.dtype).itemsize
+                self._views[fk] = self.files.region(
+                    str(self.folder / file),
+                    data_at + ref.offset * itemsize,
+                    ref.numel,
+                    memory.np_dtype(ref.dtype),
+                )
+            else:
+                self._views[fk] = np.ascontiguousarray(ref.numpy(self.opener)).reshape(-1)
+        return self._views[fk]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def reads(self) -> Reads:
+        """The members read through regions, per file, and the CRCs of the runs read."""
+        return {
+            path: (sorted(names), self.files.reads[path].snapshot())
+            for path, names in self._read.items()
+            if path in self.files.reads
+        }
+
+    def close(self) -> None:
+        self._views.clear()
+        self.files.close()
+
+
+@dataclass
+class Report:
+    output: Path
+    files: list[str]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    plan: Plan = field(repr=False)
+    warnings: tuple[str, ...] = ()
+    bytes_swapped: int = 0  # through swap files, out and in
+
+    def summary(self) -> str:
+        from layoutc.render import human_size  # lazy: render brings jinja2, a run need not
+
+        rate = self.bytes_written / self.seconds / 1e9 if self.seconds else 0.0
+        swapped = f"; swapped {human_size(self.bytes_swapped)}" if self.bytes_swapped else ""
+        return (
+            f"wrote {len(self.files)} files, {human_size(self.bytes_written)} to {self.output} "
+            f"in {self.seconds:.2f} s ({rate:.2f} GB/s); read {human_size(self.bytes_read)}"
+            f"{swapped}; peak RSS {human_size(self.peak_rss_bytes)}"
+        )
+
+
+def run(
+    plan: Plan,
+    source: Checkpoint | str | Path,
+    output: str | Path,
+    tag: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    started: float | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
+    sha256: bool = False,
+) -> Report:
+    start = started if started is not None else time.perf_counter()
+    if plan.target_placement is None or plan.source_placement is None:
+        raise UsageError(
+            "this plan carries no layouts to run (compile it with layoutc.compile, or save "
+            "it with layoutc plan CKPT -o, and run a saved one with layoutc.execute_saved)"
+        )
+    if not isinstance(source, Checkpoint):
+        handle = in_folder(source)
+        try:
+            return run(plan, handle, output, tag, progress, start, param_groups, sha256)
+        finally:
+            handle.close()
+    out = Path(output)
+    group = distributed.current()
+    if group is not None:
+        return _run_across(group, plan, source, out, tag, progress, start, param_groups, sha256)
+    check_output(out, plan, source.folder)
+    partial = make_partial(out)
+    files_in = SourceFiles(source)
+    try:
+        prepared = _prepare(plan, partial, source, tag, param_groups)
+        on_unit = _progress_by_bytes_written(plan, progress)
+        spill = Spill.beside(plan.target_placement.layout, out, str(os.getpid()))
+        try:
+            memory.execute(plan, files_in, prepared.views, on_unit=on_unit, spill=spill)
+            check_crcs(files_in.reads(), source)
+        finally:
+            swapped = spill.moved
+            spill.close()
+        crcs = prepared.finish()
+        files = commit(partial, out, prepared.markers, plan, crcs, sha256=sha256)
+    except BaseException as e:
+        discard(partial)
+        named = _named(e, out)
+        if named is not e:
+            raise named from None
+        raise
+    finally:
+        files_in.close()
+    return _report(plan, out, files, start, swapped)
+
+
+def _named(e: BaseException, out: Path) -> BaseException:
+    """``e``, or for a failure of the output's filesystem (full, read-only, a name too
+    long, ...) the :class:`~layoutc.runtime.commit.OutputError` that names it."""
+    if isinstance(e, OSError) and is_output_failure(e, out):
+        return as_output_error(e, out)
+    return e
+
+
+def _prepare(
+    plan: Plan,
+    partial: Path,
+    source: Checkpoint,
+    tag: str | None,
+    param_groups: list[dict[str, Any]] | None,
+) -> Any:
+    """The plan's output files, created under ``partial``."""
+    return prepare(
+        plan.target_placement,
+        partial,
+        source,
+        tag or plan.tag or source.folder.name,
+        param_groups=param_groups,
+        source=plan.source_placement,
+    )
+
+
+def _bytes_to_write(plan: Plan) -> int:
+    """What the progress display counts towards (at least 1)."""
+    return sum(u.stats.write_bytes for u in plan.units) or 1
+
+
+def _report(plan: Plan, out: Path, files: list[str], start: float, swapped: int) -> Report:
+    t = plan.totals
+    return Report(
+        out,
+        files,
+        t.read_bytes,
+        t.write_bytes,
+        time.perf_counter() - start,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        plan,
+        plan.warnings,
+        swapped,
+    )
+
+
+def _progress_by_bytes_written(
+    plan: Plan, progress: Callable[[int, int], None] | None
+) -> Callable[[Any], None]:
+    """An ``on_unit`` callback reporting bytes written so far out of the plan's."""
+    total = _bytes_to_write(plan)
+    done = 0
+    lock = threading.Lock()
+
+    def on_unit(unit: Any) -> None:
+        nonlocal done
+        with lock:
+            done += unit.stats.write_bytes
+            now = done
+        if progress is not None:
+            progress(now, total)
+
+    return on_unit
+
+
+class _ProgressWatch:
+    """Rank 0's view of a distributed run: bytes written by all ranks (a counter in the
+    group's store every rank adds to), reported every 0.2 s until stopped."""
+
+    def __init__(
+        self,
+        group: distributed.Group,
+        counter: str,
+        plan: Plan,
+        progress: Callable[[int, int], None],
+    ) -> None:
+        self.group, self.counter, self.progress = group, counter, progress
+        self.total = _bytes_to_write(plan)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="layoutc-progress", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.2):
+            now = self.group.add(self.counter, 0)
+            if now is None:
+                return
+            self.progress(min(now, self.total), self.total)
+
+    def stop(self, final: bool) -> None:
+        """Stop reporting; ``final``: report the count once more, every rank being done."""
+        self.done.set()
+        self.thread.join()
+        if final:
+            now = self.group.add(self.counter, 0)
+            self.progress(self.total if now is None else now, self.total)
+
+
+def _regions(io: Files, layout: dict[tuple[str, str], Any]) -> dict[tuple[str, str], Any]:
+    """Writable regions of the output's files, from rank 0's description of them."""
+    return {
+        k: io.region(v[0], v[1], v[2], memory.np_dtype(v[3]))
+        if isinstance(v, tuple)
+        else np.zeros(0, memory.np_dtype(v))
+        for k, v in layout.items()
+    }
+
+
+class RankFailed(InputError):
+    """A rank of a distributed conversion failed; nothing was committed. The message names
+    each failing rank and the class of what it raised; the kind is not carried across ranks,
+    and what fails on one rank but not on rank 0 is most often that rank's own disk or
+    memory, so this is an input error (exit 1), never a usage error."""
+
+
+def _run_across(
+    group: distributed.Group,
+    plan: Plan,
+    source: Checkpoint,
+    out: Path,
+    tag: str | None,
+    progress: Callable[[int, int], None] | None,
+    start: float,
+    param_groups: list[dict[str, Any]] | None,
+    sha256: bool = False,
+) -> Report:
+    """:func:`execute` on every rank of ``group``: rank 0 creates the files, every rank
+    writes the units of its workers (``unit.worker % world``), rank 0 combines the CRCs of
+    all ranks' writes and commits once every rank has succeeded; a failure anywhere leaves
+    nothing committed and is raised on every rank, naming the rank."""
+    rank, world = group.rank, group.world
+    if plan.ranks != world:
+        raise UsageError(
+            f"this plan assigns its units to {plan.ranks} rank(s); torchrun runs {world}: "
+            f"plan it for {world} (layoutc.compile(..., ranks={world}))"
+        )
+    partial: Path | None = None
+    prepared = None
+    layout: Any = None
+    if rank == 0:
+        try:
+            check_output(out, plan, source.folder)
+            partial = make_partial(out)
+            prepared = _prepare(plan, partial, source, tag, param_groups)
+            layout = {
+                k: (v.path, v.offset, v.size, memory.dtype_name(v.dtype))
+                if isinstance(v, Region)
+                else memory.dtype_name(v.dtype)
+                for k, v in prepared.views.items()
+            }
+            layout[("", "progress")] = f"layoutc-written-{partial.name}"  # the run's counter
+        except BaseException as e:
+            discard(partial)
+            named = _named(e, out)
+            group.broadcast(f"rank 0: {type(named).__name__}: {named}")
+            if named is not e:
+                raise named from None
+            raise
+    layout = group.broadcast(layout)
+    if isinstance(layout, str):
+        raise RankFailed(f"{out}: {layout}")
+    counter = layout.pop(("", "progress"))
+    io = prepared.io if prepared is not None else Files(os.O_RDWR, direct=True)
+    mine = [u for u in plan.units if plan.rank_of(u) == rank]
+
+    def on_unit(unit: Any) -> None:
+        group.add(counter, unit.stats.write_bytes)
+
+    watch = _ProgressWatch(group, counter, plan, progress) if rank == 0 and progress else None
+
+    error = None
+    swapped = 0
+    reads: Reads = {}
+    files_in = SourceFiles(source)
+    spill = Spill.beside(plan.target_placement.layout, out, f"{os.getpid()}-{rank}")
+    try:  # whatever fails here is reported to every rank below, never left hanging
+        views: Any = prepared.views if prepared is not None else _regions(io, layout)
+        threads = max(1, plan.workers // world)
+        memory.execute(
+            plan, files_in, views, on_unit=on_unit, spill=spill, units=mine, threads=threads
+        )
+    except BaseException as e:
+        error = f"rank {rank}: {type(e).__name__}: {e}"
+    finally:
+        swapped = spill.moved
+        spill.close()
+        reads = files_in.reads()
+        files_in.close()
+    pieces = {path: p.snapshot() for path, p in io.pieces.items()}
+    if prepared is None:
+        io.close()
+    results = group.gather((error, pieces, swapped, reads))
+    errors = [e for e, _, _, _ in results if e]
+    if watch is not None:
+        watch.stop(final=not errors)
+    files: Any = None
+    if rank == 0:
+        assert prepared is not None and partial is not None
+        try:
+            if errors:
+                raise RankFailed(f"{out}: " + "; ".join(errors) + " (nothing committed)")
+            check_crcs(_merge_reads([r for _, _, _, r in results]), source)
+            for _, theirs, _, _ in results[1:]:
+                for path, runs in theirs.items():
+                    for offset, length, crc in runs:
+                        prepared.io.pieces.setdefault(path, Pieces()).record(offset, length, crc)
+            files = commit(partial, out, prepared.markers, plan, prepared.finish(), sha256)
+        except BaseException as e:
+            discard(partial)
+            named = _named(e, out)
+            files = f"rank 0: {type(named).__name__}: {named}" if not errors else "; ".join(errors)
+            group.broadcast(files)
+            if named is not e:
+                raise named from None
+            raise
+    files = group.broadcast(files)
+    if isinstance(files, str):
+        raise RankFailed(f"{out}: {files} (nothing committed)")
+    return _report(plan, out, files, start, sum(r[2] for r in results))
