@@ -164,15 +164,23 @@ class Plan:
     # the shard maps a compiled plan came from (not serialised): what execution creates files from
     source_placement: Any = field(default=None, compare=False, repr=False)
     target_placement: Any = field(default=None, compare=False, repr=False)
+    _built: dict[int, tuple[O.Op, ...]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     # -------------------------------------------------------------- ops
 
     def unit_ops(self, unit: Unit) -> tuple[O.Op, ...]:
+        """The unit's ops: read back, or built by the planner once per plan (validation,
+        the summary and the executor all ask)."""
         if unit.ops is not None:
             return unit.ops
         if self.builder is None:
-            raise ValueError(f"unit {unit.id} has no ops and the plan has no builder")
-        return self.builder(unit)
+            raise InternalError(f"unit {unit.id} has no ops and the plan has no builder")
+        ops = self._built.get(unit.id)
+        if ops is None:
+            ops = self._built[unit.id] = self.builder(unit)
+        return ops
 
     def ops(self) -> Iterator[tuple[Unit, O.Op]]:
         for u in self.units:
