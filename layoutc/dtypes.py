@@ -57,10 +57,10 @@ _ML_DTYPES: dict[str, str] = {
 @cache
 def np_dtype(name: str) -> np.dtype:
     """The numpy dtype of layoutc's dtype ``name``."""
-    import numpy as np
+    import numpy as np  # lazy: the dtype table is read by planning, which never loads numpy
 
     if name in _ML_DTYPES:
-        import ml_dtypes
+        import ml_dtypes  # lazy: as numpy, and only for bf16 and the fp8 types
 
         return np.dtype(getattr(ml_dtypes, _ML_DTYPES[name]))
     return np.dtype(_NUMPY[name])

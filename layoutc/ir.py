@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -425,8 +425,6 @@ class Layout:
         return (t for t in self.tensors if t.kind == PARAM)
 
     def with_store(self, store: Store) -> Layout:
-        from dataclasses import replace
-
         return replace(self, store=store)
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from layoutc.dtypes import dtype_name
 from layoutc.formats import pt
 from layoutc.formats.writers import torch_state_dict
 from layoutc.runtime.checksum import Pieces
 from layoutc.runtime.fileio import ALIGN, Files, direct_supported, fsync_path
-from layoutc.runtime.memory import as_numpy, dtype_name
+from layoutc.runtime.memory import as_numpy
 
 PIECE = 64 << 20  # bytes per write
 

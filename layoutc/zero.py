@@ -19,8 +19,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from layoutc import ir
+from layoutc.dtypes import np_dtype
 from layoutc.place import place
 from layoutc.place.zero import NCCL_START_ALIGNMENT, FlatGroup, Fragment, Stage3Group
+from layoutc.runtime import memory
 
 
 def partition(
@@ -29,12 +31,10 @@ def partition(
     """``{(file, key): 1-D array}`` of every buffer ``layout`` stores, filled from
     ``values[tensor][state]`` (states: ``weight``, ``master``, ``exp_avg``, ``exp_avg_sq``,
     ``step``; each the logical tensor, cast to the layout's dtype for that state)."""
-    from layoutc.runtime import memory
-
     p = place(layout)
     arrays = {
         t.name: {
-            s: memory.as_numpy(values[t.name][s]).astype(memory.np_dtype(p.dtype(t, s)))
+            s: memory.as_numpy(values[t.name][s]).astype(np_dtype(p.dtype(t, s)))
             for s in p.states(t)
         }
         for t in p.tensors
@@ -47,8 +47,6 @@ def reassemble(
 ) -> dict[str, dict[str, Any]]:
     """The logical tensors of every state, read back from the buffers :func:`partition`
     makes (or a checkpoint's, read into arrays)."""
-    from layoutc.runtime import memory
-
     return memory.load(place(layout), {k: memory.as_numpy(v) for k, v in stored.items()})
 
 

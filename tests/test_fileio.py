@@ -200,7 +200,7 @@ def test_streamed_copies_through_many_turns_of_small_buffers(
     """A file-to-file copy longer than all the staging buffers together (several turns
     of each), from and to any byte offsets, with direct IO where the folder allows it:
     the bytes land exactly and the recorded pieces tile the range with the right CRC."""
-    from layoutc.runtime.memory import _Pending
+    from layoutc.runtime.executor import _Pending
 
     folder: Path = tmp_path_factory.mktemp("c")
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)

@@ -17,6 +17,7 @@ from layoutc.place import place
 from layoutc.plan import ops as O
 from layoutc.plan.compile import compile_plan, target_layout
 from layoutc.plan.plan import Plan
+from layoutc.runtime import executor
 from layoutc.runtime import memory as M
 
 
@@ -26,7 +27,7 @@ def run(source, target, memory=None, workers=1, seed=None):
     S, T = place(source), place(target_layout(source, target))
     plan.validate(S, T)
     values = M.markers(S, seed)
-    result = M.execute(plan, M.store(S, values), T)
+    result = executor.execute(plan, M.store(S, values), T)
     for u in plan.units:
         assert result.peaks[u.id] <= u.stats.peak_bytes or u.mode == "fill", u
     return plan, values, T, result
@@ -67,7 +68,7 @@ def test_a_to_b_to_universal_equals_a_to_universal(pair):
     *_, res_ab = run(a, b, seed=1)
     *_, res_au = run(a, "universal", seed=1)
     via = compile_plan(b, "universal")
-    res_bu = M.execute(via, res_ab.stored, place(target_layout(b, "universal")))
+    res_bu = executor.execute(via, res_ab.stored, place(target_layout(b, "universal")))
     # the optimizer states are topology-free; model-states files follow each source
     zero = {k: v for k, v in res_au.stored.items() if k[0].startswith("zero/")}
     assert zero.keys() == {k for k in res_bu.stored if k[0].startswith("zero/")}

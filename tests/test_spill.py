@@ -16,7 +16,7 @@ from layoutc.formats.deepspeed import open_checkpoint
 from layoutc.lang.check import load_text
 from layoutc.place import place
 from layoutc.plan.compile import compile_plan
-from layoutc.runtime import memory
+from layoutc.runtime import executor, memory
 from layoutc.runtime.spill import Spill
 
 TP_LAYOUT = """\
@@ -40,10 +40,10 @@ def test_swap_files_on_disk_move_what_swap_files_in_memory_move(tmp_path_factory
     plan = compile_plan(a, b, memory=64)
     assume(any(u.mode == "spill" for u in plan.units))
     stored = memory.store(place(a), memory.markers(place(a), seed=3))
-    in_memory = memory.execute(plan, stored, place(b))
+    in_memory = executor.execute(plan, stored, place(b))
     folder = tmp_path_factory.mktemp("spill") / "swap"
     spill = Spill(folder)
-    on_disk = memory.execute(plan, stored, place(b), spill=spill)
+    on_disk = executor.execute(plan, stored, place(b), spill=spill)
     assert spill.bytes_out == spill.bytes_in > 0
     spill.close()
     assert not folder.exists()
@@ -102,8 +102,8 @@ def test_spills_go_under_the_nvme_offload_directory_with_its_settings(tmp_path):
 
     plan = compile_plan(nvme, "universal", memory=256, workers=2)
     stored = memory.store(place(nvme), memory.markers(place(nvme), seed=3))
-    in_memory = memory.execute(plan, stored, plan.target_placement)
-    on_disk = memory.execute(plan, stored, plan.target_placement, spill=spill)
+    in_memory = executor.execute(plan, stored, plan.target_placement)
+    on_disk = executor.execute(plan, stored, plan.target_placement, spill=spill)
     assert spill.pool is not None and spill.pool.block_size == 64 << 10
     assert spill.pool.queue_depth == 3 and not spill.pool.direct
     spill.close()

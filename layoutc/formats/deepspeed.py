@@ -23,6 +23,8 @@ from layoutc.errors import InputError, Unsupported
 from layoutc.formats import autotp, pt
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.ir import check_tag
+from layoutc.lang.fmt import fmt
+from layoutc.lang.parse import parse
 from layoutc.place.deepspeed import layer_of, tied_key
 
 MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
@@ -299,9 +301,6 @@ def _check_name(name: str, ckpt: DeepSpeedCheckpoint) -> str:
 
 def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     """The ``.layout`` text describing ``ckpt`` (canonical form)."""
-    from layoutc.lang.fmt import fmt
-    from layoutc.lang.parse import parse
-
     ms = ckpt.model_states
     dims = ms.get("checkpoint_parallel_dimensions") or {}
     tp, pp = int(dims.get("tp_degree", 1)), int(dims.get("pp_degree", 1))
@@ -388,9 +387,6 @@ def _trainable(
 def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:
     """An AutoTP checkpoint (ZeRO-1/2, no pipeline): one ``mp_rank`` file per tp rank, each
     holding DeepSpeed's affine map of every parameter's cut, which becomes the dims."""
-    from layoutc.lang.fmt import fmt
-    from layoutc.lang.parse import parse
-
     if len(ckpt.model_files) != tp * (ckpt.dp if ckpt.zero3 else 1):
         raise NotACheckpoint(
             f"{ckpt.folder}: {len(ckpt.model_files)} model-states files for tp = {tp}, dp = {ckpt.dp}"
@@ -596,9 +592,6 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
     """A ``PipelineModule`` checkpoint (tp = 1): one ``mp_rank`` file per stage, weights in
     ``layer_XX`` files, the tied modules (``tied_modules.<key>.<param>``) on every stage that
     uses them, stored once in the file of their first layer."""
-    from layoutc.lang.fmt import fmt
-    from layoutc.lang.parse import parse
-
     stages = [ckpt.model_states_of(p) for p in ckpt.model_files]
     if len(stages) != pp:
         raise Unsupported(

@@ -28,7 +28,6 @@ from layoutc.errors import Unsupported
 from layoutc.formats import autotp, pt
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
-from layoutc.formats.writers import copy_values
 from layoutc.place.deepspeed import DeepSpeedPlacement
 from layoutc.place.shards import STEP, StoredBuffer, iter_coords
 
@@ -111,14 +110,14 @@ class Carried:
         (by name where the source's stages give them all; else the source's first
         ``count`` groups), or the ones given for fresh optimizer state."""
         if names and all(n in self.named for n in names):
-            return [copy_values(self.named[n]) for n in names]
+            return [pt.copy_values(self.named[n]) for n in names]
         if not self.optim and self.fresh_param_groups is not None:
             if len(self.fresh_param_groups) != count:
                 raise Unsupported(
                     f"--param-groups gives {len(self.fresh_param_groups)} param groups; the "
                     f"target's optimizer has {count}"
                 )
-            return [{**copy_values(g), "params": []} for g in self.fresh_param_groups]
+            return [{**pt.copy_values(g), "params": []} for g in self.fresh_param_groups]
         base = self.optim.get("base_optimizer_state")
         plain = self.model.get("optimizer")  # ZeRO-0: the torch optimizer's own state dict
         if isinstance(base, dict):
@@ -130,7 +129,7 @@ class Carried:
         else:
             groups = self.optim.get("optimizer_state_dict", {}).get("param_groups")
         if isinstance(groups, list) and len(groups) == count:
-            return [copy_values(g) for g in groups]
+            return [pt.copy_values(g) for g in groups]
         return None
 
 
@@ -321,9 +320,9 @@ def _run_state(target: DeepSpeedPlacement, carried: Carried) -> dict[str, Any]:
     layout = target.layout
     src = carried.model
     obj: dict[str, Any] = {
-        "lr_scheduler": copy_values(src.get("lr_scheduler")),
-        "data_sampler": copy_values(src.get("data_sampler")),
-        "random_ltd": copy_values(src.get("random_ltd")),
+        "lr_scheduler": pt.copy_values(src.get("lr_scheduler")),
+        "data_sampler": pt.copy_values(src.get("data_sampler")),
+        "random_ltd": pt.copy_values(src.get("random_ltd")),
         "skipped_steps": src.get("skipped_steps", 0),
         "global_steps": src.get("global_steps", 0),
         "global_samples": src.get("global_samples", 0),
@@ -337,10 +336,10 @@ def _run_state(target: DeepSpeedPlacement, carried: Carried) -> dict[str, Any]:
         "ds_version": src.get("ds_version", DS_VERSION),
     }
     if "sparse_tensor_module_names" in src:
-        obj["sparse_tensor_module_names"] = copy_values(src["sparse_tensor_module_names"])
+        obj["sparse_tensor_module_names"] = pt.copy_values(src["sparse_tensor_module_names"])
     for key, value in src.items():  # client state, as the source had it
         if key not in _ENGINE_KEYS:
-            obj[key] = copy_values(value)
+            obj[key] = pt.copy_values(value)
     if autotp.INFO in obj:  # AutoTP's account of its cuts, for the target's topology
         info = autotp.retarget(obj[autotp.INFO], layout, target.model_axes)
         if info is None:
@@ -462,7 +461,7 @@ def _zero3_scaler(target: DeepSpeedPlacement, src: dict[str, Any]) -> dict[str, 
     the static scale of 1 that bf16 and fp32 training run with."""
     keys = ("loss_scaler", "dynamic_loss_scale", "overflow")
     if all(k in src for k in keys):
-        return {k: copy_values(src[k]) for k in keys}
+        return {k: pt.copy_values(src[k]) for k in keys}
     if target.layout.dtype == "fp16":
         raise Unsupported(
             f"{target.layout.source}: the source has no loss-scaler state, and ZeRO-3 replaces "
@@ -490,7 +489,7 @@ def _outer(target: DeepSpeedPlacement, inner: dict[str, Any], carried: Carried) 
 def _ds_config(target: DeepSpeedPlacement, carried: Carried) -> dict[str, Any]:
     """The source's DeepSpeed config, with the ZeRO settings of the target (DeepSpeed runs
     with its live config; readers of the files, ``layoutc infer`` among them, use this)."""
-    cfg = copy_values(carried.optim_outer.get("ds_config", carried.model.get("ds_config"))) or {}
+    cfg = pt.copy_values(carried.optim_outer.get("ds_config", carried.model.get("ds_config"))) or {}
     zero = target.layout.zero
     if isinstance(cfg.get("tensor_parallel"), dict) and "autotp_size" in cfg["tensor_parallel"]:
         cfg["tensor_parallel"]["autotp_size"] = target.mesh.size(*target.model_axes)
@@ -544,7 +543,7 @@ def _flat_optim(
     if not bf16_optimizer:
         for k in _OPTIM_SCALARS:
             if k in src:
-                inner[k] = copy_values(src[k])
+                inner[k] = pt.copy_values(src[k])
     elif "clip_grad" in src:
         inner["clip_grad"] = src["clip_grad"]
     inner["base_optimizer_state"] = {"state": state, "param_groups": param_groups}

@@ -172,7 +172,7 @@ def _first_difference(
     copies: int,
     n: int,
 ) -> str | None:
-    import numpy as np
+    import numpy as np  # lazy: planning from a checkpoint imports this module, not numpy
 
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
@@ -249,7 +249,7 @@ def _unrounded(
     rel: float,
     tiny: float,
 ) -> str | None:
-    import numpy as np
+    import numpy as np  # lazy: planning from a checkpoint imports this module, not numpy
 
     n = sl.numel if sl.shape else 1
     for lo, hi in sorted({(0, min(n, SAMPLE)), (max(0, n - SAMPLE), n)}):

@@ -33,7 +33,7 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,7 +153,7 @@ class TensorRef:
 
     def numpy(self, opener: Opener | None = None) -> np.ndarray:
         """The tensor as a numpy array (a view of the memory map when contiguous)."""
-        import numpy as np
+        import numpy as np  # lazy: metadata needs no numpy, and planning reads metadata
 
         data = (opener or _default_opener()).storage(self.storage)
         arr = np.frombuffer(data, dtype=np_dtype(self.dtype), count=self.storage.numel)
@@ -165,7 +165,7 @@ class TensorRef:
 
     def read_flat(self, lo: int, hi: int, opener: Opener | None = None) -> np.ndarray:
         """Elements ``[lo, hi)`` of the row-major flattening, without reading the rest."""
-        import numpy as np
+        import numpy as np  # lazy: metadata needs no numpy, and planning reads metadata
 
         if self.contiguous:
             data = (opener or _default_opener()).storage(self.storage)
@@ -653,6 +653,61 @@ class Tensor:
         return n
 
 
+def _view(ref: TensorRef) -> tuple[Any, ...]:
+    return (ref.storage.path, ref.storage.key, ref.offset, ref.shape, ref.stride)
+
+
+def carry(obj: Any, planned: Collection[str], keys: dict[str, str]) -> Any:
+    """A copy of a loaded object to write again: tensors at the key paths in ``planned``
+    (what a plan writes) become holes of their own (a tied alias — the same view — shares
+    its source's), other tensors are copied from the source compactly (a view no longer
+    drags its whole storage along); records and containers are kept as they are. ``keys``
+    receives each planned key path's storage."""
+    views: dict[tuple[Any, ...], str] = {}
+    for path, ref in tensors(obj):
+        if path in planned and _view(ref) not in views:
+            views[_view(ref)] = f"p{len(views)}"
+    return _rebuild(obj, views, planned, keys, "")
+
+
+def copy_values(obj: Any) -> Any:
+    """A loaded object to write again as it is: every tensor read into a tensor to write
+    (compactly), records, ``torch.Size`` and containers kept."""
+    return carry(obj, (), {})
+
+
+def _rebuild(
+    obj: Any,
+    views: dict[tuple[Any, ...], str],
+    planned: Collection[str],
+    keys: dict[str, str],
+    prefix: str,
+) -> Any:
+    def sub(k: Any, v: Any) -> Any:
+        return _rebuild(v, views, planned, keys, f"{prefix}/{k}" if prefix else str(k))
+
+    if isinstance(obj, TensorRef):
+        key = views.get(_view(obj))
+        if key is not None:
+            if prefix in planned:
+                keys[prefix] = key
+            return Tensor(obj.dtype, obj.shape, None, key=key, requires_grad=obj.requires_grad)
+        return Tensor(obj.dtype, obj.shape, obj.read_flat(0, obj.numel).reshape(obj.shape))
+    if isinstance(obj, Size):
+        return obj
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, sub(k, v)) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: sub(k, v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [sub(i, v) for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(sub(i, v) for i, v in enumerate(obj))
+    if isinstance(obj, set):
+        return sorted(obj)  # sparse_tensor_module_names: written as a sorted list
+    return obj
+
+
 class _Writer:
     """Emits the protocol-2 opcodes torch's pickler emits for state dicts."""
 
@@ -817,7 +872,7 @@ def _chunks(t: Tensor) -> Iterator[bytes]:
     elif callable(t.data):
         yield from t.data()
     else:
-        import numpy as np
+        import numpy as np  # lazy: metadata needs no numpy, and planning reads metadata
 
         yield np.ascontiguousarray(np.asarray(t.data)).tobytes()
 
@@ -896,8 +951,6 @@ class _ZipWriter:
         self.cd_at: list[int] = []  # central directory entry offsets
 
     def add(self, name: str, chunks: Any, size: int | None = None, hole: bool = False) -> None:
-        import zlib
-
         bname = name.encode()
         header_at = self.f.tell()
         base = header_at + 30 + len(bname)

@@ -34,7 +34,9 @@ import numpy as np
 from layoutc import ir
 from layoutc.dtypes import np_dtype
 from layoutc.errors import InternalError, Unsupported
+from layoutc.formats import deepspeed_write as dw
 from layoutc.formats import pt
+from layoutc.formats import safetensors as st
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.place.base import Placement
@@ -86,60 +88,6 @@ def _map(
         p.views[(buf.file, path)] = p.io.region(str(c.path), offset, buf.numel, np_dtype(buf.dtype))
 
 
-def _view(ref: pt.TensorRef) -> tuple[Any, ...]:
-    return (ref.storage.path, ref.storage.key, ref.offset, ref.shape, ref.stride)
-
-
-def _carry(obj: Any, planned: dict[str, StoredBuffer], keys: dict[str, str]) -> Any:
-    """A copy of a loaded object to write again: tensors the plan writes become holes of
-    their own (a tied alias — the same view — shares its source's), other tensors are copied
-    from the source compactly (a view no longer drags its whole storage along); records and
-    containers are kept as they are. ``keys`` receives each planned key path's storage."""
-    views: dict[tuple[Any, ...], str] = {}
-    for path, ref in pt.tensors(obj):
-        if path in planned and _view(ref) not in views:
-            views[_view(ref)] = f"p{len(views)}"
-    return _rebuild(obj, views, planned, keys, "")
-
-
-def copy_values(obj: Any) -> Any:
-    """A loaded object to write again as it is: every tensor read into a tensor to write
-    (compactly), records, ``torch.Size`` and containers kept."""
-    return _carry(obj, {}, {})
-
-
-def _rebuild(
-    obj: Any,
-    views: dict[tuple[Any, ...], str],
-    planned: dict[str, StoredBuffer],
-    keys: dict[str, str],
-    prefix: str,
-) -> Any:
-    def sub(k: Any, v: Any) -> Any:
-        return _rebuild(v, views, planned, keys, f"{prefix}/{k}" if prefix else str(k))
-
-    if isinstance(obj, pt.TensorRef):
-        key = views.get(_view(obj))
-        if key is not None:
-            if prefix in planned:
-                keys[prefix] = key
-            return pt.Tensor(obj.dtype, obj.shape, None, key=key, requires_grad=obj.requires_grad)
-        return pt.Tensor(obj.dtype, obj.shape, np.ascontiguousarray(obj.numpy()))
-    if isinstance(obj, pt.Size):
-        return obj
-    if isinstance(obj, OrderedDict):
-        return OrderedDict((k, sub(k, v)) for k, v in obj.items())
-    if isinstance(obj, dict):
-        return {k: sub(k, v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [sub(i, v) for i, v in enumerate(obj)]
-    if isinstance(obj, tuple):
-        return tuple(sub(i, v) for i, v in enumerate(obj))
-    if isinstance(obj, set):
-        return sorted(obj)  # sparse_tensor_module_names: written as a sorted list
-    return obj
-
-
 def _by_file(target: Placement) -> dict[str, dict[str, StoredBuffer]]:
     out: dict[str, dict[str, StoredBuffer]] = {}
     for b in target.buffers():
@@ -181,8 +129,6 @@ def prepare(
 
 def _deepspeed(target: Any, out: Path, origin: Origin) -> Prepared:
     """A native DeepSpeed checkpoint: ``OUT/<tag>/`` and ``OUT/latest``."""
-    from layoutc.formats import deepspeed_write as dw
-
     root = target.layout.store.tag or origin.tag
     p = Prepared(inside(out, root))
     p.root.mkdir(parents=True, exist_ok=True)
@@ -222,7 +168,7 @@ def _universal(target: Any, out: Path, origin: Origin) -> Prepared:
         keys: dict[str, str] = {}
         src = source.path(f) if source is not None else None
         if source is not None and src is not None and src.is_file():
-            obj = _carry(source.load(src), planned, keys)
+            obj = pt.carry(source.load(src), planned, keys)
         else:
             obj = {"module": OrderedDict()}
             for key, b in planned.items():
@@ -286,18 +232,20 @@ def _optimizer_state(source: Checkpoint | None) -> dict[str, Any]:
         "fp32_flat_groups",
     }
     out = {
-        k: copy_values(v) for k, v in inner.items() if k not in drop and k != "optimizer_state_dict"
+        k: pt.copy_values(v)
+        for k, v in inner.items()
+        if k not in drop and k != "optimizer_state_dict"
     }
     if "base_optimizer_state" in inner:  # ZeRO-1/2 and the bf16 optimizer
-        out["param_groups"] = copy_values(inner["base_optimizer_state"]["param_groups"])
+        out["param_groups"] = pt.copy_values(inner["base_optimizer_state"]["param_groups"])
     if "optimizer_state_dict" in inner:  # ZeRO-3
         osd = inner["optimizer_state_dict"]
         steps = {
-            s: {"step": copy_values(v["step"])} for s, v in osd["state"].items() if "step" in v
+            s: {"step": pt.copy_values(v["step"])} for s, v in osd["state"].items() if "step" in v
         }
         out["optimizer_state_dict"] = {
             "state": steps,
-            "param_groups": copy_values(osd["param_groups"]),
+            "param_groups": pt.copy_values(osd["param_groups"]),
         }
         out["param_groups"] = out["optimizer_state_dict"]["param_groups"]
     return out
@@ -355,8 +303,6 @@ def _torch(target: Placement, out: Path, origin: Origin) -> Prepared:
 def _safetensors(target: Placement, out: Path, origin: Origin) -> Prepared:
     """HF layout: shards in declaration order, an index when there are several; ties are
     stored once and recorded in the metadata (``layoutc.ties``)."""
-    from layoutc.formats import safetensors as st
-
     p = Prepared(out)
     out.mkdir(parents=True, exist_ok=True)
     ties = dict(target.layout.ties)

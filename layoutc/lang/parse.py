@@ -14,7 +14,9 @@ than :data:`MAX_DEPTH` (E011, before any recursive pass walks the tree), a file 
 
 from __future__ import annotations
 
+import difflib
 import re
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -354,8 +356,6 @@ class _Build(Transformer):
 
 def _fix_line(node: Any, tok: Token) -> Any:
     """Sub-expressions of a template were parsed alone: move their spans onto the token's line."""
-    from dataclasses import fields, is_dataclass, replace
-
     if isinstance(node, tuple):
         return tuple(_fix_line(x, tok) for x in node)
     if not is_dataclass(node):
@@ -580,8 +580,6 @@ def _offset(text: str, line: int, column: int) -> int:
 
 
 def _closest(word: str, options: tuple[str, ...] | list[str]) -> str | None:
-    import difflib
-
     m = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return m[0] if m else None
 
@@ -689,7 +687,5 @@ def parse(text: str, path: str = "<string>") -> ast.File:
         if isinstance(e.orig_exc, LayoutError):
             raise e.orig_exc from None
         raise
-    from dataclasses import replace
-
     comments, blanks = _comments(text)
     return replace(file, comments=comments, blank_before=blanks)

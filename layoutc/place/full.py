@@ -20,11 +20,14 @@ own dtype. Tie aliases are not stored separately.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import cached_property
 from typing import Any
 
 from layoutc import ir
+from layoutc.errors import Unsupported
 from layoutc.place.base import Placement
+from layoutc.place.deepspeed import DeepSpeedPlacement
 from layoutc.place.shards import (
     MASTER,
     STEP,
@@ -85,11 +88,6 @@ class UniversalPlacement(FullPlacement):
         """Where the model-states files keep weights: the DeepSpeed placement of the layout, or
         — for layouts DeepSpeed's files cannot hold (expert tensors) — whole tensors in one
         ``mp_rank_00_model_states.pt``."""
-        from dataclasses import replace
-
-        from layoutc.errors import Unsupported
-        from layoutc.place.deepspeed import DeepSpeedPlacement
-
         try:
             return DeepSpeedPlacement(
                 self.layout.with_store(replace(self.layout.store, format="deepspeed"))

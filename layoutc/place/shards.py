@@ -20,6 +20,12 @@ from layoutc import ir
 
 Box = tuple[tuple[int, int], ...]  # (start, stop) per dim
 
+
+def index(box: Box) -> tuple[slice, ...]:
+    """The index that cuts ``box`` out of an array: ``a[index(box)]``."""
+    return tuple(slice(a, b) for a, b in box)
+
+
 WEIGHT, MASTER, STEP = "weight", "master", "step"
 
 

@@ -15,13 +15,16 @@ with the placements it was compiled from it also checks bounds and coverage.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layoutc import ir
 from layoutc.errors import PlanError
 from layoutc.plan import ops as O
-from layoutc.plan.plan import Plan, Unit
+
+if TYPE_CHECKING:  # annotations only: plan.py imports this module to validate itself
+    from layoutc.plan.plan import Plan, Unit
 
 
 def _where(u: Unit, op: O.Op) -> str:
@@ -88,8 +91,6 @@ def _check_unit(u: Unit, unit_ops: tuple[O.Op, ...], budget: int | None) -> None
 
 
 def _numel(op: O.Op, name: str) -> int:
-    import math
-
     if isinstance(op, O.Read | O.Swap):
         return op.numel
     if isinstance(op, O.Gather | O.Merge):

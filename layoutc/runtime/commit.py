@@ -45,6 +45,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from layoutc import __version__
 from layoutc.errors import InputError
 from layoutc.plan.plan import Plan
 from layoutc.runtime.checksum import combine, file_crc
@@ -193,7 +194,7 @@ def _pathconf(p: Path, name: str, default: int) -> int:
 def _check_space(out: Path, base: Path, plan: Plan) -> None:
     """The filesystem under ``out`` has room for what the plan writes (its data, a block
     per file, the swap files of spilled tensors, a margin) and an inode per file."""
-    from layoutc.render import human_size
+    from layoutc.render import human_size  # lazy: render loads jinja2; only a refusal prints sizes
 
     try:
         st = os.statvfs(base)
@@ -315,8 +316,6 @@ def _seal(
     """Everything of :func:`commit` before the rename: the markers and the manifest written
     in ``partial``, every file and folder fsynced. Returns the files (the manifest aside)
     and the markers' names."""
-    from layoutc import __version__
-
     crcs = dict(crcs)
     names = []
     for marker, text in markers.items():

@@ -20,41 +20,40 @@ from datetime import timedelta
 from typing import Any
 
 
+def _torch() -> Any:
+    """torch with ``torch.distributed`` loaded; only a run over several ranks asks for it."""
+    import torch.distributed  # lazy: single-process conversions never load torch
+
+    return torch
+
+
 @dataclass
 class Group:
     rank: int
     world: int
 
     def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
+        _torch().distributed.barrier()
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj``, on every rank."""
-        import torch.distributed as dist
-
         box = [obj if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
+        _torch().distributed.broadcast_object_list(box, src=0)
         return box[0]
 
     def add(self, key: str, amount: int) -> int | None:
         """Add ``amount`` to the group-wide counter ``key`` and return its new value (the
         default store's atomic add); None where the store is not reachable."""
-        import torch.distributed as dist
-
         try:
-            store = dist.distributed_c10d._get_default_store()
+            store = _torch().distributed.distributed_c10d._get_default_store()
             return int(store.add(key, amount))
         except (AttributeError, RuntimeError, ValueError):
             return None
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""
-        import torch.distributed as dist
-
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
+        _torch().distributed.all_gather_object(out, obj)
         return out
 
 
@@ -72,9 +71,8 @@ def init_from_env(timeout_s: float = 1800) -> bool:
     process group (gloo, or nccl when CUDA is there); True if this call made it."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    import torch
-    import torch.distributed as dist
-
+    torch = _torch()
+    dist = torch.distributed
     if dist.is_initialized():
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -84,6 +82,4 @@ def init_from_env(timeout_s: float = 1800) -> bool:
 
 def finish(made: bool) -> None:
     if made:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        _torch().distributed.destroy_process_group()

@@ -22,6 +22,7 @@ and leaves the page cache to the source being read.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
@@ -279,8 +280,6 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
 
 def _sync_file_range() -> Any:
     try:
-        import ctypes
-
         f = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):  # not Linux
         return None

@@ -1,34 +1,33 @@
-"""A tiny executor over numpy arrays: runs a plan on in-memory stored buffers.
+"""Stored buffers in memory: what a placement's files hold, as numpy arrays.
 
-Stored buffers are a dict ``{(file, key): 1-D numpy array}``. :func:`store` lays logical
-tensors out as a placement stores them (every copy, padding zeroed), :func:`load` reads
-them back from copy 0, and :func:`execute` runs a plan op by op, freeing each buffer after
-its last use and recording the peak of live bytes per unit. Tests use it with ``arange``
-marker tensors to prove a plan moves every element to the right place; it is not meant
-for real checkpoints (see the runtime for those).
+``{(file, key): 1-D numpy array}`` stands for a placement's files. :func:`store` lays
+logical tensors out as a placement stores them (every copy, padding zeroed), :func:`load`
+reads them back from copy 0, and :func:`markers` makes logical values to move: distinct
+``arange`` markers (so a wrong slice is visible) or random data. :mod:`layoutc.zero`
+partitions and reassembles full tensors with these; tests run plans over them with the
+executor (:mod:`layoutc.runtime.executor`) to prove a plan moves every element to its
+place. Checkpoints do not pass through here: a conversion runs the executor over regions
+of its files.
+
+``execute``, ``np_dtype`` and ``dtype_name`` are re-exported because
+:mod:`layoutc.conversion` imports them from here; they are
+:func:`layoutc.runtime.executor.execute` and :mod:`layoutc.dtypes`'s.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from layoutc.dtypes import dtype_name as dtype_name  # re-exported: the executor's names
+from layoutc.dtypes import dtype_name as dtype_name  # re-exported, see above
 from layoutc.dtypes import np_dtype as np_dtype
 from layoutc.place import Placement
-from layoutc.place.shards import STEP, Box, Slice
-from layoutc.plan import ops as O
-from layoutc.plan.plan import Plan
-from layoutc.runtime.fileio import ALIGN, InTurn, Region
-from layoutc.runtime.spill import Spill
+from layoutc.place.shards import STEP, Slice, index
+from layoutc.runtime.executor import Stored
+from layoutc.runtime.executor import execute as execute
 
-Stored = dict[tuple[str, str], np.ndarray]
 Logical = Mapping[str, Mapping[str, np.ndarray]]  # tensor -> state -> logical array
 
 
@@ -36,7 +35,7 @@ def as_numpy(value: Any) -> np.ndarray:
     """A numpy array of ``value``: a numpy array or sequence, or a torch tensor read
     without a copy (bf16 through its bits); torch is only touched if given a tensor."""
     if hasattr(value, "detach"):
-        import torch
+        import torch  # lazy: only a torch tensor, which means torch is loaded already
 
         t = value.detach().cpu().contiguous()
         if t.dtype == torch.bfloat16:
@@ -45,15 +44,11 @@ def as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _sl(box: Box) -> tuple[slice, ...]:
-    return tuple(slice(a, b) for a, b in box)
-
-
 def slice_array(logical: np.ndarray, sl: Slice, dtype: str) -> np.ndarray:
     """The local tensor of slice ``sl`` cut from a logical tensor (padding zero)."""
     out = np.zeros(sl.shape, np_dtype(dtype))
     for seg in sl.segments:
-        out[_sl(seg.local)] = logical[_sl(seg.logical)]
+        out[index(seg.local)] = logical[index(seg.logical)]
     return out
 
 
@@ -90,268 +85,9 @@ def load(p: Placement, stored: Stored) -> dict[str, dict[str, np.ndarray]]:
                     ]
                 local = flat.reshape(sl.shape)
                 for seg in sl.segments:
-                    logical[_sl(seg.logical)] = local[_sl(seg.local)]
+                    logical[index(seg.logical)] = local[index(seg.local)]
             out.setdefault(t.name, {})[state] = logical
     return out
-
-
-def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
-    target = np_dtype(dtype)
-    return a if a.dtype == target else a.astype(target)
-
-
-@dataclass
-class Result:
-    stored: Stored
-    peaks: dict[int, int] = field(default_factory=dict)  # unit id -> peak live bytes
-    spill: Spill = field(default_factory=Spill)  # the swap files of spill units
-
-
-def _last_uses(unit_ops: tuple[O.Op, ...]) -> dict[str, int]:
-    last: dict[str, int] = {}
-    for i, op in enumerate(unit_ops):
-        for name in (*O.inputs(op), *O.outputs(op)):
-            last[name] = i
-    return last
-
-
-def execute(
-    plan: Plan,
-    source: Mapping[tuple[str, str], np.ndarray],
-    target: Placement | Mapping[tuple[str, str], np.ndarray],
-    on_unit: Any = None,
-    threads: int | None = None,
-    spill: Spill | None = None,
-    units: Any = None,
-) -> Result:
-    """Run ``plan`` over ``source`` buffers into ``target``: a placement (fresh arrays are
-    made for its buffers) or a mapping of writable 1-D arrays (e.g. maps of output files).
-    Spill units swap through ``spill`` (default: swap files in memory). ``units`` runs a
-    subset of the plan's units (this rank's share under torch.distributed).
-
-    Each of the plan's workers is a thread running its units in plan order (``threads=1``
-    runs everything in one thread, in plan order). A unit holds its declared peak bytes of
-    the plan's budget while it runs, so concurrent units never exceed the budget. Units
-    write disjoint ranges (validation proves it), so threads need no other coordination.
-    ``on_unit(unit)`` is called after each unit (progress), from the thread that ran it."""
-    if isinstance(target, Placement):
-        out: Any = {(b.file, b.key): np.zeros(b.numel, np_dtype(b.dtype)) for b in target.buffers()}
-    else:
-        out = target
-    result = Result(out, spill=spill if spill is not None else Spill())
-    budget = _Budget(plan.budget)
-    lock = threading.Lock()
-
-    def run_unit(unit: Any) -> None:
-        unit_ops = plan.unit_ops(unit)
-        last = _last_uses(unit_ops)
-        live = _Live()
-        peak = 0
-        swap = result.spill
-        with budget.hold(unit.stats.peak_bytes):
-            for i, op in enumerate(unit_ops):
-                _run(op, live, source, out, swap)
-                peak = max(peak, sum(a.nbytes for a in live.values()))
-                for name in [n for n in live if last.get(n, -1) <= i]:
-                    del live[name]
-        with lock:
-            result.peaks[unit.id] = peak
-            if on_unit is not None:
-                on_unit(unit)
-
-    todo = plan.units if units is None else units
-    workers = plan.workers if threads is None else threads
-    if workers <= 1:
-        for unit in todo:
-            run_unit(unit)
-        return result
-    queues: list[list[Any]] = [[] for _ in range(workers)]
-    for unit in todo:
-        queues[unit.worker % workers].append(unit)
-    errors: list[BaseException] = []
-
-    def worker(units: list[Any]) -> None:
-        try:
-            for unit in units:
-                if errors:
-                    return
-                run_unit(unit)
-        except BaseException as e:  # the first failure stops the others and is re-raised
-            errors.append(e)
-
-    pool = [threading.Thread(target=worker, args=(q,), daemon=True) for q in queues if q]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    if errors:
-        raise errors[0]
-    return result
-
-
-class _Budget:
-    """Bytes of the memory budget held by running units (a counting semaphore)."""
-
-    def __init__(self, total: int | None) -> None:
-        self.total = total
-        self.used = 0
-        self.cond = threading.Condition()
-
-    def hold(self, n: int) -> Any:
-        from contextlib import contextmanager
-
-        @contextmanager
-        def held() -> Any:
-            if self.total is None:
-                yield
-                return
-            want = min(n, self.total)
-            with self.cond:
-                self.cond.wait_for(lambda: self.used + want <= self.total)  # type: ignore[operator]
-                self.used += want
-            try:
-                yield
-            finally:
-                with self.cond:
-                    self.used -= want
-                    self.cond.notify_all()
-
-        return held()
-
-
-class _Pending:
-    """Runs of file elements not read yet, one after the other (a read, or a gather of
-    reads). A write that only copies them streams them from file to file through a small
-    buffer; anything else reads them into an array (:class:`_Live`)."""
-
-    def __init__(self, runs: tuple[tuple[Region, int, int], ...], shape: tuple[int, ...]) -> None:
-        self.runs = runs  # (region, first element, elements)
-        self.shape = shape
-        self.dtype = runs[0][0].dtype
-        self.numel = sum(n for _, _, n in runs)
-        self.nbytes = self.numel * self.dtype.itemsize
-
-    def load(self) -> np.ndarray:
-        parts = [region[lo : lo + n] for region, lo, n in self.runs]
-        flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return flat.reshape(self.shape)
-
-    def copy_to(self, dst: Region, dst_start: int, start: int, numel: int) -> None:
-        """Elements ``[start, start + numel)`` of these into ``dst`` at element ``dst_start``.
-
-        Staged in turn (:class:`~layoutc.runtime.fileio.InTurn`): each chunk is read into a
-        buffer and checksummed here while the writes of the chunks before it run on writer
-        threads. Each chunk lands in its buffer at the same offset within a page as in the
-        output file, so the whole pages of a direct write leave from it without another
-        copy."""
-        size = self.dtype.itemsize
-        at = dst_start * size
-        with InTurn("write") as turns:
-            for region, lo, n in self.runs:
-                if start >= n:
-                    start -= n
-                    continue
-                take = min(n - start, numel)
-                src_at = region.offset + (lo + start) * size
-                done, total = 0, take * size
-                while done < total:
-                    view = turns.next()
-                    shift = (dst.offset + at) % ALIGN
-                    chunk = view[shift : shift + min(len(view) - shift, total - done)]
-                    got = os.preadv(region.fd, [chunk], src_at + done)
-                    if got <= 0:
-                        raise OSError(f"{region.path}: short read at byte {src_at + done}")
-                    # The CRC here, while the chunk is in cache and the last one's write
-                    # is in flight; the writer thread only writes. The same CRC checks
-                    # the source against its own record of it.
-                    crc = None
-                    if dst.pieces is not None or region.reads is not None:
-                        crc = zlib.crc32(chunk[:got])
-                    if region.reads is not None and crc is not None:
-                        region.reads.record(src_at + done, got, crc)
-                    turns.submit(dst.write_bytes, at, chunk[:got], crc)
-                    done += got
-                    at += got
-                numel -= take
-                start = 0
-                if not numel:
-                    break
-
-
-class _Live(dict[str, Any]):
-    """A unit's live buffers by name; a pending region is read when first used as an array."""
-
-    def __getitem__(self, name: str) -> Any:
-        value = super().__getitem__(name)
-        if isinstance(value, _Pending):
-            value = value.load()
-            self[name] = value
-        return value
-
-    def peek(self, name: str) -> Any:
-        return super().__getitem__(name)
-
-
-def _run(op: O.Op, live: _Live, source: Any, out: Any, swap: Spill) -> None:
-    if isinstance(op, O.Read):
-        buf = source[(op.file, op.key)]
-        if op.offset < 0 or op.offset + op.numel > buf.size:
-            raise IndexError(
-                f"read {op.file}:{op.key}[{op.offset}:{op.offset + op.numel}] beyond {buf.size}"
-            )
-        if isinstance(buf, Region) and buf.dtype == np_dtype(op.dtype) and op.numel:
-            live[op.out] = _Pending(((buf, op.offset, op.numel),), (op.numel,))
-        else:  # arrays are read-only sources here, so a view needs no copy
-            live[op.out] = _cast(buf[op.offset : op.offset + op.numel], op.dtype)
-    elif isinstance(op, O.Gather):
-        parts = [live.peek(p) for p in op.parts]
-        if parts and all(isinstance(p, _Pending) and p.dtype == np_dtype(op.dtype) for p in parts):
-            live[op.out] = _Pending(tuple(r for p in parts for r in p.runs), op.shape)
-        else:
-            if len(op.parts) == 1:  # one run: the read itself, no copy
-                flat = live[op.parts[0]].reshape(-1)
-            else:
-                flat = (
-                    np.concatenate([live[p].reshape(-1) for p in op.parts])
-                    if op.parts
-                    else np.zeros(0)
-                )
-            live[op.out] = _cast(flat, op.dtype).reshape(op.shape)
-    elif isinstance(op, O.Merge):
-        m = np.zeros(op.shape, np_dtype(op.dtype))
-        for name, src_box, dst_box in op.copies:
-            m[_sl(dst_box)] = live[name][_sl(src_box)]
-        live[op.out] = m
-    elif isinstance(op, O.Split):
-        src = live[op.src]
-        for name, shape, segs in op.outs:
-            a = np.zeros(shape, np_dtype(op.dtype))
-            for src_box, dst_box in segs:
-                a[_sl(dst_box)] = src[_sl(src_box)]
-            live[name] = a
-    elif isinstance(op, O.Swap):
-        if op.direction == "out":
-            swap.write(op, live[op.buf])
-        else:
-            live[op.buf] = swap.read(op)
-    elif isinstance(op, O.Write):
-        dst = out[(op.file, op.key)]
-        if op.offset < 0 or op.offset + op.numel > dst.size:
-            raise IndexError(
-                f"write {op.file}:{op.key}[{op.offset}:{op.offset + op.numel}] beyond {dst.size}"
-            )
-        src = live.peek(op.src) if op.src is not None else None
-        if op.src is None:
-            dst[op.offset : op.offset + op.numel] = 0
-        elif (
-            isinstance(src, _Pending)
-            and isinstance(dst, Region)
-            and src.dtype == dst.dtype == np_dtype(op.dtype)
-        ):
-            src.copy_to(dst, op.offset, op.src_offset, op.numel)
-        else:
-            data = live[op.src].reshape(-1)[op.src_offset : op.src_offset + op.numel]
-            dst[op.offset : op.offset + op.numel] = _cast(data, op.dtype)
 
 
 def markers(p: Placement, seed: int | None = None) -> dict[str, dict[str, np.ndarray]]:
@@ -371,5 +107,6 @@ def markers(p: Placement, seed: int | None = None) -> dict[str, dict[str, np.nda
             else:
                 v = (np.arange(n, dtype=np.float64) + base) % 251 + 1  # exact in bf16/fp16
                 base += n
-            out.setdefault(t.name, {})[state] = _cast(v.reshape(shape), p.dtype(t, state))
+            dtype = np_dtype(p.dtype(t, state))
+            out.setdefault(t.name, {})[state] = v.reshape(shape).astype(dtype, copy=False)
     return out

@@ -11,7 +11,8 @@ stays within the chunk the plan budgeted.
 :class:`Spill` keeps the swap files in the swap tier — a
 :class:`~layoutc.runtime.swap.SwapPool` under a folder, one pre-sized
 :class:`~layoutc.runtime.swap.SwapFile` per spilled tensor, the folder removed on
-:meth:`Spill.close` — or, with no folder, in memory (the test executor).
+:meth:`Spill.close` — or, with no folder, in memory (for plans run over in-memory buffers,
+:mod:`layoutc.runtime.memory`).
 :meth:`Spill.beside` chooses the folder and the pool's settings for a conversion: the
 target layout's ``offload ... to nvme "DIR" { block, queue, threads }`` when it has one,
 else a folder beside the output with the pool's defaults.
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from layoutc import ir
+from layoutc.dtypes import np_dtype
 from layoutc.plan import ops as O
 from layoutc.runtime.swap import SwapFile, SwapPool
 
@@ -123,8 +125,6 @@ class Spill:
         )
 
     def _file(self, op: O.Swap) -> Any:
-        from layoutc.runtime.memory import np_dtype
-
         size = math.prod(op.logical_shape) if op.logical_shape else 1
         dtype = np_dtype(op.file_dtype)
         with self.lock:
@@ -141,8 +141,6 @@ class Spill:
 
     def write(self, op: O.Swap, data: np.ndarray) -> None:
         """Swap out: the chunk ``data`` (``op.numel`` elements) to its logical places."""
-        from layoutc.runtime.memory import np_dtype
-
         f = self._file(op)
         flat = np.ascontiguousarray(data.reshape(-1).astype(np_dtype(op.file_dtype), copy=False))
         item = flat.dtype.itemsize
@@ -159,8 +157,6 @@ class Spill:
     def read(self, op: O.Swap) -> np.ndarray:
         """Swap in: the chunk's elements from their logical places (zero where no segment
         covers the slice), in ``op.dtype``."""
-        from layoutc.runtime.memory import np_dtype
-
         f = self._file(op)
         buf = np.zeros(op.numel, np_dtype(op.file_dtype))
         item = buf.dtype.itemsize

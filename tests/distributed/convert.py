@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import layoutc
 from layoutc.conversion import RankFailed
-from layoutc.runtime import memory
+from layoutc.runtime import executor
 
 
 def main() -> int:
@@ -30,14 +30,14 @@ def main() -> int:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if args.fail_rank == rank:
-        run = memory._run
+        run = executor._run
 
         def failing(op, *a):
             if type(op).__name__ == "Write":
                 raise OSError("injected write failure")
             return run(op, *a)
 
-        memory._run = failing
+        executor._run = failing
     overrides = {k: int(v) for k, v in (s.split("=") for s in args.settings)}
     seen: list[tuple[int, int]] = []  # rank 0's progress reports: (done, total)
     try:
