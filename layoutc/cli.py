@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,9 +31,18 @@ from layoutc.errors import (
     UsageError,
     kind,
 )
+from layoutc.formats.deepspeed import infer, open_checkpoint
+from layoutc.formats.sources import SOURCES, open_source
 from layoutc.lang.check import load_text
+from layoutc.lang.fmt import fmt
+from layoutc.lang.parse import parse, read_source, size_value
+from layoutc.place import place
+from layoutc.plan.compile import compile_plan
+from layoutc.plan.layouts import source_layout, target_for
 from layoutc.plan.plan import Plan
 from layoutc.plan.request import default_workers as default_workers  # the CLI's default
+from layoutc.plan.request import plan_checkpoint, workers_for
+from layoutc.runtime import distributed
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 MIN_MEMORY = 1 << 20  # smallest --memory the command line accepts
@@ -48,7 +59,6 @@ REPORT = "this is a bug in layoutc; please report it with the command and the in
 
 def _bytes(text: str) -> int:
     """``2GiB``, ``512MiB``, ``1e9``, ``1.5GB`` or a plain number of bytes."""
-    from layoutc.lang.parse import size_value
 
     t = text.strip().replace("_", "")
     try:
@@ -103,7 +113,6 @@ def _workers_option(p: argparse.ArgumentParser, writers: bool = False) -> None:
 
 def _read(path: str) -> str:
     """A file's text: UTF-8 and of bounded size, else a diagnostic (E010, E012)."""
-    from layoutc.lang.parse import read_source
 
     p = Path(path)
     if not p.is_file():
@@ -119,12 +128,8 @@ def _load(path: str) -> ir.Layout:
 def _load_source(path: str) -> tuple[ir.Layout, tuple[str, str], Any]:
     """:func:`_load`, with the layout's text and name (for ``--set``) and the checkpoint
     it describes (None for a layout file)."""
-    from layoutc.lang.check import load_text
 
     if Path(path).is_dir():
-        from layoutc.formats.deepspeed import open_checkpoint
-        from layoutc.plan.layouts import source_layout
-
         ckpt = open_checkpoint(path)
         return (*source_layout(ckpt), ckpt)
     text = (_read(path), path)
@@ -155,8 +160,6 @@ def _set_option(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from layoutc.place import place
-
     failed = False
     for path in args.files:
         try:
@@ -183,9 +186,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
-    from layoutc.lang.fmt import fmt
-    from layoutc.lang.parse import parse
-
     status = EXIT_OK
     for path in args.files:
         text = _read(path)
@@ -229,10 +229,6 @@ def _plan(args: argparse.Namespace) -> Plan:
     """The plan ``layoutc plan`` shows: of a checkpoint as ``convert`` would make it (its
     layout checked against the files; the plan records both layouts and the files, so
     ``-o`` saves a plan ``layoutc execute`` runs), or of a ``.layout`` file."""
-    from layoutc.formats.sources import SOURCES, open_source
-    from layoutc.plan.compile import compile_plan
-    from layoutc.plan.layouts import target_for
-    from layoutc.plan.request import plan_checkpoint, workers_for
 
     options = {
         "overrides": dict(args.overrides),
@@ -264,7 +260,7 @@ def _plan(args: argparse.Namespace) -> Plan:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from layoutc.render import render
+    from layoutc.render import render  # lazy: render loads jinja2
 
     if args.ops and not args.json:
         raise UsageError("--ops adds every op to the JSON output; use it with --json")
@@ -273,8 +269,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.validate:
         plan.validate(plan.source_placement, plan.target_placement)
     if args.json:
-        import json
-
         doc = {"summary": plan.summary()}
         if args.ops:
             doc["plan"] = plan.to_dict()
@@ -282,7 +276,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render(plan, "markdown" if args.markdown else "text"))
     if args.html:
-        from layoutc.render import drawings
+        from layoutc.render import drawings  # lazy: render loads jinja2
 
         pictures = drawings(plan, plan.source_placement, plan.target_placement)
         Path(args.html).write_text(render(plan, "html", drawings=pictures), encoding="utf-8")
@@ -294,8 +288,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from layoutc.formats.deepspeed import infer, open_checkpoint
-
     text = infer(open_checkpoint(args.checkpoint, args.tag))
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
@@ -309,17 +301,13 @@ class _Progress:
     """One line on stderr: bytes done, rate, ETA (redrawn in place on a terminal)."""
 
     def __init__(self, enabled: bool) -> None:
-        import time
-
         self.enabled = enabled
         self.start = time.perf_counter()
         self.last = 0.0
         self.tty = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int) -> None:
-        import time
-
-        from layoutc.render import human_size
+        from layoutc.render import human_size  # lazy: render loads jinja2
 
         now = time.perf_counter()
         if not self.enabled or (now - self.last < 0.2 and done < total):
@@ -341,7 +329,6 @@ class _Progress:
 def _param_groups(path: str | None) -> list[dict[str, object]] | None:
     if path is None:
         return None
-    import json
 
     try:
         groups = json.loads(_read(path))
@@ -355,7 +342,6 @@ def _param_groups(path: str | None) -> list[dict[str, object]] | None:
 def _run(body: Callable[[argparse.Namespace, bool], int], args: argparse.Namespace) -> int:
     """``body(args, lead)``, under torchrun in one process group for the run; ``lead``:
     this process speaks for the run (rank 0, or the only process)."""
-    from layoutc.runtime import distributed
 
     made = distributed.init_from_env()
     try:
@@ -370,7 +356,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace, lead: bool) -> int:
-    from layoutc.conversion import convert
+    from layoutc.conversion import convert  # lazy: the conversion loads numpy
 
     _check_target(args.to)
     report = convert(
@@ -394,7 +380,7 @@ def _convert(args: argparse.Namespace, lead: bool) -> int:
 
 def _show_plan(plan: Plan) -> None:
     """The plan's summary on stderr, before it runs."""
-    from layoutc.render import render
+    from layoutc.render import render  # lazy: render loads jinja2
 
     text = render(plan, "text")
     print(text.split("\nper worker")[0].rstrip() + "\n", file=sys.stderr)
@@ -414,7 +400,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
 
 def _execute(args: argparse.Namespace, lead: bool) -> int:
-    from layoutc.conversion import execute_saved
+    from layoutc.conversion import execute_saved  # lazy: the conversion loads numpy
 
     plan = Plan.from_json(_read(args.plan), args.plan)
     report = execute_saved(
@@ -430,7 +416,7 @@ def _execute(args: argparse.Namespace, lead: bool) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from layoutc.conversion import MANIFEST, verify
+    from layoutc.conversion import MANIFEST, verify  # lazy: the conversion loads numpy
 
     out = Path(args.output)
     if not out.is_dir():
@@ -449,10 +435,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from layoutc.formats.deepspeed import open_checkpoint
-    from layoutc.place import place
-    from layoutc.plan.layouts import source_layout
-    from layoutc.render import human_size
+    from layoutc.render import human_size  # lazy: render loads jinja2
 
     ckpt = open_checkpoint(args.checkpoint, args.tag)
     layout, _ = source_layout(ckpt)

@@ -2,15 +2,12 @@
 own stage or a lower one, nothing imports in a cycle, an import inside a function says why
 it is lazy, and importing a stage in a fresh interpreter loads no module of a higher one.
 
-The stage table is read from docs/architecture.md, so the page and the test cannot drift.
-KNOWN lists the breaches that remain in files being rewritten elsewhere, each with its fix;
-delete an entry once its fix lands (a breach not listed fails)."""
+The stage table is read from docs/architecture.md, so the page and the test cannot drift."""
 
 from __future__ import annotations
 
 import ast
 import functools
-import itertools
 import re
 from pathlib import Path
 
@@ -21,40 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "architecture.md"
 PACKAGE = ROOT / "layoutc"
 
-# At most this many imports inside functions, each with its ``# lazy:`` reason. Counted
-# over the whole package; it leaves room for the lazy imports conversion.py and cli.py keep
-# (conversion, render) once their entries leave KNOWN.
+# At most this many imports inside functions, each with its ``# lazy:`` reason, counted
+# over the whole package.
 LAZY_LIMIT = 20
-
-_CLI_TOP = "cli.py: import it at the top (planning-stage modules load neither numpy nor torch)"
-_CLI_LAZY = "cli.py: keep it inside the command, with a '# lazy: <reason>' comment"
-# (module, what it imports) -> the fix. ``local`` breaches: an import inside a function
-# with no ``# lazy:`` reason.
-KNOWN: dict[tuple[str, str], str] = {
-    ("layoutc.cli", "layoutc.lang.parse"): _CLI_TOP,
-    ("layoutc.cli", "layoutc.lang.check"): _CLI_TOP,
-    ("layoutc.cli", "layoutc.lang.fmt"): _CLI_TOP,
-    ("layoutc.cli", "layoutc.formats.deepspeed"): _CLI_TOP,
-    ("layoutc.cli", "layoutc.plan.layouts"): _CLI_TOP,
-    ("layoutc.cli", "layoutc.plan.compile"): _CLI_TOP,
-    ("layoutc.cli", "layoutc.place"): _CLI_TOP,
-    ("layoutc.cli", "layoutc.runtime.distributed"): _CLI_TOP + " (it imports torch lazily itself)",
-    ("layoutc.cli", "json"): _CLI_TOP,
-    ("layoutc.cli", "time"): _CLI_TOP,
-    ("layoutc.cli", "layoutc.render"): _CLI_LAZY + ": render loads jinja2",
-    ("layoutc.cli", "layoutc.conversion"): _CLI_LAZY + ": conversion loads numpy",
-    ("layoutc.conversion", "layoutc.render"): (
-        "conversion.py: add '# lazy: render loads jinja2; only Report.summary prints sizes'"
-    ),
-    ("layoutc.plan.layouts", "layoutc.formats.deepspeed"): "layouts.py: import it at the top",
-    ("layoutc.plan.layouts", "layoutc.formats.match"): "layouts.py: import it at the top",
-    ("layoutc.plan.layouts", "layoutc.formats.autotp"): "layouts.py: import it at the top",
-    ("layoutc.plan.layouts", "layoutc.place"): "layouts.py: import it at the top",
-    ("layoutc.plan.plan", "layoutc.errors"): "plan.py: import InternalError, PlanError at the top",
-    ("layoutc.plan.plan", "layoutc.plan.validate"): (
-        "plan.py: import validate at the top (validate.py imports Plan for annotations only)"
-    ),
-}
 
 
 # ---------------------------------------------------------------------- the stage table
@@ -154,7 +120,7 @@ def _internal(target: str) -> str | None:
 
 
 def _unknown(breaches: set[tuple[str, str]]) -> list[str]:
-    return sorted(f"{m} imports {t}" for m, t in breaches if (m, t) not in KNOWN)
+    return sorted(f"{m} imports {t}" for m, t in breaches)
 
 
 # ---------------------------------------------------------------------- the rules
@@ -205,8 +171,7 @@ def test_no_modules_import_each_other_in_a_cycle():
     for m in sorted(graph):
         if m not in state:
             walk(m)
-    unknown = [c for c in cycles if any(edge not in KNOWN for edge in itertools.pairwise(c))]
-    assert not unknown, "\n".join(" -> ".join(c) for c in unknown)
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
 
 
 def test_every_import_inside_a_function_says_why_it_is_lazy():

@@ -170,12 +170,12 @@ def test_a_request_that_does_not_apply_is_a_usage_error(
 def test_a_compiled_plan_failing_validation_is_reported_as_a_bug(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import layoutc.plan.validate as validate
+    import layoutc.plan.plan as plan_module
 
     def broken(plan: Plan, source: object = None, target: object = None) -> None:
         raise PlanError("unit 0 op 1 (write) writes [0:4] twice")
 
-    monkeypatch.setattr(validate, "validate", broken)
+    monkeypatch.setattr(plan_module, "validate", broken)
     code, err = run(capsys, "plan", GPT2, "--to", "universal", "--validate")
     assert code == 3
     assert err.startswith(

@@ -42,8 +42,7 @@ from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.place.base import Placement
 from layoutc.place.shards import STEP, StoredBuffer
 from layoutc.runtime.checksum import file_crc
-from layoutc.runtime.commit import inside
-from layoutc.runtime.fileio import Files
+from layoutc.runtime.fileio import Files, inside
 
 
 @dataclass

@@ -22,22 +22,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from layoutc import ir
 from layoutc.errors import Diagnostic, LayoutError, Span, Unsupported, UsageError
+from layoutc.formats import autotp
+from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer
+from layoutc.formats.match import check_against
 from layoutc.lang.check import load_layout, load_text
-
-if TYPE_CHECKING:
-    from layoutc.formats.deepspeed import DeepSpeedCheckpoint
+from layoutc.place import place
 
 FLOATS = frozenset({"fp32", "fp16", "bf16", "fp64"})  # what --dtype converts
 
 
 def source_text(ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None) -> tuple[str, str]:
     """The text of ``ckpt``'s layout and the name diagnostics use: ``spec``, or inferred."""
-    from layoutc.formats.deepspeed import infer
-
     if spec is not None:
         return Path(spec).read_text(encoding="utf-8"), str(spec)
     return infer(ckpt), f"{ckpt.folder} (inferred)"
@@ -48,9 +47,6 @@ def source_layout(
 ) -> tuple[ir.Layout, tuple[str, str]]:
     """The layout of ``ckpt`` — ``spec`` if given, else inferred — checked against the
     files, and its text and name (see :func:`source_text`)."""
-    from layoutc.formats.match import check_against
-    from layoutc.place import place
-
     text = source_text(ckpt, spec)
     layout = load_text(*text)
     check_against(place(layout), ckpt)
@@ -155,8 +151,6 @@ def with_dtype(layout: ir.Layout, dtype: str | None) -> ir.Layout:
 def check_autotp_cuts(ckpt: DeepSpeedCheckpoint, source: ir.Layout, target: ir.Layout) -> None:
     """Refuse to write an AutoTP checkpoint at a tp whose cut of some tensor the layout
     does not prove (see :func:`layoutc.formats.autotp.unproven_cuts`)."""
-    from layoutc.formats import autotp
-
     unproven = autotp.unproven_cuts(ckpt.model_states.get(autotp.INFO), source, target)
     if unproven:
         raise Unsupported(

@@ -25,6 +25,7 @@ from layoutc.place import place
 from layoutc.place.full import WeightsPlacement
 from layoutc.plan import layouts
 from layoutc.plan import ops as O
+from layoutc.plan.validate import validate
 
 IO_SUMMARY_MAX_OPS = 20_000  # per-file / per-rank detail in summaries up to this many ops
 PLAN_VERSION = 2
@@ -390,8 +391,6 @@ class Plan:
         JSON that fails raises :class:`~layoutc.errors.PlanError` (the plan file is wrong); a
         plan compiled in this process (it has its op builder) that fails raises
         :class:`~layoutc.errors.InternalError`: the planner built it, so it is layoutc's bug."""
-        from layoutc.plan.validate import validate
-
         try:
             validate(self, source, target)
         except PlanError as e:

@@ -46,10 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from layoutc import __version__
-from layoutc.errors import InputError
 from layoutc.plan.plan import Plan
 from layoutc.runtime.checksum import combine, file_crc
-from layoutc.runtime.fileio import fsync_path
+from layoutc.runtime.fileio import OutputError as OutputError  # re-exported
+from layoutc.runtime.fileio import fsync_path, path_components
+from layoutc.runtime.fileio import inside as inside  # re-exported
 
 MANIFEST = "layoutc-manifest.json"
 MANIFEST_VERSION = 2
@@ -84,44 +85,8 @@ _OUTPUT_ERRNOS = {
 }
 
 
-class OutputError(InputError):
-    """The output folder cannot be written, committed or trusted; the message names the
-    path and what is wrong. An input error: the folder is an argument of the command, and
-    whether it exists, is full or read-only, the caller fixes it (or picks another)."""
-
-
 class OutputExists(OutputError):
     """The output folder exists and is not empty."""
-
-
-# ------------------------------------------------------------------ paths
-
-
-def _components(rel: str) -> list[str] | str:
-    """The components of a relative path inside a folder, or why it is not one."""
-    if not rel:
-        return "an empty path"
-    if "\0" in rel:
-        return "a path with a NUL byte"
-    if rel.startswith("/"):
-        return "an absolute path"
-    parts = rel.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        return "a path with an empty, '.' or '..' component"
-    return parts
-
-
-def inside(base: Path, rel: str | Path) -> Path:
-    """``base / rel``, refused unless it stays inside ``base``: ``rel`` is relative, has no
-    ``..``, ``.`` or empty component, and resolves (symbolic links followed) under ``base``.
-    Every path a writer creates goes through here."""
-    parts = _components(str(rel))
-    if isinstance(parts, str):
-        raise OutputError(f"{base}: refusing to write {str(rel)!r}, {parts}")
-    path = base.joinpath(*parts)
-    if not path.resolve().is_relative_to(base.resolve()):
-        raise OutputError(f"{base}: refusing to write {rel!r}, it resolves outside the folder")
-    return path
 
 
 # ------------------------------------------------------------------ before the work
@@ -517,7 +482,7 @@ def _manifest_problems(m: Any) -> Iterator[str]:
         if not files:
             yield "files is empty: a layoutc output has at least one file"
         for rel, e in files.items():
-            parts = _components(rel)
+            parts = path_components(rel)
             if isinstance(parts, str):
                 yield f"files[{rel!r}] is {parts}"
             elif rel == MANIFEST:
@@ -641,7 +606,7 @@ def _check_markers(manifest: dict[str, Any], root: int, ok: set[str]) -> list[st
             bad += _index_problems(name, text, files, shards)
             continue
         tag = text.strip()
-        parts = _components(tag)
+        parts = path_components(tag)
         if isinstance(parts, str):
             bad.append(f"{name}: names {tag!r}, {parts}")
         elif not any(f.startswith(tag + "/") for f in ok):

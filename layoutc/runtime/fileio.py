@@ -33,7 +33,45 @@ from typing import Any
 
 import numpy as np
 
+from layoutc.errors import InputError
 from layoutc.runtime.checksum import Pieces
+
+
+class OutputError(InputError):
+    """The output folder cannot be written, committed or trusted; the message names the
+    path and what is wrong. An input error: the folder is an argument of the command, and
+    whether it exists, is full or read-only, the caller fixes it (or picks another)."""
+
+
+# ------------------------------------------------------------------ paths
+
+
+def path_components(rel: str) -> list[str] | str:
+    """The components of a relative path inside a folder, or why it is not one."""
+    if not rel:
+        return "an empty path"
+    if "\0" in rel:
+        return "a path with a NUL byte"
+    if rel.startswith("/"):
+        return "an absolute path"
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "a path with an empty, '.' or '..' component"
+    return parts
+
+
+def inside(base: Path, rel: str | Path) -> Path:
+    """``base / rel``, refused unless it stays inside ``base``: ``rel`` is relative, has no
+    ``..``, ``.`` or empty component, and resolves (symbolic links followed) under ``base``.
+    Every path a writer creates goes through here."""
+    parts = path_components(str(rel))
+    if isinstance(parts, str):
+        raise OutputError(f"{base}: refusing to write {str(rel)!r}, {parts}")
+    path = base.joinpath(*parts)
+    if not path.resolve().is_relative_to(base.resolve()):
+        raise OutputError(f"{base}: refusing to write {rel!r}, it resolves outside the folder")
+    return path
+
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
 DIRECT_MIN = 256 << 10  # smaller writes are buffered: direct IO pays off on large ones
