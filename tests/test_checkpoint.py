@@ -22,9 +22,9 @@ def counted(monkeypatch):
     seen: Counter[str] = Counter()
     load, header = pt.load, st.read_header
 
-    def counting_load(path):
+    def counting_load(path, opener=None):
         seen[str(path)] += 1
-        return load(path)
+        return load(path, opener)
 
     def counting_header(path):
         seen[str(path)] += 1
@@ -54,3 +54,19 @@ def test_a_weights_source_is_read_once(tmp_path, counted):
     layoutc.convert(ours, tmp_path / "back", "torch", spec=spec)
     source = {k: n for k, n in counted.items() if Path(k).is_relative_to(ours)}
     assert source and set(source.values()) == {1}, source
+
+
+def test_a_convert_indexes_each_source_archive_once(tmp_path, monkeypatch):
+    """The handle's map and member index of a file serve its unpickling, the reads of its
+    tensors, the proof of their CRCs and the plan's record of the source."""
+    indexed: Counter[str] = Counter()
+    members = pt.members
+
+    def counting(path, data):
+        indexed[str(path)] += 1
+        return members(path, data)
+
+    monkeypatch.setattr(pt, "members", counting)
+    layoutc.convert(EXAMPLE, tmp_path / "out", "deepspeed", overrides={"dp": 3})
+    source = {k: n for k, n in indexed.items() if Path(k).is_relative_to(EXAMPLE)}
+    assert len(source) == 3 and set(source.values()) == {1}, source

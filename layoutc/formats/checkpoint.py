@@ -56,7 +56,7 @@ class Checkpoint:
         return self._loaded[key]
 
     def _load(self, path: Path) -> Any:
-        return pt.load(path)
+        return pt.load(path, self.opener)
 
     def header(self, file: str | Path) -> tuple[dict[str, st.Entry], dict[str, str]]:
         """A safetensors file's entries and metadata, parsed once per run."""

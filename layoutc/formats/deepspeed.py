@@ -25,11 +25,16 @@ from layoutc.formats.checkpoint import Checkpoint
 from layoutc.ir import check_tag
 from layoutc.lang.fmt import fmt
 from layoutc.lang.parse import parse
-from layoutc.place.deepspeed import layer_of, tied_key
+from layoutc.place.deepspeed import (
+    LATEST,
+    LATEST_UNIVERSAL,
+    LAYER,
+    MODEL,
+    OPTIM,
+    layer_of,
+    tied_key,
+)
 
-MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
-OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
-LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
@@ -68,7 +73,7 @@ class DeepSpeedCheckpoint(Checkpoint):
         return ckpt
 
     def _load(self, path: Path) -> Any:
-        return load_checked(path)
+        return load_checked(path, self.opener)
 
     def data_files(self) -> list[str]:
         """Model-states, optimizer and layer files; a universal checkpoint's ``zero/``."""
@@ -208,13 +213,13 @@ def _value_at(obj: Any, path: tuple[str, ...]) -> Any:
     return obj
 
 
-def load_checked(path: Path) -> Any:
+def load_checked(path: Path, opener: pt.Opener | None = None) -> Any:
     """A DeepSpeed file, its metadata checked against the types DeepSpeed writes: each
     entry layoutc reads (``param_shapes``, ``module``, the optimizer's flat groups and
     paddings, world sizes, ...) is absent, None, or what DeepSpeed writes there; anything
     else is refused naming the file, the entry and what it holds, instead of failing later
     somewhere deep in a conversion."""
-    obj = pt.load(path)
+    obj = pt.load(path, opener)
     if not isinstance(obj, dict):
         return obj
     for where, (ok, what) in _SCHEMA.items():
@@ -225,6 +230,18 @@ def load_checked(path: Path) -> Any:
                 f"DeepSpeed writes {what} there"
             )
     return obj
+
+
+def is_deepspeed(path: str | Path, files: str = "model") -> bool:
+    """A DeepSpeed checkpoint root (``latest``) or a tag folder (model-states or layer
+    files; with ``files="any"``, optimizer files do too)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if (p / LATEST).is_file():
+        return True
+    names = (MODEL, LAYER, OPTIM) if files == "any" else (MODEL, LAYER)
+    return any(any(n.match(f.name) for n in names) for f in p.iterdir())
 
 
 def _tag_in(root: Path, marker: str) -> Path:
@@ -257,10 +274,10 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> DeepSpeedCheckp
                 f"--tag {tag[:80]!r}: {problem}; a tag is one folder inside {path}"
             )
         root, folder = path, path / tag
-    elif (path / "latest").is_file():
-        root, folder = path, _tag_in(path, "latest")
-    elif (path / "latest_universal").is_file():
-        root, folder = path, _tag_in(path, "latest_universal")
+    elif (path / LATEST).is_file():
+        root, folder = path, _tag_in(path, LATEST)
+    elif (path / LATEST_UNIVERSAL).is_file():
+        root, folder = path, _tag_in(path, LATEST_UNIVERSAL)
     if not folder.is_dir():
         raise NotACheckpoint(f"{folder}: the tag folder does not exist")
     ckpt = DeepSpeedCheckpoint.scan(folder, root)

@@ -421,7 +421,8 @@ class Opener:
         self._members: dict[str, dict[str, Member]] = {}
         self._checked: set[tuple[str, str]] = set()
 
-    def _map(self, path: str) -> mmap.mmap:
+    def map(self, path: str) -> mmap.mmap:
+        """The file mapped read-only (once)."""
         if path not in self._maps:
             with open(path, "rb") as f:
                 self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -429,7 +430,7 @@ class Opener:
 
     def members(self, path: str) -> dict[str, Member]:
         if path not in self._members:
-            self._members[path] = members(path, self._map(path))
+            self._members[path] = members(path, self.map(path))
         return self._members[path]
 
     def member(self, path: str, name: str) -> tuple[int, int]:
@@ -446,7 +447,7 @@ class Opener:
         if m is None or m.size != need:
             found = "no member" if m is None else f"{m.size} bytes"
             raise BadContainer(f"{s.path}: storage {s.key} holds {found}, {need} expected")
-        view = memoryview(self._map(s.path))[m.data_at : m.data_at + need]
+        view = memoryview(self.map(s.path))[m.data_at : m.data_at + need]
         if (s.path, s.member) not in self._checked:
             check_crc(s.path, m, zlib.crc32(view))
             self._checked.add((s.path, s.member))
@@ -477,8 +478,9 @@ def _default_opener() -> Opener:
     return _OPENER
 
 
-def load(path: str | os.PathLike[str]) -> Any:
-    """The object in a torch zip file, tensors as :class:`TensorRef` (no data read).
+def load(path: str | os.PathLike[str], opener: Opener | None = None) -> Any:
+    """The object in a torch zip file, tensors as :class:`TensorRef` (no data read);
+    with ``opener``, through its map and member index of the file (made once for a run).
 
     Refused with :class:`BadContainer`, naming the file: a damaged or crafted archive (see
     :func:`members`), a pickle whose CRC-32 fails, containers nested deeper than
@@ -488,16 +490,17 @@ def load(path: str | os.PathLike[str]) -> Any:
     or whose storage's member does not hold exactly its bytes."""
     path = str(path)
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            found = members(path, data)
-            pkl = [n for n in found if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pkl) != 1:
-                many = "no" if not pkl else "more than one"
-                raise BadContainer(f"{path}: {many} data.pkl inside")
-            m = found[pkl[0]]
-            pickled = data[m.data_at : m.data_at + m.size]
+        if opener is not None:
+            found = opener.members(path)
+            pickled = _pickle_of(path, found, opener.map(path))
+        else:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                found = members(path, data)
+                pickled = _pickle_of(path, found, data)
     except (OSError, ValueError) as e:  # unreadable, or empty (mmap refuses length 0)
         raise BadContainer(f"{path}: not a torch zip checkpoint ({e})") from None
+    pkl = [n for n in found if n.endswith("/data.pkl") and n.count("/") == 1]
+    m = found[pkl[0]]
     archive = pkl[0].split("/", 1)[0]
     check_crc(path, m, zlib.crc32(pickled))
     unpickler = _Unpickler(pickled, path, archive)
@@ -518,6 +521,16 @@ def load(path: str | os.PathLike[str]) -> Any:
             )
     _check_tree(obj, path, budget=10_000 + 2 * len(pickled))
     return obj
+
+
+def _pickle_of(path: str, found: dict[str, Member], data: Any) -> bytes:
+    """The bytes of the archive's one ``<archive>/data.pkl``."""
+    pkl = [n for n in found if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkl) != 1:
+        many = "no" if not pkl else "more than one"
+        raise BadContainer(f"{path}: {many} data.pkl inside")
+    m = found[pkl[0]]
+    return bytes(data[m.data_at : m.data_at + m.size])
 
 
 def _check_tree(obj: Any, path: str, budget: int) -> None:

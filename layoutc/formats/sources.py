@@ -13,18 +13,12 @@ from layoutc.formats import deepspeed, weights
 from layoutc.formats.checkpoint import Checkpoint
 
 
-def is_deepspeed(path: str | Path) -> bool:
-    """A DeepSpeed checkpoint root (``latest``) or tag folder (``*_model_states.pt``)."""
-    p = Path(path)
-    return p.is_dir() and ((p / "latest").is_file() or any(p.glob("*model_states.pt")))
-
-
 def _weights(path: Path, tag: str | None) -> Checkpoint:
     return weights.open_weights(path)
 
 
 SOURCES: list[tuple[str, Callable[[Path], bool], Callable[[Path, str | None], Checkpoint]]] = [
-    ("deepspeed", is_deepspeed, deepspeed.open_checkpoint),
+    ("deepspeed", deepspeed.is_deepspeed, deepspeed.open_checkpoint),
     ("weights", weights.is_weights, _weights),
 ]
 
@@ -48,6 +42,6 @@ def in_folder(folder: str | Path) -> Checkpoint:
     """The files in ``folder`` as a handle, without requiring a whole checkpoint there: a
     DeepSpeed tag folder's (its files checked as DeepSpeed's), else plain files."""
     p = Path(folder)
-    if is_deepspeed(p) or any(p.glob("*optim_states.pt")):
+    if deepspeed.is_deepspeed(p, files="any"):
         return deepspeed.DeepSpeedCheckpoint.scan(p)
     return Checkpoint(p)

@@ -40,6 +40,7 @@ from layoutc.formats import safetensors as st
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.place.base import Placement
+from layoutc.place.deepspeed import LATEST, LATEST_UNIVERSAL
 from layoutc.place.shards import STEP, StoredBuffer
 from layoutc.runtime.checksum import file_crc
 from layoutc.runtime.fileio import Files, inside
@@ -149,7 +150,7 @@ def _deepspeed(target: Any, out: Path, origin: Origin) -> Prepared:
     unplaced = set(by_file) - written
     if unplaced:
         raise InternalError(f"the placement stores {sorted(unplaced)[0]}, the writer not")
-    p.markers[inside(out, "latest")] = root
+    p.markers[inside(out, LATEST)] = root
     return p
 
 
@@ -198,7 +199,7 @@ def _universal(target: Any, out: Path, origin: Origin) -> Prepared:
         path.parent.mkdir(parents=True, exist_ok=True)
         pt.save(_optimizer_state(source), path)
         p.files.append(path)
-    p.markers[inside(out, "latest_universal")] = tag
+    p.markers[inside(out, LATEST_UNIVERSAL)] = tag
     return p
 
 

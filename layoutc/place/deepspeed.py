@@ -50,6 +50,13 @@ from layoutc.place.zero import FlatGroup, Stage3Group
 
 _LAYER = re.compile(r"^(\d+)\.(.+)$")
 
+# DeepSpeed's file names, as the methods below make them and as a folder is read back
+MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
+LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
+LATEST = "latest"  # the root's marker: the tag folder of the checkpoint
+LATEST_UNIVERSAL = "latest_universal"  # the same, of a universal checkpoint
+
 
 @dataclass(frozen=True)
 class Member:

@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from layoutc import __version__
+from layoutc.formats.deepspeed import is_deepspeed
+from layoutc.place.deepspeed import LATEST, LATEST_UNIVERSAL
 from layoutc.plan.plan import Plan
 from layoutc.runtime.checksum import combine, file_crc
 from layoutc.runtime.fileio import OutputError as OutputError  # re-exported
@@ -55,8 +57,8 @@ from layoutc.runtime.fileio import inside as inside  # re-exported
 MANIFEST = "layoutc-manifest.json"
 MANIFEST_VERSION = 2
 MARKERS = {  # the marker each target format's loader looks for
-    "deepspeed": "latest",
-    "universal": "latest_universal",
+    "deepspeed": LATEST,
+    "universal": LATEST_UNIVERSAL,
     "safetensors": "model.safetensors.index.json",  # only with several shards
 }
 MAX_MANIFEST = 256 << 20  # a manifest larger than this is refused unread
@@ -130,9 +132,9 @@ def _refuse_inside_source(out: Path, source: Path) -> None:
     the root holding its ``latest``."""
     guarded = []
     folder = source.resolve()
-    if any(folder.glob("*model_states.pt")) or (folder / "latest").is_file():
+    if is_deepspeed(folder):
         guarded.append(folder)
-    if (folder.parent / "latest").is_file() or (folder.parent / "latest_universal").is_file():
+    if (folder.parent / LATEST).is_file() or (folder.parent / LATEST_UNIVERSAL).is_file():
         guarded.append(folder.parent)
     target = out.resolve()
     for g in guarded:

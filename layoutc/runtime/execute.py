@@ -1,6 +1,6 @@
 """Run a plan on files: create the output, move the bytes, prove what was read, commit.
 
-:func:`run` runs a plan's units (:func:`layoutc.runtime.memory.execute`) reading the
+:func:`run` runs a plan's units (:func:`layoutc.runtime.executor.execute`) reading the
 source through its checkpoint handle (:class:`SourceFiles`: regions of its files, read in
 place) and writing at known offsets of the output's files, created under a temporary
 folder beside the output (:func:`layoutc.formats.writers.prepare`). After the units run,
@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from layoutc.dtypes import dtype_name, np_dtype
 from layoutc.errors import InputError, UsageError
 from layoutc.formats import pt
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.formats.sources import in_folder
 from layoutc.formats.writers import prepare
 from layoutc.plan.plan import Plan
-from layoutc.runtime import distributed, memory
+from layoutc.runtime import distributed, executor
 from layoutc.runtime.checksum import Pieces
 from layoutc.runtime.commit import (
     as_output_error,
@@ -94,7 +95,7 @@ class SourceFiles(Mapping[tuple[str, str], Any]):
             file, key = fk
             e = self.source.header(file)[0][key]
             self._views[fk] = self.files.region(
-                str(self.folder / file), e.begin, e.numel, memory.np_dtype(e.dtype)
+                str(self.folder / file), e.begin, e.numel, np_dtype(e.dtype)
             )
         if fk not in self._views:
             file, key = fk
@@ -102,12 +103,12 @@ class SourceFiles(Mapping[tuple[str, str], Any]):
             if ref.contiguous:
                 data_at, _ = self.opener.member(str(self.folder / file), ref.storage.member)
                 self._read.setdefault(str(self.folder / file), set()).add(ref.storage.member)
-                itemsize = memory.np_dtype(ref.dtype).itemsize
+                itemsize = np_dtype(ref.dtype).itemsize
                 self._views[fk] = self.files.region(
                     str(self.folder / file),
                     data_at + ref.offset * itemsize,
                     ref.numel,
-                    memory.np_dtype(ref.dtype),
+                    np_dtype(ref.dtype),
                 )
             else:
                 self._views[fk] = np.ascontiguousarray(ref.numpy(self.opener)).reshape(-1)
@@ -190,7 +191,7 @@ def run(
         on_unit = _progress_by_bytes_written(plan, progress)
         spill = Spill.beside(plan.target_placement.layout, out, str(os.getpid()))
         try:
-            memory.execute(plan, files_in, prepared.views, on_unit=on_unit, spill=spill)
+            executor.execute(plan, files_in, prepared.views, on_unit=on_unit, spill=spill)
             check_crcs(files_in.reads(), source)
         finally:
             swapped = spill.moved
@@ -309,9 +310,9 @@ class _ProgressWatch:
 def _regions(io: Files, layout: dict[tuple[str, str], Any]) -> dict[tuple[str, str], Any]:
     """Writable regions of the output's files, from rank 0's description of them."""
     return {
-        k: io.region(v[0], v[1], v[2], memory.np_dtype(v[3]))
+        k: io.region(v[0], v[1], v[2], np_dtype(v[3]))
         if isinstance(v, tuple)
-        else np.zeros(0, memory.np_dtype(v))
+        else np.zeros(0, np_dtype(v))
         for k, v in layout.items()
     }
 
@@ -353,9 +354,9 @@ def _run_across(
             partial = make_partial(out)
             prepared = _prepare(plan, partial, source, tag, param_groups)
             layout = {
-                k: (v.path, v.offset, v.size, memory.dtype_name(v.dtype))
+                k: (v.path, v.offset, v.size, dtype_name(v.dtype))
                 if isinstance(v, Region)
-                else memory.dtype_name(v.dtype)
+                else dtype_name(v.dtype)
                 for k, v in prepared.views.items()
             }
             layout[("", "progress")] = f"layoutc-written-{partial.name}"  # the run's counter
@@ -386,7 +387,7 @@ def _run_across(
     try:  # whatever fails here is reported to every rank below, never left hanging
         views: Any = prepared.views if prepared is not None else _regions(io, layout)
         threads = max(1, plan.workers // world)
-        memory.execute(
+        executor.execute(
             plan, files_in, views, on_unit=on_unit, spill=spill, units=mine, threads=threads
         )
     except BaseException as e:

@@ -8,10 +8,6 @@ partitions and reassembles full tensors with these; tests run plans over them wi
 executor (:mod:`layoutc.runtime.executor`) to prove a plan moves every element to its
 place. Checkpoints do not pass through here: a conversion runs the executor over regions
 of its files.
-
-``execute``, ``np_dtype`` and ``dtype_name`` are re-exported because
-:mod:`layoutc.conversion` imports them from here; they are
-:func:`layoutc.runtime.executor.execute` and :mod:`layoutc.dtypes`'s.
 """
 
 from __future__ import annotations
@@ -21,12 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from layoutc.dtypes import dtype_name as dtype_name  # re-exported, see above
-from layoutc.dtypes import np_dtype as np_dtype
+from layoutc.dtypes import np_dtype
 from layoutc.place import Placement
 from layoutc.place.shards import STEP, Slice, index
 from layoutc.runtime.executor import Stored
-from layoutc.runtime.executor import execute as execute
 
 Logical = Mapping[str, Mapping[str, np.ndarray]]  # tensor -> state -> logical array
 
