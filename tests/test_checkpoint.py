@@ -70,3 +70,22 @@ def test_a_convert_indexes_each_source_archive_once(tmp_path, monkeypatch):
     layoutc.convert(EXAMPLE, tmp_path / "out", "deepspeed", overrides={"dp": 3})
     source = {k: n for k, n in indexed.items() if Path(k).is_relative_to(EXAMPLE)}
     assert len(source) == 3 and set(source.values()) == {1}, source
+
+
+def test_a_convert_parses_the_layout_once(tmp_path, monkeypatch):
+    """Inferred, checked against the files, checked again with --set for the target, and
+    recorded in the plan: one parse of the text."""
+    from layoutc.lang import check
+
+    parsed: list[str] = []
+    parse = check.parse
+
+    def counting(text, path="<string>"):
+        parsed.append(path)
+        return parse(text, path)
+
+    check._parsed.cache_clear()
+    monkeypatch.setattr(check, "parse", counting)
+    report = layoutc.convert(EXAMPLE, tmp_path / "out", "deepspeed", overrides={"dp": 3})
+    report.plan.to_json()  # what rebuilds both layouts, checked as it is recorded
+    assert len(parsed) == 1, parsed

@@ -317,7 +317,14 @@ def _check_name(name: str, ckpt: DeepSpeedCheckpoint) -> str:
 
 
 def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
-    """The ``.layout`` text describing ``ckpt`` (canonical form)."""
+    """The ``.layout`` text describing ``ckpt``, in canonical form (what ``layoutc infer``
+    prints)."""
+    return fmt(parse(infer_text(ckpt, name), f"{ckpt.folder}.layout"))
+
+
+def infer_text(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
+    """The ``.layout`` text describing ``ckpt``, as made: one statement a line, not laid
+    out for reading (a run checks it once; :func:`infer` formats it)."""
     ms = ckpt.model_states
     dims = ms.get("checkpoint_parallel_dimensions") or {}
     tp, pp = int(dims.get("tp_degree", 1)), int(dims.get("pp_degree", 1))
@@ -378,7 +385,7 @@ def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     store = "universal" if ckpt.universal else "deepspeed"
     lines.append(f'store {store} {{ tag "{ckpt.tag}" }}')
     text = "\n".join(lines) + "\n"
-    return fmt(parse(text, f"{ckpt.folder}.layout"))
+    return text
 
 
 def _trainable(
@@ -483,7 +490,7 @@ def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:
         )
     lines += _optimizer_lines(ckpt, first)
     lines += [*body, f'store deepspeed {{ tag "{ckpt.tag}" }}']
-    return fmt(parse("\n".join(lines) + "\n", f"{ckpt.folder}.layout"))
+    return "\n".join(lines) + "\n"
 
 
 def _undeclared(ckpt: DeepSpeedCheckpoint, shown: int = 12) -> str:
@@ -740,7 +747,7 @@ def _infer_pipeline(ckpt: DeepSpeedCheckpoint, pp: int, name: str | None) -> str
         lines.append(_entry("buffer", b, _shape(r.shape), r.dtype, dtype) + f" stage {s}")
     store = "universal" if ckpt.universal else "deepspeed"
     lines.append(f'store {store} {{ tag "{ckpt.tag}" }}')
-    return fmt(parse("\n".join(lines) + "\n", f"{ckpt.folder}.layout"))
+    return "\n".join(lines) + "\n"
 
 
 def _stage_groups(ckpt: DeepSpeedCheckpoint, counts: list[int]) -> list[list[int]]:

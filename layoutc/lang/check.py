@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
@@ -1283,10 +1284,17 @@ def check(file: ast.File, source: str, overrides: dict[str, int] | None = None) 
     return _Checker(file, source, overrides=dict(overrides or {})).run()
 
 
+@functools.lru_cache(maxsize=8)
+def _parsed(text: str, path: str) -> ast.File:
+    """``parse``, once per text in a run: a layout checked again with other ``--set``
+    values, or rebuilt from a saved plan's record, is not parsed again (the AST is frozen)."""
+    return parse(text, path)
+
+
 def load_text(
     text: str, path: str = "<string>", overrides: dict[str, int] | None = None
 ) -> ir.Layout:
-    layout = check(parse(text, path), text, overrides)
+    layout = check(_parsed(text, path), text, overrides)
     return replace(layout, text=text, overrides=tuple(sorted((overrides or {}).items())))
 
 

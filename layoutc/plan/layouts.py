@@ -27,9 +27,10 @@ from typing import Any
 from layoutc import ir
 from layoutc.errors import Diagnostic, LayoutError, Span, Unsupported, UsageError
 from layoutc.formats import autotp
-from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer
+from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer_text
 from layoutc.formats.match import check_against
 from layoutc.lang.check import load_layout, load_text
+from layoutc.lang.parse import read_source
 from layoutc.place import place
 
 FLOATS = frozenset({"fp32", "fp16", "bf16", "fp64"})  # what --dtype converts
@@ -38,8 +39,8 @@ FLOATS = frozenset({"fp32", "fp16", "bf16", "fp64"})  # what --dtype converts
 def source_text(ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None) -> tuple[str, str]:
     """The text of ``ckpt``'s layout and the name diagnostics use: ``spec``, or inferred."""
     if spec is not None:
-        return Path(spec).read_text(encoding="utf-8"), str(spec)
-    return infer(ckpt), f"{ckpt.folder} (inferred)"
+        return read_source(spec), str(spec)
+    return infer_text(ckpt), f"{ckpt.folder} (inferred)"
 
 
 def source_layout(
