@@ -150,10 +150,8 @@ class DeepSpeedPlacement(Placement):
         return self.mesh.index(self.dp_axes, coords)
 
     def model_file(self, coords: dict[str, int]) -> str:
-        mp = self._mp(coords)
-        if self.mode == "stage3" or (self.layout.zero.stage == 3):
-            return f"zero_pp_rank_{self._dp(coords)}_mp_rank_{mp:02d}_model_states.pt"
-        return f"mp_rank_{mp:02d}_model_states.pt"
+        dp = self._dp(coords) if self.mode == "stage3" or self.layout.zero.stage == 3 else None
+        return model_file_name(self._mp(coords), dp)
 
     def optim_file(self, coords: dict[str, int]) -> str:
         return f"{self.prefix}zero_pp_rank_{self._dp(coords)}_mp_rank_{self._mp(coords):02d}_optim_states.pt"
@@ -761,6 +759,14 @@ class DeepSpeedPlacement(Placement):
             if m.group(2) is not None:
                 fixed += list(self.mesh.unindex(self.model_axes, int(m.group(2))).items())
         return RankSet(tuple(fixed))
+
+
+def model_file_name(mp: int, dp: int | None = None) -> str:
+    """The model-states file of model-parallel rank ``mp`` (ZeRO-3: one per data-parallel
+    rank ``dp`` too)."""
+    if dp is not None:
+        return f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt"
+    return f"mp_rank_{mp:02d}_model_states.pt"
 
 
 def layer_of(name: str) -> tuple[int, str] | None:

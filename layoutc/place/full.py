@@ -27,7 +27,7 @@ from typing import Any
 from layoutc import ir
 from layoutc.errors import Unsupported
 from layoutc.place.base import Placement
-from layoutc.place.deepspeed import DeepSpeedPlacement
+from layoutc.place.deepspeed import DeepSpeedPlacement, model_file_name
 from layoutc.place.shards import (
     MASTER,
     STEP,
@@ -213,7 +213,7 @@ class _WholeModel(FullPlacement):
     """Weights whole, in one model-states file (universal output of layouts DeepSpeed's own
     files cannot hold)."""
 
-    FILE = "mp_rank_00_model_states.pt"
+    FILE = model_file_name(0)
 
     def states(self, t: ir.Tensor) -> tuple[str, ...]:
         return (WEIGHT,)
