@@ -535,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plan",
         help="dry run: plan moving a checkpoint from one layout to another",
-        description="Compile SRC and a target into a plan and show it; nothing is read or written.",
+        description="Compile SRC and a target into a plan and show it. No tensor data is read "
+        "(of a checkpoint, only its metadata) and nothing is written but what -o and --html ask "
+        "for.",
     )
     p.add_argument(
         "source",
@@ -629,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
         "have run it: refused if the checkpoint's files changed since (a file missing, of "
         "another size, or with other metadata); committed atomically with a manifest.",
     )
-    p.add_argument("plan", metavar="PLAN.json")
+    p.add_argument("plan", metavar="PLAN.json", help="written by `layoutc plan CKPT -o`")
     p.add_argument("checkpoint", metavar="CKPT", help="the checkpoint the plan was made from")
     p.add_argument(
         "-o",

@@ -336,7 +336,7 @@ def _run_across(
     sha256: bool = False,
 ) -> Report:
     """:func:`execute` on every rank of ``group``: rank 0 creates the files, every rank
-    writes the units of its workers (``unit.worker % world``), rank 0 combines the CRCs of
+    writes the units the plan dealt it (``plan.rank_of``), rank 0 combines the CRCs of
     all ranks' writes and commits once every rank has succeeded; a failure anywhere leaves
     nothing committed and is raised on every rank, naming the rank."""
     rank, world = group.rank, group.world
