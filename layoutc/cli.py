@@ -239,7 +239,13 @@ def _plan(args: argparse.Namespace) -> Plan:
         handle = open_source(args.source, args.tag)
         try:
             return plan_checkpoint(
-                handle, args.to, spec=args.spec, memory=args.memory, workers=args.workers, **options
+                handle,
+                args.to,
+                spec=args.spec,
+                memory=args.memory,
+                workers=args.workers,
+                ranks=args.ranks,
+                **options,
             )
         finally:
             handle.close()
@@ -256,7 +262,7 @@ def _plan(args: argparse.Namespace) -> Plan:
         max_shard_size=args.max_shard_size,
     )
     workers = workers_for(target, args.workers)
-    return compile_plan(source, target, memory=args.memory, workers=workers)
+    return compile_plan(source, target, memory=args.memory, workers=workers, ranks=args.ranks)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -559,6 +565,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory budget, e.g. 2GiB (default: unbounded)",
     )
     _workers_option(p, writers=True)
+    p.add_argument(
+        "--ranks",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="the processes that will run the plan (torchrun's --nproc_per_node x nodes), "
+        "each with --workers threads and its own --memory budget (default 1); convert and "
+        "execute under torchrun plan for the world they run in",
+    )
     _set_option(p)
     _target_options(p)
     out = p.add_mutually_exclusive_group()

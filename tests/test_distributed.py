@@ -72,3 +72,30 @@ def test_a_failing_rank_leaves_nothing_committed_and_every_rank_says_so(tmp_path
     assert "(nothing committed)" in run.stderr
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []  # no partial folder, no swap files
+
+
+def test_a_plan_saved_for_the_ranks_runs_under_torchrun_as_one_process_writes(tmp_path):
+    """layoutc plan --ranks 2 -o, then layoutc execute under torchrun: the planner dealt the
+    units; a plan made for another number of ranks is refused."""
+    from layoutc.cli import main
+
+    plan = tmp_path / "plan.json"
+    assert main(["plan", str(EXAMPLE), "--to", "universal", "--ranks", "2", "-o", str(plan)]) == 0
+    layoutc.convert(EXAMPLE, tmp_path / "single", "universal")
+
+    def run(ranks: int, out: Path) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+            "--master_addr", "127.0.0.1", "--master_port", str(_port()),
+            "-m", "layoutc", "execute", str(plan), str(EXAMPLE), "-o", str(out), "-q",
+        ]  # fmt: skip
+        env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+    done = run(2, tmp_path / "multi")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _files(tmp_path / "multi") == _files(tmp_path / "single")
+    refused = run(3, tmp_path / "three")
+    assert refused.returncode != 0, refused.stderr[-3000:]  # torchrun's, for any rank's 2
+    assert refused.stderr.count("plan it for 3 (layoutc plan ... --ranks 3)") == 3
+    assert not (tmp_path / "three").exists()

@@ -342,8 +342,8 @@ def _run_across(
     rank, world = group.rank, group.world
     if plan.ranks != world:
         raise UsageError(
-            f"this plan assigns its units to {plan.ranks} rank(s); torchrun runs {world}: "
-            f"plan it for {world} (layoutc.compile(..., ranks={world}))"
+            f"this plan deals its units to {plan.ranks} rank(s); torchrun runs {world}: "
+            f"plan it for {world} (layoutc plan ... --ranks {world})"
         )
     partial: Path | None = None
     prepared = None
