@@ -337,14 +337,19 @@ def check_tag(tag: str) -> str | None:
     A tag names one folder inside a checkpoint (DeepSpeed's ``global_step100``); the
     readers join it to the checkpoint folder and the writers to their output folder. So it
     must be a single path component: a ``/``, a ``\\``, ``.`` or ``..`` would reach outside
-    that folder, a NUL ends the name early in the operating system. The layout language
-    (E137), the checkpoint readers and the writers all apply this one rule.
+    that folder, a NUL ends the name early in the operating system; a `"` or a line break
+    cannot be written in a layout's string (which has no escapes), so ``infer`` could not
+    describe the checkpoint. The layout language (E137), the checkpoint readers and the
+    writers all apply this one rule.
     """
     if not tag:
         return "is empty"
     for ch, name in (("/", "`/`"), ("\\", "`\\`"), ("\0", "a NUL character")):
         if ch in tag:
             return f"contains {name}"
+    for ch, name in (('"', '`"`'), ("\n", "a line break"), ("\r", "a carriage return")):
+        if ch in tag:  # a layout's string has no escapes: its tag could not be written
+            return f"contains {name}, which a layout cannot write in its tag"
     if tag in (".", ".."):
         return (
             f"is `{tag}`, which means {'the folder itself' if tag == '.' else 'the parent folder'}"

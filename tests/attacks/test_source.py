@@ -338,6 +338,13 @@ def test_a_latest_that_is_not_one_folder_name_is_refused(
     refused_everywhere(example, tmp_path, str(example / "latest"))
 
 
+def test_a_tag_a_layout_cannot_write_is_refused_naming_it(example: Path, tmp_path: Path) -> None:
+    """A tag folder named with a `"` is a folder, but no layout can hold its name."""
+    (example / "global_step2").rename(example / 'global"step2')
+    (example / "latest").write_text('global"step2')
+    refused_everywhere(example, tmp_path, str(example / "latest"), "which a layout cannot write")
+
+
 def test_a_latest_climbing_out_of_a_nested_root_writes_nothing_outside(tmp_path: Path) -> None:
     """``D/sub/latest`` holding ``..`` made ``convert D/sub -o P/out`` write into ``P/``."""
     import shutil
