@@ -494,6 +494,16 @@ def _target_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _output_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output folder (must not exist or be empty)",
+    )
+
+
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--param-groups",
@@ -618,13 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="DeepSpeed checkpoint root (with `latest`) or tag folder; or full weights: "
         "a .safetensors file, a torch state dict, a Hugging Face folder (needs --spec)",
     )
-    p.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="OUT",
-        help="output folder (must not exist or be empty)",
-    )
+    _output_option(p)
     p.add_argument(
         "--to",
         required=True,
@@ -648,13 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("plan", metavar="PLAN.json", help="written by `layoutc plan CKPT -o`")
     p.add_argument("checkpoint", metavar="CKPT", help="the checkpoint the plan was made from")
-    p.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="OUT",
-        help="output folder (must not exist or be empty)",
-    )
+    _output_option(p)
     _run_options(p)
     p.set_defaults(func=cmd_execute)
 
