@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ class Checkpoint:
     def __init__(self, folder: Path, tag: str | None = None) -> None:
         self.folder = folder
         self.tag = tag
-        self.loads: Counter[str] = Counter()  # file -> times unpickled (one per run)
         self._loaded: dict[str, Any] = {}
         self._headers: dict[str, tuple[dict[str, st.Entry], dict[str, str]]] = {}
         self.opener = pt.Opener()  # member indexes of the .pt files read
@@ -51,7 +49,6 @@ class Checkpoint:
         loaded and checked once per run."""
         key = str(self.path(file))
         if key not in self._loaded:
-            self.loads[key] += 1
             self._loaded[key] = self._load(Path(key))
         return self._loaded[key]
 
@@ -62,23 +59,26 @@ class Checkpoint:
         """A safetensors file's entries and metadata, parsed once per run."""
         key = str(self.path(file))
         if key not in self._headers:
-            self.loads[key] += 1
             self._headers[key] = st.read_header(key)
         return self._headers[key]
 
     # -------------------------------------------------------------- identity
 
+    def read(self) -> set[str]:
+        """The files whose metadata was read so far, relative to the folder."""
+        return {str(Path(k).relative_to(self.folder)) for k in (*self._loaded, *self._headers)}
+
     def data_files(self) -> list[str]:
         """The files holding the checkpoint's state, relative to its folder (by default
         those read so far)."""
-        return sorted(str(Path(k).relative_to(self.folder)) for k in self.loads)
+        return sorted(self.read())
 
     def identity(self) -> dict[str, dict[str, Any]]:
         """What a saved plan records of its source (:meth:`check_identity`): the size of
         each of its :meth:`data_files`, and of those whose metadata was read, a SHA-256 of
         that metadata — a torch file's zip index (each member's name, size and CRC-32, the
         pickle's included), a safetensors file's header."""
-        read = {str(Path(k).relative_to(self.folder)) for k in self.loads}
+        read = self.read()
         return {
             f: {
                 "size": os.path.getsize(self.path(f)),
