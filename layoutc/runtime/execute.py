@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -199,22 +199,28 @@ def run(
         crcs = prepared.finish()
         files = commit(partial, out, prepared.markers, plan, crcs, sha256=sha256)
     except BaseException as e:
-        discard(partial)
-        named = _named(e, out)
-        if named is not e:
-            raise named from None
-        raise
+        _fail(e, partial, out)
     finally:
         files_in.close()
     return _report(plan, out, files, start, swapped)
 
 
-def _named(e: BaseException, out: Path) -> BaseException:
-    """``e``, or for a failure of the output's filesystem (full, read-only, a name too
-    long, ...) the :class:`~layoutc.runtime.commit.OutputError` that names it."""
-    if isinstance(e, OSError) and is_output_failure(e, out):
-        return as_output_error(e, out)
-    return e
+def _fail(
+    e: BaseException,
+    partial: Path | None,
+    out: Path,
+    tell: Callable[[BaseException], object] | None = None,
+) -> NoReturn:
+    """Remove the partial output and raise ``e`` — for a failure of the output's filesystem
+    (full, read-only, a name too long, ...) the :class:`~layoutc.runtime.commit.OutputError`
+    that names it — after ``tell`` (the other ranks) what it is."""
+    discard(partial)
+    named = as_output_error(e, out) if isinstance(e, OSError) and is_output_failure(e, out) else e
+    if tell is not None:
+        tell(named)
+    if named is not e:
+        raise named from None
+    raise e
 
 
 def _prepare(
@@ -361,12 +367,7 @@ def _run_across(
             }
             layout[("", "progress")] = f"layoutc-written-{partial.name}"  # the run's counter
         except BaseException as e:
-            discard(partial)
-            named = _named(e, out)
-            group.broadcast(f"rank 0: {type(named).__name__}: {named}")
-            if named is not e:
-                raise named from None
-            raise
+            _fail(e, partial, out, lambda n: group.broadcast(f"rank 0: {type(n).__name__}: {n}"))
     layout = group.broadcast(layout)
     if isinstance(layout, str):
         raise RankFailed(f"{out}: {layout}")
@@ -417,13 +418,13 @@ def _run_across(
                         prepared.io.pieces.setdefault(path, Pieces()).record(offset, length, crc)
             files = commit(partial, out, prepared.markers, plan, prepared.finish(), sha256)
         except BaseException as e:
-            discard(partial)
-            named = _named(e, out)
-            files = f"rank 0: {type(named).__name__}: {named}" if not errors else "; ".join(errors)
-            group.broadcast(files)
-            if named is not e:
-                raise named from None
-            raise
+            why = "; ".join(errors)
+            _fail(
+                e,
+                partial,
+                out,
+                lambda n: group.broadcast(why or f"rank 0: {type(n).__name__}: {n}"),
+            )
     files = group.broadcast(files)
     if isinstance(files, str):
         raise RankFailed(f"{out}: {files} (nothing committed)")
