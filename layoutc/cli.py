@@ -36,12 +36,12 @@ from layoutc.formats.sources import SOURCES, open_source
 from layoutc.lang.check import load_text
 from layoutc.lang.fmt import fmt
 from layoutc.lang.parse import parse, read_source, size_value
-from layoutc.place import place
+from layoutc.place import Placement, place
 from layoutc.plan.compile import compile_plan
-from layoutc.plan.layouts import source_layout, target_for
+from layoutc.plan.layouts import target_for
 from layoutc.plan.plan import Plan
 from layoutc.plan.request import default_workers as default_workers  # the CLI's default
-from layoutc.plan.request import plan_checkpoint, workers_for
+from layoutc.plan.request import plan_checkpoint, source_placement, workers_for
 from layoutc.runtime import distributed
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
@@ -120,20 +120,13 @@ def _read(path: str) -> str:
     return read_source(p)
 
 
-def _load(path: str) -> ir.Layout:
-    """A layout from a ``.layout`` file, or inferred from a checkpoint folder."""
-    return _load_source(path)[0]
-
-
-def _load_source(path: str) -> tuple[ir.Layout, tuple[str, str], Any]:
-    """:func:`_load`, with the layout's text and name (for ``--set``) and the checkpoint
-    it describes (None for a layout file)."""
-
+def _load(path: str) -> tuple[ir.Layout, Placement]:
+    """A layout and its shard map: of a ``.layout`` file, or inferred from a checkpoint
+    folder and checked against its files."""
     if Path(path).is_dir():
-        ckpt = open_checkpoint(path)
-        return (*source_layout(ckpt), ckpt)
-    text = (_read(path), path)
-    return load_text(*text), text, None
+        return source_placement(open_checkpoint(path))
+    layout = load_text(_read(path), path)
+    return layout, place(layout)
 
 
 def _setting(text: str) -> tuple[str, int]:
@@ -163,8 +156,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
         try:
-            layout = _load(path)
-            p = place(layout)
+            layout, p = _load(path)
         except LayoutError as e:
             print(e.render(), file=sys.stderr)
             n = len(e.diagnostics)
@@ -444,8 +436,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from layoutc.render import human_size  # lazy: render loads jinja2
 
     ckpt = open_checkpoint(args.checkpoint, args.tag)
-    layout, _ = source_layout(ckpt)
-    p = place(layout)
+    layout, p = source_placement(ckpt)
     mesh = ", ".join(f"{a.name} = {a.size}" for a in layout.mesh.axes)
     params = sum(t.numel for t in p.tensors if t.trainable)
     print(f"{ckpt.folder}: deepspeed checkpoint, tag {ckpt.tag}")

@@ -33,10 +33,9 @@ from typing import Any
 import numpy as np
 
 from layoutc.errors import UsageError
-from layoutc.formats import weights
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
-from layoutc.formats.match import check_masters, check_replicas
+from layoutc.formats.match import check_against, check_masters, check_replicas
 from layoutc.formats.sources import open_source
 from layoutc.place import Placement
 from layoutc.plan.plan import Plan
@@ -80,11 +79,6 @@ def convert(
     start = time.perf_counter()
     handle = open_source(checkpoint, tag)
     try:
-        if isinstance(handle, weights.Weights) and spec is None:
-            raise UsageError(
-                f"{checkpoint}: full weights carry no layout to infer; give --spec MODEL.layout "
-                "(the model's tensors and the topology to lay them out for)"
-            )
         group = distributed.current()
         plan = plan_checkpoint(
             handle,
@@ -97,7 +91,7 @@ def convert(
             workers=workers,
             ranks=group.world if group is not None else 1,
         )
-        return _run(plan, handle, output, progress, on_plan, param_groups, sha256, start)
+        return _check_and_run(plan, handle, output, progress, on_plan, param_groups, sha256, start)
     finally:
         handle.close()
 
@@ -127,10 +121,14 @@ def execute_saved(
     handle = open_source(folder, plan.tag if plan.tag and (folder / plan.tag).is_dir() else None)
     try:
         handle.check_identity(plan.source_files)
-        layout = plan.layouts["source"]
-        _, placed = source_placement(handle, layout=(layout["text"], layout["name"]))
-        return _run(
-            replace(plan, source_placement=placed),
+        if plan.source_placement is not None:  # placed as it was read back
+            check_against(plan.source_placement, handle)
+        else:  # full weights: placed as their files hold them
+            layout = plan.layouts["source"]
+            _, placed = source_placement(handle, layout=(layout["text"], layout["name"]))
+            plan = replace(plan, source_placement=placed)
+        return _check_and_run(
+            plan,
             handle,
             output,
             progress,
@@ -143,7 +141,7 @@ def execute_saved(
         handle.close()
 
 
-def _run(
+def _check_and_run(
     plan: Plan,
     handle: Checkpoint,
     output: str | Path,

@@ -1,7 +1,8 @@
 """The layouts at both ends of a plan, resolved from what the command line names.
 
 The source: a checkpoint's layout — given (``--spec``) or inferred from its metadata — and
-checked against its files before anything is planned (:func:`source_layout`).
+checked against its files before anything is planned
+(:func:`layoutc.plan.request.source_placement`).
 
 The target (:func:`target_for`): a ``.layout`` file, or a format name, which means the
 source layout stored in that format (:func:`target_layout`, the one place that rule is
@@ -28,10 +29,8 @@ from layoutc import ir
 from layoutc.errors import Diagnostic, LayoutError, Span, Unsupported, UsageError
 from layoutc.formats import autotp
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer_text
-from layoutc.formats.match import check_against
 from layoutc.lang.check import load_layout, load_text
 from layoutc.lang.parse import read_source
-from layoutc.place import place
 
 FLOATS = frozenset({"fp32", "fp16", "bf16", "fp64"})  # what --dtype converts
 
@@ -41,17 +40,6 @@ def source_text(ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None) -> tu
     if spec is not None:
         return read_source(spec), str(spec)
     return infer_text(ckpt), f"{ckpt.folder} (inferred)"
-
-
-def source_layout(
-    ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None
-) -> tuple[ir.Layout, tuple[str, str]]:
-    """The layout of ``ckpt`` — ``spec`` if given, else inferred — checked against the
-    files, and its text and name (see :func:`source_text`)."""
-    text = source_text(ckpt, spec)
-    layout = load_text(*text)
-    check_against(place(layout), ckpt)
-    return layout, text
 
 
 def target_layout(source: ir.Layout, target: ir.Layout | str) -> ir.Layout:

@@ -55,8 +55,9 @@ def source_placement(
     and are placed as their files hold them."""
     if isinstance(source, Weights):
         if layout is None and spec is None:
+            where = source.folder / source.files[0] if len(source.files) == 1 else source.folder
             raise UsageError(
-                f"{source.folder}: full weights carry no layout to infer; give --spec "
+                f"{where}: full weights carry no layout to infer; give --spec "
                 "MODEL.layout (the model's tensors and the topology to lay them out for)"
             )
         if layout is None:
