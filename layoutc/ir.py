@@ -197,6 +197,29 @@ class Dim:
         return d
 
 
+@dataclass(frozen=True, slots=True)
+class Expert:
+    """A tensor of one expert of a mixture-of-experts layer: expert ``id`` of ``count``,
+    the experts dealt out over mesh axis ``axis`` in equal runs (coordinate ``c`` holds
+    experts ``c * count / |axis|`` up to the next run), as ``for e in 0..count over axis``
+    declares them."""
+
+    axis: str
+    id: int
+    count: int
+
+    def coord(self, size: int) -> int:
+        """The coordinate on ``axis`` (of ``size``) whose ranks hold this expert."""
+        return self.id // (self.count // size)
+
+    def local(self, size: int) -> int:
+        """The expert's index among those its coordinate holds."""
+        return self.id % (self.count // size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"axis": self.axis, "id": self.id, "count": self.count}
+
+
 @dataclass(frozen=True)
 class Tensor:
     """One tensor of the model as declared: a parameter, a frozen parameter or a buffer."""
@@ -209,7 +232,8 @@ class Tensor:
     group: str = "default"
     span: Span = field(default=NO_SPAN, compare=False)
     also: tuple[int, ...] = ()  # further pipeline stages holding a copy (DeepSpeed's tied layers)
-    layer: int | None = None  # the pipeline layer whose file stores it, if not its name's
+    layer: int | None = None  # the layer whose file stores it (pipeline or MoE), if not its name's
+    expert: Expert | None = None  # one expert's tensor, held only where its expert is
 
     @property
     def stages(self) -> tuple[int, ...]:
@@ -255,6 +279,16 @@ class Tensor:
         return tuple(out)
 
     @property
+    def pinned_axes(self) -> tuple[str, ...]:
+        """Mesh axes on which only one coordinate holds this tensor (an expert's axis)."""
+        return (self.expert.axis,) if self.expert else ()
+
+    def pinned(self, sizes: dict[str, int]) -> dict[str, int]:
+        """The coordinates that hold this tensor on its pinned axes."""
+        e = self.expert
+        return {e.axis: e.coord(sizes[e.axis])} if e else {}
+
+    @property
     def trainable(self) -> bool:
         return self.kind == PARAM
 
@@ -269,6 +303,7 @@ class Tensor:
             "group": self.group,
             **({"also_on_stages": list(self.also)} if self.also else {}),
             **({"layer": self.layer} if self.layer is not None else {}),
+            **({"expert": self.expert.to_dict()} if self.expert else {}),
         }
 
 
@@ -419,11 +454,11 @@ class Layout:
 
     @cached_property
     def model_axes(self) -> tuple[str, ...]:
-        """Model-parallel axes (tensor / expert parallel): axes some tensor is split over,
-        other than the ZeRO and pipeline axes. An axis no tensor is split over only holds
+        """Model-parallel axes (tensor / expert parallel): axes some tensor is split over
+        (or held at one coordinate of: an expert's), other than the ZeRO and pipeline axes. An axis no tensor is split over only holds
         replicas: it is data-parallel whether or not ZeRO partitions over it."""
         skip = {self.pipeline, *self.zero.axes}
-        split = {a for t in self.tensors for a in t.split_axes}
+        split = {a for t in self.tensors for a in (*t.split_axes, *t.pinned_axes)}
         return tuple(a for a in self.mesh.names if a not in skip and a in split)
 
     def params(self) -> Iterator[Tensor]:

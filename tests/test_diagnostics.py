@@ -166,6 +166,18 @@ CASES: dict[str, str | bytes] = {
     "E139-total": "mesh { dp = 2 }\ntensor a [5e15]\ntensor b [5e15]\n",
     "E140": "mesh { dp = 2 }\ntensor w [" + ", ".join(["1"] * 33) + "]\n",
     "E141": "mesh { pp = 64, dp = 8192, tp = 8 }\n",
+    "E142": "let dp = 6\nmesh { edp = dp / ep, ep = 4 }\n",
+    "E143": "mesh { dp = 2, ep = 4 }\nfor e in 0..6 over ep {\n  tensor experts.{e}.w [8, 8]\n}\n",
+    "E143-axis": "mesh { dp = 2, ep = 2 }\nfor e in 0..4 over xp {\n  tensor experts.{e}.w [8]\n}\n",
+    "E143-start": "mesh { dp = 2, ep = 2 }\nfor e in 2..6 over ep {\n  tensor experts.{e}.w [8]\n}\n",
+    "E143-nested": (
+        "mesh { dp = 2, ep = 2 }\nfor e in 0..2 over ep {\n  for f in 0..2 over ep {\n"
+        "    tensor experts.{e}.{f}.w [8]\n  }\n}\n"
+    ),
+    "E143-split": "mesh { dp = 2, ep = 2 }\nfor e in 0..2 over ep {\n  tensor experts.{e}.w [8 / ep]\n}\n",
+    "E143-pipeline": (
+        "mesh { pp = 2, ep = 2 }\npipeline over pp\nfor e in 0..2 over pp {\n  tensor experts.{e}.w [8]\n}\n"
+    ),
 }
 OVERRIDES: dict[str, dict[str, int]] = {"E109-set": {"dp": 0}, "E134": {"pd": 3}}
 COMMAND_LINE = {"E134"}  # reported against the command line, not a source location

@@ -742,3 +742,67 @@ def test_importing_layoutc_and_checking_a_spec_does_not_import_torch(tmp_path: P
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- experts
+
+EXPERTS = """
+let dp = 4
+mesh { edp = dp / ep, ep = 2 }
+optimizer adam
+zero 2 over (edp, ep)
+tensor gate.weight [6, 4]
+group experts {
+  for e in 0..6 over ep {
+    tensor experts.{e}.w [4, 4] layer 1
+  }
+}
+"""
+
+
+def test_an_axis_may_be_sized_from_an_axis_declared_after_it_and_keeps_its_place() -> None:
+    layout = load_text(EXPERTS)
+    assert layout.mesh.names == ("edp", "ep")
+    assert layout.mesh.sizes == {"edp": 2, "ep": 2}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "sizes"),
+    [({"dp": 8}, {"edp": 4, "ep": 2}), ({"dp": 6, "ep": 3}, {"edp": 2, "ep": 3})],
+)
+def test_set_dp_and_ep_recompute_the_expert_data_parallel_axis(
+    overrides: dict[str, int], sizes: dict[str, int]
+) -> None:
+    assert load_text(EXPERTS, overrides=overrides).mesh.sizes == sizes
+
+
+def test_experts_are_dealt_over_their_axis_in_equal_runs_of_global_ids() -> None:
+    layout = load_text(EXPERTS)
+    sizes = layout.mesh.sizes
+    experts = [t for t in layout.tensors if t.expert]
+    assert [t.name for t in experts] == [f"experts.{e}.w" for e in range(6)]
+    assert [t.expert.id for t in experts if t.expert] == list(range(6))
+    assert [t.pinned(sizes) for t in experts] == [{"ep": e // 3} for e in range(6)]
+    assert [t.expert.local(2) for t in experts if t.expert] == [0, 1, 2, 0, 1, 2]
+    assert {t.layer for t in experts} == {1}
+    assert {t.group for t in experts} == {"experts"}
+    assert layout.tensor("gate.weight").expert is None
+
+
+@given(ep=st.integers(1, 8), per=st.integers(1, 5))
+def test_every_expert_id_sits_on_exactly_one_coordinate_each_holding_as_many(
+    ep: int, per: int
+) -> None:
+    count = ep * per
+    layout = load_text(
+        f"mesh {{ ep = {ep} }}\nfor e in 0..{count} over ep {{\n  tensor x.{{e}} [2]\n}}\n"
+    )
+    held: dict[int, list[int]] = {}
+    for t in layout.tensors:
+        assert t.expert is not None
+        held.setdefault(t.pinned(layout.mesh.sizes)["ep"], []).append(t.expert.id)
+    assert sorted(held) == list(range(ep))
+    assert sorted(i for ids in held.values() for i in ids) == list(range(count))
+    assert all(ids == sorted(ids) and len(ids) == per for ids in held.values())
+    for c, ids in held.items():
+        assert ids == list(range(c * per, (c + 1) * per))  # a contiguous run per coordinate

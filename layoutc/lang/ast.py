@@ -201,12 +201,17 @@ class Entry:
 
 @dataclass(frozen=True)
 class Loop:
+    """``for VAR in START..STOP [over AXIS] [stage EXPR] { ... }``: with ``over``, each
+    iteration is one expert, the experts dealt out over the mesh axis in equal runs."""
+
     var: str
     start: Expr
     stop: Expr
     stage: Expr | None
     body: tuple[Statement, ...]
     span: Span = _span()
+    over: str | None = None
+    over_span: Span = _span()
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import contextlib
 import difflib
 import functools
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -89,6 +89,7 @@ class _Stop(Exception):
 class _Scope:
     group: str | None = None
     stage: ast.Expr | None = None
+    experts: tuple[str, str, int] | None = None  # (axis, loop variable, count) of `over`
 
 
 @dataclass
@@ -377,13 +378,23 @@ class _Checker:
         self.mesh_span = st.span
         if not st.axes:
             self.error("E116", "the mesh has no axes", st.span, "e.g. mesh { dp = 8 }")
-        for b in st.axes:
-            try:
-                size = self.overridden(b.name, b.expr, "mesh axis")
-                self.declare(b.name, size, "mesh axis", b.span)
-                self.axes.append(ir.Axis(b.name, size))
-            except _Fail:
-                pass
+        # An axis may be sized from another declared after it (`edp = dp / ep, ep = 2`):
+        # sizes are evaluated once what they name is known; the axes keep their order.
+        pending = list(st.axes)
+        later = {b.name for b in st.axes}
+        sized: dict[str, ir.Axis] = {}
+        while pending:
+            ready = [b for b in pending if not (_names_in(b.expr) & later) - {b.name}]
+            for b in ready or pending[:1]:  # a cycle: the first reports the unknown name
+                pending.remove(b)
+                later.discard(b.name)
+                try:
+                    size = self.overridden(b.name, b.expr, "mesh axis")
+                    self.declare(b.name, size, "mesh axis", b.span)
+                    sized[b.name] = ir.Axis(b.name, size)
+                except _Fail:
+                    pass
+        self.axes.extend(sized[b.name] for b in st.axes if b.name in sized)
         world = 1
         for a in self.axes:  # stops early: thousands of huge axes are never multiplied out
             world *= a.size
@@ -404,13 +415,38 @@ class _Checker:
     def overridden(self, name: str, e: ast.Expr, kind: str) -> int:
         """The value of a mesh axis or let constant: its ``--set`` override, if any."""
         if name not in self.overrides:
-            return self.positive(e, f"mesh axis `{name}`") if kind == "mesh axis" else self.eval(e)
+            if kind != "mesh axis":
+                return self.eval(e)
+            size = self.positive(e, f"mesh axis `{name}`")
+            self.exact(e, name)
+            return size
         v = self.overrides[name]
         if kind == "mesh axis" and v <= 0:
             raise self.fail(
                 "E109", f"mesh axis `{name}` is set to {v} (--set); it must be positive", e.span
             )
         return v
+
+    def exact(self, e: ast.Expr, axis: str) -> None:
+        """Every division in a mesh axis's size divides exactly (E142): ``edp = dp / ep``
+        with dp = 6 and ep = 4 would leave ranks out of the mesh. Reported once per
+        division; the axis keeps the floor so that what names it is checked too."""
+        for node in _nodes(e):
+            if isinstance(node, ast.BinOp) and node.op == "/":
+                a, b = self.eval(node.left), self.eval(node.right)
+                if b and a % b:
+                    left, right = (
+                        _text(self.source, node.left.span),
+                        _text(self.source, node.right.span),
+                    )
+                    self.error(  # the axis is still declared: no cascade of unknown axes
+                        "E142",
+                        f"mesh axis `{axis}` = {_text(self.source, e.span)}: {left} = {a} is not "
+                        f"divisible by {right} = {b}",
+                        node.span,
+                        f"choose sizes where {right} divides {left}; the axes' sizes multiply to "
+                        "the number of ranks",
+                    )
 
     def unused_overrides(self, meshes: list[ast.Mesh], top: Iterable[ast.Statement]) -> None:
         settable = [b.name for m in meshes[:1] for b in m.axes]
@@ -684,7 +720,8 @@ class _Checker:
                 elif isinstance(st, ast.Loop):
                     self.loop(st, scope)
                 elif isinstance(st, ast.Group):
-                    inner = _Scope(st.name, st.stage if st.stage is not None else scope.stage)
+                    stage = st.stage if st.stage is not None else scope.stage
+                    inner = _Scope(st.name, stage, scope.experts)
                     if st.name not in self.groups:
                         self.groups.append(st.name)
                     self.statements(st.body, inner)
@@ -712,9 +749,13 @@ class _Checker:
             )
             return
         self.expansion(st, stop - start)
+        experts = scope.experts
+        if st.over is not None:
+            experts = (self.expert_axis(st, start, stop, scope), st.var, stop)
         self.declare(st.var, start, "loop variable", st.span)
         try:
-            inner = _Scope(scope.group, st.stage if st.stage is not None else scope.stage)
+            stage = st.stage if st.stage is not None else scope.stage
+            inner = _Scope(scope.group, stage, experts)
             self.looping += 1
             self.loops.append((st, stop - start))
             for i in range(start, stop):
@@ -727,6 +768,46 @@ class _Checker:
             del self.env[st.var]
             del self.kinds[st.var]
             self.names_sorted = None
+
+    def expert_axis(self, st: ast.Loop, start: int, stop: int, scope: _Scope) -> str:
+        """The axis a loop deals its experts over (``for e in 0..E over ep``): a mesh axis,
+        not the pipeline's, in no other such loop, over experts numbered from 0 that share
+        out equally."""
+        axis = st.over
+        assert axis is not None
+        head = f"`for {st.var} in {start}..{stop} over {axis}`"
+        if not self.require_axis(axis, st.over_span, "E143", "expert axis"):
+            raise _Fail()
+        if axis == self.pipeline:
+            raise self.fail(
+                "E143",
+                f"{head} deals experts over the pipeline axis `{axis}`",
+                st.over_span,
+                "experts go over an expert-parallel axis; stages are given with `stage`",
+            )
+        if scope.experts is not None:
+            raise self.fail(
+                "E143",
+                f"{head} is inside the expert loop over `{scope.experts[0]}`",
+                st.over_span,
+                "one loop deals the experts of a layer; loops inside it repeat what each expert holds",
+            )
+        if start != 0:
+            raise self.fail(
+                "E143",
+                f"{head}: expert ids {start}..{stop - 1} do not start at 0",
+                st.start.span,
+                f"an expert loop runs over every expert id of its layer: for {st.var} in 0..{stop} over {axis}",
+            )
+        size = self.env[axis]
+        if stop % size:
+            raise self.fail(
+                "E143",
+                f"{head}: {stop} experts do not share out over {axis} = {size}",
+                st.stop.span,
+                f"each {axis} coordinate holds the same number of experts: make {axis} divide {stop}",
+            )
+        return axis
 
     def expansion(self, st: ast.Loop, trips: int) -> None:
         """Refuse (E138) a loop that would take the layout past :data:`MAX_EXPANDED` loop
@@ -838,22 +919,28 @@ class _Checker:
         if st.dtype is not None:
             dtype = self.dtype_name(st.dtype, st.dtype_span) or dtype
         stages = self.entry_stages(name, st.stage if st.stage is not None else scope.stage)
+        expert = None
+        if scope.experts is not None:
+            axis, var, count = scope.experts
+            expert = ir.Expert(axis, self.env[var], count)
         layer = None
         if st.layer is not None:
             layer = self.eval(st.layer)
-            if self.pipeline is None:
+            if self.pipeline is None and expert is None:
                 self.error(
                     "E120",
-                    f"{name} names a pipeline layer but the layout has no pipeline axis",
+                    f"{name} names a layer but the layout has no pipeline axis and it is no expert",
                     st.layer.span,
-                    "declare it: pipeline over pp",
+                    "a pipeline tensor's layer needs `pipeline over pp`; an expert's, "
+                    "a loop `for e in 0..E over ep`",
                 )
             elif layer < 0:
                 self.error(
                     "E135",
                     f"{name} is stored in layer {layer}; layers count from 0",
                     st.layer.span,
-                    "layer N is the file layer_NN-model_states.pt",
+                    "layer N is the file layer_NN-model_states.pt (an expert's: "
+                    "layer_N_expert_E_mp_rank_XX_model_states.pt)",
                 )
         if len(st.shape) > MAX_DIMS:
             raise self.fail(
@@ -880,6 +967,15 @@ class _Checker:
                     )
                 used[a] = i
             dims.append(dim)
+        if expert is not None and expert.axis in used:
+            self.error(
+                "E143",
+                f"{name} is an expert dealt over `{expert.axis}` and also split over it (dim "
+                f"{used[expert.axis]})",
+                _span_of(st.shape[used[expert.axis]]),
+                "an expert is held whole by its coordinate: split it over another axis (tp)",
+            )
+            failed = True
         if failed:
             return
         group = scope.group or "default"
@@ -918,7 +1014,16 @@ class _Checker:
             raise _Stop()
         kind = {"tensor": ir.PARAM, "frozen": ir.FROZEN, "buffer": ir.BUFFER}[st.kind]
         tensor = ir.Tensor(
-            name, tuple(dims), dtype, kind, stages[0], group, st.name.span, stages[1:], layer
+            name,
+            tuple(dims),
+            dtype,
+            kind,
+            stages[0],
+            group,
+            st.name.span,
+            stages[1:],
+            layer,
+            expert,
         )
         self.tensors.append(tensor)
         self.declared[name] = tensor
@@ -1197,7 +1302,8 @@ class _Checker:
         for t in tensors:
             if not t.trainable:
                 continue
-            replicated = frozenset(a for a in zero.axes if a not in t.split_axes)
+            held = (*t.split_axes, *t.pinned_axes)
+            replicated = frozenset(a for a in zero.axes if a not in held)
             if t.group in seen and seen[t.group][0] != replicated:
                 other = seen[t.group][1]
                 self.error(
@@ -1208,6 +1314,27 @@ class _Checker:
                     "put tensors split over a ZeRO axis (e.g. experts over ep) in a group of their own",
                 )
             seen.setdefault(t.group, (replicated, t))
+
+
+def _nodes(e: object) -> Iterator[object]:
+    """``e`` and every expression node inside it."""
+    yield e
+    if isinstance(e, ast.BinOp):
+        yield from _nodes(e.left)
+        yield from _nodes(e.right)
+    elif isinstance(e, ast.Paren | ast.Neg):
+        yield from _nodes(e.expr)
+    elif isinstance(e, ast.Call):
+        for a in e.args:
+            yield from _nodes(a)
+    elif isinstance(e, ast.Tuple):
+        for i in e.items:
+            yield from _nodes(i.expr)
+
+
+def _names_in(e: ast.Expr) -> set[str]:
+    """The names an expression refers to."""
+    return {n.id for n in _nodes(e) if isinstance(n, ast.Name)}
 
 
 def _count(body: tuple[ast.Statement, ...]) -> tuple[int, int]:

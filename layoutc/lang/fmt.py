@@ -97,7 +97,8 @@ def statement_head(st: ast.Statement) -> str:
         return text
     if isinstance(st, ast.Loop):
         stage = f" stage {expr(st.stage)}" if st.stage is not None else ""
-        return f"for {st.var} in {expr(st.start)}..{expr(st.stop)}{stage} {{"
+        over = f" over {st.over}" if st.over is not None else ""
+        return f"for {st.var} in {expr(st.start)}..{expr(st.stop)}{over}{stage} {{"
     if isinstance(st, ast.Group):
         stage = f" stage {expr(st.stage)}" if st.stage is not None else ""
         return f"group {st.name}{stage} {{"

@@ -287,8 +287,20 @@ class _Build(Transformer):
         return tuple(c)
 
     def loop(self, meta: Any, c: list[Any]) -> ast.Loop:
-        var, start, stop, stage, body = c
-        return ast.Loop(str(var), start, stop, stage[1] if stage else None, body, self._s(meta))
+        var, start, stop, over, stage, body = c
+        return ast.Loop(
+            str(var),
+            start,
+            stop,
+            stage[1] if stage else None,
+            body,
+            self._s(meta),
+            over[0] if over else None,
+            over[1] if over else Span(self.path, 0, 0),
+        )
+
+    def over(self, meta: Any, c: list[Token]) -> tuple[str, Span]:
+        return str(c[0]), _tok_span(self.path, c[0])
 
     def group(self, meta: Any, c: list[Any]) -> ast.Group:
         name, stage, body = c
