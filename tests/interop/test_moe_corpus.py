@@ -2,7 +2,8 @@
 
 Its ground truth names every parameter, every expert of every MoE layer under its global id,
 and DeepSpeed's own per-expert files match; DeepSpeed reloads a checkpoint at the topology it
-was saved at exactly, and refuses it at another data-parallel world size.
+was saved at exactly, refuses a ZeRO-2 one at another data-parallel world size, and reloads a
+ZeRO-0 one at another data-parallel world size with the same ep exactly.
 """
 
 from __future__ import annotations
@@ -109,3 +110,16 @@ def test_deepspeed_refuses_a_zero2_moe_checkpoint_at_another_data_parallel_size(
         expect_error=True,
     )
     assert "used a DP world size of 2 but the current world size is 4" in loaded.error
+
+
+def test_deepspeed_resumes_a_zero0_moe_checkpoint_at_another_data_parallel_size_and_same_ep(
+    moe_corpus, ds_python
+):
+    # Without ZeRO nothing is partitioned over data parallelism: expp_rank_{R} files are per
+    # ep rank and experts per global id, so world 4 -> 2 at ep 2 reads the same files.
+    name = "moe_z0_w4_ep2_fp32"
+    truth, meta = corpus.read_truth(moe_corpus[name])
+    loaded = corpus.load(
+        name, moe_corpus[name], world=2, root=moe_corpus[name].parent.parent, python=ds_python
+    )
+    corpus.assert_resumed(loaded, truth, meta)
