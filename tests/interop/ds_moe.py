@@ -66,9 +66,9 @@ and:
     experts             {global expert param name: {"layer", "expert" (G), "local" (local id
                         on its ranks), "ep_rank", "key" (the name inside its file), "file"
                         (layer_{L}_expert_{G}_mp_rank_00_model_states.pt)}}
-    params              per parameter (global names, module order, experts of ep rank 0
-                        first): {"name", "shape", "dtype", "requires_grad", "group" (index of
-                        its optimizer group), "moe" (bool)}
+    params              per parameter (global names; dense ones in module order, then expert
+                        ones by (layer, expert)): {"name", "shape", "dtype", "requires_grad",
+                        "group" (index of its optimizer group), "moe" (bool)}
     param_groups        the four optimizer groups: {"name", "moe", "params" (global names),
                         "weight_decay", "lr", "betas", "eps", "partition_count" (ranks its
                         flat buffer is partitioned over at ZeRO-1/2, else null)}
