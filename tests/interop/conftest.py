@@ -92,7 +92,8 @@ class Corpus(Mapping[str, Path]):
 
 
 @pytest.fixture(scope="session")
-def ds_corpus() -> Corpus:
+def ds_python() -> str:
+    """The interpreter DeepSpeed runs in; fails the test with instructions if it cannot."""
     python = corpus.ds_python()
     if corpus.versions(python) is None:
         pytest.fail(
@@ -101,4 +102,16 @@ def ds_corpus() -> Corpus:
             "deselect these tests with -m 'not interop'",
             pytrace=False,
         )
-    return Corpus(cache_root(), python)
+    return python
+
+
+@pytest.fixture(scope="session")
+def ds_corpus(ds_python: str) -> Corpus:
+    return Corpus(cache_root(), ds_python)
+
+
+@pytest.fixture(scope="session")
+def moe_corpus(ds_python: str) -> dict[str, Path]:
+    """{case: checkpoint root} of the MoE cases (corpus.MOE_CASES) alone: they build in under
+    a minute, without the ds_make.py cases."""
+    return corpus.build(list(corpus.MOE_CASES), cache_root(), python=ds_python)

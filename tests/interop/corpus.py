@@ -7,7 +7,8 @@
     read_truth(path) -> (tensors, meta)               numpy arrays + json, no torch needed
 
 ``CASES`` are the data-parallel (ZeRO) cases, ``PARALLEL_CASES`` the pipeline and
-tensor-parallel ones (ds_parallel.py), ``ALL_CASES`` both; ``build(None)`` builds all.
+tensor-parallel ones (ds_parallel.py), ``MOE_CASES`` DeepSpeed's native Mixture-of-Experts ones
+(ds_moe.py, its own torchrun script), ``ALL_CASES`` all of them; ``build(None)`` builds all.
 
 DeepSpeed runs in a separate interpreter: ``$LAYOUTC_DS_PYTHON`` if set, else this one. It
 needs torch, deepspeed and safetensors, and transformers for the AutoTP cases (see the
@@ -15,7 +16,8 @@ needs torch, deepspeed and safetensors, and transformers for the AutoTP cases (s
 nor DeepSpeed.
 
 Cache layout: ``root/ds<deepspeed version>-<hash of ds_make.py, ds_parallel.py and the
-versions>/<case>/`` holding the checkpoint root (``latest``, ``global_step2/``),
+versions>/<case>/`` (MoE cases: ``root/ds<version>-moe-<the same hash with ds_moe.py>/``, so
+that editing ds_moe.py rebuilds only them) holding the checkpoint root (``latest``, ``global_step2/``),
 ``ground_truth.safetensors``, ``ground_truth.json`` and ``DONE`` (written last: a case without
 it is rebuilt); ``root/torch_extensions`` caches DeepSpeed's JIT-built CPU comm op;
 ``root/logs`` keeps the torchrun output of each launch.
@@ -43,31 +45,37 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 MAKE = HERE / "ds_make.py"
 PARALLEL = HERE / "ds_parallel.py"  # imported by ds_make.py: part of the cache key
+MOE = HERE / "ds_moe.py"  # a torchrun script of its own; imports ds_make.py
 LOAD = HERE / "ds_load.py"
 PYTHON_ENV = "LAYOUTC_DS_PYTHON"
 TIMEOUT_S = 600
 
 
-def _ds_make_module() -> Any:
-    """ds_make.py as a module (it imports torch/deepspeed only inside functions)."""
-    spec = importlib.util.spec_from_file_location("layoutc_interop_ds_make", MAKE)
+def _module(name: str, path: Path) -> Any:
+    """A script beside this file as a module (they import torch/deepspeed only inside
+    functions)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-_DS_MAKE = _ds_make_module()
+_DS_MAKE = _module("layoutc_interop_ds_make", MAKE)
 CASES: dict[str, dict[str, Any]] = _DS_MAKE.CASES
 PARALLEL_CASES: dict[str, dict[str, Any]] = _DS_MAKE.PARALLEL_CASES
-ALL_CASES: dict[str, dict[str, Any]] = _DS_MAKE.ALL_CASES
+MOE_CASES: dict[str, dict[str, Any]] = _module("layoutc_interop_ds_moe", MOE).CASES
+ALL_CASES: dict[str, dict[str, Any]] = {**_DS_MAKE.ALL_CASES, **MOE_CASES}
 
 
 def family(case: str) -> list[str]:
-    """The cases worth building together with ``case``: the data-parallel cases, or the
-    parallel cases of its kind (the AutoTP ones need transformers, the others do not)."""
+    """The cases worth building together with ``case``: the data-parallel cases, the MoE
+    cases, or the parallel cases of its kind (the AutoTP ones need transformers, the others
+    do not)."""
     if case in CASES:
         return list(CASES)
+    if case in MOE_CASES:
+        return list(MOE_CASES)
     kind = PARALLEL_CASES[case]["kind"]
     return [n for n, c in PARALLEL_CASES.items() if c["kind"] == kind]
 
@@ -103,13 +111,17 @@ def versions(python: str | None = None) -> dict[str, str] | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cache_key(python: str | None = None) -> str:
+def cache_key(python: str | None = None, *, moe: bool = False) -> str:
+    """The cache folder's name for the ds_make.py cases, or (``moe``) the ds_moe.py ones."""
     vers = versions(python)
     if vers is None:
         raise RuntimeError(f"DeepSpeed is not importable by {python or ds_python()}")
     h = hashlib.sha256(MAKE.read_bytes())
     h.update(PARALLEL.read_bytes())
     h.update(json.dumps(vers, sort_keys=True).encode())
+    if moe:
+        h.update(MOE.read_bytes())
+        return f"ds{vers['deepspeed']}-moe-{h.hexdigest()[:12]}"
     return f"ds{vers['deepspeed']}-{h.hexdigest()[:12]}"
 
 
@@ -189,15 +201,27 @@ def build(
     """Make (or reuse) the checkpoints of ``cases`` (all when None) under ``root``.
 
     Cases of one world size (and one ``launch`` group: see ds_make.PARALLEL_CASES) share one
-    torchrun launch. Returns {case: checkpoint root}.
+    torchrun launch; MoE cases run ds_moe.py into their own cache folder. Returns {case:
+    checkpoint root}.
     """
     names = list(ALL_CASES) if cases is None else list(cases)
     unknown = [n for n in names if n not in ALL_CASES]
     if unknown:
         raise KeyError(f"unknown interop case(s) {unknown}; known: {sorted(ALL_CASES)}")
     root = Path(root).expanduser()
-    base = root / cache_key(python)
-    out = {n: base / n for n in names}
+    out: dict[str, Path] = {}
+    for script, moe in ((MAKE, False), (MOE, True)):
+        mine = [n for n in names if (n in MOE_CASES) == moe]
+        if mine:
+            base = root / cache_key(python, moe=moe)
+            _build(script, mine, base, root, python)
+            out.update({n: base / n for n in mine})
+    return {n: out[n] for n in names}
+
+
+def _build(script: Path, names: list[str], base: Path, root: Path, python: str | None) -> None:
+    """Run ``script`` for those of ``names`` without a DONE in ``base``, a launch per
+    (world, launch group)."""
     with _locked(base / ".lock"):
         todo = [n for n in names if not (base / n / "DONE").is_file()]
         launches: dict[tuple[int, str], list[str]] = {}
@@ -209,7 +233,7 @@ def build(
             stamp = time.strftime("%Y%m%d-%H%M%S")
             tag = f"-{launch}" if launch else ""
             torchrun(
-                MAKE,
+                script,
                 ["--case", ",".join(group), "--out", str(target)],
                 world,
                 python=python,
@@ -218,8 +242,7 @@ def build(
             )
         missing = [n for n in names if not (base / n / "DONE").is_file()]
         if missing:
-            raise RuntimeError(f"ds_make.py finished but left no DONE for {missing} in {base}")
-    return out
+            raise RuntimeError(f"{script.name} finished but left no DONE for {missing} in {base}")
 
 
 def read_truth(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -251,6 +274,7 @@ def load(
     ckpt: Path | str,
     *,
     world: int | None = None,
+    ep: int | None = None,
     universal: bool = False,
     tag: str | None = None,
     root: Path | str | None = None,
@@ -259,7 +283,8 @@ def load(
     fresh: bool = False,
 ) -> Loaded:
     """Have real DeepSpeed load ``ckpt`` as ``case`` at ``world`` ranks (default: the case's;
-    a pipeline / TP case keeps its pp and tp, so ``world`` sets the data-parallel size).
+    a pipeline / TP case keeps its pp and tp, so ``world`` sets the data-parallel size; a MoE
+    case is built at expert-parallel size ``ep``, default its own).
 
     A refusal by DeepSpeed raises unless ``expect_error``; then ``Loaded.error`` holds it.
     ``fresh``: the checkpoint has no lr scheduler state (load_lr_scheduler_states=False).
@@ -276,12 +301,14 @@ def load(
             args.append("--universal")
         if fresh:
             args.append("--fresh")
+        if ep is not None:
+            args += ["--ep", str(ep)]
         if tag is not None:
             args += ["--tag", tag]
         log = (
             root
             / "logs"
-            / f"load-{case}-w{world}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            / f"load-{case}-w{world}{f'-ep{ep}' if ep else ''}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         )
         torchrun(LOAD, args, world, python=python, ext_dir=root / "torch_extensions", log=log)
         if not dump.exists():

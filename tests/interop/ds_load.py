@@ -20,6 +20,10 @@ non-zero worker exit into its own 1), so callers can assert on refusals.
 
 A pipeline / tensor-parallel case (ds_make.PARALLEL_CASES) keeps its pp and tp: W = pp * tp *
 dp picks the data-parallel size dp, and the dump holds full tensors as its ground truth does.
+
+A Mixture-of-Experts case (ds_moe.CASES) is built at W ranks and ``--ep E`` (default: the
+case's ep), so one checkpoint can be offered to another data- and expert-parallel topology;
+the dump is in ds_moe's ground-truth format (experts under their global names).
 """
 
 from __future__ import annotations
@@ -33,11 +37,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ds_make  # after the sys.path insert above
+import ds_moe
+
+CASES = {**ds_make.ALL_CASES, **ds_moe.CASES}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", required=True, choices=sorted(ds_make.ALL_CASES))
+    ap.add_argument("--case", required=True, choices=sorted(CASES))
     ap.add_argument("--ckpt", required=True, type=Path, help="checkpoint root (holds latest)")
     ap.add_argument("--universal", action="store_true", help="load_universal (latest_universal)")
     ap.add_argument("--tag", default=None)
@@ -46,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="a checkpoint without lr scheduler state: load_lr_scheduler_states=False",
     )
+    ap.add_argument("--ep", type=int, default=None, help="expert-parallel size (MoE cases)")
     ap.add_argument("--dump", required=True, type=Path, help="OUT.safetensors (+ OUT.json)")
     args = ap.parse_args(argv)
 
@@ -53,8 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     def work() -> None:
-        case = ds_make.ALL_CASES[args.case]
-        engine, cfg = ds_make.build_engine(case, world, universal=args.universal)
+        case = CASES[args.case]
+        kind = ds_make
+        if case.get("kind") == "moe":
+            kind = ds_moe
+            case = ds_moe.at_topology(case, world, args.ep)
+        elif args.ep is not None:
+            raise SystemExit(f"--ep is for Mixture-of-Experts cases, not {args.case}")
+        engine, cfg = kind.build_engine(case, world, universal=args.universal)
         error = None
         try:
             load_path, client_state = engine.load_checkpoint(
@@ -77,9 +91,9 @@ def main(argv: list[str] | None = None) -> None:
                     + "\n"
                 )
         else:
-            tensors, meta = ds_make.capture(engine, case)
+            tensors, meta = kind.capture(engine, case)
             # then go on training: one more step must run on what was loaded
-            next_loss = ds_make.train(engine, case, rank, steps=1)[0]
+            next_loss = kind.train(engine, case, rank, steps=1)[0]
             if rank == 0:
                 meta.update(
                     {
