@@ -161,3 +161,34 @@ def layout_pairs(draw: st.DrawFn) -> tuple[Layout, Layout]:
         return top + decls + "\nstore deepspeed\n"
 
     return load_text(text(a)), load_text(text(b))
+
+
+@st.composite
+def moe_layouts(draw: st.DrawFn, fmt: str = "deepspeed") -> Layout:
+    """A random native mixture-of-experts layout at ZeRO 1 or 2: dense tensors partitioned
+    over every data-parallel rank, one or two MoE layers whose experts are dealt over
+    ``ep`` and partitioned over ``edp``, maybe split over ``tp`` too."""
+    edp, ep, tp = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 2))
+    sizes = {"tp": tp}
+    lines = [
+        f"let dp = {edp * ep}",
+        f"mesh {{ edp = dp / ep, ep = {ep}, tp = {tp} }}",
+        f"dtype {draw(st.sampled_from(['bf16', 'fp32']))}",
+        "optimizer adam",
+        f"zero {draw(st.integers(1, 2))} over (edp, ep)",
+    ]
+    for i in range(draw(st.integers(1, 3))):
+        lines.append(f"tensor d{i}.w [{', '.join(draw(dims(['tp'], sizes)))}]")
+    for layer in range(draw(st.integers(1, 2))):
+        count = ep * draw(st.integers(1, 3))
+        group = draw(st.sampled_from(["experts", f"experts{layer}"]))
+        body = [
+            f"tensor m{layer}.experts.{{e}}.w{k} [{', '.join(draw(dims(['tp'], sizes)))}] "
+            f"layer {layer}"
+            for k in range(draw(st.integers(1, 2)))
+        ]
+        lines.append(f"group {group} {{ for e in 0..{count} over ep {{ {' '.join(body)} }} }}")
+    if draw(st.booleans()):
+        lines.append("frozen f.w [3]")
+    lines.append(f"store {fmt}")
+    return load_text("\n".join(lines) + "\n")

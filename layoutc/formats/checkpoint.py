@@ -73,6 +73,11 @@ class Checkpoint:
         those read so far)."""
         return sorted(self.read())
 
+    def state_files(self) -> list[str]:
+        """Every file of the folder that holds checkpoint state by the format's naming,
+        whether or not a layout reads it (what a check refuses to leave behind)."""
+        return self.data_files()
+
     def identity(self) -> dict[str, dict[str, Any]]:
         """What a saved plan records of its source (:meth:`check_identity`): the size of
         each of its :meth:`data_files`, and of those whose metadata was read, a SHA-256 of

@@ -26,6 +26,7 @@ from layoutc.ir import check_tag
 from layoutc.lang.fmt import fmt
 from layoutc.lang.parse import parse
 from layoutc.place.deepspeed import (
+    EXPERT,
     LATEST,
     LATEST_UNIVERSAL,
     LAYER,
@@ -56,6 +57,7 @@ class DeepSpeedCheckpoint(Checkpoint):
         self.model_files: list[Path] = []
         self.optim_files: list[Path] = []
         self.layer_files: list[Path] = []
+        self.expert_files: list[Path] = []  # MoE: layer_{L}_expert_{id}_mp_rank_XX_...
         self.universal = False  # DeepSpeed's universal format: zero/<param>/<state>.pt
 
     @classmethod
@@ -69,6 +71,8 @@ class DeepSpeedCheckpoint(Checkpoint):
                 ckpt.optim_files.append(p)
             elif LAYER.match(p.name):
                 ckpt.layer_files.append(p)
+            elif EXPERT.match(p.name):
+                ckpt.expert_files.append(p)
         ckpt.universal = not ckpt.optim_files and (folder / "zero").is_dir()
         return ckpt
 
@@ -77,10 +81,17 @@ class DeepSpeedCheckpoint(Checkpoint):
 
     def data_files(self) -> list[str]:
         """Model-states, optimizer and layer files; a universal checkpoint's ``zero/``."""
-        files = [*self.model_files, *self.optim_files, *self.layer_files]
+        files = [*self.model_files, *self.optim_files, *self.layer_files, *self.expert_files]
         if self.universal:
             files.extend((self.folder / "zero").rglob("*.pt"))
         return sorted(str(p.relative_to(self.folder)) for p in files)
+
+    def state_files(self) -> list[str]:
+        """Every ``.pt`` file of the tag folder: DeepSpeed keeps nothing else there (a
+        universal checkpoint's ``zero/`` tree is checked folder by folder)."""
+        if self.universal:
+            return self.data_files()
+        return sorted(p.name for p in self.folder.glob("*.pt") if p.is_file())
 
     @cached_property
     def model_states(self) -> dict[str, Any]:
@@ -340,15 +351,14 @@ def infer_text(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
         )
     if ckpt.layer_files:
         return _infer_pipeline(ckpt, pp, name)
+    if ckpt.expert_files or ms.get("num_experts"):
+        return _infer_moe(ckpt, name)
     param_shapes = ms.get("param_shapes")
     if not isinstance(param_shapes, list):
         raise Unsupported(
             f"{ckpt.model_files[0]}: no param_shapes (not a ZeRO checkpoint); ZeRO-0 is not inferred yet"
         )
     module: dict[str, Any] = ms.get("module") or {}
-    shared: dict[str, str] = dict(ms.get("shared_params") or {})
-    buffer_names = list(ms.get("buffer_names") or [])
-    frozen_shapes: dict[str, Any] = dict(ms.get("frozen_param_shapes") or {})
     opt = ckpt.optim_states
     if opt is not None and any(any(p) for p in opt.get("param_alignment_paddings") or []):
         raise Unsupported(
@@ -359,9 +369,25 @@ def infer_text(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     params = _trainable(ckpt, param_shapes)
     first = params[0][1] if params else None
     dtype = _dtype(module.get(first), first) if first else "fp32"
+    lines = _header(ckpt, name, f"mesh {{ dp = {ckpt.dp} }}", dtype)
+    lines += _optimizer_lines(ckpt, first)
+    lines += _param_lines([(g, p, _dims(s)) for g, p, s in params], module, dtype)
+    lines += _untrained_lines(ckpt, {p for _, p, _ in params}, dtype)
+    store = "universal" if ckpt.universal else "deepspeed"
+    lines.append(f'store {store} {{ tag "{ckpt.tag}" }}')
+    text = "\n".join(lines) + "\n"
+    return text
 
+
+def _untrained_lines(ckpt: DeepSpeedCheckpoint, trained: set[str], dtype: str) -> list[str]:
+    """The model states' frozen parameters, persistent buffers and ties, as entries."""
+    ms = ckpt.model_states
+    module: dict[str, Any] = ms.get("module") or {}
+    shared: dict[str, str] = dict(ms.get("shared_params") or {})
+    buffer_names = list(ms.get("buffer_names") or [])
+    frozen_shapes: dict[str, Any] = dict(ms.get("frozen_param_shapes") or {})
     frozen: list[tuple[str, tuple[int, ...], str]] = []
-    known = {p for _, p, _ in params} | set(buffer_names) | set(shared)
+    known = trained | set(buffer_names) | set(shared)
     if frozen_shapes:
         fragments = ms.get("frozen_param_fragments") or {}
         for fname, shape in frozen_shapes.items():
@@ -372,20 +398,14 @@ def infer_text(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
         for key, ref in module.items():
             if key not in known and isinstance(ref, pt.TensorRef):
                 frozen.append((_check_name(key, ckpt), ref.shape, ref.dtype))
-    lines = _header(ckpt, name, f"mesh {{ dp = {ckpt.dp} }}", dtype)
-    lines += _optimizer_lines(ckpt, first)
-    lines += _param_lines([(g, p, _dims(s)) for g, p, s in params], module, dtype)
-    lines.extend(_entry("frozen", f, s, d, dtype) for f, s, d in frozen)
+    lines = [_entry("frozen", f, s, d, dtype) for f, s, d in frozen]
     lines.extend(
         _entry("buffer", _check_name(b, ckpt), module[b].shape, module[b].dtype, dtype)
         for b in buffer_names
         if b in module
     )
     lines.extend(f"tie {alias} = {source}" for alias, source in shared.items())
-    store = "universal" if ckpt.universal else "deepspeed"
-    lines.append(f'store {store} {{ tag "{ckpt.tag}" }}')
-    text = "\n".join(lines) + "\n"
-    return text
+    return lines
 
 
 def _trainable(
@@ -406,6 +426,140 @@ def _trainable(
         for s, shapes in enumerate(param_shapes)
         for pname, shape in shapes.items()
     ]
+
+
+_EXPERTS = re.compile(r"^(.*\.deepspeed_moe\.experts\.deepspeed_experts)\.(\d+)\.(.+)$")
+
+
+def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
+    """A native DeepSpeed MoE checkpoint (ZeRO-1/2): dense parameters in the model states,
+    each expert of each MoE layer in its own file under its global id, expert param groups
+    partitioned over the expert-data-parallel ranks. The model states list rank 0's experts
+    under their local ids; the expert files say which MoE layer each belongs to."""
+    ms = ckpt.model_states
+    where = ckpt.model_files[0]
+    if ms.get("ds_autoep_layers"):
+        raise Unsupported(
+            f"{where}: an AutoEP checkpoint (ds_autoep_layers); layoutc reads native MoE only, for now"
+        )
+    param_shapes = ms.get("param_shapes")
+    opt = ckpt.optim_states
+    if not isinstance(param_shapes, list) or opt is None:
+        raise Unsupported(
+            f"{where}: a mixture-of-experts checkpoint without ZeRO partitions (ZeRO-0, "
+            "expp_rank_* optimizer files); layoutc reads native MoE at ZeRO 1 and 2 for now"
+        )
+    if ckpt.zero3:
+        raise Unsupported(f"{where}: a mixture-of-experts checkpoint at ZeRO-3")
+    if not ckpt.expert_files:
+        raise NotACheckpoint(
+            f"{ckpt.folder}: the model states name experts (num_experts) but the folder holds "
+            "no layer_*_expert_*_mp_rank_*_model_states.pt files"
+        )
+    # which MoE layer each expert module is, from the files' own keys
+    layer_of_module: dict[str, int] = {}
+    dtypes: dict[str, str] = {}
+    seen: set[tuple[int, int]] = set()
+    for path in ckpt.expert_files:
+        m = EXPERT.match(path.name)
+        assert m is not None
+        layer, expert = int(m.group(1) or 0), int(m.group(2))
+        if int(m.group(3)) != 0:
+            raise Unsupported(f"{path}: experts with model parallelism (mp_rank > 0)")
+        seen.add((layer, expert))
+        obj = ckpt.load(path)
+        if not isinstance(obj, dict) or not obj:
+            raise NotACheckpoint(f"{path}: not a dict of expert tensors")
+        for key, ref in obj.items():
+            km = _EXPERTS.match(str(key))
+            if km is None or int(km.group(2)) != expert or not isinstance(ref, pt.TensorRef):
+                raise NotACheckpoint(
+                    f"{path}: holds {key!r}; an expert file holds expert {expert}'s tensors, "
+                    f"named …deepspeed_moe.experts.deepspeed_experts.{expert}.<name>"
+                )
+            if layer_of_module.setdefault(km.group(1), layer) != layer:
+                raise NotACheckpoint(
+                    f"{path}: {km.group(1)} is also in MoE layer {layer_of_module[km.group(1)]}"
+                )
+            dtypes[f"{km.group(1)}.{{e}}.{km.group(3)}"] = ref.dtype
+    counts = [int(n) for n in ms.get("num_experts") or []]
+    groups = opt.get("base_optimizer_state", {}).get("param_groups") or []
+    parts = [int(x) for x in opt.get("partition_count") or []]
+    moe_groups = [g for g, pg in enumerate(groups) if isinstance(pg, dict) and pg.get("moe")]
+    if not moe_groups or len(parts) != len(groups):
+        raise NotACheckpoint(
+            f"{ckpt.optim_files[0]}: no expert param groups ('moe': True) with a partition count"
+        )
+    edp = parts[moe_groups[0]]
+    if any(parts[g] != edp for g in moe_groups) or ckpt.dp % edp:
+        raise Unsupported(
+            f"{ckpt.optim_files[0]}: expert groups partitioned {[parts[g] for g in moe_groups]} "
+            f"ways at dp = {ckpt.dp}: experts of several expert-parallel sizes"
+        )
+    ep = ckpt.dp // edp
+    module: dict[str, Any] = ms.get("module") or {}
+    lines: list[str] = []
+    dense = [
+        _check_name(p, ckpt) for g, ps in enumerate(param_shapes) if g not in moe_groups for p in ps
+    ]
+    first = dense[0] if dense else None
+    dense_dtype = _dtype(module.get(first), first) if first else None
+    for g, shapes in enumerate(param_shapes):
+        if g not in moe_groups:
+            lines += _group(g, [f"tensor {p} {_dims(_shape(s))}" for p, s in shapes.items()])
+            continue
+        body = []
+        runs: list[tuple[str, list[tuple[int, str, tuple[int, ...]]]]] = []
+        for pname, shape in shapes.items():
+            km = _EXPERTS.match(pname)
+            if km is None:
+                raise Unsupported(
+                    f"{where}: {pname} is in expert param group {g} but is no native MoE expert"
+                )
+            module_name, local, rest = km.group(1), int(km.group(2)), km.group(3)
+            if not runs or runs[-1][0] != module_name:
+                runs.append((module_name, []))
+            runs[-1][1].append((local, rest, _shape(shape)))
+        for module_name, entries in runs:
+            if module_name not in layer_of_module:
+                raise NotACheckpoint(f"{ckpt.folder}: no expert file holds {module_name}")
+            layer = layer_of_module[module_name]
+            locals_ = sorted({lo for lo, _, _ in entries})
+            per = [(r, s) for lo, r, s in entries if lo == 0]
+            if locals_ != list(range(len(locals_))) or any(
+                [(r, s) for lo, r, s in entries if lo == k] != per for k in locals_
+            ):
+                raise Unsupported(f"{where}: the experts of {module_name} differ in their tensors")
+            count = len(locals_) * ep
+            if layer < len(counts) and counts[layer] != count:
+                raise NotACheckpoint(
+                    f"{where}: num_experts says {counts[layer]} experts in MoE layer {layer}; "
+                    f"{len(locals_)} per rank at ep = {ep} make {count}"
+                )
+            missing = [e for e in range(count) if (layer, e) not in seen]
+            if missing:
+                raise NotACheckpoint(
+                    f"{ckpt.folder}: layer_{layer}_expert_{missing[0]}_mp_rank_00_model_states.pt "
+                    f"is missing ({module_name}, {count} experts)"
+                )
+            inner = []
+            for rest, shape in per:
+                template = f"{module_name}.{{e}}.{rest}"
+                _check_name(template.replace("{e}", "0"), ckpt)
+                dt = dtypes.get(template)
+                own = f" {dt}" if dt and dense_dtype and dt != dense_dtype else ""
+                inner.append(f"  tensor {template} {_dims(shape)}{own} layer {layer}")
+            body.append(f"for e in 0..{count} over ep {{")
+            body += inner
+            body.append("}")
+        lines += _group(g, body)
+    dtype = dense_dtype or "fp32"
+    mesh = f"let dp = {ckpt.dp}\nmesh {{ edp = dp / ep, ep = {ep} }}"
+    out = _header(ckpt, name, mesh, dtype) + _optimizer_lines(ckpt, first, "(edp, ep)")
+    out += lines
+    out += _untrained_lines(ckpt, set(dense), dtype)
+    out.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
+    return "\n".join(out) + "\n"
 
 
 def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:
@@ -564,9 +718,10 @@ def _header(ckpt: DeepSpeedCheckpoint, name: str | None, mesh: str, dtype: str) 
     ]
 
 
-def _optimizer_lines(ckpt: DeepSpeedCheckpoint, first: str | None) -> list[str]:
+def _optimizer_lines(ckpt: DeepSpeedCheckpoint, first: str | None, over: str = "dp") -> list[str]:
     """``optimizer`` and ``zero`` statements (none without optimizer files); the state
-    names are read from ``first``, the first trainable parameter."""
+    names are read from ``first``, the first trainable parameter; ZeRO partitions ``over``
+    these axes."""
     if ckpt.optim_states is None:
         return []
     first_state = _first_state(ckpt, first)
@@ -584,7 +739,7 @@ def _optimizer_lines(ckpt: DeepSpeedCheckpoint, first: str | None) -> list[str]:
         zopts.append(f"sub_group {int(zcfg.get('sub_group_size', 1_000_000_000))}")
     if variant:
         zopts.append(variant)
-    lines.append(f"zero {stage} over dp" + (f" {{ {', '.join(zopts)} }}" if zopts else ""))
+    lines.append(f"zero {stage} over {over}" + (f" {{ {', '.join(zopts)} }}" if zopts else ""))
     return lines
 
 

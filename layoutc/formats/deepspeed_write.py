@@ -28,7 +28,7 @@ from layoutc.errors import Unsupported
 from layoutc.formats import autotp, pt
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
-from layoutc.place.deepspeed import DeepSpeedPlacement
+from layoutc.place.deepspeed import NATIVE_EXPERTS, DeepSpeedPlacement
 from layoutc.place.shards import STEP, StoredBuffer, iter_coords
 
 DS_VERSION = "0.19.8"
@@ -58,6 +58,8 @@ _ENGINE_KEYS = (
     "checkpoint_parallel_dimensions",
     "ds_config",
     "ds_version",
+    "num_experts",
+    "ds_autoep_layers",
 )
 # The optimizer scalars DeepSpeed's ZeRO-1/2 loader restores from the file when present.
 _OPTIM_SCALARS = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad")
@@ -169,6 +171,11 @@ def files(
         for f in dict.fromkeys(b.file for b in target.weight_buffers()):
             holes = Holes(by_file.get(f, {}))
             yield f, _layer_states(holes, carried.layer_order(f)), holes
+    if target.experts:
+        _check_expert_names(target)
+        for f in target.expert_files():  # an expert's state dict, under its global id
+            holes = Holes(by_file.get(f, {}))
+            yield f, _layer_states(holes, carried.layer_order(f)), holes
     optim = {"flat": _flat_optim, "stage3": _stage3_optim}.get(target.mode)
     if optim is not None:
         for mp in iter_coords(target.mesh, target.mp_axes):
@@ -177,6 +184,19 @@ def files(
                 f = target.optim_file(coords)
                 holes = Holes(by_file.get(f, {}))
                 yield f, optim(target, carried, coords, holes), holes
+
+
+def _check_expert_names(target: DeepSpeedPlacement) -> None:
+    """DeepSpeed's loader finds an expert's tensors by ``….deepspeed_experts.<id>.`` in
+    their names (and renumbers them to the rank's local ids): a target must name them so."""
+    for t in target.experts:
+        assert t.expert is not None
+        if f"{NATIVE_EXPERTS}.{t.expert.id}." not in t.name:
+            raise Unsupported(
+                f"{target.layout.source}: expert {t.expert.id}'s tensor {t.name} has no "
+                f"`{NATIVE_EXPERTS[1:]}.{t.expert.id}.` in its name, which DeepSpeed's native "
+                "MoE loader finds experts by"
+            )
 
 
 def _index(names: list[str], name: str) -> int:
@@ -228,6 +248,8 @@ def _model_states(
         return _stage_states(target, carried, run, holes, stage, model)
     module: OrderedDict[str, Any] = OrderedDict()
     for t in layout.tensors:
+        if t.expert:  # in the experts' own files
+            continue
         if stage3 and t.kind != ir.BUFFER:  # partitioned parameters leave a 0-element stub
             module[t.name] = pt.Tensor(t.dtype, (0,), np.zeros(0, np_dtype(t.dtype)))
         else:
@@ -246,7 +268,7 @@ def _model_states(
     frozen = [
         t
         for t in layout.tensors
-        if t.kind == ir.FROZEN or (zero and t.trainable and t.name not in owned)
+        if not t.expert and (t.kind == ir.FROZEN or (zero and t.trainable and t.name not in owned))
     ]
 
     def fragment(t: ir.Tensor) -> pt.Tensor:
@@ -262,7 +284,9 @@ def _model_states(
         if target.mode == "plain"
         else None,
         "param_shapes": [
-            OrderedDict((t.name, pt.Size(target.local_shape(t, model))) for t in members)
+            OrderedDict(
+                (target.local_name(t), pt.Size(target.local_shape(t, model))) for t in members
+            )
             for members in _flat_members(target, model)
         ]
         if zero
@@ -279,6 +303,10 @@ def _model_states(
         else None,
         **run,
     }
+    if target.experts:  # per MoE layer, in order
+        layers = sorted({(t.layer, t.expert.count) for t in target.experts if t.expert})
+        obj["num_experts"] = [count for _, count in layers]
+        obj["ds_autoep_layers"] = None
     return obj
 
 
@@ -512,7 +540,7 @@ def _flat_optim(
     bf16_optimizer = layout.zero.bf16_optimizer or (layout.zero.stage == 0 and target.bf16)
     stage = coords.get(layout.pipeline, 0) if layout.pipeline else 0
     model = target.model_index(coords)
-    groups = target.optimizer_groups(stage, model)
+    groups = target.optimizer_groups(stage, model, coords)
     src = carried.optim
     state: dict[int, dict[str, Any]] = {}
     masters = []
@@ -532,13 +560,18 @@ def _flat_optim(
         mappings.append(
             OrderedDict(
                 (
-                    members[i].name,
+                    target.local_name(members[i]),
                     pt.Record(FRAGMENT, (), {"numel": f.numel, "start": f.buffer_offset}),
                 )
                 for i, f in m.flat.rank_mapping(rank)
             )
         )
     param_groups = _param_groups(target, carried, [[g] for g, _, _ in groups], stage, model)
+    for pg, (_, members, _m) in zip(param_groups, groups, strict=True):
+        e = members[0].expert
+        if e is not None and isinstance(pg, dict):  # DeepSpeed names expert groups by ep
+            pg["name"] = f"ep_size_{target.mesh.sizes[e.axis]}"
+            pg["moe"] = True
     inner: dict[str, Any] = {}
     if not bf16_optimizer:
         for k in _OPTIM_SCALARS:

@@ -96,6 +96,17 @@ def check_against(placement: Placement, source: Checkpoint | str | Path) -> None
             )
             if len(diags) >= MAX_SHOWN:
                 break
+    if len(diags) < MAX_SHOWN and placement.format == ckpt.format:
+        placed = set(placement.files())
+        for f in (f for f in ckpt.state_files() if f not in placed):
+            add(
+                "E308",
+                f"{folder / f}: the checkpoint holds this file, which the layout does not place",
+                "declare what it holds (layoutc infer shows it); a converter that left it out "
+                "would lose it",
+            )
+            if len(diags) >= MAX_SHOWN:
+                break
     if diags:
         raise LayoutError(diags)
 

@@ -54,8 +54,14 @@ _LAYER = re.compile(r"^(\d+)\.(.+)$")
 MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
 LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
+# MoE experts: layer_{L}_expert_{id}_mp_rank_{MP}_… (before DeepSpeed 0.5: expert_{id}_mp_rank_…)
+NATIVE_EXPERTS = ".deepspeed_moe.experts.deepspeed_experts"  # + .{id}.<name>: an expert's tensor
+EXPERT = re.compile(r"^(?:layer_(\d+)_)?expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 LATEST = "latest"  # the root's marker: the tag folder of the checkpoint
 LATEST_UNIVERSAL = "latest_universal"  # the same, of a universal checkpoint
+
+
+Pin = tuple[tuple[str, int], ...]  # the coordinates holding an expert (none: every rank)
 
 
 @dataclass(frozen=True)
@@ -108,13 +114,17 @@ class DeepSpeedPlacement(Placement):
             raise Unsupported(
                 f"{layout.source}: DeepSpeed refuses ZeRO-{z.stage} with pipeline parallelism; use zero 0 or 1"
             )
-        experts = [t.name for t in self.trainable if set(t.split_axes) & set(self.dp_axes)]
-        if experts:
+        stacked = [t.name for t in self.trainable if set(t.split_axes) & set(self.dp_axes)]
+        if stacked:
             raise Unsupported(
-                f"{layout.source}: {experts[0]} is split over a ZeRO axis (an expert tensor); "
-                "DeepSpeed stores experts in per-expert files, which layoutc does not place yet. "
-                "Use store universal, safetensors or torch for this layout"
+                f"{layout.source}: {stacked[0]} is split over a ZeRO axis (experts stacked in one "
+                "tensor); DeepSpeed's native MoE keeps one tensor per expert, declared "
+                "`for e in 0..E over ep { ... }`, and layoutc does not place stacked experts in "
+                "DeepSpeed files yet. Use store universal, safetensors or torch for this layout"
             )
+        self.experts = tuple(t for t in self.tensors if t.expert)
+        if self.experts:
+            self._check_experts(layout)
         # DeepSpeed's pipeline engine writes layer files whatever the number of stages.
         self.layer_files = layout.pipeline is not None
         if self.layer_files:
@@ -131,6 +141,35 @@ class DeepSpeedPlacement(Placement):
         # Tensors cut in uneven grains (AutoTP) give each model-parallel coordinate its own
         # flat groups: other numels, and no place at all for a slice with no elements.
         self.uneven = any(t.uneven for t in self.tensors)
+
+    def _check_experts(self, layout: ir.Layout) -> None:
+        """What DeepSpeed's native MoE can store: experts over a ZeRO axis (its expert
+        groups cut the data-parallel group), each naming its MoE layer, at ZeRO 1 or 2,
+        without a pipeline."""
+        first = self.experts[0]
+        assert first.expert is not None
+        where = f"{layout.source}: {first.name} is an expert"
+        if layout.pipeline:
+            raise Unsupported(f"{where}; layoutc does not place experts in a DeepSpeed pipeline")
+        if self.mode not in ("flat",) or layout.zero.stage == 3 or layout.zero.bf16_optimizer:
+            what = "ZeRO-3" if layout.zero.stage == 3 else f"zero {layout.zero.stage}"
+            raise Unsupported(
+                f"{where}; DeepSpeed's native MoE is placed at ZeRO 1 and 2, not {what} "
+                "(DeepSpeed refuses native MoE with ZeRO-3)"
+            )
+        axes = {t.expert.axis for t in self.experts if t.expert}
+        off = sorted(axes - set(self.dp_axes))
+        if off:
+            raise Unsupported(
+                f"{where} dealt over `{off[0]}`, which ZeRO does not partition over: DeepSpeed's "
+                f"expert-parallel ranks are part of its data-parallel group (zero N over (edp, {off[0]}))"
+            )
+        unnamed = [t.name for t in self.experts if t.layer is None]
+        if unnamed:
+            raise Unsupported(
+                f"{layout.source}: expert {unnamed[0]} names no MoE layer; DeepSpeed stores it in "
+                "layer_<L>_expert_<id>_mp_rank_XX_model_states.pt: write `layer L` on it"
+            )
 
     # -------------------------------------------------------------- states
 
@@ -155,6 +194,20 @@ class DeepSpeedPlacement(Placement):
 
     def optim_file(self, coords: dict[str, int]) -> str:
         return f"{self.prefix}zero_pp_rank_{self._dp(coords)}_mp_rank_{self._mp(coords):02d}_optim_states.pt"
+
+    def local_name(self, t: ir.Tensor) -> str:
+        """The name the ranks holding ``t`` give it: an expert's with its local id (what
+        DeepSpeed's optimizer files and ``param_shapes`` record), others their own."""
+        e = t.expert
+        if e is None:
+            return t.name
+        size = self.mesh.sizes[e.axis]
+        return t.name.replace(f"{NATIVE_EXPERTS}.{e.id}.", f"{NATIVE_EXPERTS}.{e.local(size)}.", 1)
+
+    def expert_file(self, t: ir.Tensor, coords: dict[str, int]) -> str:
+        """The file of one expert of one MoE layer (its global id) at a model-parallel rank."""
+        assert t.expert is not None and t.layer is not None
+        return expert_file_name(t.layer, t.expert.id, self._mp(coords))
 
     def layer_file(self, t: ir.Tensor, coords: dict[str, int]) -> tuple[str, str]:
         """The layer file and key of a tensor: ``<L>.<key>``, or a tied module's
@@ -228,32 +281,44 @@ class DeepSpeedPlacement(Placement):
                 ]
                 if not members:
                     continue
-                numels = tuple(math.prod(shapes[t.name]) for t in members)
-                parts = self.mesh.size(*(a for a in self.dp_axes if a not in members[0].split_axes))
-                flat = FlatGroup(numels, parts) if self.mode == "flat" else None
-                s3 = (
-                    Stage3Group(numels, parts, self.layout.zero.sub_group_size)
-                    if self.mode == "stage3"
-                    else None
-                )
-                for i, t in enumerate(members):
-                    out[t.name, stage, model] = Member(g, i, flat, s3, sub_group_base, param_index)
-                    param_index += 1
+                # experts: each coordinate of their axis has a flat buffer of its own experts
+                pinned: dict[Pin, list[ir.Tensor]] = {}
+                for t in members:
+                    pinned.setdefault(self.pin(t), []).append(t)
+                parts = self.mesh.size(*self.partition_axes(members[0]))
+                base = param_index
+                for on in pinned.values():
+                    param_index = base
+                    numels = tuple(math.prod(shapes[t.name]) for t in on)
+                    flat = FlatGroup(numels, parts) if self.mode == "flat" else None
+                    s3 = (
+                        Stage3Group(numels, parts, self.layout.zero.sub_group_size)
+                        if self.mode == "stage3"
+                        else None
+                    )
+                    for i, t in enumerate(on):
+                        out[t.name, stage, model] = Member(
+                            g, i, flat, s3, sub_group_base, param_index
+                        )
+                        param_index += 1
                 if s3 is not None:
                     sub_group_base += len(s3.sub_groups)
                 g += 1
         return out
 
     def optimizer_groups(
-        self, stage: int = 0, model: int = 0
+        self, stage: int = 0, model: int = 0, coords: dict[str, int] | None = None
     ) -> list[tuple[int, list[ir.Tensor], Member]]:
         """The optimizer's flat groups (ZeRO-1/2, bf16 optimizer) or param groups (ZeRO-3)
         on one pipeline stage and model-parallel coordinate, in DeepSpeed's order: (index,
         trainable tensors, member of the first) — the member carries the group's
-        :class:`FlatGroup` or :class:`Stage3Group`."""
+        :class:`FlatGroup` or :class:`Stage3Group`. Experts are those held at ``coords``
+        (default: at coordinate 0 of their axis)."""
         out: dict[int, tuple[int, list[ir.Tensor], Member]] = {}
         for t in self.trainable:
             if stage not in self._stages_of(t):
+                continue
+            if t.expert and any((coords or {}).get(a, 0) != c for a, c in self.pin(t)):
                 continue
             m = self._members.get((t.name, stage, model))
             if m is not None:
@@ -286,7 +351,13 @@ class DeepSpeedPlacement(Placement):
         return axes, parts, -(-numel // parts)
 
     def partition_axes(self, t: ir.Tensor) -> tuple[str, ...]:
-        return tuple(a for a in self.dp_axes if a not in t.split_axes)
+        """The ZeRO axes partitioning ``t``'s group: those it is neither split nor dealt over."""
+        held = (*t.split_axes, *t.pinned_axes)
+        return tuple(a for a in self.dp_axes if a not in held)
+
+    def pin(self, t: ir.Tensor) -> Pin:
+        """The coordinates an expert is held at (empty for every other tensor)."""
+        return tuple(t.pinned(self.mesh.sizes).items())
 
     # -------------------------------------------------------------- geometry
 
@@ -296,7 +367,12 @@ class DeepSpeedPlacement(Placement):
         return slices_of(t, self.mesh)
 
     def copy_axes(self, t: ir.Tensor, state: str) -> tuple[str, ...]:
-        """Axes over which each slice is stored again (replicas)."""
+        """Axes over which each slice is stored again (replicas); an expert is stored only
+        at its coordinate."""
+        axes = self._copy_axes(t, state)
+        return tuple(a for a in axes if a not in t.pinned_axes) if t.expert else axes
+
+    def _copy_axes(self, t: ir.Tensor, state: str) -> tuple[str, ...]:
         split = set(t.split_axes)
         model = tuple(a for a in self.model_axes if a not in split)
         if state == STEP:
@@ -333,6 +409,7 @@ class DeepSpeedPlacement(Placement):
         coords.update(
             self.mesh.unindex(self.copy_axes(t, state), inner // self._variants(t, state))
         )
+        coords.update(self.pin(t))
         if self.layout.pipeline:
             coords[self.layout.pipeline] = self._stages_of(t)[stage]
         return coords
@@ -389,7 +466,7 @@ class DeepSpeedPlacement(Placement):
             except KeyError:  # no elements: the optimizer leaves it out
                 continue
             copies = range(k * per_stage, (k + 1) * per_stage)
-            out.append(((stage, self._state_key(m, STEP)), copies))
+            out.append(((stage, self.pin(t), self._state_key(m, STEP)), copies))
         return out
 
     def count_runs_all(self, t: ir.Tensor, state: str, sl: Slice, lo: int, hi: int) -> int:
@@ -422,6 +499,8 @@ class DeepSpeedPlacement(Placement):
     ) -> tuple[str, str]:
         if self.layer_files:
             return self.layer_file(t, coords)
+        if t.expert:
+            return self.expert_file(t, coords), t.name
         if variant == 1:
             return self.model_file(coords), f"frozen_param_fragments/{t.name}"
         return self.model_file(coords), f"module/{t.name}"
@@ -469,6 +548,14 @@ class DeepSpeedPlacement(Placement):
     def _mp_coords(self) -> Iterator[dict[str, int]]:
         return iter_coords(self.mesh, self.mp_axes)
 
+    def _dp_coords(self, t: ir.Tensor) -> Iterator[dict[str, int]]:
+        """The data-parallel coordinates of the ranks whose optimizer holds ``t``'s group:
+        all of them, or for an expert those at its coordinate."""
+        pin = dict(self.pin(t))
+        free = tuple(a for a in self.dp_axes if a not in pin)
+        for dp in iter_coords(self.mesh, free):
+            yield {a: pin[a] if a in pin else dp[a] for a in self.dp_axes}
+
     def files(self) -> Iterator[str]:
         for mp in self._mp_coords():
             if self.layout.zero.stage == 3:
@@ -480,6 +567,7 @@ class DeepSpeedPlacement(Placement):
             for mp in self._mp_coords():
                 for dp in iter_coords(self.mesh, self.dp_axes):
                     yield self.optim_file({**mp, **dp})
+        yield from self.expert_files()
         if self.layer_files:
             seen: set[str] = set()
             for t in self.tensors:
@@ -490,6 +578,21 @@ class DeepSpeedPlacement(Placement):
                             seen.add(f)
                             yield f
 
+    @cached_property
+    def _expert_ids(self) -> tuple[tuple[int, int, ir.Tensor], ...]:
+        """(MoE layer, expert id, its first tensor) of every expert, in order."""
+        out: dict[tuple[int, int], ir.Tensor] = {}
+        for t in self.experts:
+            assert t.expert is not None and t.layer is not None
+            out.setdefault((t.layer, t.expert.id), t)
+        return tuple((layer, e, t) for (layer, e), t in out.items())
+
+    def expert_files(self) -> Iterator[str]:
+        """One file per expert of each MoE layer and model-parallel rank."""
+        for mp in self._mp_coords():
+            for _, _, t in self._expert_ids:
+                yield self.expert_file(t, mp)
+
     def file_count(self) -> int:
         mp = self.mesh.size(*self.mp_axes)
         dp = self.mesh.size(*self.dp_axes)
@@ -499,13 +602,13 @@ class DeepSpeedPlacement(Placement):
         if self.layer_files:
             layers = {_layer_and_key(t)[0] for t in self.tensors}
             n += len(layers) * self.mesh.size(*self.model_axes)
-        return n
+        return n + len(self._expert_ids) * mp
 
     def files_holding(self, states: set[str]) -> int:
         """Closed form: optimizer files if any optimizer state is wanted, weight files
         (layer, model-state) if weights are. Slices of uneven grains make each rank's
         share its own: those are counted from the runs."""
-        if self.uneven:
+        if self.uneven or self.experts:  # files of expert groups: counted from the runs
             return super().files_holding(states)
         mp = self.mesh.size(*self.mp_axes)
         dp = self.mesh.size(*self.dp_axes)
@@ -562,7 +665,8 @@ class DeepSpeedPlacement(Placement):
         yield from self._optimizer_buffers()
 
     def model_files(self) -> list[str]:
-        """The model-states files (weights, buffers, frozen parameters, run metadata)."""
+        """The model-states files (weights, buffers, frozen parameters, run metadata), the
+        experts' files included."""
         out: list[str] = []
         for mp in self._mp_coords():
             if self.layout.zero.stage == 3:
@@ -575,6 +679,7 @@ class DeepSpeedPlacement(Placement):
             out.extend(
                 dict.fromkeys(b.file for b in self.weight_buffers() if b.file.startswith("layer_"))
             )
+        out.extend(self.expert_files())
         return out
 
     def weight_pads(self) -> Iterator[Run]:
@@ -623,13 +728,14 @@ class DeepSpeedPlacement(Placement):
                             yield from self._plain_buffers(t, sl, coords)
             return
         # one flat buffer per (group or sub-group, state) in every optimizer file
-        seen: dict[tuple[int, int, int], list[tuple[Member, ir.Tensor]]] = {}
+        seen: dict[tuple[int, int, int, Pin], list[tuple[Member, ir.Tensor]]] = {}
         for (name, stage, model), m in self._members.items():
-            seen.setdefault((stage, model, m.group), []).append((m, self.layout.tensor(name)))
-        for (stage, model, _g), members in seen.items():
+            t = self.layout.tensor(name)
+            seen.setdefault((stage, model, m.group, self.pin(t)), []).append((m, t))
+        for (stage, model, _g, _pin), members in seen.items():
             m, t = members[0]
             for mp in self._mp_coords_at(stage, model):
-                for dp in iter_coords(self.mesh, self.dp_axes):
+                for dp in self._dp_coords(t):
                     coords = {**mp, **dp}
                     file = self.optim_file(coords)
                     rank = self.mesh.index(self.partition_axes(t), coords)
@@ -688,14 +794,15 @@ class DeepSpeedPlacement(Placement):
         opt = self.layout.optimizer
         assert opt is not None
         flat_states = [s for s in (MASTER, *opt.states) if s != MASTER or opt.master]
-        done: set[tuple[int, int, int]] = set()
+        done: set[tuple[int, int, int, Pin]] = set()
         for (name, stage, model), m in self._members.items():
             t = self.layout.tensor(name)
-            if m.flat is not None and (stage, model, m.group) in done:
+            key = (stage, model, m.group, self.pin(t))
+            if m.flat is not None and key in done:
                 continue
-            done.add((stage, model, m.group))
+            done.add(key)
             for mp in self._mp_coords_at(stage, model):
-                for dp in iter_coords(self.mesh, self.dp_axes):
+                for dp in self._dp_coords(t):
                     coords = {**mp, **dp}
                     rank = self.mesh.index(self.partition_axes(t), coords)
                     file = self.optim_file(coords)
@@ -742,10 +849,17 @@ class DeepSpeedPlacement(Placement):
     def holders(self, file: str) -> RankSet:
         """Ranks that hold a file: an optimizer (or ZeRO-3 model-state) file belongs to one
         rank; an ``mp_rank`` or ``layer`` file to every data-parallel rank of its model-parallel
-        coordinate (DeepSpeed writes it from data-parallel rank 0)."""
+        coordinate (DeepSpeed writes it from data-parallel rank 0); an expert's file to those
+        of its expert coordinate."""
         m = re.search(r"zero_pp_rank_(\d+)_mp_rank_(\d+)", file)
         fixed: list[tuple[str, int]] = []
-        if m:
+        expert = EXPERT.match(file)
+        if expert:  # the ranks of the expert's coordinate load it
+            layer, e = int(expert.group(1) or 0), int(expert.group(2))
+            t = next(t for lay, i, t in self._expert_ids if (lay, i) == (layer, e))
+            fixed += list(self.pin(t))
+            fixed += list(self.mesh.unindex(self.mp_axes, int(expert.group(3))).items())
+        elif m:
             fixed += list(self.mesh.unindex(self.dp_axes, int(m.group(1))).items())
             fixed += list(self.mesh.unindex(self.mp_axes, int(m.group(2))).items())
         elif m := re.search(r"mp_rank_(\d+)", file):
@@ -767,6 +881,12 @@ def model_file_name(mp: int, dp: int | None = None) -> str:
     if dp is not None:
         return f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt"
     return f"mp_rank_{mp:02d}_model_states.pt"
+
+
+def expert_file_name(layer: int, expert: int, mp: int) -> str:
+    """The file of expert ``expert`` (its global id) of MoE layer ``layer`` (the MoE
+    layers' ordinal in model order) at model-parallel rank ``mp``."""
+    return f"layer_{layer}_expert_{expert}_mp_rank_{mp:02d}_model_states.pt"
 
 
 def layer_of(name: str) -> tuple[int, str] | None:

@@ -83,6 +83,19 @@ class UniversalPlacement(FullPlacement):
     format = "universal"
     OPTIMIZER_FILE = "zero/optimizer_state.pt"  # scalars and param groups; no tensor data
 
+    def __init__(self, layout: ir.Layout) -> None:
+        super().__init__(layout)
+        expert = next((t for t in layout.tensors if t.expert), None)
+        if expert is not None:
+            raise Unsupported(
+                f"{layout.source}: {expert.name} is a native MoE expert, and DeepSpeed's "
+                "universal checkpoints cannot hold those: its loader finds each parameter's "
+                "folder by the parameter's name on the rank, and every expert-parallel rank "
+                "names its own experts deepspeed_experts.0, 1, ... (expert 0 on one rank is "
+                "expert 2 on the next). Convert to deepspeed at the new topology, or to "
+                "safetensors / torch"
+            )
+
     @cached_property
     def model(self) -> Any:
         """Where the model-states files keep weights: the DeepSpeed placement of the layout, or

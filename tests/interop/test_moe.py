@@ -1,0 +1,144 @@
+"""layoutc on real DeepSpeed native Mixture-of-Experts checkpoints (ds_moe.py).
+
+``infer`` describes each ZeRO-1/2 case exactly (every expert of every MoE layer under its
+global id, dealt over ``ep``, in the MoE layer its file names), the check against the files
+passes, and whole-tensor exports hold every fp32 master exactly; what layoutc does not read
+yet is refused by name.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import corpus
+import numpy as np
+import pytest
+import torch
+
+from layoutc.conversion import convert
+from layoutc.errors import LayoutError, Unsupported
+from layoutc.formats import safetensors as st
+from layoutc.formats.deepspeed import infer, open_checkpoint
+from layoutc.formats.match import check_against
+from layoutc.lang.check import load_text
+from layoutc.lang.fmt import fmt
+from layoutc.lang.parse import parse
+from layoutc.place import place
+
+pytestmark = pytest.mark.interop
+
+ZERO = sorted(n for n, c in corpus.MOE_CASES.items() if c["stage"] in (1, 2))
+
+
+@pytest.mark.parametrize("name", ZERO)
+def test_infer_deals_every_expert_over_ep_under_its_global_id_and_moe_layer(moe_corpus, name):
+    case = corpus.MOE_CASES[name]
+    ckpt = open_checkpoint(moe_corpus[name])
+    text = infer(ckpt)
+    assert fmt(parse(text)) == text
+    layout = load_text(text, "inferred.layout")
+    assert layout.mesh.sizes == {"edp": case["world"] // case["ep"], "ep": case["ep"]}
+    p = place(layout)
+    check_against(p, ckpt)  # every file, key, size and dtype; no file left unplaced
+    assert sorted(p.files()) == sorted(f.name for f in ckpt.folder.iterdir())
+    _, meta = corpus.read_truth(moe_corpus[name])
+    experts = {t.name: t for t in layout.tensors if t.expert}
+    assert set(experts) == set(meta["experts"])
+    for n, want in meta["experts"].items():
+        t = experts[n]
+        assert t.expert is not None
+        assert (t.layer, t.expert.id) == (want["layer"], want["expert"])
+        assert t.pinned(layout.mesh.sizes) == {"ep": want["ep_rank"]}
+        assert t.expert.local(case["ep"]) == want["local"]
+    assert {t.name for t in layout.tensors} == set(meta["trainable"])
+
+
+@pytest.mark.parametrize("name", ZERO)
+@pytest.mark.parametrize("fmt_", ["safetensors", "torch"])
+def test_whole_tensor_exports_hold_every_fp32_master_experts_included(
+    moe_corpus, name, fmt_, tmp_path
+):
+    out = tmp_path / fmt_
+    convert(moe_corpus[name], out, fmt_)
+    truth, meta = corpus.read_truth(moe_corpus[name])
+    if fmt_ == "torch":
+        sd = torch.load(out / "pytorch_model.bin", weights_only=True)
+        values = {k: v.float().numpy() for k, v in sd.items()}
+    else:
+        values = st.load_state_dict(out)
+    assert set(values) == set(meta["trainable"])
+    for n in meta["trainable"]:
+        want = truth[f"fp32/{n}"]
+        assert np.array_equal(np.asarray(values[n], np.float32).reshape(want.shape), want), n
+
+
+def test_bf16_weights_exported_are_the_ones_deepspeed_saved(moe_corpus, tmp_path):
+    name = "moe_z2_w4_ep2_bf16"
+    convert(moe_corpus[name], tmp_path / "out", "safetensors", dtype="bf16")
+    truth, meta = corpus.read_truth(moe_corpus[name])
+    values = st.load_state_dict(tmp_path / "out")
+    for n in meta["trainable"]:
+        assert np.array_equal(np.asarray(values[n], np.float32), truth[f"weight16/{n}"]), n
+
+
+def test_a_universal_target_is_refused_saying_why(moe_corpus, tmp_path):
+    with pytest.raises(Unsupported, match="every expert-parallel rank names its own experts"):
+        convert(moe_corpus["moe_z2_w2_ep2_bf16"], tmp_path / "out", "universal")
+    assert not (tmp_path / "out").exists()
+
+
+def test_expert_files_a_spec_does_not_place_are_named_not_dropped(moe_corpus, tmp_path):
+    """A spec that puts the second MoE layer's experts in the first layer's files: the
+    second layer's files hold state nothing places, refused by name (E308)."""
+    name = "moe_z2_w2_ep2_bf16"
+    text = infer(open_checkpoint(moe_corpus[name]))
+    fewer = tmp_path / "fewer.layout"
+    fewer.write_text(text.replace("layer 1\n", "layer 0\n"))
+    with pytest.raises(LayoutError) as e:
+        convert(moe_corpus[name], tmp_path / "out", "safetensors", spec=fewer)
+    assert "E308" in e.value.render() and "layer_1_expert_0_mp_rank_00" in e.value.render()
+
+
+def test_a_missing_expert_file_is_named(moe_corpus, tmp_path):
+    name = "moe_z2_w2_ep2_bf16"
+    copy = tmp_path / "ckpt"
+    shutil.copytree(moe_corpus[name], copy)
+    (copy / "global_step2" / "layer_0_expert_3_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(Exception, match=r"layer_0_expert_3_mp_rank_00_model_states\.pt"):
+        convert(copy, tmp_path / "out", "safetensors")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in corpus.MOE_CASES.items() if c["stage"] == 0))
+def test_zero0_moe_is_refused_by_name(moe_corpus, name, tmp_path):
+    with pytest.raises(Unsupported, match="expp_rank"):
+        convert(moe_corpus[name], tmp_path / "out", "safetensors")
+
+
+# (case, target dp, target ep): dp up and down, ep up and down, ep changed at the same dp,
+# no expert parallelism at all; ZeRO-1 and 2, bf16 and fp32
+RESHARDS = [
+    ("moe_z2_w2_ep2_bf16", 4, 2),
+    ("moe_z2_w4_ep2_bf16", 2, 2),
+    ("moe_z2_w4_ep2_bf16", 4, 4),
+    ("moe_z1_w4_ep4_bf16", 4, 2),
+    ("moe_z1_w4_ep2_fp32", 2, 1),
+    ("moe_z2_w4_ep2_fp32", 2, 2),
+    ("moe_z1_w2_ep2_bf16", 4, 4),
+]
+
+
+@pytest.mark.parametrize(("name", "dp", "ep"), RESHARDS)
+def test_deepspeed_resumes_at_another_data_and_expert_parallel_size(
+    moe_corpus, ds_python, name, dp, ep, tmp_path
+):
+    """What DeepSpeed refuses to do itself (test_moe_corpus): its plain load_checkpoint at
+    another dp and ep, exact masters, moments, step and counters, then one more step."""
+    out = tmp_path / "out"
+    convert(moe_corpus[name], out, "deepspeed", overrides={"dp": dp, "ep": ep})
+    layout = load_text(infer(open_checkpoint(out)), "resharded.layout")
+    assert layout.mesh.sizes == {"edp": dp // ep, "ep": ep}
+    truth, meta = corpus.read_truth(moe_corpus[name])
+    loaded = corpus.load(
+        name, out, world=dp, ep=ep, root=moe_corpus[name].parent.parent, python=ds_python
+    )
+    corpus.assert_resumed(loaded, truth, meta)
