@@ -458,7 +458,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {f:<56}{human_size(per_file[f]):>14}{human_size(disk[f]):>12}")
     total = human_size(sum(per_file.values()))
     print(f"  {'':<56}{total:>14}{human_size(sum(disk.values())):>12}")
+    for line in _expert_lines(layout):
+        print(f"  {line}")
     return EXIT_OK
+
+
+def _expert_lines(layout: ir.Layout) -> list[str]:
+    """The mixture-of-experts layout: each MoE layer's experts, and which ranks hold which."""
+    experts = [t for t in layout.tensors if t.expert]
+    if not experts:
+        return []
+    layers: dict[tuple[int | None, str], list[ir.Tensor]] = {}
+    for t in experts:
+        assert t.expert is not None
+        module = t.name.split(f".{t.expert.id}.", 1)[0]
+        layers.setdefault((t.layer, module), []).append(t)
+    axis = experts[0].expert.axis if experts[0].expert else "ep"
+    size = layout.mesh.sizes[axis]
+    out = [
+        f"experts: {len(layers)} MoE layers dealt over {axis} = {size}",
+        f"  {'layer':<7}{'experts':>8}  {'per expert':<26}module",
+    ]
+    for (layer, module), ts in layers.items():
+        count = ts[0].expert.count if ts[0].expert else 0
+        first = [t for t in ts if t.expert and t.expert.id == 0]
+        per = f"{len(first)} tensors, {sum(t.numel for t in first):,} elements"
+        out.append(f"  {'-' if layer is None else layer:<7}{count:>8}  {per:<26}{module}")
+    for c in range(size):
+        ranks = [r for r in range(layout.mesh.world) if layout.mesh.coords(r)[axis] == c]
+        shown = ", ".join(map(str, ranks[:8])) + (
+            f", … ({len(ranks)} ranks)" if len(ranks) > 8 else ""
+        )
+        held = []
+        for (layer, _), ts in layers.items():
+            ids = sorted({t.expert.id for t in ts if t.expert and t.expert.coord(size) == c})
+            held.append(f"layer {'-' if layer is None else layer} experts {ids[0]}-{ids[-1]}")
+        out.append(f"{axis} {c} (ranks {shown}): {', '.join(held)}")
+    return out
 
 
 def _source_options(p: argparse.ArgumentParser) -> None:

@@ -142,3 +142,14 @@ def test_deepspeed_resumes_at_another_data_and_expert_parallel_size(
         name, out, world=dp, ep=ep, root=moe_corpus[name].parent.parent, python=ds_python
     )
     corpus.assert_resumed(loaded, truth, meta)
+
+
+def test_inspect_shows_which_ranks_hold_which_experts(moe_corpus, capsys):
+    from layoutc.cli import main
+
+    assert main(["inspect", str(moe_corpus["moe_z2_w4_ep2_bf16"])]) == 0
+    out = capsys.readouterr().out
+    assert "experts: 2 MoE layers dealt over ep = 2" in out
+    assert "moe1.deepspeed_moe.experts.deepspeed_experts" in out
+    assert "ep 0 (ranks 0, 2): layer 0 experts 0-1, layer 1 experts 0-3" in out
+    assert "ep 1 (ranks 1, 3): layer 0 experts 2-3, layer 1 experts 4-7" in out
