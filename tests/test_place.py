@@ -317,7 +317,7 @@ MOE = (
         ),
         ("mesh { dp = 2 }\nzero 3 over dp\ntensor w [4]", "without an optimizer"),
         ("mesh { pp = 1, dp = 2 }\npipeline over pp\ntensor w [4]", "<layer>.<param>"),
-        (MOE.format(zero="zero 3 over (edp, ep)", layer=" layer 0"), "not ZeRO-3"),
+        (MOE.format(zero="zero 3 over (edp, ep)", layer=" layer 0"), "not with ZeRO-3"),
         (MOE.format(zero="zero 1 over (edp, ep)", layer=""), "write `layer L` on it"),
         (MOE.format(zero="zero 1 over edp", layer=" layer 0"), "ZeRO does not partition over"),
         (

@@ -27,6 +27,7 @@ from layoutc.lang.fmt import fmt
 from layoutc.lang.parse import parse
 from layoutc.place.deepspeed import (
     EXPERT,
+    EXPP,
     LATEST,
     LATEST_UNIVERSAL,
     LAYER,
@@ -58,6 +59,7 @@ class DeepSpeedCheckpoint(Checkpoint):
         self.optim_files: list[Path] = []
         self.layer_files: list[Path] = []
         self.expert_files: list[Path] = []  # MoE: layer_{L}_expert_{id}_mp_rank_XX_...
+        self.expp_files: list[Path] = []  # MoE at ZeRO-0: expp_rank_{ep}_mp_rank_XX_optim_...
         self.universal = False  # DeepSpeed's universal format: zero/<param>/<state>.pt
 
     @classmethod
@@ -73,6 +75,8 @@ class DeepSpeedCheckpoint(Checkpoint):
                 ckpt.layer_files.append(p)
             elif EXPERT.match(p.name):
                 ckpt.expert_files.append(p)
+            elif EXPP.match(p.name):
+                ckpt.expp_files.append(p)
         ckpt.universal = not ckpt.optim_files and (folder / "zero").is_dir()
         return ckpt
 
@@ -81,7 +85,13 @@ class DeepSpeedCheckpoint(Checkpoint):
 
     def data_files(self) -> list[str]:
         """Model-states, optimizer and layer files; a universal checkpoint's ``zero/``."""
-        files = [*self.model_files, *self.optim_files, *self.layer_files, *self.expert_files]
+        files = [
+            *self.model_files,
+            *self.optim_files,
+            *self.layer_files,
+            *self.expert_files,
+            *self.expp_files,
+        ]
         if self.universal:
             files.extend((self.folder / "zero").rglob("*.pt"))
         return sorted(str(p.relative_to(self.folder)) for p in files)
@@ -442,13 +452,6 @@ def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
         raise Unsupported(
             f"{where}: an AutoEP checkpoint (ds_autoep_layers); layoutc reads native MoE only, for now"
         )
-    param_shapes = ms.get("param_shapes")
-    opt = ckpt.optim_states
-    if not isinstance(param_shapes, list) or opt is None:
-        raise Unsupported(
-            f"{where}: a mixture-of-experts checkpoint without ZeRO partitions (ZeRO-0, "
-            "expp_rank_* optimizer files); layoutc reads native MoE at ZeRO 1 and 2 for now"
-        )
     if ckpt.zero3:
         raise Unsupported(f"{where}: a mixture-of-experts checkpoint at ZeRO-3")
     if not ckpt.expert_files:
@@ -460,6 +463,7 @@ def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
     layer_of_module: dict[str, int] = {}
     dtypes: dict[str, str] = {}
     seen: set[tuple[int, int]] = set()
+    held: dict[tuple[int, int], list[tuple[str, tuple[int, ...]]]] = {}  # (L, id) -> its keys
     for path in ckpt.expert_files:
         m = EXPERT.match(path.name)
         assert m is not None
@@ -477,26 +481,17 @@ def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
                     f"{path}: holds {key!r}; an expert file holds expert {expert}'s tensors, "
                     f"named …deepspeed_moe.experts.deepspeed_experts.{expert}.<name>"
                 )
+            held.setdefault((layer, expert), []).append((str(key), ref.shape))
             if layer_of_module.setdefault(km.group(1), layer) != layer:
                 raise NotACheckpoint(
                     f"{path}: {km.group(1)} is also in MoE layer {layer_of_module[km.group(1)]}"
                 )
             dtypes[f"{km.group(1)}.{{e}}.{km.group(3)}"] = ref.dtype
     counts = [int(n) for n in ms.get("num_experts") or []]
-    groups = opt.get("base_optimizer_state", {}).get("param_groups") or []
-    parts = [int(x) for x in opt.get("partition_count") or []]
-    moe_groups = [g for g, pg in enumerate(groups) if isinstance(pg, dict) and pg.get("moe")]
-    if not moe_groups or len(parts) != len(groups):
-        raise NotACheckpoint(
-            f"{ckpt.optim_files[0]}: no expert param groups ('moe': True) with a partition count"
-        )
-    edp = parts[moe_groups[0]]
-    if any(parts[g] != edp for g in moe_groups) or ckpt.dp % edp:
-        raise Unsupported(
-            f"{ckpt.optim_files[0]}: expert groups partitioned {[parts[g] for g in moe_groups]} "
-            f"ways at dp = {ckpt.dp}: experts of several expert-parallel sizes"
-        )
-    ep = ckpt.dp // edp
+    if ckpt.expp_files:
+        param_shapes, moe_groups, ep = _zero0_groups(ckpt, held)
+    else:
+        param_shapes, moe_groups, ep = _zero_groups(ckpt)
     module: dict[str, Any] = ms.get("module") or {}
     lines: list[str] = []
     dense = [
@@ -555,11 +550,161 @@ def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
         lines += _group(g, body)
     dtype = dense_dtype or "fp32"
     mesh = f"let dp = {ckpt.dp}\nmesh {{ edp = dp / ep, ep = {ep} }}"
-    out = _header(ckpt, name, mesh, dtype) + _optimizer_lines(ckpt, first, "(edp, ep)")
+    if ckpt.expp_files:  # a torch optimizer per expert-parallel rank
+        state = _expp(ckpt, ckpt.expp_files[0])["state"]
+        first_state: dict[str, Any] = (
+            next(iter(state.values()), {}) if isinstance(state, dict) else {}
+        )
+        states = [k for k in first_state if k != "step"]
+        step = "step" if "step" in first_state else "no_step"
+        zero = [
+            f"optimizer adam {{ master fp32, states ({', '.join(states)}), {step} }}",
+            "zero 0 over (edp, ep)",
+        ]
+    else:
+        zero = _optimizer_lines(ckpt, first, "(edp, ep)")
+    out = _header(ckpt, name, mesh, dtype) + zero
     out += lines
     out += _untrained_lines(ckpt, set(dense), dtype)
     out.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
     return "\n".join(out) + "\n"
+
+
+def _zero_groups(ckpt: DeepSpeedCheckpoint) -> tuple[list[Any], list[int], int]:
+    """ZeRO-1/2 MoE: the param groups of the model states' ``param_shapes`` (rank 0's
+    experts), which of them hold experts, and ep: the data-parallel size over the expert
+    groups' partition count."""
+    param_shapes = ckpt.model_states.get("param_shapes")
+    opt = ckpt.optim_states
+    where = ckpt.model_files[0]
+    if not isinstance(param_shapes, list) or opt is None:
+        raise NotACheckpoint(
+            f"{where}: an MoE checkpoint with neither ZeRO partitions (param_shapes and "
+            "*_optim_states.pt files) nor ZeRO-0's expp_rank_*_optim_states.pt files"
+        )
+    groups = opt.get("base_optimizer_state", {}).get("param_groups") or []
+    parts = [int(x) for x in opt.get("partition_count") or []]
+    moe_groups = [g for g, pg in enumerate(groups) if isinstance(pg, dict) and pg.get("moe")]
+    if not moe_groups or len(parts) != len(groups):
+        raise NotACheckpoint(
+            f"{ckpt.optim_files[0]}: no expert param groups ('moe': True) with a partition count"
+        )
+    edp = parts[moe_groups[0]]
+    if any(parts[g] != edp for g in moe_groups) or ckpt.dp % edp:
+        raise Unsupported(
+            f"{ckpt.optim_files[0]}: expert groups partitioned {[parts[g] for g in moe_groups]} "
+            f"ways at dp = {ckpt.dp}: experts of several expert-parallel sizes"
+        )
+    return param_shapes, moe_groups, ckpt.dp // edp
+
+
+def _expp(ckpt: DeepSpeedCheckpoint, path: Path) -> dict[str, Any]:
+    """The torch optimizer state dict of an ``expp_rank`` file."""
+    obj = ckpt.load(path)
+    inner = obj.get("optimizer") if isinstance(obj, dict) else None
+    if not isinstance(inner, dict) or not isinstance(inner.get("param_groups"), list):
+        raise NotACheckpoint(f"{path}: no torch optimizer state under `optimizer`")
+    return inner
+
+
+MAX_ORDERINGS = 4_000_000  # states of the search that matches parameters to their groups
+
+
+def _zero0_groups(
+    ckpt: DeepSpeedCheckpoint, held: dict[tuple[int, int], list[tuple[str, tuple[int, ...]]]]
+) -> tuple[list[Any], list[int], int]:
+    """ZeRO-0 MoE: a torch optimizer per expert-parallel rank, whose state names no
+    parameter. Each param group holds its parameters in model order, so which parameter is
+    which follows from the model's order (the model states' ``module`` for dense ones,
+    expert 0..n of each MoE layer's files for rank 0's experts) and each state's shape —
+    where exactly one assignment fits; otherwise the layout must be declared."""
+    ep = len(ckpt.expp_files)
+    inner = _expp(ckpt, ckpt.expp_files[0])
+    groups, state = inner["param_groups"], inner.get("state") or {}
+    moe_groups = [g for g, pg in enumerate(groups) if isinstance(pg, dict) and pg.get("moe")]
+    names = {g.get("name") for g in (groups[i] for i in moe_groups)}
+    if names - {f"ep_size_{ep}"}:
+        raise NotACheckpoint(
+            f"{ckpt.expp_files[0]}: expert groups named {sorted(map(str, names))} with "
+            f"{ep} expp_rank files"
+        )
+
+    def shapes(g: int) -> list[tuple[int, ...]]:
+        out = []
+        for i in groups[g].get("params") or []:
+            ref = (state.get(i) or {}).get("exp_avg")
+            if not isinstance(ref, pt.TensorRef):
+                raise NotACheckpoint(f"{ckpt.expp_files[0]}: param {i} has no exp_avg state")
+            out.append(tuple(ref.shape))
+        return out
+
+    ms = ckpt.model_states
+    module: dict[str, Any] = ms.get("module") or {}
+    buffers = set(ms.get("buffer_names") or [])
+    dense = [
+        (k, tuple(v.shape))
+        for k, v in module.items()
+        if k not in buffers and isinstance(v, pt.TensorRef)
+    ]
+    per_layer: dict[int, int] = {}
+    for layer, _ in held:
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    experts = [
+        kv
+        for layer in sorted(per_layer)
+        for e in range(per_layer[layer] // ep)
+        for kv in held[layer, e]
+    ]
+    out: list[Any] = [None] * len(groups)
+    for kind, model in (("dense", dense), ("expert", experts)):
+        which = [g for g in range(len(groups)) if (g in moe_groups) == (kind == "expert")]
+        assigned = _assign(model, [shapes(g) for g in which])
+        if assigned is None:
+            raise Unsupported(
+                f"{ckpt.expp_files[0]}: a ZeRO-0 optimizer's state names no parameter, and "
+                f"more than one way (or none) fits its {kind} param groups to the model's "
+                "parameters by order and shape: declare the layout (layoutc infer of a "
+                "ZeRO-1 checkpoint of the model shows its form) and pass --spec"
+            )
+        for g, members in zip(which, assigned, strict=True):
+            out[g] = dict(members)
+    return out, moe_groups, ep
+
+
+def _assign(
+    model: list[tuple[str, tuple[int, ...]]], groups: list[list[tuple[int, ...]]]
+) -> list[list[tuple[str, tuple[int, ...]]]] | None:
+    """The one way to deal ``model``'s parameters (in order) into ``groups`` (each a list of
+    shapes, in order) with every group in model order and every shape matching; None
+    where none or several fit. A breadth-first walk over how far each group has got,
+    counting the ways to each point (capped at 2) and the step that made a unique one."""
+    if sum(map(len, groups)) != len(model):
+        return None
+    start = (0,) * len(groups)
+    layer: dict[tuple[int, ...], int] = {start: 1}
+    came: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
+    seen = 0
+    for _, shape in model:
+        nxt: dict[tuple[int, ...], int] = {}
+        for pos, ways in layer.items():
+            for g, group in enumerate(groups):
+                if pos[g] < len(group) and group[pos[g]] == shape:
+                    step = (*pos[:g], pos[g] + 1, *pos[g + 1 :])
+                    nxt[step] = min(2, nxt.get(step, 0) + ways)
+                    came[step] = (pos, g)
+        seen += len(nxt)
+        if not nxt or seen > MAX_ORDERINGS:
+            return None
+        layer = nxt
+    (end, ways), *more = layer.items()
+    if more or ways != 1:
+        return None
+    out: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in groups]
+    pos = end
+    for param in reversed(model):  # one way in: each point on it was reached once
+        pos, g = came[pos]
+        out[g].append(param)
+    return [list(reversed(members)) for members in out]
 
 
 def _infer_autotp(ckpt: DeepSpeedCheckpoint, tp: int, name: str | None) -> str:

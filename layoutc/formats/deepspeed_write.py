@@ -176,6 +176,15 @@ def files(
         for f in target.expert_files():  # an expert's state dict, under its global id
             holes = Holes(by_file.get(f, {}))
             yield f, _layer_states(holes, carried.layer_order(f)), holes
+    if target.expp:  # ZeRO-0: each expert-parallel rank's torch optimizer
+        for mp in iter_coords(target.mesh, target.mp_axes):
+            for ep in iter_coords(target.mesh, target.expert_axes):
+                coords = {**mp, **ep}
+                f = target.expp_file(coords)
+                holes = Holes(by_file.get(f, {}))
+                model = target.model_index(coords)
+                optimizer = _plain_optimizer(target, carried, holes, 0, model, coords)
+                yield f, {"optimizer": optimizer}, holes
     optim = {"flat": _flat_optim, "stage3": _stage3_optim}.get(target.mode)
     if optim is not None:
         for mp in iter_coords(target.mesh, target.mp_axes):
@@ -210,13 +219,19 @@ def _layer_states(holes: Holes, order: list[str]) -> OrderedDict[str, Any]:
 
 
 def _plain_optimizer(
-    target: DeepSpeedPlacement, carried: Carried, holes: Holes, stage: int, model: int
+    target: DeepSpeedPlacement,
+    carried: Carried,
+    holes: Holes,
+    stage: int,
+    model: int,
+    coords: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """ZeRO-0: the torch optimizer's ``state_dict()`` of one stage, as DeepSpeed saves it
-    in the model-states file."""
+    """ZeRO-0: the torch optimizer's ``state_dict()`` of one stage (with experts: of the
+    expert-parallel rank at ``coords``), as DeepSpeed saves it in the model-states file
+    (with experts: also in the rank's ``expp_rank`` file)."""
     opt = target.layout.optimizer
     assert opt is not None
-    groups = target.optimizer_groups(stage, model)
+    groups = target.optimizer_groups(stage, model, coords)
     state: dict[int, dict[str, Any]] = {}
     params: list[list[int]] = []
     for _, members, _m in groups:
@@ -226,10 +241,8 @@ def _plain_optimizer(
             state[i] = _optimizer_state(holes, f"optimizer/state/{i}", opt)
             indices.append(i)
         params.append(indices)
-    return {
-        "state": state,
-        "param_groups": _param_groups(target, carried, params, stage, model),
-    }
+    param_groups = _param_groups(target, carried, params, stage, model)
+    return {"state": state, "param_groups": _name_expert_groups(target, param_groups, groups)}
 
 
 def _model_states(
@@ -440,6 +453,19 @@ def _param_groups(
     return groups
 
 
+def _name_expert_groups(
+    target: DeepSpeedPlacement, param_groups: Any, groups: list[tuple[int, list[ir.Tensor], Any]]
+) -> Any:
+    """DeepSpeed names an expert param group by its expert-parallel size (``ep_size_4``)
+    and marks it ``moe``: the target's, whatever the source's was."""
+    for pg, (_, members, _m) in zip(param_groups, groups, strict=True):
+        e = members[0].expert
+        if e is not None and isinstance(pg, dict):
+            pg["name"] = f"ep_size_{target.mesh.sizes[e.axis]}"
+            pg["moe"] = True
+    return param_groups
+
+
 def _stage3_optim(
     target: DeepSpeedPlacement, carried: Carried, coords: dict[str, int], holes: Holes
 ) -> dict[str, Any]:
@@ -567,11 +593,7 @@ def _flat_optim(
             )
         )
     param_groups = _param_groups(target, carried, [[g] for g, _, _ in groups], stage, model)
-    for pg, (_, members, _m) in zip(param_groups, groups, strict=True):
-        e = members[0].expert
-        if e is not None and isinstance(pg, dict):  # DeepSpeed names expert groups by ep
-            pg["name"] = f"ep_size_{target.mesh.sizes[e.axis]}"
-            pg["moe"] = True
+    param_groups = _name_expert_groups(target, param_groups, groups)
     inner: dict[str, Any] = {}
     if not bf16_optimizer:
         for k in _OPTIM_SCALARS:

@@ -55,7 +55,10 @@ MODEL = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
 LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 # MoE experts: layer_{L}_expert_{id}_mp_rank_{MP}_… (before DeepSpeed 0.5: expert_{id}_mp_rank_…)
-NATIVE_EXPERTS = ".deepspeed_moe.experts.deepspeed_experts"  # + .{id}.<name>: an expert's tensor
+NATIVE_EXPERTS = ".deepspeed_moe.experts.deepspeed_experts"
+EXPP = re.compile(
+    r"^expp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$"
+)  # ZeRO-0 MoE optimizer  # + .{id}.<name>: an expert's tensor
 EXPERT = re.compile(r"^(?:layer_(\d+)_)?expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 LATEST = "latest"  # the root's marker: the tag folder of the checkpoint
 LATEST_UNIVERSAL = "latest_universal"  # the same, of a universal checkpoint
@@ -123,6 +126,9 @@ class DeepSpeedPlacement(Placement):
                 "DeepSpeed files yet. Use store universal, safetensors or torch for this layout"
             )
         self.experts = tuple(t for t in self.tensors if t.expert)
+        self.expert_axes = tuple(dict.fromkeys(t.expert.axis for t in self.experts if t.expert))
+        # ZeRO-0 MoE: each expert-parallel rank's torch optimizer in its expp_rank file
+        self.expp = self.mode == "plain" and bool(self.experts)
         if self.experts:
             self._check_experts(layout)
         # DeepSpeed's pipeline engine writes layer files whatever the number of stages.
@@ -151,10 +157,13 @@ class DeepSpeedPlacement(Placement):
         where = f"{layout.source}: {first.name} is an expert"
         if layout.pipeline:
             raise Unsupported(f"{where}; layoutc does not place experts in a DeepSpeed pipeline")
-        if self.mode not in ("flat",) or layout.zero.stage == 3 or layout.zero.bf16_optimizer:
-            what = "ZeRO-3" if layout.zero.stage == 3 else f"zero {layout.zero.stage}"
+        bf16_optimizer = layout.zero.bf16_optimizer or (
+            self.mode == "flat" and not layout.zero.stage
+        )
+        if self.mode not in ("flat", "plain") or bf16_optimizer:
+            what = "ZeRO-3" if layout.zero.stage == 3 else "DeepSpeed's bf16 optimizer"
             raise Unsupported(
-                f"{where}; DeepSpeed's native MoE is placed at ZeRO 1 and 2, not {what} "
+                f"{where}; DeepSpeed's native MoE is placed at ZeRO 0, 1 and 2, not with {what} "
                 "(DeepSpeed refuses native MoE with ZeRO-3)"
             )
         axes = {t.expert.axis for t in self.experts if t.expert}
@@ -191,6 +200,11 @@ class DeepSpeedPlacement(Placement):
     def model_file(self, coords: dict[str, int]) -> str:
         dp = self._dp(coords) if self.mode == "stage3" or self.layout.zero.stage == 3 else None
         return model_file_name(self._mp(coords), dp)
+
+    def expp_file(self, coords: dict[str, int]) -> str:
+        """ZeRO-0 MoE: the torch optimizer of the expert-parallel rank at ``coords``."""
+        ep = self.mesh.index(self.expert_axes, coords)
+        return f"expp_rank_{ep}_mp_rank_{self._mp(coords):02d}_optim_states.pt"
 
     def optim_file(self, coords: dict[str, int]) -> str:
         return f"{self.prefix}zero_pp_rank_{self._dp(coords)}_mp_rank_{self._mp(coords):02d}_optim_states.pt"
@@ -379,10 +393,27 @@ class DeepSpeedPlacement(Placement):
             model = self.model_axes
             if self.mode in ("flat", "stage3"):
                 return model + self.dp_axes  # every partition's file records the step
-            return model
+            return model + self.expert_axes if self.expp else model
         if state == WEIGHT and self.layout.zero.stage == 3 and t.kind == ir.BUFFER:
             return model + tuple(a for a in self.dp_axes if a not in split)
+        if self.expp and state != WEIGHT:  # one torch optimizer per expert-parallel rank
+            return model + self.expert_axes
         return model
+
+    def _rank0_copies(self, t: ir.Tensor, state: str) -> int:
+        """ZeRO-0 MoE: the model-states file also holds rank 0's optimizer (a copy of
+        ``expp_rank_0``'s), one per model-parallel slice of what expert coordinate 0 holds."""
+        if not self.expp or state == WEIGHT or not t.trainable:
+            return 0
+        if any(c for _, c in self.pin(t)):
+            return 0
+        axes = self._copy_axes(t, state)
+        return self.mesh.size(*(a for a in axes if a not in self.expert_axes))
+
+    def _in_model_file(self, t: ir.Tensor, state: str, copy: int) -> bool:
+        """Copy ``copy`` is one of :meth:`_rank0_copies` (numbered after the others)."""
+        per_stage = self._copies_per_stage(t, state)
+        return copy % per_stage >= per_stage - self._rank0_copies(t, state)
 
     def _variants(self, t: ir.Tensor, state: str) -> int:
         """Keys a slice is stored under in one file: ZeRO-2 keeps frozen parameters both in
@@ -397,18 +428,30 @@ class DeepSpeedPlacement(Placement):
         return len(self._stages_of(t))
 
     def _copies_per_stage(self, t: ir.Tensor, state: str) -> int:
-        return self.mesh.size(*self.copy_axes(t, state)) * self._variants(t, state)
+        replicas = self.mesh.size(*self.copy_axes(t, state)) * self._variants(t, state)
+        return replicas + self._rank0_copies(t, state)
 
     def copies(self, t: ir.Tensor, state: str) -> int:
         return self._copies_per_stage(t, state) * self._stage_copies(t, state)
 
     def _coords(self, t: ir.Tensor, state: str, sl: Slice, copy: int) -> dict[str, int]:
-        """Copies are numbered stage-major: (stage, replica, variant)."""
-        stage, inner = divmod(copy, self._copies_per_stage(t, state))
+        """Copies are numbered stage-major: (stage, replica, variant), then ZeRO-0 MoE's
+        copies in the model-states file (at expert coordinate 0)."""
+        per_stage = self._copies_per_stage(t, state)
+        stage, inner = divmod(copy, per_stage)
         coords = dict(sl.coords)
-        coords.update(
-            self.mesh.unindex(self.copy_axes(t, state), inner // self._variants(t, state))
-        )
+        extra = self._rank0_copies(t, state)
+        if inner >= per_stage - extra:
+            axes = self._copy_axes(t, state)
+            inner -= per_stage - extra
+            coords.update(
+                self.mesh.unindex(tuple(a for a in axes if a not in self.expert_axes), inner)
+            )
+            coords.update(dict.fromkeys(self.expert_axes, 0))
+        else:
+            coords.update(
+                self.mesh.unindex(self.copy_axes(t, state), inner // self._variants(t, state))
+            )
         coords.update(self.pin(t))
         if self.layout.pipeline:
             coords[self.layout.pipeline] = self._stages_of(t)[stage]
@@ -425,16 +468,13 @@ class DeepSpeedPlacement(Placement):
         m = self._member(t, coords)
         if m is None:
             return []
-        if state == STEP:
-            key = self._state_key(m, STEP)
-            file = (
-                self.optim_file(coords)
-                if self.mode in ("flat", "stage3")
-                else self.model_file(coords)
-            )
-            return [Run(file, key, 0, 0, 1, dtype)]
         if self.mode == "plain":
-            return [Run(self.model_file(coords), self._state_key(m, state), lo, lo, hi - lo, dtype)]
+            file = self._plain_file(t, state, copy, coords)
+            if state == STEP:
+                return [Run(file, self._state_key(m, STEP), 0, 0, 1, dtype)]
+            return [Run(file, self._state_key(m, state), lo, lo, hi - lo, dtype)]
+        if state == STEP:
+            return [Run(self.optim_file(coords), self._state_key(m, STEP), 0, 0, 1, dtype)]
         part_axes = self.partition_axes(t)
         key = self._state_key(m, state)
         out = []
@@ -452,11 +492,18 @@ class DeepSpeedPlacement(Placement):
             )
         return out
 
+    def _plain_file(self, t: ir.Tensor, state: str, copy: int, coords: dict[str, int]) -> str:
+        """Where a torch optimizer (ZeRO-0) keeps a state: the model-states file, or with
+        experts the expert-parallel rank's ``expp_rank`` file (and rank 0's in both)."""
+        if self.expp and not self._in_model_file(t, state, copy):
+            return self.expp_file(coords)
+        return self.model_file(coords)
+
     def step_counters(self, t: ir.Tensor) -> list[tuple[object, Sequence[int]]]:
         """A stage's ranks all hold one counter per optimizer group (a ZeRO-3 sub-group),
         in files no other stage has: a counter is (stage, its key), its copies the stage's.
         With uneven grains groups differ by model-parallel rank: counted copy by copy."""
-        if self.uneven:
+        if self.uneven or self.expp:
             return super().step_counters(t)
         per_stage = self._copies_per_stage(t, STEP)
         out: list[tuple[object, Sequence[int]]] = []
@@ -568,6 +615,10 @@ class DeepSpeedPlacement(Placement):
                 for dp in iter_coords(self.mesh, self.dp_axes):
                     yield self.optim_file({**mp, **dp})
         yield from self.expert_files()
+        if self.expp:
+            for mp in self._mp_coords():
+                for ep in iter_coords(self.mesh, self.expert_axes):
+                    yield self.expp_file({**mp, **ep})
         if self.layer_files:
             seen: set[str] = set()
             for t in self.tensors:
@@ -602,6 +653,8 @@ class DeepSpeedPlacement(Placement):
         if self.layer_files:
             layers = {_layer_and_key(t)[0] for t in self.tensors}
             n += len(layers) * self.mesh.size(*self.model_axes)
+        if self.expp:
+            n += mp * self.mesh.size(*self.expert_axes)
         return n + len(self._expert_ids) * mp
 
     def files_holding(self, states: set[str]) -> int:
@@ -717,6 +770,14 @@ class DeepSpeedPlacement(Placement):
         opt = self.layout.optimizer
         assert opt is not None
         state_names = [s for s in (MASTER, *opt.states) if s != MASTER or opt.master]
+        if self.expp:  # every copy of every state, one run each
+            for t in self.trainable:
+                for s in (s for s in self.states(t) if s != WEIGHT):
+                    for sl in self.slices(t, s):
+                        for c in range(self.copies(t, s)):
+                            (r,) = self.runs(t, s, sl, c, 0, sl.numel if sl.shape else 1)
+                            yield StoredBuffer(r.file, r.key, r.dtype, sl.shape)
+            return
         if self.mode == "plain":
             for t in self.trainable:
                 for sl in self.slices(t, WEIGHT):
@@ -854,7 +915,11 @@ class DeepSpeedPlacement(Placement):
         m = re.search(r"zero_pp_rank_(\d+)_mp_rank_(\d+)", file)
         fixed: list[tuple[str, int]] = []
         expert = EXPERT.match(file)
-        if expert:  # the ranks of the expert's coordinate load it
+        expp = EXPP.match(file)
+        if expp:  # the ranks of its expert-parallel coordinate load it
+            fixed += list(self.mesh.unindex(self.expert_axes, int(expp.group(1))).items())
+            fixed += list(self.mesh.unindex(self.mp_axes, int(expp.group(2))).items())
+        elif expert:  # the ranks of the expert's coordinate load it
             layer, e = int(expert.group(1) or 0), int(expert.group(2))
             t = next(t for lay, i, t in self._expert_ids if (lay, i) == (layer, e))
             fixed += list(self.pin(t))
