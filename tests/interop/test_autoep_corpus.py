@@ -5,7 +5,7 @@ experts full and under the Hugging Face model's names, the two agreeing element 
 through the recorded mapping; DeepSpeed's per-expert files exist at ZeRO-1/2 (holding the
 saved weights) and not at ZeRO-3; the Hugging Face model takes the second naming strictly and
 names what is wrong with a damaged one; DeepSpeed reloads a checkpoint at the topology it was
-saved at exactly.
+saved at exactly, and at another world and ep through its universal form.
 """
 
 from __future__ import annotations
@@ -197,3 +197,26 @@ def test_deepspeed_resumes_an_autoep_checkpoint_at_its_own_topology(autoep_corpu
     )
     corpus.assert_resumed(loaded, truth, meta)
     assert loaded.meta["hf_map"] == meta["hf_map"]
+
+
+def test_deepspeed_resumes_an_autoep_checkpoint_through_universal_at_another_world_and_ep(
+    autoep_corpus, ds_python, tmp_path
+):
+    # DeepSpeed's own ds_to_universal, then load_universal at world 4 and ep 4 (one expert
+    # per rank, no expert data parallelism).
+    name = "autoep_z2_w2_ep2_bf16"
+    truth, meta = corpus.read_truth(autoep_corpus[name])
+    out = corpus.ds_to_universal(autoep_corpus[name] / TAG, tmp_path, python=ds_python)
+    loaded = corpus.load(
+        name,
+        out,
+        world=4,
+        ep=4,
+        universal=True,
+        root=autoep_corpus[name].parent.parent,
+        python=ds_python,
+    )
+    corpus.assert_resumed(loaded, truth, meta)
+    assert loaded.meta["partition_count"] == [4, 1]
+    # The expert group keeps the name it was saved under.
+    assert [g["name"] for g in loaded.meta["param_groups"]] == ["dense-params", "ep_size_2"]
