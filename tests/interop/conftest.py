@@ -115,3 +115,10 @@ def moe_corpus(ds_python: str) -> dict[str, Path]:
     """{case: checkpoint root} of the MoE cases (corpus.MOE_CASES) alone: they build in under
     a minute, without the ds_make.py cases."""
     return corpus.build(list(corpus.MOE_CASES), cache_root(), python=ds_python)
+
+
+@pytest.fixture(scope="session")
+def autoep_corpus(ds_python: str) -> dict[str, Path]:
+    """{case: checkpoint root} of the AutoEP cases (corpus.AUTOEP_CASES) alone; they need
+    transformers in DeepSpeed's interpreter."""
+    return corpus.build(list(corpus.AUTOEP_CASES), cache_root(), python=ds_python)

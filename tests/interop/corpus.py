@@ -8,7 +8,10 @@
 
 ``CASES`` are the data-parallel (ZeRO) cases, ``PARALLEL_CASES`` the pipeline and
 tensor-parallel ones (ds_parallel.py), ``MOE_CASES`` DeepSpeed's native Mixture-of-Experts ones
-(ds_moe.py, its own torchrun script), ``ALL_CASES`` all of them; ``build(None)`` builds all.
+(ds_moe.py, its own torchrun script), ``AUTOEP_CASES`` DeepSpeed AutoEP on a Hugging Face
+Mixtral (ds_autoep.py, likewise; needs transformers), ``ALL_CASES`` all of them;
+``build(None)`` builds all. ``hf_load_strict(case, dir)`` asks the Hugging Face model of an
+AutoEP case whether it takes a folder of safetensors as its state dict.
 
 DeepSpeed runs in a separate interpreter: ``$LAYOUTC_DS_PYTHON`` if set, else this one. It
 needs torch, deepspeed and safetensors, and transformers for the AutoTP cases (see the
@@ -17,7 +20,8 @@ nor DeepSpeed.
 
 Cache layout: ``root/ds<deepspeed version>-<hash of ds_make.py, ds_parallel.py and the
 versions>/<case>/`` (MoE cases: ``root/ds<version>-moe-<the same hash with ds_moe.py>/``, so
-that editing ds_moe.py rebuilds only them) holding the checkpoint root (``latest``, ``global_step2/``),
+that editing ds_moe.py rebuilds only them; AutoEP cases likewise under ``-autoep-`` with
+ds_autoep.py) holding the checkpoint root (``latest``, ``global_step2/``),
 ``ground_truth.safetensors``, ``ground_truth.json`` and ``DONE`` (written last: a case without
 it is rebuilt); ``root/torch_extensions`` caches DeepSpeed's JIT-built CPU comm op;
 ``root/logs`` keeps the torchrun output of each launch.
@@ -46,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 MAKE = HERE / "ds_make.py"
 PARALLEL = HERE / "ds_parallel.py"  # imported by ds_make.py: part of the cache key
 MOE = HERE / "ds_moe.py"  # a torchrun script of its own; imports ds_make.py
+AUTOEP = HERE / "ds_autoep.py"  # likewise
 LOAD = HERE / "ds_load.py"
 PYTHON_ENV = "LAYOUTC_DS_PYTHON"
 TIMEOUT_S = 600
@@ -65,17 +70,26 @@ _DS_MAKE = _module("layoutc_interop_ds_make", MAKE)
 CASES: dict[str, dict[str, Any]] = _DS_MAKE.CASES
 PARALLEL_CASES: dict[str, dict[str, Any]] = _DS_MAKE.PARALLEL_CASES
 MOE_CASES: dict[str, dict[str, Any]] = _module("layoutc_interop_ds_moe", MOE).CASES
-ALL_CASES: dict[str, dict[str, Any]] = {**_DS_MAKE.ALL_CASES, **MOE_CASES}
+AUTOEP_CASES: dict[str, dict[str, Any]] = _module("layoutc_interop_ds_autoep", AUTOEP).CASES
+ALL_CASES: dict[str, dict[str, Any]] = {**_DS_MAKE.ALL_CASES, **MOE_CASES, **AUTOEP_CASES}
+# (script, cache folder label, its cases): each script builds into a cache folder of its own.
+SCRIPTS: tuple[tuple[Path, str, dict[str, dict[str, Any]]], ...] = (
+    (MAKE, "", _DS_MAKE.ALL_CASES),
+    (MOE, "moe", MOE_CASES),
+    (AUTOEP, "autoep", AUTOEP_CASES),
+)
 
 
 def family(case: str) -> list[str]:
     """The cases worth building together with ``case``: the data-parallel cases, the MoE
-    cases, or the parallel cases of its kind (the AutoTP ones need transformers, the others
-    do not)."""
+    cases, the AutoEP cases, or the parallel cases of its kind (the AutoTP ones need
+    transformers, the others do not)."""
     if case in CASES:
         return list(CASES)
     if case in MOE_CASES:
         return list(MOE_CASES)
+    if case in AUTOEP_CASES:
+        return list(AUTOEP_CASES)
     kind = PARALLEL_CASES[case]["kind"]
     return [n for n, c in PARALLEL_CASES.items() if c["kind"] == kind]
 
@@ -111,17 +125,18 @@ def versions(python: str | None = None) -> dict[str, str] | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cache_key(python: str | None = None, *, moe: bool = False) -> str:
-    """The cache folder's name for the ds_make.py cases, or (``moe``) the ds_moe.py ones."""
+def cache_key(python: str | None = None, *, script: Path = MAKE) -> str:
+    """The cache folder's name for the cases ``script`` builds (one of ``SCRIPTS``)."""
     vers = versions(python)
     if vers is None:
         raise RuntimeError(f"DeepSpeed is not importable by {python or ds_python()}")
     h = hashlib.sha256(MAKE.read_bytes())
     h.update(PARALLEL.read_bytes())
     h.update(json.dumps(vers, sort_keys=True).encode())
-    if moe:
-        h.update(MOE.read_bytes())
-        return f"ds{vers['deepspeed']}-moe-{h.hexdigest()[:12]}"
+    label = next(label for s, label, _ in SCRIPTS if s == script)
+    if label:
+        h.update(script.read_bytes())
+        return f"ds{vers['deepspeed']}-{label}-{h.hexdigest()[:12]}"
     return f"ds{vers['deepspeed']}-{h.hexdigest()[:12]}"
 
 
@@ -201,8 +216,8 @@ def build(
     """Make (or reuse) the checkpoints of ``cases`` (all when None) under ``root``.
 
     Cases of one world size (and one ``launch`` group: see ds_make.PARALLEL_CASES) share one
-    torchrun launch; MoE cases run ds_moe.py into their own cache folder. Returns {case:
-    checkpoint root}.
+    torchrun launch; MoE and AutoEP cases run ds_moe.py / ds_autoep.py into cache folders of
+    their own. Returns {case: checkpoint root}.
     """
     names = list(ALL_CASES) if cases is None else list(cases)
     unknown = [n for n in names if n not in ALL_CASES]
@@ -210,10 +225,10 @@ def build(
         raise KeyError(f"unknown interop case(s) {unknown}; known: {sorted(ALL_CASES)}")
     root = Path(root).expanduser()
     out: dict[str, Path] = {}
-    for script, moe in ((MAKE, False), (MOE, True)):
-        mine = [n for n in names if (n in MOE_CASES) == moe]
+    for script, _, cases_ in SCRIPTS:
+        mine = [n for n in names if n in cases_]
         if mine:
-            base = root / cache_key(python, moe=moe)
+            base = root / cache_key(python, script=script)
             _build(script, mine, base, root, python)
             out.update({n: base / n for n in mine})
     return {n: out[n] for n in names}
@@ -320,6 +335,24 @@ def load(
         if expect_error:
             raise AssertionError(f"DeepSpeed loaded {ckpt} as {case}; an error was expected")
         return Loaded(tensors=tensors, meta=meta, log=log)
+
+
+def hf_load_strict(
+    case: str, directory: Path | str, *, python: str | None = None
+) -> dict[str, Any]:
+    """Whether the Hugging Face model of AutoEP ``case`` (``MixtralForCausalLM(config)``)
+    takes the ``*.safetensors`` files in ``directory`` with ``load_state_dict(sd,
+    strict=True)``: {"files", "missing", "unexpected", "error" (None when it took them)}; see
+    ds_autoep.hf_load_strict. Runs in DeepSpeed's interpreter, which has transformers."""
+    if case not in AUTOEP_CASES:
+        raise KeyError(f"{case!r} is not an AutoEP case; known: {sorted(AUTOEP_CASES)}")
+    cmd = [python or ds_python(), str(AUTOEP), "--case", case, "--hf-check", str(directory)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(None), timeout=TIMEOUT_S)
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"ds_autoep.py --hf-check failed ({out.returncode}):\n{out.stderr[-6000:]}"
+        )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 UNIVERSAL_STATES = ("fp32", "exp_avg", "exp_avg_sq")

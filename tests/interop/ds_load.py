@@ -23,7 +23,8 @@ dp picks the data-parallel size dp, and the dump holds full tensors as its groun
 
 A Mixture-of-Experts case (ds_moe.CASES) is built at W ranks and ``--ep E`` (default: the
 case's ep), so one checkpoint can be offered to another data- and expert-parallel topology;
-the dump is in ds_moe's ground-truth format (experts under their global names).
+the dump is in ds_moe's ground-truth format (experts under their global names). An AutoEP
+case (ds_autoep.CASES) likewise, its dump in ds_autoep's format (both namings, experts full).
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import ds_make  # after the sys.path insert above
+import ds_autoep  # after the sys.path insert above
+import ds_make
 import ds_moe
 
-CASES = {**ds_make.ALL_CASES, **ds_moe.CASES}
+CASES = {**ds_make.ALL_CASES, **ds_moe.CASES, **ds_autoep.CASES}
+EP_KINDS = {"moe": ds_moe, "autoep": ds_autoep}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,11 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     def work() -> None:
         case = CASES[args.case]
         kind = ds_make
-        if case.get("kind") == "moe":
-            kind = ds_moe
-            case = ds_moe.at_topology(case, world, args.ep)
+        if case.get("kind") in EP_KINDS:
+            kind = EP_KINDS[case["kind"]]
+            case = kind.at_topology(case, world, args.ep)
         elif args.ep is not None:
-            raise SystemExit(f"--ep is for Mixture-of-Experts cases, not {args.case}")
+            raise SystemExit(f"--ep is for Mixture-of-Experts / AutoEP cases, not {args.case}")
         engine, cfg = kind.build_engine(case, world, universal=args.universal)
         error = None
         try:
