@@ -54,14 +54,11 @@ The script launches itself under torchrun with ``--worker`` to build the checkpo
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,12 +71,15 @@ from harness import (
     METADATA,
     OUTDIR,
     Result,
+    arguments,
     build_cached,
     dd_copy,
     ds_env,
     du,
     exit_worker,
     free_port,
+    layoutc_python,
+    machine_line,
     measure,
     mib,
     plan_prediction,
@@ -186,73 +186,17 @@ def cache_key(vers: dict[str, str]) -> str:
 def build(ds_python: str, vers: dict[str, str], rebuild: bool, tmp: Path) -> tuple[Path, Result]:
     """The cached checkpoint (built now if missing) and the build's measurements."""
     base = CACHE / cache_key(vers)
-    cmd = [
-        ds_python,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(WORLD),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        "PORT",
-        str(HERE),
-        "--worker",
-        "--out",
-        str(base / "ckpt"),
-    ]
-    env = ds_env(CACHE / "torch_extensions")
-    env["OMP_NUM_THREADS"] = "1"
-    return build_cached("build (torchrun, 2 ranks)", base, cmd, env, rebuild, tmp)
+    return build_cached("build (torchrun, 2 ranks)", base, ds_python, HERE, WORLD, rebuild, tmp)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument(
-        "--ds-python",
-        default=os.environ.get("LAYOUTC_DS_PYTHON") or sys.executable,
-        help="interpreter with torch + deepspeed (default: $LAYOUTC_DS_PYTHON, else this one)",
-    )
-    ap.add_argument(
-        "--layoutc",
-        default=shutil.which("layoutc", path=str(Path(sys.executable).parent))
-        or shutil.which("layoutc"),
-        help="the layoutc command (default: next to this interpreter, else on PATH)",
-    )
-    ap.add_argument(
-        "--repeat", type=int, default=2, help="measured runs per command (best is shown)"
-    )
-    ap.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
-    ap.add_argument("--tmp", type=Path, help="parent of the temp output folder (default: $TMPDIR)")
+    ap = arguments(__doc__.splitlines()[0])
     args = ap.parse_args()
     if args.worker:
         worker_main(args.out)
         return
-    if not args.layoutc:
-        raise SystemExit("no `layoutc` command found; pass --layoutc")
-
+    lc_py, lc_ver = layoutc_python(args)
     vers = versions(args.ds_python)
-    lc_version = subprocess.run(
-        [args.layoutc, "--help"], capture_output=True, text=True
-    ).returncode  # is it runnable at all
-    if lc_version != 0:
-        raise SystemExit(f"{args.layoutc} does not run")
-    lc_python = Path(args.layoutc).resolve().parent / "python"
-    lc_py = str(lc_python) if lc_python.exists() else sys.executable
-    lc_ver = (
-        subprocess.run(
-            [
-                lc_py,
-                "-c",
-                "import layoutc; print(layoutc.__version__)",
-            ],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        or "?"
-    )
     load_start = os.getloadavg()
     date = time.strftime("%Y-%m-%d")
 
@@ -373,18 +317,10 @@ def main() -> None:
 
     # ----------------------------------------------------------------------------- report
     by = {r.name: r for r in results}
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    nproc = len(os.sched_getaffinity(0))
     print()
     print("## layoutc convert vs DeepSpeed's converters (`benchmarks/convert_vs_deepspeed.py`)")
     print()
-    print(
-        f"Machine: {platform.platform()}, {nproc} cores (nproc), {mem / 2**30:.1f} GiB RAM, "
-        f"Python {platform.python_version()}; deepspeed {vers['deepspeed']}, torch "
-        f"{vers['torch']}, layoutc {lc_ver}. Date: {date}. Load average (1/5/15 min) "
-        f"{'/'.join(f'{x:.2f}' for x in load_start)} at the start, "
-        f"{'/'.join(f'{x:.2f}' for x in load_end)} at the end."
-    )
+    print(machine_line(vers, lc_ver, date, load_start, load_end))
     print()
     gp = json.loads((ckpt / "GENERATED").read_text())
     print(

@@ -14,8 +14,10 @@ of its figures.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import platform
 import shlex
 import shutil
 import socket
@@ -248,11 +250,28 @@ def exit_worker(work: Callable[[], None]) -> NoReturn:
 
 
 def build_cached(
-    name: str, base: Path, cmd: list[str], env: dict[str, str], rebuild: bool, tmp: Path
+    name: str, base: Path, ds_python: str, script: Path, world: int, rebuild: bool, tmp: Path
 ) -> tuple[Path, Result]:
-    """The checkpoint ``base/ckpt``, built by ``cmd`` (a torchrun launch whose
-    ``--master_port`` value is filled in) unless ``base/DONE`` says it was, and the build's
-    measurements. A ``GENERATED`` file in the checkpoint marks a complete build."""
+    """The checkpoint ``base/ckpt``, built by ``script --worker --out base/ckpt`` under
+    torchrun at ``world`` ranks (CPU, one thread each) unless ``base/DONE`` says it was, and
+    the build's measurements. A ``GENERATED`` file in the checkpoint marks a complete build."""
+    cmd = [
+        ds_python,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(world),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        "PORT",
+        str(script),
+        "--worker",
+        "--out",
+        str(base / "ckpt"),
+    ]
+    env = ds_env(CACHE / "torch_extensions")
+    env["OMP_NUM_THREADS"] = "1"
     ckpt = base / "ckpt"
     done = base / "DONE"
     res = Result(name, cmd, out=ckpt)
@@ -265,7 +284,6 @@ def build_cached(
         if base.exists():
             shutil.rmtree(base)
         base.mkdir(parents=True)
-        cmd = list(cmd)
         for attempt in range(2):  # port races and the rare abort at exit
             if ckpt.exists():
                 shutil.rmtree(ckpt)
@@ -329,3 +347,59 @@ def secs(n: float | None) -> str:
 
 def ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The command line the conversion benchmarks share (a script adds its own)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--ds-python",
+        default=os.environ.get("LAYOUTC_DS_PYTHON") or sys.executable,
+        help="interpreter with torch + deepspeed (default: $LAYOUTC_DS_PYTHON, else this one)",
+    )
+    ap.add_argument(
+        "--layoutc",
+        default=shutil.which("layoutc", path=str(Path(sys.executable).parent))
+        or shutil.which("layoutc"),
+        help="the layoutc command (default: next to this interpreter, else on PATH)",
+    )
+    ap.add_argument(
+        "--layoutc-python",
+        help="the interpreter layoutc runs in, for the imports probe (default: the python "
+        "beside --layoutc, else this one)",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=2, help="measured runs per command (best is shown)"
+    )
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
+    ap.add_argument("--tmp", type=Path, help="parent of the temp output folder (default: $TMPDIR)")
+    return ap
+
+
+def layoutc_python(args: argparse.Namespace) -> tuple[str, str]:
+    """(the interpreter layoutc runs in, layoutc's version); exits if --layoutc does not run."""
+    if not args.layoutc:
+        raise SystemExit("no `layoutc` command found; pass --layoutc")
+    if subprocess.run([args.layoutc, "--help"], capture_output=True).returncode != 0:
+        raise SystemExit(f"{args.layoutc} does not run")
+    beside = Path(args.layoutc).resolve().parent / "python"
+    py = args.layoutc_python or (str(beside) if beside.exists() else sys.executable)
+    code = "import layoutc; print(layoutc.__version__)"
+    out = subprocess.run([py, "-c", code], capture_output=True, text=True)
+    return py, out.stdout.strip() or "?"
+
+
+def machine_line(
+    vers: dict[str, str], lc_ver: str, date: str, load_start: tuple, load_end: tuple
+) -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    nproc = len(os.sched_getaffinity(0))
+    return (
+        f"Machine: {platform.platform()}, {nproc} cores (nproc), {mem / 2**30:.1f} GiB RAM, "
+        f"Python {platform.python_version()}; deepspeed {vers['deepspeed']}, torch "
+        f"{vers['torch']}, layoutc {lc_ver}. Date: {date}. Load average (1/5/15 min) "
+        f"{'/'.join(f'{x:.2f}' for x in load_start)} at the start, "
+        f"{'/'.join(f'{x:.2f}' for x in load_end)} at the end."
+    )
