@@ -54,25 +54,42 @@ The script launches itself under torchrun with ``--worker`` to build the checkpo
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
 import os
-import platform
-import shlex
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside this script
+
+from harness import (
+    CACHE,
+    METADATA,
+    OUTDIR,
+    Result,
+    arguments,
+    build_cached,
+    dd_copy,
+    ds_env,
+    du,
+    exit_worker,
+    free_port,
+    layoutc_python,
+    machine_line,
+    measure,
+    mib,
+    plan_prediction,
+    ratio,
+    secs,
+    versions,
+    warm,
+)
+
 HERE = Path(__file__).resolve()
-CACHE = Path("~/.cache/layoutc-bench").expanduser()
 
 # The checkpoint: 6 x Linear(4096, 4096) (with biases) + Linear(4096, 16): 100,753,424
 # params. ZeRO-2, bf16 (fp32 masters + Adam states in the optimizer files): ~1.4 GB.
@@ -94,7 +111,6 @@ IMPORT_PROBE = (
     "import layoutc.cli, layoutc.conversion, layoutc.render, layoutc.runtime.distributed, "
     "layoutc.plan.validate, layoutc.lang.fmt, layoutc.dtypes; layoutc.dtypes.np_dtype('bf16')"
 )
-METADATA = {"layoutc-manifest.json", "latest", "latest_universal", "model.safetensors.index.json"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,224 +167,12 @@ def worker(out: Path) -> None:
 
 
 def worker_main(out: Path) -> None:
-    import traceback
-
-    try:
-        worker(out)
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # DeepSpeed/gloo sometimes abort at interpreter exit after all work is done
-
-
-# ------------------------------------------------------------------------------------------
-# Measuring a command: wall, CPU, /usr/bin/time %M, sampled process-tree PSS
-# ------------------------------------------------------------------------------------------
-
-TIME_BIN = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
-RUSAGE_WRAPPER = (
-    "import resource, subprocess, sys\n"
-    "rc = subprocess.call(sys.argv[2:])\n"
-    "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-    "open(sys.argv[1], 'w').write(f'{r.ru_maxrss} {r.ru_utime + r.ru_stime}\\n')\n"
-    "sys.exit(rc)\n"
-)
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
-
-
-def _tree(pid: int) -> list[int]:
-    kids = _children()
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, ()))
-    return out
-
-
-def _rollup(pid: int) -> dict[str, int]:
-    vals: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                k, _, rest = line.partition(":")
-                parts = rest.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    vals[k] = int(parts[0]) * 1024
-    except (OSError, ValueError):
-        pass
-    return vals
-
-
-class TreeSampler(threading.Thread):
-    """Peak over time of the summed PSS (and anonymous PSS, and RSS) of a process tree."""
-
-    def __init__(self, pid: int, period: float = 0.1) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.period = pid, period
-        self.peak = {"Pss": 0, "Pss_Anon": 0, "Rss": 0, "procs": 0}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            tot = {"Pss": 0, "Pss_Anon": 0, "Rss": 0}
-            pids = _tree(self.pid)
-            for p in pids:
-                r = _rollup(p)
-                for k in tot:
-                    tot[k] += r.get(k, 0)
-            for k, v in tot.items():
-                self.peak[k] = max(self.peak[k], v)
-            self.peak["procs"] = max(self.peak["procs"], len(pids))
-            self.stop.wait(self.period)
-
-
-@dataclass
-class Run:
-    rc: int
-    wall: float
-    sync: float
-    cpu: float
-    maxrss: int  # bytes, largest single process (wait4 / getrusage)
-    pss: int  # bytes, peak of summed PSS over the tree (sampled)
-    pss_anon: int
-    procs: int
-    log: str = ""
-
-
-@dataclass
-class Result:
-    name: str
-    cmd: list[str]
-    runs: list[Run] = field(default_factory=list)
-    out: Path | None = None
-    files: int = 0
-    disk: int = 0
-    data: int = 0  # disk minus metadata files
-    note: str = ""
-    cached: bool = False
-
-    @property
-    def ok(self) -> list[Run]:
-        return [r for r in self.runs if r.rc == 0]
-
-    @property
-    def best(self) -> Run | None:
-        ok = self.ok
-        return min(ok, key=lambda r: r.wall) if ok else None
-
-    def stat(self, attr: str, fn=max) -> float | None:
-        ok = self.ok
-        return fn(getattr(r, attr) for r in ok) if ok else None
-
-
-def _sync() -> float:
-    t = time.perf_counter()
-    os.sync()
-    return time.perf_counter() - t
-
-
-def measure(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> Run:
-    """Run ``cmd`` once in a fresh process; sync before (untimed) and after (timed)."""
-    _sync()
-    stats = log.with_suffix(".time")
-    if TIME_BIN:
-        full = [TIME_BIN, "-f", "%M %U %S", "-o", str(stats), *cmd]
-    else:
-        full = [sys.executable, "-c", RUSAGE_WRAPPER, str(stats), *cmd]
-    with log.open("w") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(full, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        sampler = TreeSampler(proc.pid)
-        sampler.start()
-        rc = proc.wait()
-        wall = time.perf_counter() - t0
-        sampler.stop.set()
-        sampler.join()
-    sync = _sync()
-    maxrss, cpu = 0, 0.0
-    try:
-        parts = stats.read_text().split()
-        # GNU time appends "Command exited with non-zero status N" before the format line.
-        parts = parts[-3:] if TIME_BIN else parts[-2:]
-        maxrss = int(parts[0]) * 1024
-        cpu = sum(float(x) for x in parts[1:])
-    except (OSError, ValueError, IndexError):
-        pass
-    text = log.read_text(errors="replace")
-    return Run(
-        rc,
-        wall,
-        sync,
-        cpu,
-        maxrss,
-        sampler.peak["Pss"],
-        sampler.peak["Pss_Anon"],
-        sampler.peak["procs"],
-        text[-4000:],
-    )
-
-
-def du(path: Path) -> tuple[int, int, int]:
-    """(files, bytes, bytes minus metadata files) under ``path``."""
-    files = total = meta = 0
-    for p in path.rglob("*"):
-        if p.is_file():
-            files += 1
-            size = p.stat().st_size
-            total += size
-            if p.name in METADATA:
-                meta += size
-    return files, total, total - meta
+    exit_worker(lambda: worker(out))
 
 
 # ------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def ds_env(ext_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "TORCH_EXTENSIONS_DIR": str(ext_dir)}
-    )
-    env.setdefault("CUDA_VISIBLE_DEVICES", "")
-    return env
-
-
-def versions(ds_python: str) -> dict[str, str]:
-    code = (
-        "import importlib.metadata as m, json\n"
-        "print(json.dumps({k: m.version(k) for k in ('deepspeed', 'torch')}))\n"
-    )
-    out = subprocess.run([ds_python, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def cache_key(vers: dict[str, str]) -> str:
@@ -382,125 +186,17 @@ def cache_key(vers: dict[str, str]) -> str:
 def build(ds_python: str, vers: dict[str, str], rebuild: bool, tmp: Path) -> tuple[Path, Result]:
     """The cached checkpoint (built now if missing) and the build's measurements."""
     base = CACHE / cache_key(vers)
-    ckpt = base / "ckpt"
-    done = base / "DONE"
-    ext = CACHE / "torch_extensions"
-    cmd = [
-        ds_python,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(WORLD),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        "PORT",
-        str(HERE),
-        "--worker",
-        "--out",
-        str(ckpt),
-    ]
-    res = Result("build (torchrun, 2 ranks)", cmd, out=ckpt)
-    if done.is_file() and not rebuild:
-        rec = json.loads(done.read_text())
-        res.runs = [Run(**rec["run"])]
-        res.cached = True
-        res.note = f"cached, built {rec['date']}"
-    else:
-        if base.exists():
-            shutil.rmtree(base)
-        base.mkdir(parents=True)
-        env = ds_env(ext)
-        env["OMP_NUM_THREADS"] = "1"
-        for attempt in range(2):  # port races and the rare abort at exit
-            if ckpt.exists():
-                shutil.rmtree(ckpt)
-            cmd[cmd.index("--master_port") + 1] = str(free_port())
-            print(f"building the checkpoint in {ckpt} (attempt {attempt + 1}) ...", flush=True)
-            run = measure(cmd, env, tmp, tmp / f"build{attempt}.log")
-            if run.rc == 0 and (ckpt / "GENERATED").is_file():
-                break
-            print(run.log, file=sys.stderr)
-        else:
-            raise SystemExit(f"building the checkpoint failed (rc {run.rc})")
-        res.runs = [run]
-        rec = {"run": {**run.__dict__, "log": ""}, "date": time.strftime("%Y-%m-%d %H:%M")}
-        done.write_text(json.dumps(rec) + "\n")
-    res.files, res.disk, res.data = du(ckpt)
-    return ckpt, res
-
-
-def plan_prediction(layoutc: str, ckpt: Path, to: str, memory: str | None, *settings: str) -> dict:
-    cmd = [layoutc, "plan", str(ckpt), "--to", to, "--json"]
-    if memory:
-        cmd += ["--memory", memory]
-    for setting in settings:
-        cmd += ["--set", setting]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip()[-500:]}
-    return json.loads(out.stdout)["summary"]
-
-
-def mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:,.0f}"
-
-
-def secs(n: float | None) -> str:
-    return "-" if n is None else f"{n:.1f}"
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    return "-" if not a or not b else f"{a / b:.2f}x"
+    return build_cached("build (torchrun, 2 ranks)", base, ds_python, HERE, WORLD, rebuild, tmp)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument(
-        "--ds-python",
-        default=os.environ.get("LAYOUTC_DS_PYTHON") or sys.executable,
-        help="interpreter with torch + deepspeed (default: $LAYOUTC_DS_PYTHON, else this one)",
-    )
-    ap.add_argument(
-        "--layoutc",
-        default=shutil.which("layoutc", path=str(Path(sys.executable).parent))
-        or shutil.which("layoutc"),
-        help="the layoutc command (default: next to this interpreter, else on PATH)",
-    )
-    ap.add_argument(
-        "--repeat", type=int, default=2, help="measured runs per command (best is shown)"
-    )
-    ap.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
-    ap.add_argument("--tmp", type=Path, help="parent of the temp output folder (default: $TMPDIR)")
+    ap = arguments(__doc__.splitlines()[0])
     args = ap.parse_args()
     if args.worker:
         worker_main(args.out)
         return
-    if not args.layoutc:
-        raise SystemExit("no `layoutc` command found; pass --layoutc")
-
+    lc_py, lc_ver = layoutc_python(args)
     vers = versions(args.ds_python)
-    lc_version = subprocess.run(
-        [args.layoutc, "--help"], capture_output=True, text=True
-    ).returncode  # is it runnable at all
-    if lc_version != 0:
-        raise SystemExit(f"{args.layoutc} does not run")
-    lc_python = Path(args.layoutc).resolve().parent / "python"
-    lc_py = str(lc_python) if lc_python.exists() else sys.executable
-    lc_ver = (
-        subprocess.run(
-            [
-                lc_py,
-                "-c",
-                "import layoutc; print(layoutc.__version__)",
-            ],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        or "?"
-    )
     load_start = os.getloadavg()
     date = time.strftime("%Y-%m-%d")
 
@@ -510,10 +206,7 @@ def main() -> None:
         tag = (ckpt / "latest").read_text().strip()
         if build_res.disk < 10**9:
             raise SystemExit(f"{ckpt}: only {build_res.disk:,} bytes; expected >= 1 GB")
-        # Warm the page cache: every measured run reads the source from memory.
-        subprocess.run(
-            f"find '{ckpt}' -type f -exec cat {{}} + > /dev/null", shell=True, check=True
-        )
+        warm(ckpt)  # every measured run reads the source from the page cache
 
         env_lc = dict(os.environ)
         env_ds = ds_env(CACHE / "torch_extensions")
@@ -522,26 +215,14 @@ def main() -> None:
             "from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict as c\n"
             "c(sys.argv[1], sys.argv[2], safe_serialization=True, max_shard_size=None)\n"
         )
-        OUTDIR = "{OUT}"
 
         def convert(to: str, *extra: str) -> list[str]:
             """layoutc's command line converting the checkpoint to ``to``."""
             return ["convert", str(ckpt), "--to", to, "-o", OUTDIR, "-q", *extra]
 
-        files = sorted(str(f.relative_to(ckpt)) for f in ckpt.rglob("*") if f.is_file())
-        folders = sorted({str(Path(f).parent) for f in files})
-        dd = " ".join(
-            [f"mkdir -p {' '.join(shlex.quote(f'{OUTDIR}/{d}') for d in folders)};"]
-            + [
-                f"dd if={shlex.quote(str(ckpt / f))} of={shlex.quote(f'{OUTDIR}/{f}')} bs=32M "
-                'oflag=direct conv=fsync status=none & pids="$pids $!";'
-                for f in files
-            ]
-            + ['for p in $pids; do wait "$p" || exit 1; done']  # any dd failing fails the run
-        )
         jobs = [
             ("cp -r", ["cp", "-r", str(ckpt), OUTDIR], env_lc, None),
-            (DD, ["sh", "-c", dd], env_lc, None),
+            (DD, dd_copy(ckpt), env_lc, None),
             (IMPORTS, [lc_py, "-c", IMPORT_PROBE], env_lc, None),
             (
                 "layoutc → universal",
@@ -636,18 +317,10 @@ def main() -> None:
 
     # ----------------------------------------------------------------------------- report
     by = {r.name: r for r in results}
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    nproc = len(os.sched_getaffinity(0))
     print()
     print("## layoutc convert vs DeepSpeed's converters (`benchmarks/convert_vs_deepspeed.py`)")
     print()
-    print(
-        f"Machine: {platform.platform()}, {nproc} cores (nproc), {mem / 2**30:.1f} GiB RAM, "
-        f"Python {platform.python_version()}; deepspeed {vers['deepspeed']}, torch "
-        f"{vers['torch']}, layoutc {lc_ver}. Date: {date}. Load average (1/5/15 min) "
-        f"{'/'.join(f'{x:.2f}' for x in load_start)} at the start, "
-        f"{'/'.join(f'{x:.2f}' for x in load_end)} at the end."
-    )
+    print(machine_line(vers, lc_ver, date, load_start, load_end))
     print()
     gp = json.loads((ckpt / "GENERATED").read_text())
     print(
