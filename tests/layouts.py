@@ -165,9 +165,10 @@ def layout_pairs(draw: st.DrawFn) -> tuple[Layout, Layout]:
 
 @st.composite
 def moe_layouts(draw: st.DrawFn, fmt: str = "deepspeed") -> Layout:
-    """A random native mixture-of-experts layout at ZeRO 0, 1 or 2: dense tensors partitioned
-    over every data-parallel rank, one or two MoE layers whose experts are dealt over
-    ``ep`` and partitioned over ``edp``, maybe split over ``tp`` too."""
+    """A random mixture-of-experts layout at ZeRO 0, 1 or 2: dense tensors partitioned over
+    every data-parallel rank, one or two MoE layers whose experts are dealt over ``ep``
+    (native MoE, maybe split over ``tp`` too) or stacked split over ``ep`` (AutoEP, at
+    ZeRO 1 and 2), partitioned over ``edp``."""
     edp, ep, tp = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 2))
     sizes = {"tp": tp}
     zero = draw(st.integers(0, 2))
@@ -181,9 +182,18 @@ def moe_layouts(draw: st.DrawFn, fmt: str = "deepspeed") -> Layout:
     ]
     for i in range(draw(st.integers(1, 3))):
         lines.append(f"tensor d{i}.w [{', '.join(draw(dims(['tp'], sizes)))}]")
+    fused = zero > 0 and draw(st.booleans())  # AutoEP's experts, stacked: [E / ep, ...]
     for layer in range(draw(st.integers(1, 2))):
         count = ep * draw(st.integers(1, 3))
         group = draw(st.sampled_from(["experts", f"experts{layer}"]))
+        if fused:
+            body = [
+                f"tensor m{layer}.experts.w{k} [{count} / ep, {draw(st.integers(1, 4))}, "
+                f"{draw(st.integers(1, 4))}] layer {layer}"
+                for k in range(draw(st.integers(1, 3)))
+            ]
+            lines.append(f"group {group} {{ {' '.join(body)} }}")
+            continue
         body = [
             f"tensor m{layer}.experts.{{e}}.w{k} [{', '.join(draw(dims(['tp'], sizes)))}] "
             f"layer {layer}"

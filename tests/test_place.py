@@ -323,7 +323,12 @@ MOE = (
         (
             "mesh { dp = 2, ep = 2 }\noptimizer adam\nzero 1 over (dp, ep)\n"
             "group x { tensor experts.w [4 / ep, 3] }",
-            "stacked in one tensor",
+            "names no MoE layer",
+        ),
+        (
+            "mesh { dp = 2, ep = 2 }\noptimizer adam\nzero 1 over (dp, ep)\n"
+            "group x { tensor experts.w [3, 4 / ep] layer 0 }",
+            "dim 0 the expert",
         ),
     ],
 )

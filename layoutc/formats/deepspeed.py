@@ -33,6 +33,7 @@ from layoutc.place.deepspeed import (
     LAYER,
     MODEL,
     OPTIM,
+    expert_file_name,
     layer_of,
     tied_key,
 )
@@ -389,11 +390,15 @@ def infer_text(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
     return text
 
 
-def _untrained_lines(ckpt: DeepSpeedCheckpoint, trained: set[str], dtype: str) -> list[str]:
-    """The model states' frozen parameters, persistent buffers and ties, as entries."""
+def _untrained_lines(
+    ckpt: DeepSpeedCheckpoint, trained: set[str], dtype: str, aliases: dict[str, str] | None = None
+) -> list[str]:
+    """The model states' frozen parameters, persistent buffers and ties (``aliases``: more
+    module entries that name another parameter), as entries."""
     ms = ckpt.model_states
     module: dict[str, Any] = ms.get("module") or {}
     shared: dict[str, str] = dict(ms.get("shared_params") or {})
+    shared.update(aliases or {})
     buffer_names = list(ms.get("buffer_names") or [])
     frozen_shapes: dict[str, Any] = dict(ms.get("frozen_param_shapes") or {})
     frozen: list[tuple[str, tuple[int, ...], str]] = []
@@ -449,9 +454,7 @@ def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
     ms = ckpt.model_states
     where = ckpt.model_files[0]
     if ms.get("ds_autoep_layers"):
-        raise Unsupported(
-            f"{where}: an AutoEP checkpoint (ds_autoep_layers); layoutc reads native MoE only, for now"
-        )
+        return _infer_autoep(ckpt, name)
     if ckpt.zero3:
         raise Unsupported(f"{where}: a mixture-of-experts checkpoint at ZeRO-3")
     if not ckpt.expert_files:
@@ -566,6 +569,88 @@ def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
     out = _header(ckpt, name, mesh, dtype) + zero
     out += lines
     out += _untrained_lines(ckpt, set(dense), dtype)
+    out.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
+    return "\n".join(out) + "\n"
+
+
+def _infer_autoep(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
+    """A DeepSpeed AutoEP checkpoint at ZeRO 1/2: each MoE layer's experts fused in
+    ``experts.w1/w2/w3`` tensors ``[E / ep, ...]`` (the rank's local experts, in the
+    optimizer's expert group, partitioned over the expert-data-parallel ranks), stored
+    one expert per file (``<name>.<G>`` in ``layer_L_expert_G``); ``ds_autoep_layers``
+    says each layer's module, ordinal, expert count and ep."""
+    ms = ckpt.model_states
+    where = ckpt.model_files[0]
+    layers = ms.get("ds_autoep_layers")
+    if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
+        raise NotACheckpoint(f"{where}: `ds_autoep_layers` is not a list of dicts")
+    formats = {str(x.get("checkpoint_format")) for x in layers}
+    if ckpt.zero3 or formats != {"per_expert_files"}:
+        raise Unsupported(
+            f"{where}: an AutoEP checkpoint whose experts live only in the ZeRO-3 partitions "
+            f"({', '.join(sorted(formats))}); layoutc reads AutoEP at ZeRO 1 and 2 for now"
+        )
+    eps = {int(x.get("ep_size") or 0) for x in layers}
+    if len(eps) != 1:
+        raise Unsupported(f"{where}: AutoEP layers of several expert-parallel sizes {sorted(eps)}")
+    ep = eps.pop()
+    param_shapes, moe_groups, ep_files = _zero_groups(ckpt)
+    if ep_files != ep:
+        raise NotACheckpoint(
+            f"{ckpt.optim_files[0]}: the expert groups' partition count makes ep = {ep_files}; "
+            f"ds_autoep_layers says {ep}"
+        )
+    of_module = {f"{x.get('expert_key_prefix')}": x for x in layers}
+    have = {p.name for p in ckpt.expert_files}
+    module: dict[str, Any] = ms.get("module") or {}
+    dense = [
+        _check_name(p, ckpt) for g, ps in enumerate(param_shapes) if g not in moe_groups for p in ps
+    ]
+    first = dense[0] if dense else None
+    dtype = _dtype(module.get(first), first) if first else "fp32"
+    lines: list[str] = []
+    for g, shapes in enumerate(param_shapes):
+        body = []
+        for pname, shape in shapes.items():
+            pname = _check_name(pname, ckpt)
+            dims = _shape(shape)
+            if g not in moe_groups:
+                body.append(f"tensor {pname} {_dims(dims)}")
+                continue
+            layer = of_module.get(pname.rsplit(".", 1)[0])
+            if layer is None or not dims:
+                raise NotACheckpoint(
+                    f"{where}: {pname} is in the expert group but in no ds_autoep_layers entry"
+                )
+            count, lid = int(layer.get("num_experts") or 0), int(layer.get("moe_layer_id") or 0)
+            if dims[0] * ep != count:
+                raise NotACheckpoint(
+                    f"{where}: {pname} holds {dims[0]} experts per rank; {count} experts at ep = {ep} "
+                    f"make {count // max(ep, 1)}"
+                )
+            missing = [e for e in range(count) if expert_file_name(lid, e, 0) not in have]
+            if missing:
+                raise NotACheckpoint(
+                    f"{ckpt.folder}: {expert_file_name(lid, missing[0], 0)} is missing ({pname})"
+                )
+            body.append(
+                f"tensor {pname} [{count} / ep, {', '.join(map(str, dims[1:]))}] layer {lid}"
+            )
+        lines += _group(g, body)
+    mesh = f"let dp = {ckpt.dp}\nmesh {{ edp = dp / ep, ep = {ep} }}"
+    out = _header(ckpt, name, mesh, dtype) + _optimizer_lines(ckpt, first, "(edp, ep)")
+    # AutoEP names its router a second time, as the attribute the model had (`gate`):
+    # <module>.gate.<rest> is <module>.router.<rest>
+    aliases: dict[str, str] = {}
+    for layer in layers:
+        path = f"{layer.get('module_path')}."
+        for key in module:
+            head, _, rest = key[len(path) :].partition(".")
+            source = f"{path}router.{rest}"
+            if key.startswith(path) and head != "router" and source in dense:
+                aliases[key] = source
+    out += lines
+    out += _untrained_lines(ckpt, set(dense), dtype, aliases)
     out.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
     return "\n".join(out) + "\n"
 

@@ -156,6 +156,14 @@ def files(
 ) -> Iterator[tuple[str, Any, Holes]]:
     """``(file, object to pickle, its holes)`` for every file of ``target``."""
     layout = target.layout
+    if target.fused:
+        raise Unsupported(
+            f"{layout.source}: {target.fused[0].name} holds AutoEP's fused experts, and layoutc "
+            "does not write AutoEP checkpoints yet (their ds_autoep_layers: each layer's expert "
+            "placement and affine maps at the new topology). Convert --to universal and resume "
+            'with "checkpoint": {"load_universal": true}: DeepSpeed reads AutoEP universal '
+            "checkpoints at any data- and expert-parallel size"
+        )
     first = True
     run = _run_state(target, carried)  # the same in every model-states file
     dps = list(iter_coords(target.mesh, target.dp_axes))

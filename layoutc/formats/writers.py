@@ -190,7 +190,8 @@ def _universal(target: Any, out: Path, origin: Origin) -> Prepared:
             path = inside(root, f)
             path.parent.mkdir(parents=True, exist_ok=True)
             tensor = pt.Tensor(b.dtype, b.shape, None, key="0")
-            c = pt.create(tensor if state == STEP else {"param": tensor, **_slicing(t)}, path)
+            slicing = _slicing(t, target.layout.zero.axes)
+            c = pt.create(tensor if state == STEP else {"param": tensor, **slicing}, path)
             p.created.append(c)
             p.files.append(path)
             _map(p, c, {key: b}, {key: "0"})
@@ -203,12 +204,16 @@ def _universal(target: Any, out: Path, origin: Origin) -> Prepared:
     return p
 
 
-def _slicing(t: ir.Tensor) -> dict[str, Any]:
+def _slicing(t: ir.Tensor, zero_axes: tuple[str, ...] = ()) -> dict[str, Any]:
     """How DeepSpeed's universal loader cuts a tensor-parallel tensor again (next to its
     ``param``): ``cat_dim``, the dim split over the model axes; ``param_n_sub_params``
     for a dim of equal fused blocks, each cut on its own; ``vocab_tensor`` for a padded
-    first dim (the loader pads it to the target's size). Nothing for a tensor not split."""
+    first dim (the loader pads it to the target's size). AutoEP's fused experts, split
+    over a ZeRO axis (``zero_axes``), are ``is_expert_param`` with ``ep_num_experts``: the
+    loader keeps each rank's experts. Nothing for a tensor not split."""
     for i, d in enumerate(t.dims):
+        if d.split and set(d.split) & set(zero_axes):
+            return {"cat_dim": i, "is_expert_param": True, "ep_num_experts": d.size}
         if d.split:
             out: dict[str, Any] = {"cat_dim": i}
             if d.fused and len({b.size for b in d.blocks}) == 1:

@@ -117,6 +117,7 @@ class _Checker:
     groups: list[str] = field(default_factory=list)
     dtype: str = "fp32"
     overrides: dict[str, int] = field(default_factory=dict)  # --set NAME=VALUE
+    zero_axes: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ reporting
 
@@ -331,6 +332,7 @@ class _Checker:
         mesh = ir.Mesh(tuple(self.axes))
         self.pipeline_decl(top)
         zero = self.zero_decl(top)
+        self.zero_axes = zero.axes
         optimizer = self.optimizer_decl(top)
         offloads = tuple(
             x for x in (self.offload_decl(s) for s in top if isinstance(s, ast.Offload)) if x
@@ -926,15 +928,7 @@ class _Checker:
         layer = None
         if st.layer is not None:
             layer = self.eval(st.layer)
-            if self.pipeline is None and expert is None:
-                self.error(
-                    "E120",
-                    f"{name} names a layer but the layout has no pipeline axis and it is no expert",
-                    st.layer.span,
-                    "a pipeline tensor's layer needs `pipeline over pp`; an expert's, "
-                    "a loop `for e in 0..E over ep`",
-                )
-            elif layer < 0:
+            if layer < 0:
                 self.error(
                     "E135",
                     f"{name} is stored in layer {layer}; layers count from 0",
@@ -967,6 +961,15 @@ class _Checker:
                     )
                 used[a] = i
             dims.append(dim)
+        fused = any(a in self.zero_axes for a in used)  # experts stacked, split over ep
+        if st.layer is not None and self.pipeline is None and expert is None and not fused:
+            self.error(
+                "E120",
+                f"{name} names a layer but the layout has no pipeline axis and it is no expert",
+                st.layer.span,
+                "a pipeline tensor's layer needs `pipeline over pp`; an expert's, a loop "
+                "`for e in 0..E over ep` or a dim split over a ZeRO axis ([E / ep, F, H])",
+            )
         if expert is not None and expert.axis in used:
             self.error(
                 "E143",

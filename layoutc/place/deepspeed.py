@@ -117,16 +117,17 @@ class DeepSpeedPlacement(Placement):
             raise Unsupported(
                 f"{layout.source}: DeepSpeed refuses ZeRO-{z.stage} with pipeline parallelism; use zero 0 or 1"
             )
-        stacked = [t.name for t in self.trainable if set(t.split_axes) & set(self.dp_axes)]
-        if stacked:
-            raise Unsupported(
-                f"{layout.source}: {stacked[0]} is split over a ZeRO axis (experts stacked in one "
-                "tensor); DeepSpeed's native MoE keeps one tensor per expert, declared "
-                "`for e in 0..E over ep { ... }`, and layoutc does not place stacked experts in "
-                "DeepSpeed files yet. Use store universal, safetensors or torch for this layout"
-            )
+        # AutoEP's fused experts: dim 0 (the expert) split over a ZeRO axis
+        self.fused = tuple(t for t in self.tensors if set(t.split_axes) & set(self.dp_axes))
+        if self.fused:
+            self._check_fused(layout)
         self.experts = tuple(t for t in self.tensors if t.expert)
-        self.expert_axes = tuple(dict.fromkeys(t.expert.axis for t in self.experts if t.expert))
+        self.expert_axes = tuple(
+            dict.fromkeys(
+                [t.expert.axis for t in self.experts if t.expert]
+                + [t.dims[0].split[0] for t in self.fused]
+            )
+        )
         # ZeRO-0 MoE: each expert-parallel rank's torch optimizer in its expp_rank file
         self.expp = self.mode == "plain" and bool(self.experts)
         if self.experts:
@@ -147,6 +148,37 @@ class DeepSpeedPlacement(Placement):
         # Tensors cut in uneven grains (AutoTP) give each model-parallel coordinate its own
         # flat groups: other numels, and no place at all for a slice with no elements.
         self.uneven = any(t.uneven for t in self.tensors)
+
+    def _check_fused(self, layout: ir.Layout) -> None:
+        """What DeepSpeed's AutoEP stores: each layer's experts fused in tensors whose dim 0
+        is the expert, split over one ZeRO axis and nothing else, at ZeRO 1 or 2, each
+        naming its MoE layer (its experts' files ``layer_L_expert_G``)."""
+        for t in self.fused:
+            d0 = t.dims[0]
+            where = f"{layout.source}: {t.name} is split over a ZeRO axis"
+            if not t.trainable:
+                raise Unsupported(f"{where} but is not trained; AutoEP's experts are parameters")
+            if len(d0.split) != 1 or d0.fused or d0.pad_to != 1 or d0.grain:
+                raise Unsupported(
+                    f"{where}; DeepSpeed stores experts fused in one tensor (AutoEP) with dim 0 "
+                    "the expert, split over the expert-parallel axis alone: [E / ep, F, H]"
+                )
+            if any(a in self.dp_axes for d in t.dims[1:] for a in d.split) or any(
+                d.split for d in t.dims[1:]
+            ):
+                raise Unsupported(
+                    f"{where} in dims other than the expert's, which AutoEP does not do"
+                )
+            if self.mode != "flat" or layout.zero.stage == 0:
+                raise Unsupported(
+                    f"{where} (AutoEP's fused experts), which layoutc places at ZeRO 1 and 2 only"
+                )
+            if t.layer is None:
+                raise Unsupported(
+                    f"{layout.source}: {t.name} (AutoEP's fused experts) names no MoE layer; "
+                    "DeepSpeed stores expert G of it in layer_<L>_expert_<G>_mp_rank_XX_"
+                    "model_states.pt: write `layer L` on it"
+                )
 
     def _check_experts(self, layout: ir.Layout) -> None:
         """What DeepSpeed's native MoE can store: experts over a ZeRO axis (its expert
@@ -463,6 +495,8 @@ class DeepSpeedPlacement(Placement):
         if state == WEIGHT:
             if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
                 return self._stage3_frozen(t, coords, lo, hi, dtype)
+            if t in self.fused:
+                return self._fused_runs(t, coords, lo, hi, dtype)
             file, key = self._weight_location(t, coords, copy % self._variants(t, state))
             return [Run(file, key, lo, lo, hi - lo, dtype)]
         m = self._member(t, coords)
@@ -490,6 +524,25 @@ class DeepSpeedPlacement(Placement):
             out.append(
                 Run(self.optim_file(fc), key, f.buffer_offset, f.param_offset, f.numel, dtype)
             )
+        return out
+
+    def _fused_runs(
+        self, t: ir.Tensor, coords: dict[str, int], lo: int, hi: int, dtype: str
+    ) -> list[Run]:
+        """AutoEP: the slice ``[E / ep, ...]`` of fused experts at ``coords`` is stored one
+        expert per file, ``<name>.<G>`` under the expert's global id ``G``."""
+        assert t.layer is not None
+        d0 = t.dims[0]
+        inner = math.prod(t.local_shape[1:])
+        first = d0.part_of(coords, self.mesh.sizes) * d0.local
+        out: list[Run] = []
+        e = lo // inner if inner else 0
+        while inner and e * inner < hi:
+            a, b = max(lo, e * inner), min(hi, (e + 1) * inner)
+            g = first + e
+            file = expert_file_name(t.layer, g, self._mp(coords))
+            out.append(Run(file, f"{t.name}.{g}", a - e * inner, a, b - a, dtype))
+            e += 1
         return out
 
     def _plain_file(self, t: ir.Tensor, state: str, copy: int, coords: dict[str, int]) -> str:
@@ -531,6 +584,9 @@ class DeepSpeedPlacement(Placement):
             if t.kind == ir.FROZEN and self.layout.zero.stage == 3:
                 _, _, pn = self._frozen_partition(t, self._coords(t, state, sl, copy))
                 return (hi - 1) // pn - lo // pn + 1 if hi > lo else 0
+            if t in self.fused:
+                inner = math.prod(t.local_shape[1:])
+                return (hi - 1) // inner - lo // inner + 1 if hi > lo and inner else 0
             return 1
         m = self._member(t, self._coords(t, state, sl, copy))
         if m is None:
@@ -630,19 +686,24 @@ class DeepSpeedPlacement(Placement):
                             yield f
 
     @cached_property
-    def _expert_ids(self) -> tuple[tuple[int, int, ir.Tensor], ...]:
-        """(MoE layer, expert id, its first tensor) of every expert, in order."""
-        out: dict[tuple[int, int], ir.Tensor] = {}
+    def _expert_ids(self) -> dict[tuple[int, int], Pin]:
+        """(MoE layer, expert id) of every expert, in order -> the coordinates holding it."""
+        out: dict[tuple[int, int], Pin] = {}
         for t in self.experts:
             assert t.expert is not None and t.layer is not None
-            out.setdefault((t.layer, t.expert.id), t)
-        return tuple((layer, e, t) for (layer, e), t in out.items())
+            out.setdefault((t.layer, t.expert.id), self.pin(t))
+        for t in self.fused:
+            assert t.layer is not None
+            d0 = t.dims[0]
+            for e in range(d0.size):
+                out.setdefault((t.layer, e), ((d0.split[0], e // d0.local),))
+        return out
 
     def expert_files(self) -> Iterator[str]:
         """One file per expert of each MoE layer and model-parallel rank."""
         for mp in self._mp_coords():
-            for _, _, t in self._expert_ids:
-                yield self.expert_file(t, mp)
+            for layer, e in self._expert_ids:
+                yield expert_file_name(layer, e, self._mp(mp))
 
     def file_count(self) -> int:
         mp = self.mesh.size(*self.mp_axes)
@@ -661,7 +722,7 @@ class DeepSpeedPlacement(Placement):
         """Closed form: optimizer files if any optimizer state is wanted, weight files
         (layer, model-state) if weights are. Slices of uneven grains make each rank's
         share its own: those are counted from the runs."""
-        if self.uneven or self.experts:  # files of expert groups: counted from the runs
+        if self.uneven or self.experts or self.fused:  # expert groups' files: from the runs
             return super().files_holding(states)
         mp = self.mesh.size(*self.mp_axes)
         dp = self.mesh.size(*self.dp_axes)
@@ -760,6 +821,10 @@ class DeepSpeedPlacement(Placement):
                                 dtype,
                                 (pn,),
                             )
+                        continue
+                    if t in self.fused:
+                        for run in self._fused_runs(t, coords, 0, sl.numel, dtype):
+                            yield StoredBuffer(run.file, run.key, dtype, sl.shape[1:])
                         continue
                     f, k = self._weight_location(t, coords, c % self._variants(t, WEIGHT))
                     yield StoredBuffer(f, k, dtype, sl.shape)
@@ -920,9 +985,7 @@ class DeepSpeedPlacement(Placement):
             fixed += list(self.mesh.unindex(self.expert_axes, int(expp.group(1))).items())
             fixed += list(self.mesh.unindex(self.mp_axes, int(expp.group(2))).items())
         elif expert:  # the ranks of the expert's coordinate load it
-            layer, e = int(expert.group(1) or 0), int(expert.group(2))
-            t = next(t for lay, i, t in self._expert_ids if (lay, i) == (layer, e))
-            fixed += list(self.pin(t))
+            fixed += list(self._expert_ids[int(expert.group(1) or 0), int(expert.group(2))])
             fixed += list(self.mesh.unindex(self.mp_axes, int(expert.group(3))).items())
         elif m:
             fixed += list(self.mesh.unindex(self.dp_axes, int(m.group(1))).items())

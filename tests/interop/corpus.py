@@ -440,3 +440,25 @@ def ds_to_universal(
     if out.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed ({out.returncode}):\n{out.stderr[-6000:]}")
     return out_root
+
+
+def inferred_moe(root: Path | str, case: dict[str, Any]) -> tuple[Any, Any]:
+    """(checkpoint, layout) of a mixture-of-experts case as ``layoutc infer`` describes it,
+    asserted canonical, at the case's dp and ep, checked against every file of the folder
+    (each one placed)."""
+    from layoutc.formats.deepspeed import infer, open_checkpoint
+    from layoutc.formats.match import check_against
+    from layoutc.lang.check import load_text
+    from layoutc.lang.fmt import fmt
+    from layoutc.lang.parse import parse
+    from layoutc.place import place
+
+    ckpt = open_checkpoint(root)
+    text = infer(ckpt)
+    assert fmt(parse(text)) == text
+    layout = load_text(text, "inferred.layout")
+    assert layout.mesh.sizes == {"edp": case["world"] // case["ep"], "ep": case["ep"]}
+    p = place(layout)
+    check_against(p, ckpt)  # every file, key, size and dtype; no file left unplaced
+    assert sorted(p.files()) == sorted(f.name for f in ckpt.folder.iterdir())
+    return ckpt, layout

@@ -19,11 +19,7 @@ from layoutc.conversion import convert
 from layoutc.errors import LayoutError, Unsupported
 from layoutc.formats import safetensors as st
 from layoutc.formats.deepspeed import infer, open_checkpoint
-from layoutc.formats.match import check_against
 from layoutc.lang.check import load_text
-from layoutc.lang.fmt import fmt
-from layoutc.lang.parse import parse
-from layoutc.place import place
 
 pytestmark = pytest.mark.interop
 
@@ -33,14 +29,7 @@ ZERO = sorted(corpus.MOE_CASES)  # ZeRO 0, 1 and 2
 @pytest.mark.parametrize("name", ZERO)
 def test_infer_deals_every_expert_over_ep_under_its_global_id_and_moe_layer(moe_corpus, name):
     case = corpus.MOE_CASES[name]
-    ckpt = open_checkpoint(moe_corpus[name])
-    text = infer(ckpt)
-    assert fmt(parse(text)) == text
-    layout = load_text(text, "inferred.layout")
-    assert layout.mesh.sizes == {"edp": case["world"] // case["ep"], "ep": case["ep"]}
-    p = place(layout)
-    check_against(p, ckpt)  # every file, key, size and dtype; no file left unplaced
-    assert sorted(p.files()) == sorted(f.name for f in ckpt.folder.iterdir())
+    _, layout = corpus.inferred_moe(moe_corpus[name], case)
     _, meta = corpus.read_truth(moe_corpus[name])
     experts = {t.name: t for t in layout.tensors if t.expert}
     assert set(experts) == set(meta["experts"])
