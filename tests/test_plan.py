@@ -17,6 +17,7 @@ from layoutc.place import place
 from layoutc.plan import ops as O
 from layoutc.plan.compile import compile_plan, target_layout
 from layoutc.plan.plan import Plan
+from layoutc.render import render
 from layoutc.runtime import executor
 from layoutc.runtime import memory as M
 
@@ -222,6 +223,18 @@ def test_mixtral_plans_from_ep_8_to_ep_4_reading_each_experts_files_where_they_g
     assert len(experts) == 32 * 8 * 2
     held = plan.target_placement.holders("layer_5_expert_3_mp_rank_01_model_states.pt")
     assert str(held) == "{ep=1, tp=1}"  # expert 3 of 8 is on ep rank 3 // 2
+    layers = s["experts"]
+    assert [e["layer"] for e in layers] == list(range(32))
+    assert {(e["experts"], e["source"], e["target"], e["tensors"]) for e in layers} == {
+        (8, "ep 8: 1 per rank", "ep 4: 2 per rank", 24)
+    }
+    # each layer's experts: 8 * 3 matrices of 14336 * 4096, bf16 weights and three fp32
+    # states (masters and moments, partitioned with no padding); the expert group's step
+    # counters (4 bytes in each of 16 files) are written with one of the layers
+    data = 24 * 14336 * 4096 * (2 + 3 * 4)
+    assert sorted({e["bytes_written"] - data for e in layers}) == [0, 64]
+    text = render(plan)
+    assert "experts (per mixture-of-experts layer)" in text and "24 more layers alike" in text
 
 
 def test_the_shipped_reshard_pairs_plan():

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from layoutc import ir
 from layoutc.errors import InternalError, PlanError
 from layoutc.ir import DTYPE_BYTES
 from layoutc.place import place
@@ -67,6 +68,25 @@ class Stats:
             swap_bytes=self.swap_bytes + o.swap_bytes,
             peak_bytes=max(self.peak_bytes, o.peak_bytes),
         )
+
+
+def _dealt(t: ir.Tensor, layout: ir.Layout) -> tuple[str, int] | None:
+    """(axis, expert count) of an expert's tensor: one expert dealt over an axis (native
+    MoE), or all of them stacked in dim 0 split over a ZeRO axis (AutoEP); None otherwise."""
+    if t.expert is not None:
+        return t.expert.axis, t.expert.count
+    d0 = t.dims[0] if t.dims else None
+    if d0 is not None and len(d0.split) == 1 and d0.split[0] in layout.zero.axes:
+        return d0.split[0], d0.size
+    return None
+
+
+def _dealing(axis: str, count: int, layout: ir.Layout) -> str:
+    """``ep 4: 2 per rank``, or ``whole`` where the format keeps no topology."""
+    if layout.store.format in ("safetensors", "torch", "universal"):
+        return "whole"
+    size = layout.mesh.sizes[axis]
+    return f"{axis} {size}: {count // size} per rank"
 
 
 @dataclass(frozen=True)
@@ -255,6 +275,32 @@ class Plan:
             for name, units in ranked
         ]
 
+    def experts(self) -> list[dict[str, Any]]:
+        """Per mixture-of-experts layer of the target: its experts, how each end deals them
+        over its expert axis, and the bytes the plan writes for them."""
+        if self.target_placement is None:
+            return []
+        written: dict[str, int] = {}
+        for u in self.units:
+            written[u.tensor] = written.get(u.tensor, 0) + u.stats.write_bytes
+        source = self.source_placement.layout if self.source_placement is not None else None
+        out: dict[int, dict[str, Any]] = {}
+        for t in self.target_placement.layout.tensors:
+            dealt = _dealt(t, self.target_placement.layout)
+            if dealt is None or t.layer is None:
+                continue
+            layer = out.setdefault(
+                t.layer,
+                {"layer": t.layer, "experts": dealt[1], "tensors": 0, "bytes_written": 0},
+            )
+            layer["target"] = _dealing(*dealt, self.target_placement.layout)
+            st = source.by_name.get(t.name) if source is not None else None
+            from_ = _dealt(st, source) if st is not None and source is not None else None
+            layer["source"] = _dealing(*from_, source) if from_ and source else "whole"
+            layer["tensors"] += 1
+            layer["bytes_written"] += written.get(t.name, 0)
+        return [out[k] for k in sorted(out)]
+
     def by_file(self, n: int = 10, max_ops: int = IO_SUMMARY_MAX_OPS) -> dict[str, Any] | None:
         """Bytes read per source file and written per target rank (the ranks that hold each
         written file, as the target format assigns them), the ``n`` largest of each; None
@@ -309,6 +355,7 @@ class Plan:
             "workers": self.workers,
             "per_worker": self.per_worker(),
             "largest": self.largest(),
+            "experts": self.experts(),
             "io": io,
             "warnings": list(self.warnings),
         }
