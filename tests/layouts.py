@@ -165,13 +165,13 @@ def layout_pairs(draw: st.DrawFn) -> tuple[Layout, Layout]:
 
 @st.composite
 def moe_layouts(draw: st.DrawFn, fmt: str = "deepspeed") -> Layout:
-    """A random mixture-of-experts layout at ZeRO 0, 1 or 2: dense tensors partitioned over
+    """A random mixture-of-experts layout at ZeRO 0 to 3: dense tensors partitioned over
     every data-parallel rank, one or two MoE layers whose experts are dealt over ``ep``
-    (native MoE, maybe split over ``tp`` too) or stacked split over ``ep`` (AutoEP, at
-    ZeRO 1 and 2), partitioned over ``edp``."""
+    (native MoE at ZeRO 0 to 2, maybe split over ``tp`` too) or stacked split over ``ep``
+    (AutoEP, at ZeRO 1 to 3), partitioned over ``edp``."""
     edp, ep, tp = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 2))
     sizes = {"tp": tp}
-    zero = draw(st.integers(0, 2))
+    zero = draw(st.integers(0, 3))  # native experts at 0, 1, 2; AutoEP's at 1, 2, 3
     lines = [
         f"let dp = {edp * ep}",
         f"mesh {{ edp = dp / ep, ep = {ep}, tp = {tp} }}",
@@ -182,7 +182,7 @@ def moe_layouts(draw: st.DrawFn, fmt: str = "deepspeed") -> Layout:
     ]
     for i in range(draw(st.integers(1, 3))):
         lines.append(f"tensor d{i}.w [{', '.join(draw(dims(['tp'], sizes)))}]")
-    fused = zero > 0 and draw(st.booleans())  # AutoEP's experts, stacked: [E / ep, ...]
+    fused = zero == 3 or (zero > 0 and draw(st.booleans()))  # AutoEP's, stacked: [E / ep, ...]
     for layer in range(draw(st.integers(1, 2))):
         count = ep * draw(st.integers(1, 3))
         group = draw(st.sampled_from(["experts", f"experts{layer}"]))

@@ -585,16 +585,20 @@ def _infer_autoep(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
     if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
         raise NotACheckpoint(f"{where}: `ds_autoep_layers` is not a list of dicts")
     formats = {str(x.get("checkpoint_format")) for x in layers}
-    if ckpt.zero3 or formats != {"per_expert_files"}:
+    want = "zero3_partitioned" if ckpt.zero3 else "per_expert_files"
+    if formats != {want}:
         raise Unsupported(
-            f"{where}: an AutoEP checkpoint whose experts live only in the ZeRO-3 partitions "
-            f"({', '.join(sorted(formats))}); layoutc reads AutoEP at ZeRO 1 and 2 for now"
+            f"{where}: AutoEP experts stored as {', '.join(sorted(formats))} in a "
+            f"{'ZeRO-3' if ckpt.zero3 else 'ZeRO-1/2'} checkpoint, which stores them as {want}"
         )
     eps = {int(x.get("ep_size") or 0) for x in layers}
     if len(eps) != 1:
         raise Unsupported(f"{where}: AutoEP layers of several expert-parallel sizes {sorted(eps)}")
     ep = eps.pop()
-    param_shapes, moe_groups, ep_files = _zero_groups(ckpt)
+    if ckpt.zero3:  # experts only in the ZeRO partitions: no expert files
+        param_shapes, moe_groups, ep_files = _zero3_groups(ckpt)
+    else:
+        param_shapes, moe_groups, ep_files = _zero_groups(ckpt)
     if ep_files != ep:
         raise NotACheckpoint(
             f"{ckpt.optim_files[0]}: the expert groups' partition count makes ep = {ep_files}; "
@@ -628,7 +632,11 @@ def _infer_autoep(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
                     f"{where}: {pname} holds {dims[0]} experts per rank; {count} experts at ep = {ep} "
                     f"make {count // max(ep, 1)}"
                 )
-            missing = [e for e in range(count) if expert_file_name(lid, e, 0) not in have]
+            missing = [
+                e
+                for e in range(count)
+                if expert_file_name(lid, e, 0) not in have and not ckpt.zero3
+            ]
             if missing:
                 raise NotACheckpoint(
                     f"{ckpt.folder}: {expert_file_name(lid, missing[0], 0)} is missing ({pname})"
@@ -653,6 +661,48 @@ def _infer_autoep(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
     out += _untrained_lines(ckpt, set(dense), dtype, aliases)
     out.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
     return "\n".join(out) + "\n"
+
+
+def _zero3_groups(ckpt: DeepSpeedCheckpoint) -> tuple[list[Any], list[int], int]:
+    """ZeRO-3 MoE: ``param_shapes`` lists each optimizer sub-group; the param groups name
+    their sub-groups; ``ds_zero_partition_groups`` says over how many ranks each
+    sub-group is partitioned, which for the experts' is dp / ep."""
+    param_shapes = ckpt.model_states.get("param_shapes")
+    opt = ckpt.optim_states or {}
+    inner = opt.get("optimizer_state_dict")
+    parts = opt.get("ds_zero_partition_groups")
+    where = ckpt.optim_files[0] if ckpt.optim_files else ckpt.folder
+    if (
+        not isinstance(param_shapes, list)
+        or not isinstance(inner, dict)
+        or not isinstance(parts, list)
+    ):
+        raise NotACheckpoint(
+            f"{where}: a ZeRO-3 MoE checkpoint without param_shapes, param groups and "
+            "ds_zero_partition_groups"
+        )
+    groups = inner.get("param_groups") or []
+    merged: list[dict[str, Any]] = []
+    for pg in groups:
+        shapes: dict[str, Any] = {}
+        for sub in pg.get("params") or []:
+            if not (isinstance(sub, int) and 0 <= sub < len(param_shapes)):
+                raise NotACheckpoint(f"{where}: a param group names sub-group {sub!r}")
+            shapes.update(param_shapes[sub])
+        merged.append(shapes)
+    moe_groups = [g for g, pg in enumerate(groups) if pg.get("moe")]
+    counts = {
+        int(p.get("partition_count") or 0)
+        for g in moe_groups
+        for sub in groups[g].get("params") or []
+        for p in parts
+        if isinstance(p, dict) and p.get("sub_group") == sub
+    }
+    if len(counts) != 1 or not counts or ckpt.dp % max(counts):
+        raise Unsupported(
+            f"{where}: expert sub-groups partitioned {sorted(counts)} ways at dp = {ckpt.dp}"
+        )
+    return merged, moe_groups, ckpt.dp // counts.pop()
 
 
 def _zero_groups(ckpt: DeepSpeedCheckpoint) -> tuple[list[Any], list[int], int]:

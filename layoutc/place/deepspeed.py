@@ -169,9 +169,9 @@ class DeepSpeedPlacement(Placement):
                 raise Unsupported(
                     f"{where} in dims other than the expert's, which AutoEP does not do"
                 )
-            if self.mode != "flat" or layout.zero.stage == 0:
+            if self.mode not in ("flat", "stage3") or layout.zero.stage == 0:
                 raise Unsupported(
-                    f"{where} (AutoEP's fused experts), which layoutc places at ZeRO 1 and 2 only"
+                    f"{where} (AutoEP's fused experts), which layoutc places at ZeRO 1, 2 and 3"
                 )
             if t.layer is None:
                 raise Unsupported(
@@ -693,6 +693,8 @@ class DeepSpeedPlacement(Placement):
             assert t.expert is not None and t.layer is not None
             out.setdefault((t.layer, t.expert.id), self.pin(t))
         for t in self.fused:
+            if WEIGHT not in self.states(t):  # ZeRO-3: the experts live in its partitions
+                continue
             assert t.layer is not None
             d0 = t.dims[0]
             for e in range(d0.size):

@@ -1,7 +1,7 @@
 """layoutc on real DeepSpeed AutoEP checkpoints (ds_autoep.py): a Hugging Face Mixtral whose
 MoE blocks DeepSpeed replaced with fused experts ``experts.w1/w2/w3`` ``[E / ep, ...]``.
 
-At ZeRO 1 and 2, ``infer`` declares the fused experts split over ``ep`` in their MoE layer,
+At ZeRO 1, 2 and 3, ``infer`` declares the fused experts split over ``ep`` in their MoE layer,
 the router's alias as a tie; whole-tensor exports hold every fp32 master exactly (experts
 full over all ``E``); the universal output is what DeepSpeed's loader resumes from at
 another data- and expert-parallel size. What is not done yet is refused saying why.
@@ -19,11 +19,11 @@ from layoutc.formats import safetensors as st
 
 pytestmark = pytest.mark.interop
 
-PER_EXPERT = sorted(n for n, c in corpus.AUTOEP_CASES.items() if c["stage"] in (1, 2))
+CASES = sorted(corpus.AUTOEP_CASES)  # ZeRO 1, 2 and 3
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-@pytest.mark.parametrize("name", PER_EXPERT)
+@pytest.mark.parametrize("name", CASES)
 def test_infer_declares_the_fused_experts_split_over_ep_in_their_moe_layer(autoep_corpus, name):
     _, layout = corpus.inferred_moe(autoep_corpus[name], corpus.AUTOEP_CASES[name])
     _, meta = corpus.read_truth(autoep_corpus[name])
@@ -35,7 +35,7 @@ def test_infer_declares_the_fused_experts_split_over_ep_in_their_moe_layer(autoe
     assert dict(layout.ties) == meta["aliases"]
 
 
-@pytest.mark.parametrize("name", PER_EXPERT)
+@pytest.mark.parametrize("name", CASES)
 def test_safetensors_hold_every_fp32_master_with_the_experts_full(autoep_corpus, name, tmp_path):
     convert(autoep_corpus[name], tmp_path / "out", "safetensors")
     truth, _ = corpus.read_truth(autoep_corpus[name])
@@ -47,7 +47,13 @@ def test_safetensors_hold_every_fp32_master_with_the_experts_full(autoep_corpus,
 
 
 @pytest.mark.parametrize(
-    ("name", "world", "ep"), [("autoep_z2_w2_ep2_bf16", 4, 4), ("autoep_z1_w2_ep2_bf16", 2, 1)]
+    ("name", "world", "ep"),
+    [
+        ("autoep_z2_w2_ep2_bf16", 4, 4),
+        ("autoep_z1_w2_ep2_bf16", 2, 1),
+        ("autoep_z3_w2_ep2_bf16", 4, 4),  # experts only in the ZeRO-3 partitions
+        ("autoep_z2_w4_ep2_fp32", 2, 2),
+    ],
 )
 def test_deepspeed_resumes_from_the_universal_output_at_another_dp_and_ep(
     autoep_corpus, ds_python, name, world, ep, tmp_path
@@ -74,8 +80,3 @@ def test_a_deepspeed_target_is_refused_saying_what_to_do_instead(autoep_corpus, 
     with pytest.raises(Unsupported, match="Convert --to universal"):
         convert(autoep_corpus["autoep_z2_w2_ep2_bf16"], tmp_path / "out", "deepspeed")
     assert not (tmp_path / "out").exists()
-
-
-def test_zero3_autoep_is_refused_by_name(autoep_corpus, tmp_path):
-    with pytest.raises(Unsupported, match="zero3_partitioned"):
-        convert(autoep_corpus["autoep_z3_w2_ep2_bf16"], tmp_path / "out", "safetensors")
