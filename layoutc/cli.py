@@ -31,7 +31,7 @@ from layoutc.errors import (
     UsageError,
     kind,
 )
-from layoutc.formats.deepspeed import infer, open_checkpoint
+from layoutc.formats.deepspeed import infer, infer_hf, open_checkpoint
 from layoutc.formats.sources import SOURCES, open_source
 from layoutc.lang.check import load_text
 from layoutc.lang.fmt import fmt
@@ -286,7 +286,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    text = infer(open_checkpoint(args.checkpoint, args.tag))
+    ckpt = open_checkpoint(args.checkpoint, args.tag)
+    text = infer_hf(ckpt) if args.hf else infer(ckpt)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"wrote {args.output}", file=sys.stderr)
@@ -641,6 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
+    p.add_argument(
+        "--hf",
+        action="store_true",
+        help="an AutoEP checkpoint: the layout of the Hugging Face model it was made from "
+        "(its names and fused experts, each tensor `from` the checkpoint's), to convert to",
+    )
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser(

@@ -234,6 +234,8 @@ class Tensor:
     also: tuple[int, ...] = ()  # further pipeline stages holding a copy (DeepSpeed's tied layers)
     layer: int | None = None  # the layer whose file stores it (pipeline or MoE), if not its name's
     expert: Expert | None = None  # one expert's tensor, held only where its expert is
+    # from: where a target's data comes from, (None, tensor) or (block, tensor) per block
+    source: tuple[tuple[str | None, str], ...] = ()
 
     @property
     def stages(self) -> tuple[int, ...]:
@@ -278,6 +280,22 @@ class Tensor:
             out.extend(d.split)
         return tuple(out)
 
+    def sources(self) -> list[tuple[str, tuple[int, int, int] | None]]:
+        """Where this tensor's data comes from when it is a plan's target: ``(tensor,
+        None)`` for the whole (by default the tensor of its own name), or per named block
+        of its fused dim ``(tensor, (dim, lo, hi))``, the block's range of that dim."""
+        if not self.source:
+            return [(self.name, None)]
+        if self.source[0][0] is None:
+            return [(self.source[0][1], None)]
+        d = next(i for i, dim in enumerate(self.dims) if dim.fused)
+        starts: dict[str | None, tuple[int, int]] = {}
+        lo = 0
+        for b in self.dims[d].blocks:
+            starts[b.name] = (lo, lo + b.size)
+            lo += b.size
+        return [(name, (d, *starts[block])) for block, name in self.source]
+
     @property
     def pinned_axes(self) -> tuple[str, ...]:
         """Mesh axes on which only one coordinate holds this tensor (an expert's axis)."""
@@ -304,6 +322,9 @@ class Tensor:
             **({"also_on_stages": list(self.also)} if self.also else {}),
             **({"layer": self.layer} if self.layer is not None else {}),
             **({"expert": self.expert.to_dict()} if self.expert else {}),
+            **(
+                {"from": [{"block": b, "tensor": n} for b, n in self.source]} if self.source else {}
+            ),
         }
 
 

@@ -175,6 +175,10 @@ CASES: dict[str, str | bytes] = {
         "    tensor experts.{e}.{f}.w [8]\n  }\n}\n"
     ),
     "E143-split": "mesh { dp = 2, ep = 2 }\nfor e in 0..2 over ep {\n  tensor experts.{e}.w [8 / ep]\n}\n",
+    "E144": "mesh { dp = 2 }\ntensor w [4, 8] from (gate: w1, up: w3)\n",
+    "E144-block": "mesh { dp = 2 }\ntensor w [(gate: 4, up: 4), 8] from (gate: w1, down: w3)\n",
+    "E144-twice": "mesh { dp = 2 }\ntensor w [(gate: 4, up: 4), 8] from (gate: w1, gate: w3)\n",
+    "E144-missing": "mesh { dp = 2 }\ntensor w [(gate: 4, up: 4), 8] from (gate: w1)\n",
     "E143-pipeline": (
         "mesh { pp = 2, ep = 2 }\npipeline over pp\nfor e in 0..2 over pp {\n  tensor experts.{e}.w [8]\n}\n"
     ),

@@ -286,3 +286,36 @@ def test_each_rank_runs_its_share_within_its_own_budget(pair, ranks, workers, me
     assert s["peak_memory_bytes"] == max(per_rank)
     assert s["peak_memory_bytes_all_ranks"] == sum(per_rank)
     assert Plan.from_json(plan.to_json()).summary() == s
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.lists(st.integers(1, 3), min_size=2, max_size=3),
+    st.integers(1, 3),
+    st.sampled_from([None, 4096]),
+)
+def test_a_target_assembles_its_blocks_from_other_tensors_exactly(tp, tp2, blocks, rows, memory):
+    """``from (a: x, b: y)``: each block of a fused dim comes from a tensor of its own, at
+    any split of the source and of the target; ``from x`` renames."""
+    sizes = [n * tp * tp2 for n in blocks]  # divisible by the split of either end
+    source = load_text(
+        f"mesh {{ dp = 2, tp = {tp} }}\ndtype bf16\noptimizer adam\nzero 1 over dp\n"
+        + "".join(f"tensor part{i} [{rows}, {n} / tp, 3]\n" for i, n in enumerate(sizes))
+        + "tensor router [5, 2]\n"
+    )
+    fused = ", ".join(f"b{i}: {n}" for i, n in enumerate(sizes))
+    parts = ", ".join(f"b{i}: part{i}" for i in range(len(sizes)))
+    target = load_text(
+        f"mesh {{ tp = {tp2} }}\ndtype bf16\noptimizer adam\n"
+        f"tensor joined [{rows}, ({fused}) / tp, 3] from ({parts})\n"
+        "tensor gate [5, 2] from router\nstore deepspeed\n"
+    )
+    plan, values, T, result = run(source, target, memory=memory)
+    got = M.load(T, result.stored)
+    for state in ("weight", "master", "exp_avg"):
+        want = np.concatenate([values[f"part{i}"][state] for i in range(len(sizes))], axis=1)
+        assert np.array_equal(got["joined"][state].astype(np.float64), want.astype(np.float64))
+        assert np.array_equal(got["gate"][state], values["router"][state])
+    assert not any("not copied" in w for w in plan.warnings)

@@ -23,6 +23,7 @@ from layoutc.errors import InputError, Unsupported
 from layoutc.formats import autotp, pt
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.ir import check_tag
+from layoutc.lang.check import load_text
 from layoutc.lang.fmt import fmt
 from layoutc.lang.parse import parse
 from layoutc.place.deepspeed import (
@@ -661,6 +662,61 @@ def _infer_autoep(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
     out += _untrained_lines(ckpt, set(dense), dtype, aliases)
     out.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
     return "\n".join(out) + "\n"
+
+
+# AutoEP presets whose Hugging Face model layout is known: the names of the fused expert
+# tensors and how the checkpoint's w1/w2/w3 make them (transformers >= 5, where
+# MixtralForCausalLM keeps its experts fused: gate_up_proj [E, 2F, H], down_proj [E, H, F])
+HF_PRESETS = {"mixtral": {"router": "gate", "gate_up": "gate_up_proj", "down": "down_proj"}}
+
+
+def infer_hf(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:
+    """The ``.layout`` of the Hugging Face model an AutoEP checkpoint was made from, every
+    tensor taken ``from`` the checkpoint's: its router under the model's own name, each
+    layer's experts fused as the model fuses them; stored as safetensors."""
+    cfg = (ckpt.config.get("expert_parallel") or {}) if ckpt.config else {}
+    preset = cfg.get("preset_model") if isinstance(cfg, dict) else None
+    if not ckpt.model_states.get("ds_autoep_layers"):
+        raise Unsupported(
+            f"{ckpt.folder}: not an AutoEP checkpoint; its layout (layoutc infer) already "
+            "names every tensor as the model does"
+        )
+    if preset not in HF_PRESETS:
+        raise Unsupported(
+            f"{ckpt.model_files[0]}: AutoEP preset {preset!r}, whose Hugging Face layout layoutc "
+            f"does not know (it knows {', '.join(sorted(HF_PRESETS))}); write the target layout "
+            "with `from` (docs/language.md)"
+        )
+    names = HF_PRESETS[preset]
+    source = load_text(infer_text(ckpt, name), f"{ckpt.folder}.layout")
+    experts = {
+        str(layer.get("module_path")): str(layer.get("expert_key_prefix"))
+        for layer in ckpt.model_states["ds_autoep_layers"]
+    }
+    lines = [
+        f"# The Hugging Face layout of {ckpt.folder} (AutoEP preset {preset}), from its tensors.",
+        f"layout {source.name}_hf",
+        "mesh { dp = 1 }",
+        "dtype fp32",
+    ]
+    for t in source.tensors:
+        if t.dims and t.dims[0].split:  # fused experts: written with their layer's router
+            continue
+        path = next((m for m in experts if t.name == f"{m}.router.gate.weight"), None)
+        if path is None:
+            lines.append(f"tensor {t.name} {_dims(t.shape)}")
+            continue
+        lines.append(f"tensor {path}.{names['router']}.weight {_dims(t.shape)} from {t.name}")
+        prefix = experts[path]
+        w1, w2 = source.tensor(f"{prefix}.w1"), source.tensor(f"{prefix}.w2")
+        count, ffn, hidden = w1.shape
+        lines.append(
+            f"tensor {prefix}.{names['gate_up']} [{count}, (gate: {ffn}, up: {ffn}), {hidden}] "
+            f"from (gate: {prefix}.w1, up: {prefix}.w3)"
+        )
+        lines.append(f"tensor {prefix}.{names['down']} {_dims(w2.shape)} from {prefix}.w2")
+    lines.append("store safetensors")
+    return fmt(parse("\n".join(lines) + "\n", f"{ckpt.folder}.hf.layout"))
 
 
 def _zero3_groups(ckpt: DeepSpeedCheckpoint) -> tuple[list[Any], list[int], int]:

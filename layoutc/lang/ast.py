@@ -187,7 +187,8 @@ class Zero:
 
 @dataclass(frozen=True)
 class Entry:
-    """``tensor|frozen|buffer NAME [dims] [dtype] [stage EXPR | stage (EXPR, ...)] [layer EXPR]``."""
+    """``tensor|frozen|buffer NAME [dims] [dtype] [stage EXPR | stage (EXPR, ...)] [layer EXPR]
+    [from SOURCE | from (BLOCK: SOURCE, ...)]``."""
 
     kind: str
     name: Template
@@ -197,6 +198,9 @@ class Entry:
     span: Span = _span()
     dtype_span: Span = _span()
     layer: Expr | None = None
+    # from: (None, source) for the whole tensor, else (block name, source) per named block
+    source: tuple[tuple[str | None, Template, Span], ...] = ()
+    source_span: Span = _span()
 
 
 @dataclass(frozen=True)

@@ -870,6 +870,46 @@ class _Checker:
             out.append(str(v))
         return "".join(out)
 
+    def entry_source(
+        self, st: ast.Entry, name: str, dims: list[ir.Dim]
+    ) -> tuple[tuple[str | None, str], ...]:
+        """``from``: the tensor another layout holds this one's data under, or one per named
+        block of its fused dim, each block named once (E144)."""
+        if not st.source:
+            return ()
+        if st.source[0][0] is None:
+            return ((None, self.template(st.source[0][1])),)
+        fused = [d for d in dims if d.fused and all(b.name for b in d.blocks)]
+        if len(fused) != 1:
+            raise self.fail(
+                "E144",
+                f"{name} takes its blocks from other tensors but has "
+                + ("no dim of named blocks" if not fused else f"{len(fused)} dims of named blocks"),
+                st.source_span,
+                "name the blocks of one dim: [E, (gate: F, up: F), H] from (gate: w1, up: w3)",
+            )
+        blocks = [b.name for b in fused[0].blocks]
+        given = [b for b, _, _ in st.source]
+        for b, _, span in st.source:
+            if b not in blocks:
+                raise self.fail(
+                    "E144",
+                    f"{name} has no block `{b}`",
+                    span,
+                    f"its blocks: {', '.join(str(x) for x in blocks)}",
+                )
+            if given.count(b) > 1:
+                raise self.fail("E144", f"{name}: block `{b}` is given twice", span)
+        missing = [b for b in blocks if b not in given]
+        if missing:
+            raise self.fail(
+                "E144",
+                f"{name}: `from` gives no tensor for block `{missing[0]}`",
+                st.source_span,
+                "give every block its tensor",
+            )
+        return tuple((b, self.template(t)) for b, t, _ in st.source)
+
     def entry_stages(self, name: str, expr: ast.Expr | None) -> tuple[int, ...]:
         """The pipeline stages of an entry: ``stage S``, or ``stage (S, T, ...)`` for a
         tensor that several stages hold (DeepSpeed's tied layers)."""
@@ -1016,6 +1056,7 @@ class _Checker:
             )
             raise _Stop()
         kind = {"tensor": ir.PARAM, "frozen": ir.FROZEN, "buffer": ir.BUFFER}[st.kind]
+        source = self.entry_source(st, name, dims)
         tensor = ir.Tensor(
             name,
             tuple(dims),
@@ -1027,6 +1068,7 @@ class _Checker:
             stages[1:],
             layer,
             expert,
+            source,
         )
         self.tensors.append(tensor)
         self.declared[name] = tensor

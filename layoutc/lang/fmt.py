@@ -94,6 +94,10 @@ def statement_head(st: ast.Statement) -> str:
             text += f" stage {expr(st.stage)}"
         if st.layer is not None:
             text += f" layer {expr(st.layer)}"
+        if len(st.source) == 1 and st.source[0][0] is None:
+            text += f" from {template(st.source[0][1])}"
+        elif st.source:
+            text += " from (" + ", ".join(f"{b}: {template(t)}" for b, t, _ in st.source) + ")"
         return text
     if isinstance(st, ast.Loop):
         stage = f" stage {expr(st.stage)}" if st.stage is not None else ""

@@ -261,6 +261,8 @@ class _Build(Transformer):
         dtype: str | None = None
         dtype_span = Span(self.path, 0, 0)
         stage = layer = None
+        source: tuple[tuple[str | None, ast.Template, Span], ...] = ()
+        source_span = Span(self.path, 0, 0)
         seen: set[str] = set()
         for key, value, span in attrs:
             if key in seen:
@@ -277,11 +279,31 @@ class _Build(Transformer):
                 dtype, dtype_span = str(value), span
             elif key == "layer":
                 layer = value
+            elif key == "from":
+                source, source_span = value, span
             else:
                 stage = value
         return ast.Entry(
-            kind, self._template(path), shape, dtype, stage, self._s(meta), dtype_span, layer
+            kind,
+            self._template(path),
+            shape,
+            dtype,
+            stage,
+            self._s(meta),
+            dtype_span,
+            layer,
+            source,
+            source_span,
         )
+
+    def source_one(self, meta: Any, c: list[Token]) -> tuple[str, Any, Span]:
+        return ("from", ((None, self._template(c[0]), _tok_span(self.path, c[0])),), self._s(meta))
+
+    def source_blocks(self, meta: Any, c: list[Any]) -> tuple[str, Any, Span]:
+        return ("from", tuple(c), self._s(meta))
+
+    def source_block(self, meta: Any, c: list[Token]) -> tuple[str, ast.Template, Span]:
+        return (str(c[0]), self._template(c[1]), _tok_span(self.path, c[0]))
 
     def body(self, meta: Any, c: list[Any]) -> tuple[Any, ...]:
         return tuple(c)

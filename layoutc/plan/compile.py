@@ -28,10 +28,10 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from layoutc import ir
-from layoutc.errors import Diagnostic, LayoutError, UsageError
+from layoutc.errors import Diagnostic, LayoutError, Unsupported, UsageError
 from layoutc.place import Placement, place
 from layoutc.place.full import WeightsPlacement
-from layoutc.place.shards import MASTER, STEP, WEIGHT, Box, Slice
+from layoutc.place.shards import MASTER, STEP, WEIGHT, Box, Slice, box_ranges
 from layoutc.plan import ops as O
 from layoutc.plan.layouts import target_layout
 from layoutc.plan.plan import Endpoint, Plan, Stats, Unit
@@ -47,6 +47,8 @@ class _Route:
     source_state: str | None
     src_dtype: str
     dst_dtype: str
+    part: int = 0  # which of dst's sources (its `from` blocks)
+    block: tuple[int, int, int] | None = None  # (dim, lo, hi) of dst that src fills
 
     @property
     def cast(self) -> str | None:
@@ -98,6 +100,57 @@ def _shift(box: Box, dim0: int) -> Box:
     if not box:
         return box
     return ((box[0][0] - dim0, box[0][1] - dim0), *box[1:])
+
+
+def _block_boxes(d: Slice, block: tuple[int, int, int] | None) -> list[tuple[Box, Box]]:
+    """The parts of slice ``d`` inside ``block`` (``dim, lo, hi`` of the target tensor), as
+    (box of the slice, box of the block's own tensor)."""
+    if block is None:
+        return []
+    dim, lo, hi = block
+    out: list[tuple[Box, Box]] = []
+    for seg in d.segments:
+        a, b = seg.logical[dim]
+        x, y = max(a, lo), min(b, hi)
+        if x >= y:
+            continue
+        start = seg.local[dim][0] + x - a
+        local = (*seg.local[:dim], (start, start + y - x), *seg.local[dim + 1 :])
+        logical = (*seg.logical[:dim], (x - lo, y - lo), *seg.logical[dim + 1 :])
+        out.append((local, logical))
+    return out
+
+
+def _ram_unit(
+    uid: int,
+    r: _Route,
+    src: tuple[Slice, ...],
+    route: str,
+    counts: tuple[int, int, int],
+    sizes: tuple[int, int, int],
+) -> Unit:
+    """A unit merging its source in memory: ``counts`` (reads, splits, writes) and ``sizes``
+    (bytes read, bytes written, peak bytes)."""
+    reads, splits, writes = counts
+    read_bytes, write_bytes, peak = sizes
+    stats = Stats(
+        reads=reads,
+        gathers=sum(len(_data_rows(s)) for s in src),
+        merges=1,
+        splits=splits,
+        writes=writes,
+        read_bytes=read_bytes,
+        write_bytes=write_bytes,
+        peak_bytes=peak,
+    )
+    return _routed(uid, r, "ram", stats, route)
+
+
+def _routed(uid: int, r: _Route, mode: str, stats: Stats, route: str) -> Unit:
+    """The unit moving route ``r`` in ``mode``."""
+    return Unit(
+        uid, r.dst.name, r.state, r.source_state, mode, stats, cast=r.cast, route=route, part=r.part
+    )
 
 
 def _same_geometry(a: tuple[Slice, ...], b: tuple[Slice, ...]) -> bool:
@@ -163,49 +216,54 @@ class Compiler:
 
     def routes(self) -> list[_Route]:
         S, T = self.S, self.T
-        src_by_name = {t.name: t for t in S.tensors}
-        aliases = S.layout.tie_source
         diags: list[Diagnostic] = []
         out: list[_Route] = []
         fresh: dict[str, int] = {}
         for tt in T.tensors:
-            name = aliases.get(tt.name, tt.name) if tt.name not in src_by_name else tt.name
-            st = src_by_name.get(name)
-            if st is None:
-                diags.append(
-                    Diagnostic(
-                        "E201",
-                        f"the target declares {tt.name}, which the source layout {S.layout.name} does not have",
-                        tt.span,
+            for part, (wanted, block) in enumerate(tt.sources()):
+                st = self._source_tensor(wanted)
+                if st is None:
+                    what = tt.name if wanted == tt.name else f"{tt.name} from {wanted}"
+                    diags.append(
+                        Diagnostic(
+                            "E201",
+                            f"the target declares {what}, which the source layout {S.layout.name} does not have",
+                            tt.span,
+                        )
                     )
-                )
-                continue
-            if st.shape != tt.shape:
-                diags.append(
-                    Diagnostic(
-                        "E202",
-                        f"{tt.name} has shape {list(st.shape)} in {S.layout.name} but {list(tt.shape)} in {T.layout.name}",
-                        tt.span,
+                    continue
+                shape = list(tt.shape)
+                if block is not None:
+                    shape[block[0]] = block[2] - block[1]
+                if list(st.shape) != shape:
+                    where = "" if block is None else f" (block of {tt.name} from {st.name})"
+                    diags.append(
+                        Diagnostic(
+                            "E202",
+                            f"{st.name} has shape {list(st.shape)} in {S.layout.name} but {shape} in {T.layout.name}{where}",
+                            tt.span,
+                        )
                     )
-                )
-                continue
-            have = S.states(st)
-            for state in T.states(tt):
-                if state == STEP and tt.name not in self._step_copies:
-                    continue  # one step per optimizer group in the target
-                ss = self._source_state(st, tt, state, have)
-                if ss is None:
-                    fresh[state] = fresh.get(state, 0) + 1
-                out.append(
-                    _Route(
-                        st,
-                        tt,
-                        state,
-                        ss,
-                        S.dtype(st, ss) if ss else T.dtype(tt, state),
-                        T.dtype(tt, state),
+                    continue
+                have = S.states(st)
+                for state in T.states(tt):
+                    if state == STEP and (tt.name not in self._step_copies or part):
+                        continue  # one step per optimizer group in the target
+                    ss = self._source_state(st, tt, state, have)
+                    if ss is None:
+                        fresh[state] = fresh.get(state, 0) + 1
+                    out.append(
+                        _Route(
+                            st,
+                            tt,
+                            state,
+                            ss,
+                            S.dtype(st, ss) if ss else T.dtype(tt, state),
+                            T.dtype(tt, state),
+                            part,
+                            block if state != STEP else None,
+                        )
                     )
-                )
         if diags:
             raise LayoutError(diags)
         if self.upcast_masters:
@@ -222,10 +280,9 @@ class Compiler:
             self.warnings.append(
                 f"the source has no {state} for {n} tensor(s): the target gets a fresh {state} ({what})"
             )
+        taken = {name for t in T.tensors for name, _ in t.sources()}
         dropped = [
-            t.name
-            for t in S.tensors
-            if t.name not in T.layout.by_name and t.name not in T.layout.tie_source
+            t.name for t in S.tensors if t.name not in taken and t.name not in T.layout.tie_source
         ]
         if dropped:
             self.warnings.append(
@@ -234,6 +291,15 @@ class Compiler:
                 + (" ..." if len(dropped) > 5 else "")
             )
         return out
+
+    def _source_tensor(self, name: str) -> ir.Tensor | None:
+        """The source tensor of this name, or the one a tie of this name aliases."""
+        stored = self._stored
+        return stored.get(name) or stored.get(self.S.layout.tie_source.get(name, name))
+
+    @cached_property
+    def _stored(self) -> dict[str, ir.Tensor]:
+        return {t.name: t for t in self.S.tensors}
 
     def _source_state(
         self, st: ir.Tensor, tt: ir.Tensor, state: str, have: tuple[str, ...]
@@ -282,9 +348,26 @@ class Compiler:
         write_bytes = sum(s.numel for s in dst) * copies * out_bytes
         writes = sum(self._count_writes(r.dst, r.state, s, 0, s.numel) for s in dst)
         where = self._where(T, r.dst, r.state, dst[0])
+        if r.block is not None:  # one block of the target, from its own tensor
+            boxes = [(d, _block_boxes(d, r.block)) for d in dst]
+            ranges = [
+                (d, rg) for d, bx in boxes for local, _ in bx for rg in box_ranges(d.shape, local)
+            ]
+            write_bytes = sum(b - a for _, (a, b) in ranges) * copies * out_bytes
+            writes = sum(self._count_writes(r.dst, r.state, d, a, b) for d, (a, b) in ranges)
+            where += f" (block from {r.src.name})"
         if r.source_state is None:
             stats = Stats(writes=writes, write_bytes=write_bytes)
-            return Unit(uid, r.dst.name, r.state, None, "fill", stats, route=f"zeros -> {where}")
+            return Unit(
+                uid,
+                r.dst.name,
+                r.state,
+                None,
+                "fill",
+                stats,
+                route=f"zeros -> {where}",
+                part=r.part,
+            )
         src = S.slices(r.src, r.source_state)
         in_bytes = _isz(r.src_dtype)
         reads = 0
@@ -299,6 +382,9 @@ class Compiler:
         route = f"{r.source_state}: {came} -> {where}"
         logical = r.src.numel if r.state != STEP else 1
         fits = self.budget is None
+        if r.block is not None:
+            io = (reads, writes, read_bytes, write_bytes)
+            return self._block_unit(uid, r, (src, dst), route, io)
         if _same_geometry(src, dst):
             # slice by slice, in chunks that fit the budget: read, gather, write; no swap needed
             chunk = self._direct_chunk(r)
@@ -320,29 +406,47 @@ class Compiler:
                 write_bytes=write_bytes,
                 peak_bytes=largest * (in_bytes + out_bytes),
             )
-            return Unit(
-                uid, r.dst.name, r.state, r.source_state, "direct", stats, cast=r.cast, route=route
-            )
+            return _routed(uid, r, "direct", stats, route)
         sum_src = sum(s.numel for s in src) * in_bytes
         max_src = max(s.numel for s in src) * in_bytes
         band = logical * out_bytes
         sum_dst = sum(s.numel for s in dst) * out_bytes
         peak = max(sum_src + max_src, sum_src + band, band + sum_dst)
         if fits or peak <= (self.budget or 0):
-            stats = Stats(
-                reads=reads,
-                gathers=sum(len(_data_rows(s)) for s in src),
-                merges=1,
-                splits=1,
-                writes=writes,
-                read_bytes=read_bytes,
-                write_bytes=write_bytes,
-                peak_bytes=peak,
-            )
-            return Unit(
-                uid, r.dst.name, r.state, r.source_state, "ram", stats, cast=r.cast, route=route
+            return _ram_unit(
+                uid, r, src, route, (reads, 1, writes), (read_bytes, write_bytes, peak)
             )
         return self._spill_unit(uid, r, src, dst, route, write_bytes, copies, peak)
+
+    def _block_unit(
+        self,
+        uid: int,
+        r: _Route,
+        slices: tuple[tuple[Slice, ...], ...],
+        route: str,
+        io: tuple[int, ...],
+    ) -> Unit:
+        """A block of a target tensor from its own source tensor (``from (a: x, b: y)``):
+        the source merged whole in memory, its block of each target slice written.
+        ``slices``: (source slices, target slices); ``io``: (reads, writes, bytes read,
+        bytes written)."""
+        src, dst = slices
+        reads, writes, read_bytes, write_bytes = io
+        in_bytes, out_bytes = _isz(r.src_dtype), _isz(r.dst_dtype)
+        peak = (
+            sum(s.numel for s in src) * in_bytes
+            + r.src.numel * out_bytes
+            + sum(d.numel for d in dst) * out_bytes
+        )
+        if self.budget is not None and peak > self.budget:
+            raise Unsupported(
+                f"{r.dst.name} takes a block from {r.src.name}, which is assembled in memory: "
+                f"{peak} bytes, over the {self.budget}-byte budget; give --memory {peak} or more"
+            )
+        splits = sum(1 for d in dst if _block_boxes(d, r.block))
+        return _ram_unit(
+            uid, r, src, route, (reads, splits, writes), (read_bytes, write_bytes, peak)
+        )
 
     def _direct_chunk(self, r: _Route) -> int | None:
         """Elements per chunk of a direct copy: read and converted buffers must fit together."""
@@ -413,16 +517,7 @@ class Compiler:
             swap_bytes=swap_bytes,
             peak_bytes=min(peak, self.budget or peak),
         )
-        return Unit(
-            uid,
-            r.dst.name,
-            r.state,
-            r.source_state,
-            "spill",
-            stats,
-            cast=r.cast,
-            route=route + " via swap",
-        )
+        return _routed(uid, r, "spill", stats, route + " via swap")
 
     def _pad_unit(self, uid: int) -> Unit | None:
         count = numel = nbytes = 0
@@ -474,20 +569,27 @@ class Compiler:
                 b.write(None, 0, p.file, p.key, p.offset, p.numel, p.dtype)
             return tuple(b.ops)
         tt = self.T.layout.by_name[unit.tensor]
-        st_name = (
-            unit.tensor
-            if unit.tensor in self.S.layout.by_name
-            else self.S.layout.tie_source.get(unit.tensor, unit.tensor)
-        )
-        st = self.S.layout.by_name[st_name]
+        wanted, block = tt.sources()[unit.part]
+        st = self._source_tensor(wanted)
+        assert st is not None, wanted
+        if unit.state == STEP:
+            block = None
         dst_dtype = self.T.dtype(tt, unit.state)
         dst = self.T.slices(tt, unit.state)
         copies = self._dst_copies(tt, unit.state)
         if unit.mode == "fill":
             for s in dst:
-                for c in copies:
-                    for run in self.T.runs(tt, unit.state, s, c, 0, s.numel if s.shape else 1):
-                        b.write(None, 0, run.file, run.key, run.offset, run.numel, dst_dtype)
+                spans = (
+                    [(0, s.numel if s.shape else 1)]
+                    if block is None
+                    else [
+                        r for local, _ in _block_boxes(s, block) for r in box_ranges(s.shape, local)
+                    ]
+                )
+                for lo, hi in spans:
+                    for c in copies:
+                        for run in self.T.runs(tt, unit.state, s, c, lo, hi):
+                            b.write(None, 0, run.file, run.key, run.offset, run.numel, dst_dtype)
             return tuple(b.ops)
         ss = unit.source_state
         assert ss is not None
@@ -547,6 +649,28 @@ class Compiler:
                 if lo0 >= a and hi0 <= a + rows:
                     copies_in.append((buf, _shift(seg.local, a), seg.logical))
         logical = b.merge(copies_in, st.shape if unit.state != STEP else (), dst_dtype, cast)
+        if block is not None:  # one block of each target slice: write only its parts
+            for d in dst:
+                pieces = _block_boxes(d, block)
+                if not pieces:
+                    continue
+                (piece,) = b.split(
+                    logical, [(d.shape, tuple((lg, lc) for lc, lg in pieces))], dst_dtype
+                )
+                for local, _ in pieces:
+                    for lo, hi in box_ranges(d.shape, local):
+                        for c in copies:
+                            for run in self.T.runs(tt, unit.state, d, c, lo, hi):
+                                b.write(
+                                    piece,
+                                    run.start,
+                                    run.file,
+                                    run.key,
+                                    run.offset,
+                                    run.numel,
+                                    dst_dtype,
+                                )
+            return tuple(b.ops)
         outs = []
         for d in dst:
             outs.append((d, tuple((seg.logical, seg.local) for seg in d.segments)))

@@ -101,6 +101,7 @@ class Unit:
     cast: str | None = None
     route: str = ""  # one line: where the bytes come from and go
     ops: tuple[O.Op, ...] | None = field(default=None, compare=False, repr=False)
+    part: int = 0  # which of the target's sources (``from``, one per block) it moves
 
     @property
     def bytes(self) -> int:
@@ -118,6 +119,8 @@ class Unit:
             "route": self.route,
             "stats": self.stats.__dict__.copy(),
         }
+        if self.part:
+            d["part"] = self.part
         if ops is not None:
             d["ops"] = [O.to_dict(o) for o in ops]
         return d
@@ -136,6 +139,7 @@ class Unit:
             d["cast"],
             d["route"],
             ops,
+            int(d.get("part", 0)),
         )
 
 

@@ -16,6 +16,8 @@ import pytest
 from layoutc.conversion import convert, verify
 from layoutc.errors import Unsupported
 from layoutc.formats import safetensors as st
+from layoutc.formats.deepspeed import infer_hf, open_checkpoint
+from layoutc.lang.check import load_text
 
 pytestmark = pytest.mark.interop
 
@@ -80,3 +82,25 @@ def test_a_deepspeed_target_is_refused_saying_what_to_do_instead(autoep_corpus, 
     with pytest.raises(Unsupported, match="Convert --to universal"):
         convert(autoep_corpus["autoep_z2_w2_ep2_bf16"], tmp_path / "out", "deepspeed")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["autoep_z2_w4_ep2_bf16", "autoep_z3_w2_ep2_bf16"])
+def test_the_hugging_face_model_takes_the_export_strictly(autoep_corpus, ds_python, name, tmp_path):
+    """To the layout ``infer --hf`` writes, the Hugging Face model's own names and shapes:
+    the fused gate/up projection assembled from w1 and w3, the router under its first name."""
+    truth, meta = corpus.read_truth(autoep_corpus[name])
+    target = tmp_path / "mixtral-hf.layout"
+    target.write_text(infer_hf(open_checkpoint(autoep_corpus[name])))
+    hf_layout = load_text(target.read_text(), str(target))
+    assert [(t.name, list(t.shape)) for t in hf_layout.tensors] == [
+        (p["name"], p["shape"]) for p in meta["hf_params"]
+    ]
+    out = tmp_path / "hf"
+    convert(autoep_corpus[name], out, target)
+    values = st.load_state_dict(out)
+    hf = {k.split("/", 1)[1]: v for k, v in truth.items() if k.startswith("hf/")}
+    assert list(values) == [p["name"] for p in meta["hf_params"]] and set(values) == set(hf)
+    for n, want in hf.items():
+        assert np.array_equal(np.asarray(values[n], np.float32), want), n
+    loaded = corpus.hf_load_strict(name, out, python=ds_python)
+    assert loaded["error"] is None and not loaded["missing"] and not loaded["unexpected"], loaded
