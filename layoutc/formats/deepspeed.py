@@ -660,7 +660,7 @@ def _infer_autoep(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
                 aliases[key] = source
     out += lines
     out += _untrained_lines(ckpt, set(dense), dtype, aliases)
-    out.append(f'store deepspeed {{ tag "{ckpt.tag}" }}')
+    out.append(f'store {"universal" if ckpt.universal else "deepspeed"} {{ tag "{ckpt.tag}" }}')
     return "\n".join(out) + "\n"
 
 
@@ -773,17 +773,20 @@ def _zero_groups(ckpt: DeepSpeedCheckpoint) -> tuple[list[Any], list[int], int]:
             f"{where}: an MoE checkpoint with neither ZeRO partitions (param_shapes and "
             "*_optim_states.pt files) nor ZeRO-0's expp_rank_*_optim_states.pt files"
         )
-    groups = opt.get("base_optimizer_state", {}).get("param_groups") or []
+    # a universal checkpoint keeps the param groups whole, beside the source's counts
+    groups = (opt.get("base_optimizer_state") or {}).get("param_groups") or opt.get("param_groups")
+    groups = groups if isinstance(groups, list) else []
     parts = [int(x) for x in opt.get("partition_count") or []]
     moe_groups = [g for g, pg in enumerate(groups) if isinstance(pg, dict) and pg.get("moe")]
+    where = ckpt.optim_files[0] if ckpt.optim_files else ckpt.folder / ckpt.UNIVERSAL_OPTIMIZER
     if not moe_groups or len(parts) != len(groups):
         raise NotACheckpoint(
-            f"{ckpt.optim_files[0]}: no expert param groups ('moe': True) with a partition count"
+            f"{where}: no expert param groups ('moe': True) with a partition count"
         )
     edp = parts[moe_groups[0]]
     if any(parts[g] != edp for g in moe_groups) or ckpt.dp % edp:
         raise Unsupported(
-            f"{ckpt.optim_files[0]}: expert groups partitioned {[parts[g] for g in moe_groups]} "
+            f"{where}: expert groups partitioned {[parts[g] for g in moe_groups]} "
             f"ways at dp = {ckpt.dp}: experts of several expert-parallel sizes"
         )
     return param_shapes, moe_groups, ckpt.dp // edp

@@ -15,6 +15,7 @@ checkpoint (:class:`Carried`).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -156,12 +157,16 @@ def files(
 ) -> Iterator[tuple[str, Any, Holes]]:
     """``(file, object to pickle, its holes)`` for every file of ``target``."""
     layout = target.layout
-    if target.fused:
+    if target.fused and (target.mode == "stage3" or not carried.model.get("ds_autoep_layers")):
+        why = (
+            "at ZeRO-3 (its partition-native expert state)"
+            if target.mode == "stage3"
+            else "from a source without AutoEP's ds_autoep_layers (each layer's module and ordinal)"
+        )
         raise Unsupported(
             f"{layout.source}: {target.fused[0].name} holds AutoEP's fused experts, and layoutc "
-            "does not write AutoEP checkpoints yet (their ds_autoep_layers: each layer's expert "
-            "placement and affine maps at the new topology). Convert --to universal and resume "
-            'with "checkpoint": {"load_universal": true}: DeepSpeed reads AutoEP universal '
+            f"does not write AutoEP checkpoints {why} yet. Convert --to universal and resume with "
+            '"checkpoint": {"load_universal": true}: DeepSpeed reads AutoEP universal '
             "checkpoints at any data- and expert-parallel size"
         )
     first = True
@@ -179,7 +184,7 @@ def files(
         for f in dict.fromkeys(b.file for b in target.weight_buffers()):
             holes = Holes(by_file.get(f, {}))
             yield f, _layer_states(holes, carried.layer_order(f)), holes
-    if target.experts:
+    if target.experts or target.fused:
         _check_expert_names(target)
         for f in target.expert_files():  # an expert's state dict, under its global id
             holes = Holes(by_file.get(f, {}))
@@ -269,7 +274,7 @@ def _model_states(
         return _stage_states(target, carried, run, holes, stage, model)
     module: OrderedDict[str, Any] = OrderedDict()
     for t in layout.tensors:
-        if t.expert:  # in the experts' own files
+        if t.expert or t in target.fused:  # in the experts' own files
             continue
         if stage3 and t.kind != ir.BUFFER:  # partitioned parameters leave a 0-element stub
             module[t.name] = pt.Tensor(t.dtype, (0,), np.zeros(0, np_dtype(t.dtype)))
@@ -318,17 +323,106 @@ def _model_states(
         if stage2
         else None,
         # DeepSpeed records ties on global rank 0 only
-        "shared_params": (dict(layout.ties) if first_rank else {}) if zero else None,
+        "shared_params": (_shared_params(layout, carried) if first_rank else {}) if zero else None,
         "frozen_param_fragments": OrderedDict((t.name, fragment(t)) for t in frozen)
         if stage2
         else None,
         **run,
     }
-    if target.experts:  # per MoE layer, in order
-        layers = sorted({(t.layer, t.expert.count) for t in target.experts if t.expert})
+    if target.experts or target.fused:  # per MoE layer, in order
+        layers = sorted(
+            {(t.layer, t.expert.count) for t in target.experts if t.expert}
+            | {(t.layer, t.dims[0].size) for t in target.fused}
+        )
         obj["num_experts"] = [count for _, count in layers]
-        obj["ds_autoep_layers"] = None
+        obj["ds_autoep_layers"] = _autoep_layers(target, carried) if target.fused else None
     return obj
+
+
+def _autoep_layers(target: DeepSpeedPlacement, carried: Carried) -> list[dict[str, Any]]:
+    """AutoEP's account of each MoE layer at the target's topology, as DeepSpeed writes it
+    from its first rank: the source's layers (module, ordinal, key prefix) with the
+    target's expert-parallel size, expert placement and the affine map of each fused
+    tensor's per-rank shard."""
+    out = []
+    for layer in carried.model.get("ds_autoep_layers") or []:
+        prefix = layer.get("expert_key_prefix")
+        fused = [t for t in target.fused if t.name.rsplit(".", 1)[0] == prefix]
+        if not fused:
+            raise Unsupported(
+                f"the target has no fused experts under {prefix}, which the source's AutoEP layer names"
+            )
+        axis = fused[0].dims[0].split[0]
+        ep = target.mesh.sizes[axis]
+        count = fused[0].dims[0].size
+        local = count // ep
+        entry = pt.copy_values(layer)
+        entry.update(
+            {
+                "num_experts": count,
+                "num_local_experts": local,
+                "ep_size": ep,
+                "expert_placement": {
+                    "version": 1,
+                    "num_experts": count,
+                    "ep_size": ep,
+                    "ranks": [
+                        {"rank": r, "experts": list(range(r * local, (r + 1) * local))}
+                        for r in range(ep)
+                    ],
+                },
+                "affine_maps": {
+                    "version": 1,
+                    "params": {t.name: _expert_affine_map(t, ep) for t in fused},
+                },
+                "ep_group_name": f"ep_size_{ep}",
+                "ep_rank": 0,
+                "expert_data_parallel_rank": 0,
+                "expert_data_parallel_world_size": target.mesh.size(
+                    *target.partition_axes(fused[0])
+                ),
+                "global_expert_start": 0,
+                "global_expert_end": local,
+            }
+        )
+        out.append(entry)
+    return out
+
+
+def _expert_affine_map(t: ir.Tensor, ep: int) -> dict[str, Any]:
+    """Where each expert-parallel rank's shard ``[E / ep, ...]`` of fused experts sits in
+    the whole tensor: one piece, at its first expert, with row-major strides."""
+    shard = list(t.local_shape)
+    strides = [math.prod(shard[i + 1 :]) for i in range(len(shard))]
+    size = math.prod(shard)
+    return {
+        "logical_shape": list(t.shape),
+        "ranks": {
+            r: {
+                "shard_shape": shard,
+                "pieces": [
+                    {
+                        "shape": shard,
+                        "source": [r * size, strides],
+                        "dest": [0, strides],
+                        "locations": [r],
+                    }
+                ],
+            }
+            for r in range(ep)
+        },
+    }
+
+
+def _shared_params(layout: ir.Layout, carried: Carried) -> dict[str, str]:
+    """The ties DeepSpeed records: parameters two modules share. A second name of a whole
+    module (AutoEP's router, also under the model's own attribute) is a tie of the layout
+    that DeepSpeed does not record; a DeepSpeed source says which of its ties it recorded."""
+    ties = dict(layout.ties)
+    recorded = carried.model.get("shared_params")
+    if isinstance(recorded, dict) and carried.model.get("ds_autoep_layers"):
+        return {a: s for a, s in ties.items() if a in recorded}
+    return ties
 
 
 def _stage_states(
@@ -395,6 +489,9 @@ def _run_state(target: DeepSpeedPlacement, carried: Carried) -> dict[str, Any]:
             del obj[autotp.INFO]
         else:
             obj[autotp.INFO] = info
+    info = obj.get(autotp.INFO)
+    if target.fused and isinstance(info, dict) and "ds_autoep_layers" in info:
+        info["ds_autoep_layers"] = _autoep_layers(target, carried)  # AutoEP's, for it too
     return obj
 
 

@@ -462,3 +462,19 @@ def inferred_moe(root: Path | str, case: dict[str, Any]) -> tuple[Any, Any]:
     check_against(p, ckpt)  # every file, key, size and dtype; no file left unplaced
     assert sorted(p.files()) == sorted(f.name for f in ckpt.folder.iterdir())
     return ckpt, layout
+
+
+def plain(x: Any) -> Any:
+    """A ``torch.load``-ed object as comparable data: tensors as (dtype, shape, values),
+    pickled records as their class name and fields."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return (x.dtype, tuple(x.shape), x.float().flatten().tolist())
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [plain(v) for v in x]
+    if hasattr(x, "__dict__") and not isinstance(x, type):
+        return (type(x).__name__, plain(vars(x)))
+    return x

@@ -78,10 +78,55 @@ def test_deepspeed_resumes_from_the_universal_output_at_another_dp_and_ep(
     )
 
 
-def test_a_deepspeed_target_is_refused_saying_what_to_do_instead(autoep_corpus, tmp_path):
+def test_a_zero3_deepspeed_target_is_refused_saying_what_to_do_instead(autoep_corpus, tmp_path):
     with pytest.raises(Unsupported, match="Convert --to universal"):
-        convert(autoep_corpus["autoep_z2_w2_ep2_bf16"], tmp_path / "out", "deepspeed")
+        convert(autoep_corpus["autoep_z3_w2_ep2_bf16"], tmp_path / "out", "deepspeed")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["autoep_z1_w2_ep2_bf16", "autoep_z2_w4_ep2_bf16"])
+def test_rewritten_at_its_own_topology_every_file_is_deepspeeds_own(autoep_corpus, name, tmp_path):
+    """Key for key, value for value: ds_autoep_layers with its placement and affine maps,
+    the expert files, the router's second name in the module but not in shared_params."""
+    import torch
+
+    convert(autoep_corpus[name], tmp_path / "out", "deepspeed")
+    ours, theirs = tmp_path / "out" / "global_step2", autoep_corpus[name] / "global_step2"
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for f in sorted(p.name for p in theirs.iterdir()):
+        a = torch.load(ours / f, weights_only=False)
+        b = torch.load(theirs / f, weights_only=False)
+        assert corpus.plain(a) == corpus.plain(b), f
+
+
+@pytest.mark.parametrize(
+    ("name", "dp", "ep"),
+    [
+        ("autoep_z2_w2_ep2_bf16", 4, 4),
+        ("autoep_z2_w4_ep2_bf16", 2, 2),
+        ("autoep_z1_w2_ep2_bf16", 2, 1),
+    ],
+)
+def test_deepspeed_resumes_at_another_dp_and_ep_with_a_plain_load(
+    autoep_corpus, ds_python, name, dp, ep, tmp_path
+):
+    out = tmp_path / "out"
+    convert(autoep_corpus[name], out, "deepspeed", overrides={"dp": dp, "ep": ep})
+    truth, meta = corpus.read_truth(autoep_corpus[name])
+    loaded = corpus.load(
+        name, out, world=dp, ep=ep, root=autoep_corpus[name].parent.parent, python=ds_python
+    )
+    corpus.assert_resumed(
+        loaded, truth, meta, skip=tuple(k for k in truth if k.split("/", 1)[0] not in STATES)
+    )
+
+
+def test_direct_equals_through_universal(autoep_corpus, tmp_path):
+    name = "autoep_z2_w2_ep2_bf16"
+    convert(autoep_corpus[name], tmp_path / "u", "universal")
+    convert(tmp_path / "u", tmp_path / "via", "deepspeed", overrides={"dp": 4, "ep": 4})
+    convert(autoep_corpus[name], tmp_path / "direct", "deepspeed", overrides={"dp": 4, "ep": 4})
+    assert corpus.tree_bytes(tmp_path / "via") == corpus.tree_bytes(tmp_path / "direct")
 
 
 @pytest.mark.parametrize("name", ["autoep_z2_w4_ep2_bf16", "autoep_z3_w2_ep2_bf16"])

@@ -107,20 +107,7 @@ def test_rewritten_at_its_own_topology_every_file_is_deepspeeds_own(moe_corpus, 
     for f in sorted(p.name for p in theirs.iterdir()):
         a = torch.load(ours / f, weights_only=False)
         b = torch.load(theirs / f, weights_only=False)
-        assert _plain(a) == _plain(b), f
-
-
-def _plain(x: object) -> object:
-    """A loaded object with tensors as (dtype, shape, values) and records as their fields."""
-    if isinstance(x, torch.Tensor):
-        return (x.dtype, tuple(x.shape), x.float().flatten().tolist())
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    if hasattr(x, "__dict__") and not isinstance(x, type):
-        return (type(x).__name__, _plain(vars(x)))
-    return x
+        assert corpus.plain(a) == corpus.plain(b), f
 
 
 # (case, target dp, target ep): dp up and down, ep up and down, ep changed at the same dp,
