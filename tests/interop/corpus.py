@@ -464,6 +464,17 @@ def inferred_moe(root: Path | str, case: dict[str, Any]) -> tuple[Any, Any]:
     return ckpt, layout
 
 
+def assert_same_files(ours: Path, theirs: Path) -> None:
+    """Two tag folders hold the same files, each equal object for object (``plain``)."""
+    import torch
+
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for f in sorted(p.name for p in theirs.iterdir()):
+        a = torch.load(ours / f, weights_only=False)
+        b = torch.load(theirs / f, weights_only=False)
+        assert plain(a) == plain(b), f
+
+
 def plain(x: Any) -> Any:
     """A ``torch.load``-ed object as comparable data: tensors as (dtype, shape, values),
     pickled records as their class name and fields."""

@@ -88,15 +88,10 @@ def test_a_zero3_deepspeed_target_is_refused_saying_what_to_do_instead(autoep_co
 def test_rewritten_at_its_own_topology_every_file_is_deepspeeds_own(autoep_corpus, name, tmp_path):
     """Key for key, value for value: ds_autoep_layers with its placement and affine maps,
     the expert files, the router's second name in the module but not in shared_params."""
-    import torch
-
     convert(autoep_corpus[name], tmp_path / "out", "deepspeed")
-    ours, theirs = tmp_path / "out" / "global_step2", autoep_corpus[name] / "global_step2"
-    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
-    for f in sorted(p.name for p in theirs.iterdir()):
-        a = torch.load(ours / f, weights_only=False)
-        b = torch.load(theirs / f, weights_only=False)
-        assert corpus.plain(a) == corpus.plain(b), f
+    corpus.assert_same_files(
+        tmp_path / "out" / "global_step2", autoep_corpus[name] / "global_step2"
+    )
 
 
 @pytest.mark.parametrize(

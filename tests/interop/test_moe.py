@@ -102,12 +102,7 @@ def test_rewritten_at_its_own_topology_every_file_is_deepspeeds_own(moe_corpus, 
     """Key for key and value for value: run metadata, local expert names in param_shapes and
     the optimizer files, ep_size group names, the expert files, ZeRO-0's expp_rank files."""
     convert(moe_corpus[name], tmp_path / "out", "deepspeed")
-    ours, theirs = tmp_path / "out" / "global_step2", moe_corpus[name] / "global_step2"
-    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
-    for f in sorted(p.name for p in theirs.iterdir()):
-        a = torch.load(ours / f, weights_only=False)
-        b = torch.load(theirs / f, weights_only=False)
-        assert corpus.plain(a) == corpus.plain(b), f
+    corpus.assert_same_files(tmp_path / "out" / "global_step2", moe_corpus[name] / "global_step2")
 
 
 # (case, target dp, target ep): dp up and down, ep up and down, ep changed at the same dp,
