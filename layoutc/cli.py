@@ -466,24 +466,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _expert_lines(layout: ir.Layout) -> list[str]:
     """The mixture-of-experts layout: each MoE layer's experts, and which ranks hold which."""
-    experts = [t for t in layout.tensors if t.expert]
-    if not experts:
-        return []
     layers: dict[tuple[int | None, str], list[ir.Tensor]] = {}
-    for t in experts:
-        assert t.expert is not None
-        module = t.name.split(f".{t.expert.id}.", 1)[0]
+    axis, count = "", 0
+    for t in layout.tensors:
+        dealt = layout.experts_of(t)
+        if dealt is None:
+            continue
+        axis, count = dealt
+        # native: one tensor per expert, <module>.<id>.<name>; AutoEP: <module>.w1 fused
+        module = t.name.split(f".{t.expert.id}.", 1)[0] if t.expert else t.name.rsplit(".", 1)[0]
         layers.setdefault((t.layer, module), []).append(t)
-    axis = experts[0].expert.axis if experts[0].expert else "ep"
+    if not layers:
+        return []
     size = layout.mesh.sizes[axis]
     out = [
         f"experts: {len(layers)} MoE layers dealt over {axis} = {size}",
         f"  {'layer':<7}{'experts':>8}  {'per expert':<26}module",
     ]
+    counts = {}
     for (layer, module), ts in layers.items():
-        count = ts[0].expert.count if ts[0].expert else 0
-        first = [t for t in ts if t.expert and t.expert.id == 0]
-        per = f"{len(first)} tensors, {sum(t.numel for t in first):,} elements"
+        counts[layer, module] = count = (layout.experts_of(ts[0]) or ("", 1))[1]
+        first = [t for t in ts if t.expert is None or t.expert.id == 0]
+        elements = sum(t.numel for t in first) // (1 if ts[0].expert else count)
+        per = f"{len(first)} tensors, {elements:,} elements"
         out.append(f"  {'-' if layer is None else layer:<7}{count:>8}  {per:<26}{module}")
     for c in range(size):
         ranks = [r for r in range(layout.mesh.world) if layout.mesh.coords(r)[axis] == c]
@@ -491,9 +496,11 @@ def _expert_lines(layout: ir.Layout) -> list[str]:
             f", … ({len(ranks)} ranks)" if len(ranks) > 8 else ""
         )
         held = []
-        for (layer, _), ts in layers.items():
-            ids = sorted({t.expert.id for t in ts if t.expert and t.expert.coord(size) == c})
-            held.append(f"layer {'-' if layer is None else layer} experts {ids[0]}-{ids[-1]}")
+        for (layer, _), n in counts.items():
+            per_rank = n // size  # experts are dealt in equal runs, both ways
+            held.append(
+                f"layer {'-' if layer is None else layer} experts {c * per_rank}-{(c + 1) * per_rank - 1}"
+            )
         out.append(f"{axis} {c} (ranks {shown}): {', '.join(held)}")
     return out
 

@@ -482,6 +482,17 @@ class Layout:
         split = {a for t in self.tensors for a in (*t.split_axes, *t.pinned_axes)}
         return tuple(a for a in self.mesh.names if a not in skip and a in split)
 
+    def experts_of(self, t: Tensor) -> tuple[str, int] | None:
+        """(axis, expert count) of an expert's tensor: one expert dealt over an axis
+        (DeepSpeed's native MoE), or all of a layer's experts stacked in dim 0 split over a
+        ZeRO axis (AutoEP); None for any other tensor."""
+        if t.expert is not None:
+            return t.expert.axis, t.expert.count
+        d0 = t.dims[0] if t.dims else None
+        if d0 is not None and len(d0.split) == 1 and d0.split[0] in self.zero.axes:
+            return d0.split[0], d0.size
+        return None
+
     def params(self) -> Iterator[Tensor]:
         return (t for t in self.tensors if t.kind == PARAM)
 

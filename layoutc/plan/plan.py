@@ -70,17 +70,6 @@ class Stats:
         )
 
 
-def _dealt(t: ir.Tensor, layout: ir.Layout) -> tuple[str, int] | None:
-    """(axis, expert count) of an expert's tensor: one expert dealt over an axis (native
-    MoE), or all of them stacked in dim 0 split over a ZeRO axis (AutoEP); None otherwise."""
-    if t.expert is not None:
-        return t.expert.axis, t.expert.count
-    d0 = t.dims[0] if t.dims else None
-    if d0 is not None and len(d0.split) == 1 and d0.split[0] in layout.zero.axes:
-        return d0.split[0], d0.size
-    return None
-
-
 def _dealing(axis: str, count: int, layout: ir.Layout) -> str:
     """``ep 4: 2 per rank``, or ``whole`` where the format keeps no topology."""
     if layout.store.format in ("safetensors", "torch", "universal"):
@@ -290,17 +279,20 @@ class Plan:
         source = self.source_placement.layout if self.source_placement is not None else None
         out: dict[int, dict[str, Any]] = {}
         for t in self.target_placement.layout.tensors:
-            dealt = _dealt(t, self.target_placement.layout)
+            dealt = self.target_placement.layout.experts_of(t)
             if dealt is None or t.layer is None:
                 continue
             layer = out.setdefault(
                 t.layer,
                 {"layer": t.layer, "experts": dealt[1], "tensors": 0, "bytes_written": 0},
             )
-            layer["target"] = _dealing(*dealt, self.target_placement.layout)
+            layer["target"] = _dealing(dealt[0], dealt[1], self.target_placement.layout)
+            layer["source"] = "whole"
             st = source.by_name.get(t.name) if source is not None else None
-            from_ = _dealt(st, source) if st is not None and source is not None else None
-            layer["source"] = _dealing(*from_, source) if from_ and source else "whole"
+            if st is not None and source is not None:
+                from_ = source.experts_of(st)
+                if from_ is not None:
+                    layer["source"] = _dealing(from_[0], from_[1], source)
             layer["tensors"] += 1
             layer["bytes_written"] += written.get(t.name, 0)
         return [out[k] for k in sorted(out)]

@@ -144,3 +144,13 @@ def test_the_hugging_face_model_takes_the_export_strictly(autoep_corpus, ds_pyth
         assert np.array_equal(np.asarray(values[n], np.float32), want), n
     loaded = corpus.hf_load_strict(name, out, python=ds_python)
     assert loaded["error"] is None and not loaded["missing"] and not loaded["unexpected"], loaded
+
+
+def test_inspect_shows_the_fused_experts_of_each_layer_and_who_holds_them(autoep_corpus, capsys):
+    from layoutc.cli import main
+
+    assert main(["inspect", str(autoep_corpus["autoep_z2_w4_ep2_bf16"])]) == 0
+    out = capsys.readouterr().out
+    assert "experts: 2 MoE layers dealt over ep = 2" in out
+    assert "3 tensors, 576 elements   model.layers.0.mlp.experts" in out  # w1, w2, w3 of one
+    assert "ep 1 (ranks 1, 3): layer 0 experts 2-3, layer 1 experts 2-3" in out
