@@ -183,6 +183,7 @@ def moe_layouts(draw: st.DrawFn, fmt: str = "deepspeed") -> Layout:
     for i in range(draw(st.integers(1, 3))):
         lines.append(f"tensor d{i}.w [{', '.join(draw(dims(['tp'], sizes)))}]")
     fused = zero == 3 or (zero > 0 and draw(st.booleans()))  # AutoEP's, stacked: [E / ep, ...]
+    legacy = draw(st.booleans())  # native experts in DeepSpeed's older expert_<id> files
     for layer in range(draw(st.integers(1, 2))):
         count = ep * draw(st.integers(1, 3))
         group = draw(st.sampled_from(["experts", f"experts{layer}"]))
@@ -195,8 +196,8 @@ def moe_layouts(draw: st.DrawFn, fmt: str = "deepspeed") -> Layout:
             lines.append(f"group {group} {{ {' '.join(body)} }}")
             continue
         body = [
-            f"tensor m{layer}.experts.{{e}}.w{k} [{', '.join(draw(dims(['tp'], sizes)))}] "
-            f"layer {layer}"
+            f"tensor m{layer}.experts.{{e}}.w{k} [{', '.join(draw(dims(['tp'], sizes)))}]"
+            + ("" if legacy else f" layer {layer}")
             for k in range(draw(st.integers(1, 2)))
         ]
         lines.append(f"group {group} {{ for e in 0..{count} over ep {{ {' '.join(body)} }} }}")

@@ -318,7 +318,11 @@ MOE = (
         ("mesh { dp = 2 }\nzero 3 over dp\ntensor w [4]", "without an optimizer"),
         ("mesh { pp = 1, dp = 2 }\npipeline over pp\ntensor w [4]", "<layer>.<param>"),
         (MOE.format(zero="zero 3 over (edp, ep)", layer=" layer 0"), "not with ZeRO-3"),
-        (MOE.format(zero="zero 1 over (edp, ep)", layer=""), "write `layer L` on it"),
+        (
+            MOE.format(zero="zero 1 over (edp, ep)", layer=" layer 0")
+            + "\ngroup more { for e in 0..2 over ep { tensor more.{e}.w [3] } }",
+            "some experts name their MoE layer and some do not",
+        ),
         (MOE.format(zero="zero 1 over edp", layer=" layer 0"), "ZeRO does not partition over"),
         (
             "mesh { dp = 2, ep = 2 }\noptimizer adam\nzero 1 over (dp, ep)\n"
@@ -369,3 +373,12 @@ def test_the_closed_form_count_of_files_read_matches_the_runs(layout, states):
 
     p = place(layout)
     assert p.files_holding(states) == Placement.files_holding(p, states)
+
+
+def test_experts_without_a_layer_live_in_deepspeeds_older_files_one_per_expert():
+    p = place(load_text(MOE.format(zero="zero 2 over (edp, ep)", layer="") + "\n"))
+    assert list(p.expert_files()) == [
+        "expert_0_mp_rank_00_model_states.pt",
+        "expert_1_mp_rank_00_model_states.pt",
+    ]
+    assert str(p.holders("expert_1_mp_rank_00_model_states.pt")) == "{ep=1}"

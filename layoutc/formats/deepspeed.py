@@ -464,14 +464,20 @@ def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
             "no layer_*_expert_*_mp_rank_*_model_states.pt files"
         )
     # which MoE layer each expert module is, from the files' own keys
-    layer_of_module: dict[str, int] = {}
+    layer_of_module: dict[str, int | None] = {}
     dtypes: dict[str, str] = {}
-    seen: set[tuple[int, int]] = set()
-    held: dict[tuple[int, int], list[tuple[str, tuple[int, ...]]]] = {}  # (L, id) -> its keys
+    seen: set[tuple[int | None, int]] = set()
+    held: dict[tuple[int | None, int], list[tuple[str, tuple[int, ...]]]] = {}  # (L, id) -> keys
+    # DeepSpeed before 0.6 kept expert G of every layer in one expert_G_... file
+    legacy = {EXPERT.match(p.name).group(1) is None for p in ckpt.expert_files}  # type: ignore[union-attr]
+    if len(legacy) > 1:
+        raise NotACheckpoint(f"{ckpt.folder}: both layer_L_expert_G and older expert_G files")
+    if legacy == {True} and ckpt.expp_files:
+        raise Unsupported(f"{ckpt.folder}: expert_G files (DeepSpeed before 0.6) without ZeRO")
     for path in ckpt.expert_files:
         m = EXPERT.match(path.name)
         assert m is not None
-        layer, expert = int(m.group(1) or 0), int(m.group(2))
+        layer, expert = (None if m.group(1) is None else int(m.group(1))), int(m.group(2))
         if int(m.group(3)) != 0:
             raise Unsupported(f"{path}: experts with model parallelism (mp_rank > 0)")
         seen.add((layer, expert))
@@ -491,7 +497,8 @@ def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
                     f"{path}: {km.group(1)} is also in MoE layer {layer_of_module[km.group(1)]}"
                 )
             dtypes[f"{km.group(1)}.{{e}}.{km.group(3)}"] = ref.dtype
-    counts = [int(n) for n in ms.get("num_experts") or []]
+    raw = ms.get("num_experts")
+    counts = [int(n) for n in raw] if isinstance(raw, list) else []  # an int before 0.6
     if ckpt.expp_files:
         param_shapes, moe_groups, ep = _zero0_groups(ckpt, held)
     else:
@@ -530,7 +537,7 @@ def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
             ):
                 raise Unsupported(f"{where}: the experts of {module_name} differ in their tensors")
             count = len(locals_) * ep
-            if layer < len(counts) and counts[layer] != count:
+            if layer is not None and layer < len(counts) and counts[layer] != count:
                 raise NotACheckpoint(
                     f"{where}: num_experts says {counts[layer]} experts in MoE layer {layer}; "
                     f"{len(locals_)} per rank at ep = {ep} make {count}"
@@ -538,8 +545,8 @@ def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
             missing = [e for e in range(count) if (layer, e) not in seen]
             if missing:
                 raise NotACheckpoint(
-                    f"{ckpt.folder}: layer_{layer}_expert_{missing[0]}_mp_rank_00_model_states.pt "
-                    f"is missing ({module_name}, {count} experts)"
+                    f"{ckpt.folder}: {expert_file_name(layer, missing[0], 0)} is missing "
+                    f"({module_name}, {count} experts)"
                 )
             inner = []
             for rest, shape in per:
@@ -547,7 +554,8 @@ def _infer_moe(ckpt: DeepSpeedCheckpoint, name: str | None) -> str:
                 _check_name(template.replace("{e}", "0"), ckpt)
                 dt = dtypes.get(template)
                 own = f" {dt}" if dt and dense_dtype and dt != dense_dtype else ""
-                inner.append(f"  tensor {template} {_dims(shape)}{own} layer {layer}")
+                named = "" if layer is None else f" layer {layer}"
+                inner.append(f"  tensor {template} {_dims(shape)}{own}{named}")
             body.append(f"for e in 0..{count} over ep {{")
             body += inner
             body.append("}")
@@ -805,7 +813,8 @@ MAX_ORDERINGS = 4_000_000  # states of the search that matches parameters to the
 
 
 def _zero0_groups(
-    ckpt: DeepSpeedCheckpoint, held: dict[tuple[int, int], list[tuple[str, tuple[int, ...]]]]
+    ckpt: DeepSpeedCheckpoint,
+    held: dict[tuple[int | None, int], list[tuple[str, tuple[int, ...]]]],
 ) -> tuple[list[Any], list[int], int]:
     """ZeRO-0 MoE: a torch optimizer per expert-parallel rank, whose state names no
     parameter. Each param group holds its parameters in model order, so which parameter is
@@ -840,12 +849,12 @@ def _zero0_groups(
         for k, v in module.items()
         if k not in buffers and isinstance(v, pt.TensorRef)
     ]
-    per_layer: dict[int, int] = {}
+    per_layer: dict[int | None, int] = {}
     for layer, _ in held:
         per_layer[layer] = per_layer.get(layer, 0) + 1
     experts = [
         kv
-        for layer in sorted(per_layer)
+        for layer in sorted(per_layer, key=lambda x: -1 if x is None else x)
         for e in range(per_layer[layer] // ep)
         for kv in held[layer, e]
     ]

@@ -335,6 +335,8 @@ def _model_states(
             | {(t.layer, t.dims[0].size) for t in target.fused}
         )
         obj["num_experts"] = [count for _, count in layers]
+        if any(t.layer is None for t in target.experts):  # before DeepSpeed 0.6: one count
+            obj["num_experts"] = max(obj["num_experts"])
         obj["ds_autoep_layers"] = _autoep_layers(target, carried) if target.fused else None
     return obj
 

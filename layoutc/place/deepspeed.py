@@ -205,11 +205,12 @@ class DeepSpeedPlacement(Placement):
                 f"{where} dealt over `{off[0]}`, which ZeRO does not partition over: DeepSpeed's "
                 f"expert-parallel ranks are part of its data-parallel group (zero N over (edp, {off[0]}))"
             )
-        unnamed = [t.name for t in self.experts if t.layer is None]
-        if unnamed:
+        named = {t.layer is not None for t in self.experts}
+        if len(named) > 1:
             raise Unsupported(
-                f"{layout.source}: expert {unnamed[0]} names no MoE layer; DeepSpeed stores it in "
-                "layer_<L>_expert_<id>_mp_rank_XX_model_states.pt: write `layer L` on it"
+                f"{layout.source}: some experts name their MoE layer and some do not: DeepSpeed "
+                "keeps them all in layer_<L>_expert_<id> files, or (before DeepSpeed 0.6) all "
+                "in expert_<id> files, one per expert of every layer"
             )
 
     # -------------------------------------------------------------- states
@@ -252,7 +253,7 @@ class DeepSpeedPlacement(Placement):
 
     def expert_file(self, t: ir.Tensor, coords: dict[str, int]) -> str:
         """The file of one expert of one MoE layer (its global id) at a model-parallel rank."""
-        assert t.expert is not None and t.layer is not None
+        assert t.expert is not None
         return expert_file_name(t.layer, t.expert.id, self._mp(coords))
 
     def layer_file(self, t: ir.Tensor, coords: dict[str, int]) -> tuple[str, str]:
@@ -686,11 +687,12 @@ class DeepSpeedPlacement(Placement):
                             yield f
 
     @cached_property
-    def _expert_ids(self) -> dict[tuple[int, int], Pin]:
-        """(MoE layer, expert id) of every expert, in order -> the coordinates holding it."""
-        out: dict[tuple[int, int], Pin] = {}
+    def _expert_ids(self) -> dict[tuple[int | None, int], Pin]:
+        """(MoE layer, expert id) of every expert, in order -> the coordinates holding it
+        (layer None: DeepSpeed's older files, one per expert id for all layers)."""
+        out: dict[tuple[int | None, int], Pin] = {}
         for t in self.experts:
-            assert t.expert is not None and t.layer is not None
+            assert t.expert is not None
             out.setdefault((t.layer, t.expert.id), self.pin(t))
         for t in self.fused:
             if WEIGHT not in self.states(t):  # ZeRO-3: the experts live in its partitions
@@ -987,7 +989,8 @@ class DeepSpeedPlacement(Placement):
             fixed += list(self.mesh.unindex(self.expert_axes, int(expp.group(1))).items())
             fixed += list(self.mesh.unindex(self.mp_axes, int(expp.group(2))).items())
         elif expert:  # the ranks of the expert's coordinate load it
-            fixed += list(self._expert_ids[int(expert.group(1) or 0), int(expert.group(2))])
+            layer = None if expert.group(1) is None else int(expert.group(1))
+            fixed += list(self._expert_ids[layer, int(expert.group(2))])
             fixed += list(self.mesh.unindex(self.mp_axes, int(expert.group(3))).items())
         elif m:
             fixed += list(self.mesh.unindex(self.dp_axes, int(m.group(1))).items())
@@ -1013,9 +1016,12 @@ def model_file_name(mp: int, dp: int | None = None) -> str:
     return f"mp_rank_{mp:02d}_model_states.pt"
 
 
-def expert_file_name(layer: int, expert: int, mp: int) -> str:
+def expert_file_name(layer: int | None, expert: int, mp: int) -> str:
     """The file of expert ``expert`` (its global id) of MoE layer ``layer`` (the MoE
-    layers' ordinal in model order) at model-parallel rank ``mp``."""
+    layers' ordinal in model order) at model-parallel rank ``mp``; without a layer,
+    DeepSpeed's older name, one file per expert id holding it in every layer."""
+    if layer is None:
+        return f"expert_{expert}_mp_rank_{mp:02d}_model_states.pt"
     return f"layer_{layer}_expert_{expert}_mp_rank_{mp:02d}_model_states.pt"
 
 

@@ -147,3 +147,35 @@ def test_inspect_shows_which_ranks_hold_which_experts(moe_corpus, capsys):
     assert "moe1.deepspeed_moe.experts.deepspeed_experts" in out
     assert "ep 0 (ranks 0, 2): layer 0 experts 0-1, layer 1 experts 0-3" in out
     assert "ep 1 (ranks 1, 3): layer 0 experts 2-3, layer 1 experts 4-7" in out
+
+
+def test_deepspeeds_older_expert_files_read_the_same(moe_corpus, tmp_path):
+    """Before DeepSpeed 0.6 expert G of every MoE layer was one expert_G_mp_rank_XX file and
+    num_experts one count (its loader still reads them so). The same checkpoint in that
+    form: infer declares its experts without a layer, exports are the same bytes, and it is
+    written back as it was."""
+    name = "moe_z2_w4_ep2_bf16"
+    old = tmp_path / "old"
+    shutil.copytree(moe_corpus[name], old)
+    tag = old / "global_step2"
+    merged: dict[int, dict[str, torch.Tensor]] = {}
+    for f in sorted(tag.glob("layer_*_expert_*_model_states.pt"), key=lambda p: p.name):
+        g = int(f.name.split("_")[3])
+        merged.setdefault(g, {}).update(torch.load(f, weights_only=True))
+        f.unlink()
+    for g, sd in merged.items():
+        torch.save(sd, tag / f"expert_{g}_mp_rank_00_model_states.pt")
+    ms = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    ms["num_experts"] = max(ms["num_experts"])
+    torch.save(ms, tag / "mp_rank_00_model_states.pt")
+
+    layout = load_text(infer(open_checkpoint(old)), "old.layout")
+    assert {t.layer for t in layout.tensors if t.expert} == {None}
+    for fmt_ in ("safetensors", "torch"):
+        convert(old, tmp_path / f"{fmt_}-old", fmt_)
+        convert(moe_corpus[name], tmp_path / f"{fmt_}-new", fmt_)
+        assert corpus.tree_bytes(tmp_path / f"{fmt_}-old") == corpus.tree_bytes(
+            tmp_path / f"{fmt_}-new"
+        )
+    convert(old, tmp_path / "back", "deepspeed")
+    corpus.assert_same_files(tmp_path / "back" / "global_step2", tag)
