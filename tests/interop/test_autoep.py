@@ -100,6 +100,7 @@ def test_rewritten_at_its_own_topology_every_file_is_deepspeeds_own(autoep_corpu
         ("autoep_z2_w2_ep2_bf16", 4, 4),
         ("autoep_z2_w4_ep2_bf16", 2, 2),
         ("autoep_z1_w2_ep2_bf16", 2, 1),
+        ("autoep_z2_w4_ep2_fp32", 4, 4),  # ep changed on the same ranks
     ],
 )
 def test_deepspeed_resumes_at_another_dp_and_ep_with_a_plain_load(
