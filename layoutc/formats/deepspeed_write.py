@@ -157,17 +157,12 @@ def files(
 ) -> Iterator[tuple[str, Any, Holes]]:
     """``(file, object to pickle, its holes)`` for every file of ``target``."""
     layout = target.layout
-    if target.fused and (target.mode == "stage3" or not carried.model.get("ds_autoep_layers")):
-        why = (
-            "at ZeRO-3 (its partition-native expert state)"
-            if target.mode == "stage3"
-            else "from a source without AutoEP's ds_autoep_layers (each layer's module and ordinal)"
-        )
+    if target.fused and not carried.model.get("ds_autoep_layers"):
         raise Unsupported(
-            f"{layout.source}: {target.fused[0].name} holds AutoEP's fused experts, and layoutc "
-            f"does not write AutoEP checkpoints {why} yet. Convert --to universal and resume with "
-            '"checkpoint": {"load_universal": true}: DeepSpeed reads AutoEP universal '
-            "checkpoints at any data- and expert-parallel size"
+            f"{layout.source}: {target.fused[0].name} holds AutoEP's fused experts, and the "
+            "source has no ds_autoep_layers (each MoE layer's module, ordinal and expert "
+            "prefix, which DeepSpeed's loader checks): write an AutoEP checkpoint from an AutoEP "
+            "checkpoint, or from its universal output"
         )
     first = True
     run = _run_state(target, carried)  # the same in every model-states file
@@ -178,7 +173,10 @@ def files(
         for dp in dps if layout.zero.stage == 3 else dps[:1]:  # ZeRO-3: one per rank
             f = target.model_file({**mp, **dp})
             holes = Holes(by_file.get(f, {}))
-            yield f, _model_states(target, carried, run, holes, first, stage, model), holes
+            obj = _model_states(target, carried, run, holes, first, stage, model)
+            if target.fused:  # ZeRO-3: each rank's account of its own experts
+                _account_experts(obj, target, carried, {**mp, **dp})
+            yield f, obj, holes
             first = False
     if target.layer_files:
         for f in dict.fromkeys(b.file for b in target.weight_buffers()):
@@ -337,15 +335,30 @@ def _model_states(
         obj["num_experts"] = [count for _, count in layers]
         if any(t.layer is None for t in target.experts):  # before DeepSpeed 0.6: one count
             obj["num_experts"] = max(obj["num_experts"])
-        obj["ds_autoep_layers"] = _autoep_layers(target, carried) if target.fused else None
+        obj["ds_autoep_layers"] = None
     return obj
 
 
-def _autoep_layers(target: DeepSpeedPlacement, carried: Carried) -> list[dict[str, Any]]:
-    """AutoEP's account of each MoE layer at the target's topology, as DeepSpeed writes it
-    from its first rank: the source's layers (module, ordinal, key prefix) with the
-    target's expert-parallel size, expert placement and the affine map of each fused
-    tensor's per-rank shard."""
+def _account_experts(
+    obj: dict[str, Any], target: DeepSpeedPlacement, carried: Carried, coords: dict[str, int]
+) -> None:
+    """AutoEP's ``ds_autoep_layers`` in a model-states file, also inside
+    ``universal_checkpoint_info``: written by the rank at ``coords``."""
+    layers = _autoep_layers(target, carried, coords)
+    obj["ds_autoep_layers"] = layers
+    info = obj.get(autotp.INFO)
+    if isinstance(info, dict) and "ds_autoep_layers" in info:
+        obj[autotp.INFO] = {**info, "ds_autoep_layers": pt.copy_values(layers)}
+
+
+def _autoep_layers(
+    target: DeepSpeedPlacement, carried: Carried, coords: dict[str, int]
+) -> list[dict[str, Any]]:
+    """AutoEP's account of each MoE layer at the target's topology, as the rank at
+    ``coords`` writes it: the source's layers (module, ordinal, key prefix) with the
+    target's expert-parallel size, expert placement, the affine map of each fused tensor's
+    per-rank shard, and the writer's own expert-parallel coordinates (at ZeRO-3, where
+    every rank writes its file, with the partition-native format)."""
     out = []
     for layer in carried.model.get("ds_autoep_layers") or []:
         prefix = layer.get("expert_key_prefix")
@@ -358,6 +371,8 @@ def _autoep_layers(target: DeepSpeedPlacement, carried: Carried) -> list[dict[st
         ep = target.mesh.sizes[axis]
         count = fused[0].dims[0].size
         local = count // ep
+        rank = coords.get(axis, 0)
+        edp = target.partition_axes(fused[0])
         entry = pt.copy_values(layer)
         entry.update(
             {
@@ -378,15 +393,16 @@ def _autoep_layers(target: DeepSpeedPlacement, carried: Carried) -> list[dict[st
                     "params": {t.name: _expert_affine_map(t, ep) for t in fused},
                 },
                 "ep_group_name": f"ep_size_{ep}",
-                "ep_rank": 0,
-                "expert_data_parallel_rank": 0,
-                "expert_data_parallel_world_size": target.mesh.size(
-                    *target.partition_axes(fused[0])
-                ),
-                "global_expert_start": 0,
-                "global_expert_end": local,
+                "ep_rank": rank,
+                "expert_data_parallel_rank": target.mesh.index(edp, coords),
+                "expert_data_parallel_world_size": target.mesh.size(*edp),
+                "global_expert_start": rank * local,
+                "global_expert_end": (rank + 1) * local,
             }
         )
+        if target.mode == "stage3":
+            entry["checkpoint_format"] = "zero3_partitioned"
+            entry["checkpoint_format_version"] = 1
         out.append(entry)
     return out
 
@@ -491,9 +507,6 @@ def _run_state(target: DeepSpeedPlacement, carried: Carried) -> dict[str, Any]:
             del obj[autotp.INFO]
         else:
             obj[autotp.INFO] = info
-    info = obj.get(autotp.INFO)
-    if target.fused and isinstance(info, dict) and "ds_autoep_layers" in info:
-        info["ds_autoep_layers"] = _autoep_layers(target, carried)  # AutoEP's, for it too
     return obj
 
 
@@ -599,12 +612,45 @@ def _stage3_optim(
     inner: dict[str, Any] = {"zero_stage": pt.Record(ZERO_STAGE, (3,))}
     inner.update(_zero3_scaler(target, src))
     inner["partition_count"] = target.mesh.size(*target.dp_axes)
+    if target.fused:
+        inner["ds_zero_partition_groups"] = _partition_groups(target, coords, model)
     inner["optimizer_state_dict"] = {
         "state": state,
         "param_groups": _param_groups(target, carried, params, 0, model),
     }
     inner["fp32_flat_groups"] = masters
     return _outer(target, inner, carried)
+
+
+def _partition_groups(
+    target: DeepSpeedPlacement, coords: dict[str, int], model: int
+) -> list[dict[str, Any]]:
+    """ZeRO-3 with AutoEP: over which ranks each sub-group is partitioned, as DeepSpeed
+    records it (and checks on load): all data-parallel ranks for the replicated
+    parameters, the expert-data-parallel ranks holding the same experts for the experts'."""
+    out = []
+    for _, members, m in target.optimizer_groups(0, model):
+        assert m.stage3 is not None
+        axes = target.partition_axes(members[0])
+        e = target.layout.experts_of(members[0])
+        ranks = sorted(
+            target.mesh.rank({**coords, **target.mesh.unindex(axes, i)})
+            for i in range(target.mesh.size(*axes))
+        )
+        family = "autoep_expert" if e else "replicated"
+        name = f"ep_size_{target.mesh.sizes[e[0]]}" if e else "replicated"
+        for sg in range(len(m.stage3.sub_groups)):
+            out.append(
+                {
+                    "sub_group": m.first_sub_group + sg,
+                    "partition_count": len(ranks),
+                    "partition_rank": target.mesh.index(axes, coords),
+                    "partition_ranks": ranks,
+                    "families": [family],
+                    "group_names": [name],
+                }
+            )
+    return out
 
 
 def _optimizer_state(holes: Holes, key: str, opt: ir.Optimizer) -> dict[str, Any]:

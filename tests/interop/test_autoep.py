@@ -16,7 +16,7 @@ import pytest
 from layoutc.conversion import convert, verify
 from layoutc.errors import Unsupported
 from layoutc.formats import safetensors as st
-from layoutc.formats.deepspeed import infer_hf, open_checkpoint
+from layoutc.formats.deepspeed import infer, infer_hf, open_checkpoint
 from layoutc.lang.check import load_text
 
 pytestmark = pytest.mark.interop
@@ -78,16 +78,25 @@ def test_deepspeed_resumes_from_the_universal_output_at_another_dp_and_ep(
     )
 
 
-def test_a_zero3_deepspeed_target_is_refused_saying_what_to_do_instead(autoep_corpus, tmp_path):
-    with pytest.raises(Unsupported, match="Convert --to universal"):
-        convert(autoep_corpus["autoep_z3_w2_ep2_bf16"], tmp_path / "out", "deepspeed")
+def test_an_autoep_target_from_weights_without_its_account_is_refused(autoep_corpus, tmp_path):
+    """Full weights hold no ds_autoep_layers (each MoE layer's module, ordinal and prefix,
+    which DeepSpeed's loader checks): refused by name, nothing written."""
+    name = "autoep_z2_w2_ep2_bf16"
+    spec = tmp_path / "autoep.layout"
+    spec.write_text(infer(open_checkpoint(autoep_corpus[name])))
+    convert(autoep_corpus[name], tmp_path / "weights", "safetensors")
+    with pytest.raises(Unsupported, match="no ds_autoep_layers"):
+        convert(tmp_path / "weights", tmp_path / "out", "deepspeed", spec=spec)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["autoep_z1_w2_ep2_bf16", "autoep_z2_w4_ep2_bf16"])
+@pytest.mark.parametrize(
+    "name", ["autoep_z1_w2_ep2_bf16", "autoep_z2_w4_ep2_bf16", "autoep_z3_w2_ep2_bf16"]
+)
 def test_rewritten_at_its_own_topology_every_file_is_deepspeeds_own(autoep_corpus, name, tmp_path):
-    """Key for key, value for value: ds_autoep_layers with its placement and affine maps,
-    the expert files, the router's second name in the module but not in shared_params."""
+    """Key for key, value for value: ds_autoep_layers with its placement and affine maps
+    (at ZeRO-3 each rank's own, with the optimizer's ds_zero_partition_groups), the expert
+    files, the router's second name in the module but not in shared_params."""
     convert(autoep_corpus[name], tmp_path / "out", "deepspeed")
     corpus.assert_same_files(
         tmp_path / "out" / "global_step2", autoep_corpus[name] / "global_step2"
@@ -101,6 +110,8 @@ def test_rewritten_at_its_own_topology_every_file_is_deepspeeds_own(autoep_corpu
         ("autoep_z2_w4_ep2_bf16", 2, 2),
         ("autoep_z1_w2_ep2_bf16", 2, 1),
         ("autoep_z2_w4_ep2_fp32", 4, 4),  # ep changed on the same ranks
+        ("autoep_z3_w2_ep2_bf16", 4, 4),  # experts only in the ZeRO-3 partitions
+        ("autoep_z3_w2_ep2_bf16", 2, 1),
     ],
 )
 def test_deepspeed_resumes_at_another_dp_and_ep_with_a_plain_load(
