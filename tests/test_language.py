@@ -806,3 +806,10 @@ def test_every_expert_id_sits_on_exactly_one_coordinate_each_holding_as_many(
     assert all(ids == sorted(ids) and len(ids) == per for ids in held.values())
     for c, ids in held.items():
         assert ids == list(range(c * per, (c + 1) * per))  # a contiguous run per coordinate
+
+
+def test_a_dp_smaller_than_ep_says_it_does_not_divide_not_that_edp_is_zero() -> None:
+    with pytest.raises(LayoutError) as info:
+        load_text(EXPERTS, overrides={"dp": 1, "ep": 2})
+    codes = [d.code for d in info.value.diagnostics]
+    assert codes[0] == "E142" and "E109" not in codes

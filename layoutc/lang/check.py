@@ -419,9 +419,9 @@ class _Checker:
         if name not in self.overrides:
             if kind != "mesh axis":
                 return self.eval(e)
-            size = self.positive(e, f"mesh axis `{name}`")
-            self.exact(e, name)
-            return size
+            if self.exact(e, name) and self.eval(e) <= 0:
+                raise _Fail()  # E142 says why: dp = 6 over ep = 8 leaves no rank
+            return self.positive(e, f"mesh axis `{name}`")
         v = self.overrides[name]
         if kind == "mesh axis" and v <= 0:
             raise self.fail(
@@ -429,14 +429,17 @@ class _Checker:
             )
         return v
 
-    def exact(self, e: ast.Expr, axis: str) -> None:
+    def exact(self, e: ast.Expr, axis: str) -> bool:
         """Every division in a mesh axis's size divides exactly (E142): ``edp = dp / ep``
         with dp = 6 and ep = 4 would leave ranks out of the mesh. Reported once per
-        division; the axis keeps the floor so that what names it is checked too."""
+        division; the axis keeps the floor so that what names it is checked too. True
+        when one was reported."""
+        inexact = False
         for node in _nodes(e):
             if isinstance(node, ast.BinOp) and node.op == "/":
                 a, b = self.eval(node.left), self.eval(node.right)
                 if b and a % b:
+                    inexact = True
                     left, right = (
                         _text(self.source, node.left.span),
                         _text(self.source, node.right.span),
@@ -449,6 +452,7 @@ class _Checker:
                         f"choose sizes where {right} divides {left}; the axes' sizes multiply to "
                         "the number of ranks",
                     )
+        return inexact
 
     def unused_overrides(self, meshes: list[ast.Mesh], top: Iterable[ast.Statement]) -> None:
         settable = [b.name for m in meshes[:1] for b in m.axes]
