@@ -19,6 +19,10 @@ Every test in this folder is marked ``interop``. Without a DeepSpeed-capable int
 ``ds_corpus`` fixture fails with instructions (deselect with ``-m 'not interop'``). Checkpoints are built once and cached under
 ``$LAYOUTC_INTEROP_CACHE`` (default ``~/.cache/layoutc-interop``), keyed by a hash of
 ds_make.py and the DeepSpeed/torch versions.
+
+The PyTorch Distributed Checkpoint cases (``dcp_corpus``; dcp_make.py) need torch and
+transformers in that interpreter, not DeepSpeed, and are cached beside the others under a key
+of their own.
 """
 
 from __future__ import annotations
@@ -122,3 +126,29 @@ def autoep_corpus(ds_python: str) -> dict[str, Path]:
     """{case: checkpoint root} of the AutoEP cases (corpus.AUTOEP_CASES) alone; they need
     transformers in DeepSpeed's interpreter."""
     return corpus.build(list(corpus.AUTOEP_CASES), cache_root(), python=ds_python)
+
+
+@pytest.fixture(scope="session")
+def dcp_python() -> str:
+    """The interpreter FSDP2 runs in (the DeepSpeed one: it has torch and transformers);
+    fails the test with instructions if it cannot."""
+    python = corpus.ds_python()
+    if corpus.dcp_versions(python) is None:
+        pytest.fail(
+            f"torch/transformers/safetensors not importable by {python}: install them as the "
+            f"README's test command does, set {corpus.PYTHON_ENV} to an interpreter that has "
+            "them, or deselect these tests with -m 'not interop'",
+            pytrace=False,
+        )
+    return python
+
+
+@pytest.fixture(scope="session")
+def dcp_corpus(dcp_python: str) -> dict[str, Path]:
+    """{case: case root} of the PyTorch DCP cases (corpus.DCP_CASES), built once and cached.
+
+    A case root is NOT the checkpoint: the DCP checkpoint itself (``.metadata`` and the
+    ``.distcp`` files; safetensors for the Hugging Face case) is ``root / corpus.DCP_DIR``,
+    beside ``ground_truth.safetensors`` / ``.json`` (``corpus.read_truth(root)``). Copy it
+    before damaging it: the cache is shared by every session."""
+    return corpus.build_dcp(list(corpus.DCP_CASES), cache_root(), python=dcp_python)

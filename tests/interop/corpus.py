@@ -5,12 +5,17 @@
     family(case) -> [cases]                           the cases built together with ``case``
     ds_to_universal(tag_dir, out_root)                DeepSpeed's own converter (a baseline)
     read_truth(path) -> (tensors, meta)               numpy arrays + json, no torch needed
+    build_dcp(cases, root) -> {case: case root}        runs dcp_make.py under torchrun (cached)
+    dcp_load(case, folder, world, out_dir)            runs dcp_load.py under torchrun
+    dcp_to_torch_save(folder, out_dir)                torch's own DCP converter (a baseline)
 
 ``CASES`` are the data-parallel (ZeRO) cases, ``PARALLEL_CASES`` the pipeline and
 tensor-parallel ones (ds_parallel.py), ``MOE_CASES`` DeepSpeed's native Mixture-of-Experts ones
 (ds_moe.py, its own torchrun script), ``AUTOEP_CASES`` DeepSpeed AutoEP on a Hugging Face
 Mixtral (ds_autoep.py, likewise; needs transformers), ``ALL_CASES`` all of them;
-``build(None)`` builds all. ``hf_load_strict(case, dir)`` asks the Hugging Face model of an
+``build(None)`` builds all. ``DCP_CASES`` are PyTorch Distributed Checkpoints written by FSDP2
+(dcp_make.py, a torchrun script of its own; needs transformers, not DeepSpeed), built by
+``build_dcp`` alone. ``hf_load_strict(case, dir)`` asks the Hugging Face model of an
 AutoEP case whether it takes a folder of safetensors as its state dict.
 
 DeepSpeed runs in a separate interpreter: ``$LAYOUTC_DS_PYTHON`` if set, else this one. It
@@ -24,7 +29,10 @@ that editing ds_moe.py rebuilds only them; AutoEP cases likewise under ``-autoep
 ds_autoep.py) holding the checkpoint root (``latest``, ``global_step2/``),
 ``ground_truth.safetensors``, ``ground_truth.json`` and ``DONE`` (written last: a case without
 it is rebuilt); ``root/torch_extensions`` caches DeepSpeed's JIT-built CPU comm op;
-``root/logs`` keeps the torchrun output of each launch.
+``root/logs`` keeps the torchrun output of each launch. DCP cases live under
+``root/dcp-torch<torch version>-<hash of dcp_make.py and the versions>/<case>/``: the case
+root holds ``dcp/`` (the DCP checkpoint itself, the folder to hand to a reader or to
+``dcp_load``), ``ground_truth.safetensors``, ``ground_truth.json`` and ``DONE``.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ PARALLEL = HERE / "ds_parallel.py"  # imported by ds_make.py: part of the cache 
 MOE = HERE / "ds_moe.py"  # a torchrun script of its own; imports ds_make.py
 AUTOEP = HERE / "ds_autoep.py"  # likewise
 LOAD = HERE / "ds_load.py"
+DCP_MAKE = HERE / "dcp_make.py"  # PyTorch DCP by FSDP2: its own torchrun script and cache
+DCP_LOAD = HERE / "dcp_load.py"
 PYTHON_ENV = "LAYOUTC_DS_PYTHON"
 TIMEOUT_S = 600
 
@@ -72,6 +82,9 @@ PARALLEL_CASES: dict[str, dict[str, Any]] = _DS_MAKE.PARALLEL_CASES
 MOE_CASES: dict[str, dict[str, Any]] = _module("layoutc_interop_ds_moe", MOE).CASES
 AUTOEP_CASES: dict[str, dict[str, Any]] = _module("layoutc_interop_ds_autoep", AUTOEP).CASES
 ALL_CASES: dict[str, dict[str, Any]] = {**_DS_MAKE.ALL_CASES, **MOE_CASES, **AUTOEP_CASES}
+_DCP_MAKE = _module("layoutc_interop_dcp_make", DCP_MAKE)
+DCP_CASES: dict[str, dict[str, Any]] = _DCP_MAKE.CASES
+DCP_DIR: str = _DCP_MAKE.DCP_DIR  # the DCP checkpoint's folder inside a case root
 # (script, cache folder label, its cases): each script builds into a cache folder of its own.
 SCRIPTS: tuple[tuple[Path, str, dict[str, dict[str, Any]]], ...] = (
     (MAKE, "", _DS_MAKE.ALL_CASES),
@@ -234,14 +247,21 @@ def build(
     return {n: out[n] for n in names}
 
 
-def _build(script: Path, names: list[str], base: Path, root: Path, python: str | None) -> None:
-    """Run ``script`` for those of ``names`` without a DONE in ``base``, a launch per
-    (world, launch group)."""
+def _build(
+    script: Path,
+    names: list[str],
+    base: Path,
+    root: Path,
+    python: str | None,
+    cases: dict[str, dict[str, Any]] = ALL_CASES,
+) -> None:
+    """Run ``script`` for those of ``names`` (from ``cases``) without a DONE in ``base``, a
+    launch per (world, launch group)."""
     with _locked(base / ".lock"):
         todo = [n for n in names if not (base / n / "DONE").is_file()]
         launches: dict[tuple[int, str], list[str]] = {}
         for n in todo:
-            case = ALL_CASES[n]
+            case = cases[n]
             launches.setdefault((case["world"], case.get("launch", "")), []).append(n)
         for (world, launch), group in sorted(launches.items()):
             target = base / group[0] if len(group) == 1 else base
@@ -272,6 +292,123 @@ def read_truth(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
         path = path / "ground_truth.safetensors"
     meta = json.loads(path.with_suffix(".json").read_text())
     return load_file(str(path)), meta
+
+
+@cache
+def dcp_versions(python: str | None = None) -> dict[str, str] | None:
+    """{'torch': ..., 'transformers': ..., 'safetensors': ...} as seen by ``python`` (the
+    DCP cases need no DeepSpeed); None if it cannot import them."""
+    python = python or ds_python()
+    code = (
+        "import importlib.metadata as m, json\n"
+        "import torch, transformers, safetensors\n"
+        "print(json.dumps({k: m.version(k) for k in ('torch', 'transformers', 'safetensors')}))\n"
+    )
+    try:
+        out = subprocess.run(
+            [python, "-c", code], capture_output=True, text=True, timeout=300, env=_env(None)
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def dcp_cache_key(python: str | None = None) -> str:
+    """The cache folder's name for the DCP cases: torch's version and a hash of dcp_make.py
+    and the versions (dcp_load.py is no part of it: it writes nothing into the corpus)."""
+    vers = dcp_versions(python)
+    if vers is None:
+        raise RuntimeError(f"torch/transformers are not importable by {python or ds_python()}")
+    h = hashlib.sha256(DCP_MAKE.read_bytes())
+    h.update(json.dumps(vers, sort_keys=True).encode())
+    return f"dcp-torch{vers['torch']}-{h.hexdigest()[:12]}"
+
+
+def build_dcp(
+    cases: Iterable[str] | None, root: Path | str, *, python: str | None = None
+) -> dict[str, Path]:
+    """Make (or reuse) the DCP cases ``cases`` (all when None) under ``root``; cases of one
+    world share a launch. Returns {case: case root}; the DCP checkpoint itself is
+    ``case root / DCP_DIR``, beside ground_truth.* (read them with :func:`read_truth`)."""
+    names = list(DCP_CASES) if cases is None else list(cases)
+    unknown = [n for n in names if n not in DCP_CASES]
+    if unknown:
+        raise KeyError(f"unknown DCP case(s) {unknown}; known: {sorted(DCP_CASES)}")
+    root = Path(root).expanduser()
+    base = root / dcp_cache_key(python)
+    _build(DCP_MAKE, names, base, root, python, DCP_CASES)
+    return {n: base / n for n in names}
+
+
+def dcp_load(
+    case: str,
+    folder: Path | str,
+    world: int,
+    out_dir: Path | str,
+    *,
+    root: Path | str | None = None,
+    python: str | None = None,
+    expect_error: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Have a fresh FSDP2 job of ``world`` ranks load the DCP checkpoint ``folder`` (the
+    folder holding ``.metadata``) as DCP case ``case`` (dcp_load.py: strict default planner,
+    then ``set_state_dict`` and one more training step).
+
+    Returns (tensors as numpy arrays in the ground-truth naming, json meta) of what the job
+    holds after loading; the dump stays in ``out_dir`` (``loaded-w<world>.safetensors`` /
+    ``.json``). A refusal raises unless ``expect_error``; then the tensors are empty and
+    ``meta["error"]`` says why. ``root`` caches the logs (default: a temp dir).
+    """
+    if case not in DCP_CASES:
+        raise KeyError(f"unknown DCP case {case!r}; known: {sorted(DCP_CASES)}")
+    root = Path(root).expanduser() if root else Path(tempfile.gettempdir()) / "layoutc-interop"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump = out_dir / f"loaded-w{world}.safetensors"
+    for stale in (dump, dump.with_suffix(".json")):
+        stale.unlink(missing_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    torchrun(
+        DCP_LOAD,
+        ["--case", case, "--dcp", str(folder), "--dump", str(dump)],
+        world,
+        python=python,
+        ext_dir=root / "torch_extensions",
+        log=root / "logs" / f"dcp-load-{case}-w{world}-{stamp}-{os.getpid()}.log",
+    )
+    if not dump.exists():
+        meta = json.loads(dump.with_suffix(".json").read_text())
+        if not expect_error:
+            raise RuntimeError(f"FSDP2 refused {folder} as {case}: {meta['error']}")
+        return {}, meta
+    if expect_error:
+        raise AssertionError(f"FSDP2 loaded {folder} as {case}; an error was expected")
+    return read_truth(dump)
+
+
+def dcp_to_torch_save(
+    folder: Path | str, out_dir: Path | str, *, python: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """torch's own ``format_utils.dcp_to_torch_save`` on the DCP checkpoint ``folder``, in
+    the ground-truth naming (dcp_make.py --to-torch-save; it unpickles ``.metadata`` as torch
+    always does). Raises RuntimeError with torch's message if torch fails."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump = out_dir / "torch_save.safetensors"
+    cmd = [
+        python or ds_python(),
+        str(DCP_MAKE),
+        "--to-torch-save",
+        str(folder),
+        "--dump",
+        str(dump),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(None), timeout=TIMEOUT_S)
+    if out.returncode != 0:
+        raise RuntimeError(f"dcp_to_torch_save failed ({out.returncode}):\n{out.stderr[-6000:]}")
+    return read_truth(dump)
 
 
 @dataclass
