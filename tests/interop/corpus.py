@@ -351,6 +351,7 @@ def dcp_load(
     root: Path | str | None = None,
     python: str | None = None,
     expect_error: bool = False,
+    train_state: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Have a fresh FSDP2 job of ``world`` ranks load the DCP checkpoint ``folder`` (the
     folder holding ``.metadata``) as DCP case ``case`` (dcp_load.py: strict default planner,
@@ -359,7 +360,9 @@ def dcp_load(
     Returns (tensors as numpy arrays in the ground-truth naming, json meta) of what the job
     holds after loading; the dump stays in ``out_dir`` (``loaded-w<world>.safetensors`` /
     ``.json``). A refusal raises unless ``expect_error``; then the tensors are empty and
-    ``meta["error"]`` says why. ``root`` caches the logs (default: a temp dir).
+    ``meta["error"]`` says why. ``train_state=False``: the folder holds the model and the
+    optimizer alone (no ``train_state.*`` keys are asked for; the step resumes at
+    dcp_make.STEPS). ``root`` caches the logs (default: a temp dir).
     """
     if case not in DCP_CASES:
         raise KeyError(f"unknown DCP case {case!r}; known: {sorted(DCP_CASES)}")
@@ -370,9 +373,12 @@ def dcp_load(
     for stale in (dump, dump.with_suffix(".json")):
         stale.unlink(missing_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    args = ["--case", case, "--dcp", str(folder), "--dump", str(dump)]
+    if not train_state:
+        args.append("--no-train-state")
     torchrun(
         DCP_LOAD,
-        ["--case", case, "--dcp", str(folder), "--dump", str(dump)],
+        args,
         world,
         python=python,
         ext_dir=root / "torch_extensions",

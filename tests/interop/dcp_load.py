@@ -10,7 +10,8 @@ Run under torchrun with N ranks (any N; the folder may have been saved at anothe
 It builds the case's model (dcp_make.CASES, ``model`` and ``frozen``) from another seed
 (dcp_make.LOAD_SEED: nothing matches by accident), ``fully_shard``s it and builds AdamW as
 dcp_make does, takes ``get_state_dict(model, opt)`` (torch initialises the optimizer's state
-for it) as the template ``{"model", "optim", "train_state"}``, calls ``dcp.load(template,
+for it) as the template ``{"model", "optim", "train_state"}`` (``--no-train-state``: without
+``train_state``, for a folder of model and optimizer alone), calls ``dcp.load(template,
 checkpoint_id=DCP)`` with the default planner (strict: a key of the template missing from
 the folder fails), then ``set_state_dict``. Rank 0 then writes ``OUT.safetensors`` in the
 ground-truth naming of dcp_make (model/, exp_avg/, exp_avg_sq/, step/; every tensor gathered
@@ -40,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dcp_make  # after the sys.path insert above
 
 
-def load_into(case: dict[str, Any], model, opt, folder: Path) -> dict[str, Any] | None:
+def load_into(
+    case: dict[str, Any], model, opt, folder: Path, with_train_state: bool = True
+) -> dict[str, Any] | None:
     """Load ``folder`` into ``model`` and ``opt``; the train state as loaded (or None)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -53,21 +56,27 @@ def load_into(case: dict[str, Any], model, opt, folder: Path) -> dict[str, Any] 
         set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
         return None
     train_state: dict[str, Any] = {"step": -1, "note": ""}
-    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "train_state": train_state}
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+    if with_train_state:
+        state["train_state"] = train_state
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return state["train_state"]
+    return state.get("train_state")
 
 
-def run(name: str, folder: Path, dump: Path, rank: int, world: int) -> None:
+def run(
+    name: str, folder: Path, dump: Path, rank: int, world: int, with_train_state: bool = True
+) -> None:
     import torch.distributed as dist
+    from torch.distributed.checkpoint.api import CheckpointException
 
     case = dcp_make.CASES[name]
     model, opt = dcp_make.build(case, dcp_make.LOAD_SEED)
     try:
-        train_state = load_into(case, model, opt, folder)
+        train_state = load_into(case, model, opt, folder, with_train_state)
         error = None
-    except Exception as e:  # a refusal: reported, not raised
+    # dcp.load gathers every rank's failure into a CheckpointException, a BaseException.
+    except (Exception, CheckpointException) as e:  # a refusal: reported, not raised
         error = f"{type(e).__name__}: {e}"
         if rank == 0:
             traceback.print_exc()
@@ -105,12 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--case", required=True, choices=sorted(dcp_make.CASES))
     ap.add_argument("--dcp", required=True, type=Path, help="the DCP folder (holds .metadata)")
     ap.add_argument("--dump", required=True, type=Path, help="OUT.safetensors (+ OUT.json)")
+    ap.add_argument(
+        "--no-train-state",
+        action="store_true",
+        help="the template has no train_state (a folder of model and optim alone)",
+    )
     args = ap.parse_args(argv)
     rank, world = dcp_make.init_dist()
     import torch.distributed as dist
 
     def work() -> None:
-        run(args.case, args.dcp, args.dump, rank, world)
+        run(args.case, args.dcp, args.dump, rank, world, not args.no_train_state)
         dist.barrier()
         dist.destroy_process_group()
 

@@ -204,3 +204,16 @@ def test_torch_refuses_a_truncated_distcp_file(dcp_corpus, dcp_python, tmp_path)
     assert victim.suffix == ".distcp"
     with pytest.raises(RuntimeError, match="dcp_to_torch_save failed"):
         corpus.dcp_to_torch_save(folder, tmp_path / "out", python=dcp_python)
+
+
+def test_the_loader_reports_a_folder_that_does_not_fit_the_model(dcp_corpus, dcp_python, tmp_path):
+    _, meta = corpus.dcp_load(
+        "dcp_w2_untied",
+        dcp_folder(dcp_corpus, "dcp_w3_empty"),
+        2,
+        tmp_path,
+        root=dcp_corpus["dcp_w3_empty"].parent.parent,
+        python=dcp_python,
+        expect_error=True,
+    )
+    assert meta["ok"] is False and "Size mismatch" in meta["error"], meta
