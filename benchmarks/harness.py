@@ -224,12 +224,15 @@ def ds_env(ext_dir: Path) -> dict[str, str]:
     return env
 
 
-def versions(ds_python: str) -> dict[str, str]:
+def versions(ds_python: str, packages: tuple[str, ...] = ("deepspeed", "torch")) -> dict[str, str]:
+    """The installed version of each of ``packages`` in ``ds_python``, in that order."""
     code = (
-        "import importlib.metadata as m, json\n"
-        "print(json.dumps({k: m.version(k) for k in ('deepspeed', 'torch')}))\n"
+        "import importlib.metadata as m, json, sys\n"
+        "print(json.dumps({k: m.version(k) for k in sys.argv[1:]}))\n"
     )
-    out = subprocess.run([ds_python, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [ds_python, "-c", code, *packages], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -349,15 +352,16 @@ def ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}x"
 
 
-def arguments(description: str) -> argparse.ArgumentParser:
-    """The command line the conversion benchmarks share (a script adds its own)."""
+def arguments(description: str, needs: str = "torch + deepspeed") -> argparse.ArgumentParser:
+    """The command line the conversion benchmarks share (a script adds its own); ``needs``:
+    what the --ds-python interpreter must have installed."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument(
         "--ds-python",
         default=os.environ.get("LAYOUTC_DS_PYTHON") or sys.executable,
-        help="interpreter with torch + deepspeed (default: $LAYOUTC_DS_PYTHON, else this one)",
+        help=f"interpreter with {needs} (default: $LAYOUTC_DS_PYTHON, else this one)",
     )
     ap.add_argument(
         "--layoutc",
@@ -398,8 +402,9 @@ def machine_line(
     nproc = len(os.sched_getaffinity(0))
     return (
         f"Machine: {platform.platform()}, {nproc} cores (nproc), {mem / 2**30:.1f} GiB RAM, "
-        f"Python {platform.python_version()}; deepspeed {vers['deepspeed']}, torch "
-        f"{vers['torch']}, layoutc {lc_ver}. Date: {date}. Load average (1/5/15 min) "
+        f"Python {platform.python_version()}; "
+        f"{', '.join(f'{k} {v}' for k, v in vers.items())}, layoutc {lc_ver}. Date: {date}. "
+        "Load average (1/5/15 min) "
         f"{'/'.join(f'{x:.2f}' for x in load_start)} at the start, "
         f"{'/'.join(f'{x:.2f}' for x in load_end)} at the end."
     )
