@@ -111,6 +111,15 @@ class Record:
 
 
 @dataclass(frozen=True)
+class Call:
+    """A value written as a call of a named global (pickle's REDUCE): ``func(*args)``.
+    Writing only; layoutc's reader never calls one."""
+
+    func: str  # "module.name"
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
 class StorageRef:
     """One storage member of a container."""
 
@@ -341,34 +350,70 @@ class Member:
     crc: int
 
 
-def members(path: str, data: Any) -> dict[str, Member]:
-    """Every member of the zip container ``path`` (whose bytes ``data`` maps), each checked
-    against its local header: names unique, nothing compressed or encrypted, the local
-    header agreeing with the central directory (name, flags, method, and CRC and sizes
-    where it records them), its extra field well formed, and the members' bytes inside the
-    file, before the central directory, one after the other without overlap. So a damaged
-    or crafted header is refused instead of shifting what is read."""
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of a mapped file as a seekable file of their own
+    (a zip container stored inside a larger file), read without copying the rest."""
+
+    def __init__(self, data: Any, start: int, length: int) -> None:
+        self.data, self.start, self.length, self.pos = data, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = max(0, (0, self.pos, self.length)[whence] + pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), self.length - self.pos))
+        at = self.start + self.pos
+        b[:n] = self.data[at : at + n]
+        self.pos += n
+        return n
+
+
+def members(
+    path: str, data: Any, start: int = 0, length: int | None = None, prefix: str = ""
+) -> dict[str, Member]:
+    """Every member of the zip container ``path`` (whose bytes ``data`` maps) — or of the
+    container stored at bytes ``[start, start + length)`` of it, its members named
+    ``prefix`` + name, their offsets in the file — each checked against its local header:
+    names unique, nothing compressed or encrypted, the local header agreeing with the
+    central directory (name, flags, method, and CRC and sizes where it records them), its
+    extra field well formed, and the members' bytes inside the container, before the
+    central directory, one after the other without overlap. So a damaged or crafted
+    header is refused instead of shifting what is read."""
+    where = path if length is None else f"{path} (bytes {start} to {start + length})"
     try:
-        with zipfile.ZipFile(path) as z:
+        source: Any = path if length is None else _Window(data, start, length)
+        with zipfile.ZipFile(source) as z:
             infos = z.infolist()
-            end = z.start_dir
+            end = start + z.start_dir
+            if length is not None and z.start_dir > length:
+                raise ValueError("its central directory lies outside it")
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise BadContainer(f"{path}: not a torch zip checkpoint ({e})") from None
+        raise BadContainer(f"{where}: not a torch zip checkpoint ({e})") from None
     out: dict[str, Member] = {}
     spans = []
     for info in infos:
-        name = info.filename
+        name = prefix + info.filename
         if name in out:
-            raise BadContainer(f"{path}: the member {name} appears twice in the archive")
+            raise BadContainer(f"{where}: the member {name} appears twice in the archive")
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
             raise BadContainer(
-                f"{path}: the member {name} is compressed; torch writes every member stored"
+                f"{where}: the member {name} is compressed; torch writes every member stored"
             )
         if info.flag_bits & 0x41:
-            raise BadContainer(f"{path}: the member {name} is encrypted")
-        h = info.header_offset
-        if h < 0 or h + LOCAL_HEADER.size > end:
-            raise BadContainer(f"{path}: the local header of {name} lies outside the archive")
+            raise BadContainer(f"{where}: the member {name} is encrypted")
+        h = start + info.header_offset
+        if h < start or h + LOCAL_HEADER.size > end:
+            raise BadContainer(f"{where}: the local header of {name} lies outside the archive")
         sig, _, flags, method, _, _, crc, csize, _, nlen, xlen = LOCAL_HEADER.unpack(
             data[h : h + LOCAL_HEADER.size]
         )
@@ -388,11 +433,11 @@ def members(path: str, data: Any) -> dict[str, Member]:
         elif not _extra_ok(bytes(data[h + 30 + nlen : h + 30 + nlen + xlen])):
             problem = "has a malformed extra field"
         if problem:
-            raise BadContainer(f"{path}: the member {name} {problem}: the file is damaged")
+            raise BadContainer(f"{where}: the member {name} {problem}: the file is damaged")
         data_at = h + 30 + nlen + xlen
         if data_at + info.file_size > end:
             raise BadContainer(
-                f"{path}: the member {name} ({info.file_size} bytes at byte {data_at}) runs past "
+                f"{where}: the member {name} ({info.file_size} bytes at byte {data_at}) runs past "
                 f"the archive's data, which ends at byte {end}: the file is truncated or damaged"
             )
         out[name] = Member(name, data_at, info.file_size, info.CRC)
@@ -400,7 +445,7 @@ def members(path: str, data: Any) -> dict[str, Member]:
     spans.sort()
     for (_, a_end, a), (b_at, _, b) in itertools.pairwise(spans):
         if b_at < a_end:
-            raise BadContainer(f"{path}: the members {a} and {b} overlap: the file is crafted")
+            raise BadContainer(f"{where}: the members {a} and {b} overlap: the file is crafted")
     return out
 
 
@@ -419,6 +464,7 @@ class Opener:
     def __init__(self) -> None:
         self._maps: dict[str, mmap.mmap] = {}
         self._members: dict[str, dict[str, Member]] = {}
+        self._windows: dict[tuple[str, int], dict[str, Member]] = {}
         self._checked: set[tuple[str, str]] = set()
 
     def map(self, path: str) -> mmap.mmap:
@@ -432,6 +478,16 @@ class Opener:
         if path not in self._members:
             self._members[path] = members(path, self.map(path))
         return self._members[path]
+
+    def window(self, path: str, start: int, length: int) -> dict[str, Member]:
+        """The members of the container stored at bytes ``[start, start + length)`` of
+        ``path`` (indexed once), named ``@START/`` + their name; they join ``path``'s
+        :meth:`members`, so a storage inside is found like any other."""
+        if (path, start) not in self._windows:
+            found = members(path, self.map(path), start, length, window_prefix(start))
+            self._members.setdefault(path, {}).update(found)
+            self._windows[(path, start)] = found
+        return self._windows[(path, start)]
 
     def member(self, path: str, name: str) -> tuple[int, int]:
         """(data offset, size) of a stored member."""
@@ -459,6 +515,11 @@ class Opener:
         self._maps.clear()
 
 
+def window_prefix(start: int) -> str:
+    """How the members of a container stored at byte ``start`` of a file are named."""
+    return f"@{start}/"
+
+
 def check_crc(path: str, m: Member, crc: int) -> None:
     """Refuse a member whose bytes do not have the CRC-32 its archive records."""
     if crc != m.crc:
@@ -478,9 +539,15 @@ def _default_opener() -> Opener:
     return _OPENER
 
 
-def load(path: str | os.PathLike[str], opener: Opener | None = None) -> Any:
+def load(
+    path: str | os.PathLike[str],
+    opener: Opener | None = None,
+    window: tuple[int, int] | None = None,
+) -> Any:
     """The object in a torch zip file, tensors as :class:`TensorRef` (no data read);
-    with ``opener``, through its map and member index of the file (made once for a run).
+    with ``opener``, through its map and member index of the file (made once for a run);
+    with ``window`` ``(start, length)`` (and an opener), the container stored at those
+    bytes of the file (an item of a PyTorch distributed checkpoint).
 
     Refused with :class:`BadContainer`, naming the file: a damaged or crafted archive (see
     :func:`members`), a pickle whose CRC-32 fails, containers nested deeper than
@@ -489,8 +556,13 @@ def load(path: str | os.PathLike[str], opener: Opener | None = None) -> Any:
     tensor view that is not a non-overlapping view inside its storage (see :func:`check_view`)
     or whose storage's member does not hold exactly its bytes."""
     path = str(path)
+    prefix = window_prefix(window[0]) if window is not None else ""
     try:
-        if opener is not None:
+        if window is not None:
+            opener = opener or _default_opener()
+            found = opener.window(path, *window)
+            pickled = _pickle_of(path, found, opener.map(path), prefix)
+        elif opener is not None:
             found = opener.members(path)
             pickled = _pickle_of(path, found, opener.map(path))
         else:
@@ -499,9 +571,9 @@ def load(path: str | os.PathLike[str], opener: Opener | None = None) -> Any:
                 pickled = _pickle_of(path, found, data)
     except (OSError, ValueError) as e:  # unreadable, or empty (mmap refuses length 0)
         raise BadContainer(f"{path}: not a torch zip checkpoint ({e})") from None
-    pkl = [n for n in found if n.endswith("/data.pkl") and n.count("/") == 1]
+    pkl = [n for n in found if _is_pickle(n, prefix)]
     m = found[pkl[0]]
-    archive = pkl[0].split("/", 1)[0]
+    archive = prefix + pkl[0][len(prefix) :].split("/", 1)[0]
     check_crc(path, m, zlib.crc32(pickled))
     unpickler = _Unpickler(pickled, path, archive)
     try:
@@ -523,9 +595,14 @@ def load(path: str | os.PathLike[str], opener: Opener | None = None) -> Any:
     return obj
 
 
-def _pickle_of(path: str, found: dict[str, Member], data: Any) -> bytes:
+def _is_pickle(name: str, prefix: str) -> bool:
+    rest = name[len(prefix) :]
+    return name.startswith(prefix) and rest.endswith("/data.pkl") and rest.count("/") == 1
+
+
+def _pickle_of(path: str, found: dict[str, Member], data: Any, prefix: str = "") -> bytes:
     """The bytes of the archive's one ``<archive>/data.pkl``."""
-    pkl = [n for n in found if n.endswith("/data.pkl") and n.count("/") == 1]
+    pkl = [n for n in found if _is_pickle(n, prefix)]
     if len(pkl) != 1:
         many = "no" if not pkl else "more than one"
         raise BadContainer(f"{path}: {many} data.pkl inside")
@@ -754,6 +831,11 @@ class _Writer:
             self.tensor(v)
         elif isinstance(v, Record):
             self.record(v)
+        elif isinstance(v, Call):
+            module, _, name = v.func.rpartition(".")
+            self.global_(module, name)
+            self.value(tuple(v.args))
+            self.w(b"R")  # REDUCE
         elif isinstance(v, DType):
             self.global_("torch", v.name)
         elif isinstance(v, OrderedDict):
@@ -931,31 +1013,39 @@ def create(
     (then call :meth:`Created.finish_crcs`). Storage data starts at multiples of ``align``
     (torch's 64, or a page for direct IO; torch's loader takes any)."""
     path = Path(path)
-    archive = archive or path.stem or "archive"
-    pkl, storages = dumps_pickle(obj)
     with open(path, "wb") as f:
-        zw = _ZipWriter(f, align)
-        zw.add(f"{archive}/data.pkl", [pkl])
-        zw.add(f"{archive}/.format_version", [b"1"])
-        zw.add(f"{archive}/.storage_alignment", [str(align).encode()])
-        zw.add(f"{archive}/byteorder", [b"little"])
-        for key, t in storages.items():
-            zw.add(f"{archive}/data/{key}", _chunks(t), size=t.nbytes, hole=t.data is None)
-        zw.add(f"{archive}/version", [b"3\n"])
-        zw.add(f"{archive}/.data/serialization_id", [b"0" * 40])
-        zw.finish()
-        size = f.tell()
+        return write_container(f, obj, path, archive or path.stem or "archive", align)
+
+
+def write_container(
+    f: Any, obj: Any, path: Path, archive: str = "archive", align: int = _ALIGN
+) -> Created:
+    """Write ``obj`` as a torch zip container at the current position of the open file
+    ``f`` (of ``path``), its zip offsets counted from there, so the container can be one
+    item of a larger file; see :func:`create`. ``size`` is where it ends in the file."""
+    pkl, storages = dumps_pickle(obj)
+    zw = _ZipWriter(f, align, base=f.tell())
+    zw.add(f"{archive}/data.pkl", [pkl])
+    zw.add(f"{archive}/.format_version", [b"1"])
+    zw.add(f"{archive}/.storage_alignment", [str(align).encode()])
+    zw.add(f"{archive}/byteorder", [b"little"])
+    for key, t in storages.items():
+        zw.add(f"{archive}/data/{key}", _chunks(t), size=t.nbytes, hole=t.data is None)
+    zw.add(f"{archive}/version", [b"3\n"])
+    zw.add(f"{archive}/.data/serialization_id", [b"0" * 40])
+    zw.finish()
     offsets = {key: zw.data_at[f"{archive}/data/{key}"] for key in storages}
-    return Created(path, size, offsets, zw.holes, zw.cd_at)
+    return Created(path, f.tell(), offsets, zw.holes, zw.cd_at)
 
 
 class _ZipWriter:
     """A minimal zip writer: stored members, data aligned (64 bytes by default), CRCs, zip64
     when needed."""
 
-    def __init__(self, f: Any, align: int = _ALIGN) -> None:
+    def __init__(self, f: Any, align: int = _ALIGN, base: int = 0) -> None:
         self.f = f
         self.align = align
+        self.base = base  # where the container starts in the file: its offsets count from here
         self.entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, header offset
         self.data_at: dict[str, tuple[int, int]] = {}  # member -> (data offset, size)
         self.holes: list[
@@ -1013,10 +1103,10 @@ class _ZipWriter:
         self.f.write(bname)
         self.f.write(extra)
         self.f.seek(end)
-        self.entries.append((bname, crc, n, header_at))
+        self.entries.append((bname, crc, n, header_at - self.base))
 
     def finish(self) -> None:
-        cd_at = self.f.tell()
+        cd_at = self.f.tell() - self.base
         for bname, crc, n, off in self.entries:
             self.cd_at.append(self.f.tell())
             big = n >= 0xFFFFFFFF or off >= 0xFFFFFFFF
@@ -1047,7 +1137,7 @@ class _ZipWriter:
             )
             self.f.write(bname)
             self.f.write(extra)
-        cd_end = self.f.tell()
+        cd_end = self.f.tell() - self.base
         count = len(self.entries)
         cd_size = cd_end - cd_at
         if cd_at >= 0xFFFFFFFF or count >= 0xFFFF:
