@@ -31,7 +31,9 @@ from layoutc.errors import (
     UsageError,
     kind,
 )
-from layoutc.formats.deepspeed import infer, infer_hf, open_checkpoint
+from layoutc.formats.dcp import DcpCheckpoint, carried, is_dcp
+from layoutc.formats.dcp import infer_text as dcp_infer_text
+from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer, infer_hf, open_checkpoint
 from layoutc.formats.sources import SOURCES, open_source
 from layoutc.lang.check import load_text
 from layoutc.lang.fmt import fmt
@@ -209,7 +211,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 
 def _check_target(to: str) -> None:
     """``--to``: a format, or a file that exists (else the closest format as a hint)."""
-    if to not in ir.FORMATS and not Path(to).is_file():
+    if to not in ir.STORE_FORMATS and not Path(to).is_file():
         guess = difflib.get_close_matches(to, ir.FORMATS, n=1, cutoff=0.6)
         hint = f"did you mean `{guess[0]}`? " if guess else ""
         raise UsageError(
@@ -285,9 +287,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _open(args: argparse.Namespace) -> DeepSpeedCheckpoint | DcpCheckpoint:
+    """The checkpoint ``infer`` and ``inspect`` read: a distributed checkpoint (DCP) or,
+    by default, DeepSpeed's (whose errors name what a DeepSpeed folder lacks)."""
+    if is_dcp(args.checkpoint):
+        if args.tag:
+            raise UsageError(f"{args.checkpoint}: --tag applies to DeepSpeed checkpoints, not DCP")
+        return DcpCheckpoint(Path(args.checkpoint))
+    return open_checkpoint(args.checkpoint, args.tag)
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
-    ckpt = open_checkpoint(args.checkpoint, args.tag)
-    text = infer_hf(ckpt) if args.hf else infer(ckpt)
+    ckpt = _open(args)
+    if isinstance(ckpt, DcpCheckpoint):
+        if args.hf:
+            raise UsageError(
+                f"{args.checkpoint}: --hf names a DeepSpeed MoE checkpoint's tensors as Hugging "
+                "Face's; a distributed checkpoint already holds the model's own names"
+            )
+        text = fmt(parse(dcp_infer_text(ckpt), f"{ckpt.folder}.layout"))
+    else:
+        text = infer_hf(ckpt) if args.hf else infer(ckpt)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"wrote {args.output}", file=sys.stderr)
@@ -436,11 +456,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from layoutc.render import human_size  # lazy: render loads jinja2
 
-    ckpt = open_checkpoint(args.checkpoint, args.tag)
+    ckpt = _open(args)
     layout, p = source_placement(ckpt)
     mesh = ", ".join(f"{a.name} = {a.size}" for a in layout.mesh.axes)
     params = sum(t.numel for t in p.tensors if t.trainable)
-    print(f"{ckpt.folder}: deepspeed checkpoint, tag {ckpt.tag}")
+    if isinstance(ckpt, DcpCheckpoint):
+        print(f"{ckpt.folder}: PyTorch distributed checkpoint (DCP {ckpt.metadata.version})")
+    else:
+        print(f"{ckpt.folder}: deepspeed checkpoint, tag {ckpt.tag}")
     print(
         f"  mesh {{ {mesh} }}, zero {layout.zero.stage}{' (bf16 optimizer)' if layout.zero.bf16_optimizer else ''}, dtype {layout.dtype}"
     )
@@ -461,7 +484,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  {'':<56}{total:>14}{human_size(sum(disk.values())):>12}")
     for line in _expert_lines(layout):
         print(f"  {line}")
+    if isinstance(ckpt, DcpCheckpoint):
+        for line in _dcp_lines(ckpt, p):
+            print(f"  {line}")
     return EXIT_OK
+
+
+def _dcp_lines(ckpt: DcpCheckpoint, p: Placement) -> list[str]:
+    """What a distributed checkpoint holds besides the layout's tensors."""
+    keys = ckpt.keys
+    tensors, items = carried(p, ckpt)
+    out = [f'keys: model "{keys.model_prefix}", optimizer "{keys.optimizer_prefix}"']
+    for what, names in (("tensors", tensors), ("byte items (non-tensor state)", items)):
+        if names:
+            shown = ", ".join(names[:6]) + (
+                f", ... ({len(names)} in all)" if len(names) > 6 else ""
+            )
+            out.append(f"{len(names)} other {what}, carried as saved to a dcp output: {shown}")
+    return out
 
 
 def _expert_lines(layout: ir.Layout) -> list[str]:

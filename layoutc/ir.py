@@ -29,7 +29,9 @@ from layoutc.errors import NO_SPAN, Span
 DTYPE_BYTES: dict[str, int] = dtypes.BYTES  # one table of dtypes: layoutc.dtypes
 DTYPES = dtypes.NAMES
 
-FORMATS = ("deepspeed", "universal", "safetensors", "torch")
+FORMATS = ("deepspeed", "universal", "safetensors", "torch")  # what a conversion writes
+READ_ONLY_FORMATS = ("dcp",)  # formats a layout may store, read but not yet written
+STORE_FORMATS = FORMATS + READ_ONLY_FORMATS
 
 # Kinds of tensor entries.
 PARAM, FROZEN, BUFFER = "param", "frozen", "buffer"
@@ -425,6 +427,9 @@ class Store:
     # `writers N` was written (not the default): a conversion's workers unless --workers.
     # Not compared: whether a value was spelt out does not change the store.
     writers_given: bool = field(default=False, compare=False)
+    # dcp: the prefixes of the model's and the optimizer's keys in the checkpoint
+    model_prefix: str = "model."
+    optimizer_prefix: str = "optim."
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -432,6 +437,11 @@ class Store:
             "writers": self.writers,
             "max_shard_bytes": self.max_shard_bytes,
             "tag": self.tag,
+            **(
+                {"model": self.model_prefix, "optimizer": self.optimizer_prefix}
+                if self.format == "dcp"
+                else {}
+            ),
         }
 
 

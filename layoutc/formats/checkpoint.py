@@ -55,6 +55,13 @@ class Checkpoint:
     def _load(self, path: Path) -> Any:
         return pt.load(path, self.opener)
 
+    def ref(self, file: str, key: str) -> pt.TensorRef:
+        """The tensor stored at ``key`` (a ``/``-joined key path) of ``file``, unread."""
+        ref = pt.at(self.load(file), key)
+        if not isinstance(ref, pt.TensorRef):
+            raise KeyError(key)
+        return ref
+
     def header(self, file: str | Path) -> tuple[dict[str, st.Entry], dict[str, str]]:
         """A safetensors file's entries and metadata, parsed once per run."""
         key = str(self.path(file))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from layoutc.formats import deepspeed, weights
+from layoutc.formats import dcp, deepspeed, weights
 from layoutc.formats.checkpoint import Checkpoint
 
 
@@ -19,6 +19,7 @@ def _weights(path: Path, tag: str | None) -> Checkpoint:
 
 SOURCES: list[tuple[str, Callable[[Path], bool], Callable[[Path, str | None], Checkpoint]]] = [
     ("deepspeed", deepspeed.is_deepspeed, deepspeed.open_checkpoint),
+    ("dcp", dcp.is_dcp, dcp.open_dcp),
     ("weights", weights.is_weights, _weights),
 ]
 

@@ -678,19 +678,21 @@ class _Checker:
         st = self.single(top, ast.Store, "store")
         if not isinstance(st, ast.Store):
             return ir.Store()
-        if st.format not in ir.FORMATS:
-            guess = difflib.get_close_matches(st.format, ir.FORMATS, n=1, cutoff=0.5)
+        if st.format not in ir.STORE_FORMATS:
+            guess = difflib.get_close_matches(st.format, ir.STORE_FORMATS, n=1, cutoff=0.5)
             self.error(
                 "E113",
                 f"unknown storage format `{st.format}`",
                 st.span,
                 (f"did you mean `{guess[0]}`? " if guess else "")
                 + "formats: "
-                + ", ".join(ir.FORMATS),
+                + ", ".join(ir.STORE_FORMATS),
             )
-        opts = self.options(
-            st.options, {"writers": "N", "tag": '"NAME"', "max_shard": "SIZE"}, f"store {st.format}"
-        )
+        allowed = {"writers": "N", "tag": '"NAME"', "max_shard": "SIZE"}
+        if st.format == "dcp":
+            allowed |= {"model": '"PREFIX"', "optimizer": '"PREFIX"'}
+        opts = self.options(st.options, allowed, f"store {st.format}")
+        prefixes = {k: self.prefix_option(opts[k], k) for k in ("model", "optimizer") if k in opts}
         writers = self.int_option(opts["writers"], "writers") if "writers" in opts else 1
         max_shard = self.int_option(opts["max_shard"], "max_shard") if "max_shard" in opts else None
         tag = None
@@ -709,12 +711,26 @@ class _Checker:
             else:
                 self.error("E114", 'tag takes a string: tag "global_step100"', opts["tag"].span)
         return ir.Store(
-            st.format if st.format in ir.FORMATS else "deepspeed",
+            st.format if st.format in ir.STORE_FORMATS else "deepspeed",
             writers or 1,
             max_shard or 5_000_000_000,
             tag,
             "writers" in opts,
+            prefixes.get("model", ir.Store.model_prefix),
+            prefixes.get("optimizer", ir.Store.optimizer_prefix),
         )
+
+    def prefix_option(self, opt: ast.Option, name: str) -> str:
+        """A distributed checkpoint's key prefix: a string (``"model."``, or ``""`` for none)."""
+        v = opt.value
+        if isinstance(v, ast.Str):
+            return v.value
+        self.error(
+            "E114",
+            f'{name} takes a string, the prefix of its keys in the checkpoint: {name} "{name}."',
+            opt.span,
+        )
+        return ""
 
     # ------------------------------------------------------------ pass 2: entries
 

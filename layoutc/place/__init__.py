@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from layoutc import ir
 from layoutc.place.base import Placement
+from layoutc.place.dcp import DcpPlacement
 from layoutc.place.deepspeed import DeepSpeedPlacement
 from layoutc.place.full import SafetensorsPlacement, TorchPlacement, UniversalPlacement
 
@@ -12,6 +13,7 @@ PLACEMENTS: dict[str, type[Placement]] = {
     "universal": UniversalPlacement,
     "safetensors": SafetensorsPlacement,
     "torch": TorchPlacement,
+    "dcp": DcpPlacement,
 }
 
 

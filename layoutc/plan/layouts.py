@@ -27,7 +27,8 @@ from typing import Any
 
 from layoutc import ir
 from layoutc.errors import Diagnostic, LayoutError, Span, Unsupported, UsageError
-from layoutc.formats import autotp
+from layoutc.formats import autotp, dcp
+from layoutc.formats.dcp import DcpCheckpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer_text
 from layoutc.lang.check import load_layout, load_text
 from layoutc.lang.parse import read_source
@@ -35,10 +36,14 @@ from layoutc.lang.parse import read_source
 FLOATS = frozenset({"fp32", "fp16", "bf16", "fp64"})  # what --dtype converts
 
 
-def source_text(ckpt: DeepSpeedCheckpoint, spec: str | Path | None = None) -> tuple[str, str]:
+def source_text(
+    ckpt: DeepSpeedCheckpoint | DcpCheckpoint, spec: str | Path | None = None
+) -> tuple[str, str]:
     """The text of ``ckpt``'s layout and the name diagnostics use: ``spec``, or inferred."""
     if spec is not None:
         return read_source(spec), str(spec)
+    if isinstance(ckpt, DcpCheckpoint):
+        return dcp.infer_text(ckpt), f"{ckpt.folder} (inferred)"
     return infer_text(ckpt), f"{ckpt.folder} (inferred)"
 
 
@@ -75,6 +80,11 @@ def target_for(
     ``overrides`` (``--set``) change mesh axes and let constants of whichever it is, then
     ``dtype`` and ``max_shard_size`` apply. With the source ``checkpoint``, an AutoTP
     reshard the layout does not prove is refused (:func:`check_autotp_cuts`)."""
+    if str(to) in ir.READ_ONLY_FORMATS:
+        raise Unsupported(
+            f"writing {to} (--to {to}) is not supported yet; layoutc reads it and converts it "
+            "to safetensors or torch"
+        )
     if str(to) not in ir.FORMATS:
         target = load_layout(to, dict(overrides or {}))
     else:

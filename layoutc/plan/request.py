@@ -17,14 +17,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from layoutc import ir
-from layoutc.errors import UsageError
+from layoutc.errors import Unsupported, UsageError
 from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.dcp import DcpCheckpoint
+from layoutc.formats.dcp import check as check_dcp
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.formats.match import check_against
 from layoutc.formats.weights import Weights, check_weights
 from layoutc.lang.check import load_text
 from layoutc.lang.parse import read_source
 from layoutc.place import Placement, place
+from layoutc.place.dcp import DcpPlacement
 from layoutc.place.full import WeightsPlacement
 from layoutc.plan.compile import compile_plan
 from layoutc.plan.layouts import source_text, target_for
@@ -67,11 +70,41 @@ def source_placement(
         check_weights(src, source)
         held = src.with_store(replace(src.store, format=source.format))
         return src, WeightsPlacement(held, source.entries, source.format)
+    if isinstance(source, DcpCheckpoint):
+        src = load_text(*(layout or source_text(source, spec)))
+        if src.store.format != "dcp":
+            raise UsageError(
+                f"{source.folder}: a distributed checkpoint; the layout {src.source} stores "
+                f"{src.store.format} (declare store dcp)"
+            )
+        placed_dcp = DcpPlacement(src, source.index)
+        check_dcp(placed_dcp, source)
+        return src, placed_dcp
     assert isinstance(source, DeepSpeedCheckpoint)
     src = load_text(*(layout or source_text(source, spec)))
     placed = place(src)
     check_against(placed, source)
     return src, placed
+
+
+DCP_TARGETS = ("safetensors", "torch")  # what a distributed checkpoint converts to
+
+
+def check_writable(source: Checkpoint, target: ir.Layout) -> None:
+    """Refuse, before a plan is shown, a conversion layoutc cannot write yet: a
+    distributed checkpoint (DCP) as the output, or from a DCP source anything but full
+    weights."""
+    fmt = target.store.format
+    if fmt == "dcp":
+        raise Unsupported(
+            f"{target.source}: writing a distributed checkpoint (store dcp) is not supported "
+            "yet; layoutc reads DCP folders and converts them to " + " or ".join(DCP_TARGETS)
+        )
+    if isinstance(source, DcpCheckpoint) and fmt not in DCP_TARGETS:
+        raise Unsupported(
+            f"{source.folder}: a distributed checkpoint converts to "
+            f"{' or '.join(DCP_TARGETS)} so far, not {fmt}"
+        )
 
 
 def plan_checkpoint(
@@ -101,6 +134,7 @@ def plan_checkpoint(
         max_shard_size=max_shard_size,
         checkpoint=ckpt,
     )
+    check_writable(source, target)
     plan = compile_plan(
         S, target, memory=memory, workers=workers_for(target, workers), ranks=ranks, tag=source.tag
     )

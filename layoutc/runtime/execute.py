@@ -99,7 +99,7 @@ class SourceFiles(Mapping[tuple[str, str], Any]):
             )
         if fk not in self._views:
             file, key = fk
-            ref = pt.at(self.source.load(file), key)
+            ref = self.source.ref(file, key)
             if ref.contiguous:
                 data_at, _ = self.opener.member(str(self.folder / file), ref.storage.member)
                 self._read.setdefault(str(self.folder / file), set()).add(ref.storage.member)
