@@ -681,11 +681,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "infer",
-        help="write the .layout of a DeepSpeed checkpoint",
-        description="Describe an existing DeepSpeed checkpoint as a .layout (reads metadata only).",
+        help="write the .layout of a DeepSpeed or distributed (DCP) checkpoint",
+        description="Describe an existing DeepSpeed checkpoint, or a PyTorch distributed "
+        "checkpoint (DCP) folder, as a .layout (reads metadata only).",
     )
     p.add_argument(
-        "checkpoint", metavar="CKPT", help="checkpoint root (with `latest`) or tag folder"
+        "checkpoint",
+        metavar="CKPT",
+        help="DeepSpeed checkpoint root (with `latest`) or tag folder, or a DCP folder",
     )
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
@@ -755,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect",
         help="what a checkpoint holds",
-        description="Print a DeepSpeed checkpoint's layout facts and bytes per file.",
+        description="Print a DeepSpeed or distributed (DCP) checkpoint's layout facts and bytes "
+        "per file.",
     )
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
