@@ -296,11 +296,8 @@ def _layout_name(name: str) -> str:
 
 def _world(ckpt: DcpCheckpoint) -> int:
     """The FSDP world the chunks prove: the most pieces any tensor is cut in along dim 0
-    (the ranks of the data files when no tensor is cut)."""
-    most = max((len(t.chunks) for t in ckpt.metadata.tensors.values()), default=1)
-    if most > 1:
-        return most
-    return 1
+    (1 when no tensor is cut)."""
+    return max((len(t.chunks) for t in ckpt.metadata.tensors.values()), default=1)
 
 
 def _untrained_kind(t: dm.TensorEntry, world: int) -> str:
@@ -336,12 +333,10 @@ def check(placement: DcpPlacement, ckpt: DcpCheckpoint) -> None:
     md = ckpt.metadata
     src = Span(placement.layout.source, 0, 0)
     diags: list[Diagnostic] = []
-    placed: set[str] = set()
     meta = ckpt.folder / ckpt.metadata_files[0]
     for t in placement.tensors:
         for s in placement.states(t):
             key = placement.key(t, s)
-            placed.add(key)
             entry = md.tensors.get(key)
             if entry is None:
                 diags.append(
