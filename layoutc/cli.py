@@ -211,7 +211,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 
 def _check_target(to: str) -> None:
     """``--to``: a format, or a file that exists (else the closest format as a hint)."""
-    if to not in ir.STORE_FORMATS and not Path(to).is_file():
+    if to not in ir.FORMATS and not Path(to).is_file():
         guess = difflib.get_close_matches(to, ir.FORMATS, n=1, cutoff=0.6)
         hint = f"did you mean `{guess[0]}`? " if guess else ""
         raise UsageError(
@@ -228,6 +228,7 @@ def _plan(args: argparse.Namespace) -> Plan:
         "overrides": dict(args.overrides),
         "dtype": args.dtype,
         "max_shard_size": args.max_shard_size,
+        "zero": args.zero,
     }
     if any(test(Path(args.source)) for _, test, _ in SOURCES):
         handle = open_source(args.source, args.tag)
@@ -254,6 +255,7 @@ def _plan(args: argparse.Namespace) -> Plan:
         options["overrides"],
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
+        zero=args.zero,
     )
     workers = workers_for(target, args.workers)
     return compile_plan(source, target, memory=args.memory, workers=workers, ranks=args.ranks)
@@ -388,6 +390,7 @@ def _convert(args: argparse.Namespace, lead: bool) -> int:
         workers=args.workers,
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
+        zero=args.zero,
         progress=_Progress(not args.quiet and lead),
         on_plan=_show_plan if lead else None,
         overrides=dict(args.overrides),
@@ -559,7 +562,15 @@ def _target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         choices=("fp32", "bf16", "fp16"),
-        help="dtype of safetensors/torch output (default: the fp32 masters)",
+        help="dtype of safetensors/torch output (default: the fp32 masters), or of a "
+        "deepspeed output's parameters (its masters stay fp32)",
+    )
+    p.add_argument(
+        "--zero",
+        type=int,
+        choices=(0, 1, 2, 3),
+        metavar="K",
+        help="deepspeed output: its ZeRO stage, 0-3 (default: the source's)",
     )
     p.add_argument(
         "--max-shard-size",

@@ -64,6 +64,7 @@ def convert(
     workers: int | None = 1,
     dtype: str | None = None,
     max_shard_size: int | None = None,
+    zero: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     overrides: Mapping[str, int] | None = None,
@@ -73,7 +74,8 @@ def convert(
     """Convert ``checkpoint`` — a DeepSpeed checkpoint, or full weights (safetensors, a
     torch state dict, a Hugging Face folder) with ``spec`` describing the model — into
     ``output`` in format (or layout file) ``to``; ``overrides`` set mesh axes or let
-    constants of the target (``--set``); ``param_groups`` are the optimizer
+    constants of the target (``--set``), ``zero`` its ZeRO stage (``--zero``);
+    ``param_groups`` are the optimizer
     hyperparameters written with fresh optimizer state (a source without any);
     ``sha256``: record each output file's SHA-256 in the manifest too."""
     start = time.perf_counter()
@@ -87,6 +89,7 @@ def convert(
             overrides=overrides,
             dtype=dtype,
             max_shard_size=max_shard_size,
+            zero=zero,
             memory=memory_budget,
             workers=workers,
             ranks=group.world if group is not None else 1,

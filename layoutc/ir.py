@@ -29,9 +29,7 @@ from layoutc.errors import NO_SPAN, Span
 DTYPE_BYTES: dict[str, int] = dtypes.BYTES  # one table of dtypes: layoutc.dtypes
 DTYPES = dtypes.NAMES
 
-FORMATS = ("deepspeed", "universal", "safetensors", "torch")  # what a conversion writes
-READ_ONLY_FORMATS = ("dcp",)  # formats a layout may store, read but not yet written
-STORE_FORMATS = FORMATS + READ_ONLY_FORMATS
+FORMATS = ("deepspeed", "universal", "safetensors", "torch", "dcp")  # stored, read and written
 
 # Kinds of tensor entries.
 PARAM, FROZEN, BUFFER = "param", "frozen", "buffer"

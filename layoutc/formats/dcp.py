@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from layoutc import ir
 from layoutc.errors import Diagnostic, InputError, LayoutError, Span, Unsupported
@@ -78,7 +79,8 @@ class DcpCheckpoint(Checkpoint):
 
     def _check_items(self) -> None:
         """Every item lies inside its file, a plain file of the folder, apart from the
-        others: a truncated or crafted file is refused naming the file and the item."""
+        others or on the very same bytes (a tied alias, saved once): a truncated or crafted
+        file is refused naming the file and the item."""
         spans: dict[str, list[tuple[int, int, str]]] = {}
         sizes: dict[str, int] = {}
         for (key, offsets), item in self.metadata.items.items():
@@ -103,8 +105,8 @@ class DcpCheckpoint(Checkpoint):
             spans.setdefault(item.file, []).append((item.offset, end, key))
         for file, s in spans.items():
             s.sort()
-            for (_, a_end, a), (b_at, _, b) in itertools.pairwise(s):
-                if b_at < a_end:
+            for (a_at, a_end, a), (b_at, b_end, b) in itertools.pairwise(s):
+                if b_at < a_end and (a_at, a_end) != (b_at, b_end):
                     raise NotDcp(
                         f"{self.folder / file}: the items of {a} and {b} overlap: the metadata "
                         "is crafted or damaged"
@@ -139,6 +141,25 @@ class DcpCheckpoint(Checkpoint):
         if item is None or item.file != file:
             raise KeyError(name)
         return self.tensor_item(key, offsets)
+
+    def value(self, key: str) -> Any:
+        """A byte item's value, read as data through layoutc's restricted loader (numbers,
+        strings, lists, tuples, dicts): a global in it is refused, never called."""
+        item = self.metadata.item(key, None)
+        return pt.load(self.folder / item.file, self.opener, (item.offset, item.length))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's param groups as saved (``<optimizer prefix>param_groups.<i>.
+        <field>``), in order: hyperparameters and ``params``, the parameter names."""
+        prefix = self.keys.optimizer_prefix + "param_groups."
+        groups: dict[int, dict[str, Any]] = {}
+        for key in self.metadata.byte_items:
+            if not key.startswith(prefix):
+                continue
+            index, _, name = key[len(prefix) :].partition(".")
+            if index.isdigit() and name:
+                groups.setdefault(int(index), {})[name] = self.value(key)
+        return [groups[i] for i in sorted(groups)]
 
     def item_bytes(self, key: str) -> bytes:
         """A byte item's bytes, as saved (never unpickled)."""
@@ -267,19 +288,30 @@ def infer_text(ckpt: DcpCheckpoint, name: str | None = None) -> str:
         lines.append(_optimizer_line(ckpt, trainable))
     if world > 1:
         lines.append("zero 3 over dp  # FSDP2: each tensor's dim 0 in torch.chunk pieces over dp")
-    for n, key in keys.model.items():
+
+    def line(n: str) -> str:
         if not _NAME.match(n):
             raise Unsupported(
                 f"{ckpt.folder / dm.METADATA}: the tensor name {n!r} has characters a layout "
                 "name cannot hold (letters, digits, _ and . only)"
             )
-        t = md.tensors[key]
+        t = md.tensors[keys.model[n]]
         kind = "tensor" if n in keys.states else _untrained_kind(t, world)
         own = f" {t.dtype}" if t.dtype != dtype else ""
         comment = ""
         if kind == "frozen" and trainable:
             comment = "  # no optimizer state: frozen, or tied to another parameter"
-        lines.append(f"{kind} {n} [{', '.join(map(str, t.shape))}]{own}{comment}")
+        return f"{kind} {n} [{', '.join(map(str, t.shape))}]{own}{comment}"
+
+    groups = _groups(ckpt, trainable)
+    lines += [line(n) for n in groups[0]]
+    for i, members in enumerate(groups[1:], 1):
+        lines.append(f"group group{i} {{  # param group {i}, as saved")
+        lines += [f"  {line(n)}" for n in members]
+        lines.append("}")
+    ties = _ties(ckpt)
+    lines += [line(n) for n in keys.model if n not in keys.states and n not in ties]
+    lines += [f"tie {alias} = {source}" for alias, source in ties.items()]
     opts = []
     if keys.model_prefix != ir.Store.model_prefix:
         opts.append(f'model "{keys.model_prefix}"')
@@ -287,6 +319,44 @@ def infer_text(ckpt: DcpCheckpoint, name: str | None = None) -> str:
         opts.append(f'optimizer "{keys.optimizer_prefix}"')
     lines.append("store dcp" + (f" {{ {', '.join(opts)} }}" if opts else ""))
     return "\n".join(lines) + "\n"
+
+
+def _ties(ckpt: DcpCheckpoint) -> dict[str, str]:
+    """Model tensors saved once under two keys — every chunk of the alias is the very same
+    bytes as the same chunk of a trainable tensor — as {alias: tensor} (layoutc writes a tie
+    so; torch saves each key's bytes apart, which the metadata cannot tell from a copy)."""
+    md, keys = ckpt.metadata, ckpt.keys
+    by_items: dict[tuple[object, ...], str] = {}
+    for n in keys.model:
+        if n in keys.states:
+            by_items.setdefault(_spans(md, keys.model[n]), n)
+    out = {}
+    for n in keys.model:
+        if n not in keys.states:
+            source = by_items.get(_spans(md, keys.model[n]))
+            if source is not None:
+                out[n] = source
+    return out
+
+
+def _spans(md: dm.Metadata, key: str) -> tuple[object, ...]:
+    t = md.tensors[key]
+    return (t.dtype, t.shape, *((c.offsets, md.items.get((key, c.offsets))) for c in t.chunks))
+
+
+def _groups(ckpt: DcpCheckpoint, trainable: list[str]) -> list[list[str]]:
+    """The trainable tensors by optimizer param group, in each group's order as saved (its
+    ``params``); one group in saved order when the checkpoint does not say."""
+    try:
+        saved = [g.get("params") for g in ckpt.param_groups()]
+    except (InputError, KeyError):
+        return [trainable]
+    listed = [n for g in saved if isinstance(g, list) for n in g]
+    if len(saved) < 2 or any(not isinstance(g, list) for g in saved):
+        return [trainable]
+    if sorted(map(str, listed)) != sorted(trainable):
+        return [trainable]
+    return [list(map(str, g)) for g in saved]
 
 
 def _layout_name(name: str) -> str:
@@ -396,6 +466,7 @@ def carried(placement: Placement, ckpt: DcpCheckpoint) -> tuple[list[str], list[
     if not isinstance(placement, DcpPlacement):
         raise TypeError(f"the layout of a DCP checkpoint is placed as dcp, not {placement.format}")
     placed = {placement.key(t, s) for t in placement.tensors for s in placement.states(t)}
+    placed |= {placement.weight_key(alias) for alias, _ in placement.layout.ties}
     tensors = [k for k in ckpt.metadata.tensors if k not in placed]
     return tensors, list(ckpt.metadata.byte_items)
 

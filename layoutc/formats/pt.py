@@ -120,6 +120,14 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Pairs:
+    """A dict to write whose keys are not hashable here (records): its (key, value) pairs,
+    written as a dict. Writing only."""
+
+    items: tuple[tuple[Any, Any], ...]
+
+
+@dataclass(frozen=True)
 class StorageRef:
     """One storage member of a container."""
 
@@ -838,6 +846,9 @@ class _Writer:
             self.w(b"R")  # REDUCE
         elif isinstance(v, DType):
             self.global_("torch", v.name)
+        elif isinstance(v, Pairs):
+            self.w(b"}")
+            self.items(dict(enumerate(v.items)), pairs=True)
         elif isinstance(v, OrderedDict):
             self.global_("collections", "OrderedDict")
             self.w(b")R")
@@ -875,10 +886,10 @@ class _Writer:
             b = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
             self.w(b"\x8a" + bytes([len(b)]) + b)
 
-    def items(self, d: dict[Any, Any]) -> None:
+    def items(self, d: dict[Any, Any], pairs: bool = False) -> None:
         if d:
             self.w(b"(")
-            for k, x in d.items():
+            for k, x in d.values() if pairs else d.items():
                 self.value(k)
                 self.value(x)
             self.w(b"u")
@@ -1004,6 +1015,18 @@ class Created:
             return members.crc(fd, 0, self.size)
         finally:
             os.close(fd)
+
+    @classmethod
+    def joined(cls, path: Path, parts: list[Created], size: int) -> Created:
+        """The containers ``parts``, written into ``path`` of ``size`` bytes among other
+        bytes, as one: their holes to finish together, the CRC over the whole file. Their
+        storages, keyed alike in each, are not kept."""
+        holes: list[tuple[int, int, int, int]] = []
+        cd_at: list[int] = []
+        for c in parts:
+            holes += [(h, d, n, i + len(cd_at)) for h, d, n, i in c.holes]
+            cd_at += c.cd_at
+        return cls(path, size, {}, holes, cd_at)
 
 
 def create(

@@ -25,7 +25,7 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,18 @@ import numpy as np
 from layoutc import ir
 from layoutc.dtypes import np_dtype
 from layoutc.errors import InternalError, Unsupported
+from layoutc.formats import dcp_metadata as dm
+from layoutc.formats import dcp_write, pt
 from layoutc.formats import deepspeed_write as dw
-from layoutc.formats import pt
 from layoutc.formats import safetensors as st
 from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.dcp import DcpCheckpoint
+from layoutc.formats.dcp import carried as dcp_carried
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.place.base import Placement
+from layoutc.place.dcp import DcpPlacement, data_file, parse_item_key
 from layoutc.place.deepspeed import LATEST, LATEST_UNIVERSAL
-from layoutc.place.shards import STEP, StoredBuffer
+from layoutc.place.shards import STEP, WEIGHT, StoredBuffer
 from layoutc.runtime.checksum import file_crc
 from layoutc.runtime.fileio import Files, inside
 
@@ -135,6 +139,8 @@ def _deepspeed(target: Any, out: Path, origin: Origin) -> Prepared:
     by_file = _by_file(target)
     carried = dw.Carried.read(origin.checkpoint, origin.placement)
     carried.fresh_param_groups = origin.param_groups
+    if carried.fresh_param_groups is None and isinstance(origin.checkpoint, DcpCheckpoint):
+        carried.fresh_param_groups = origin.checkpoint.param_groups()
     written: set[str] = set()
     for f, obj, holes in dw.files(target, carried, by_file):
         path = inside(p.root, f)
@@ -356,7 +362,137 @@ def _safetensors(target: Placement, out: Path, origin: Origin) -> Prepared:
     return p
 
 
+def _dcp(target: Any, out: Path, origin: Origin) -> Prepared:
+    """A PyTorch distributed checkpoint: each rank's chunks in ``__R_0.distcp`` (one
+    ``torch.save`` container each, holes to fill), what else it holds in rank 0's file (see
+    :mod:`layoutc.formats.dcp_write`), then ``.metadata``. A tied alias is saved once and
+    listed under both keys, as the model's state dict lists it."""
+    assert isinstance(target, DcpPlacement)
+    p = Prepared(out)
+    out.mkdir(parents=True, exist_ok=True)
+    by_file = _by_file(target)
+    first = data_file(0)
+    files = sorted(set(by_file) | {first}, key=lambda f: int(f[2:].split("_", 1)[0]))
+    saved: list[dcp_write.Saved] = []
+    extra = _dcp_extra(target, origin)
+    for f in files:
+        path = inside(out, f)
+        parts: list[pt.Created] = []
+        with open(path, "wb") as fh:
+            for name, b in by_file.get(f, {}).items():
+                key, offsets = parse_item_key(name)
+                at = fh.tell()
+                c = pt.write_container(fh, pt.Tensor(b.dtype, b.shape, None, key="0"), path)
+                _map(p, c, {name: b}, {name: "0"})
+                parts.append(c)
+                saved.append(dcp_write.Saved(key, offsets, f, at, c.size - at))
+            if f == first:
+                for key, offsets, write in extra.items:
+                    saved.append(dcp_write.Saved(key, offsets, f, *write(fh, path)))
+            size = fh.tell()
+        p.created.append(pt.Created.joined(path, parts, size))
+        p.files.append(path)
+    entries = _dcp_entries(target)
+    for alias, source in target.layout.ties:
+        key, src = target.weight_key(alias), target.weight_key(source)
+        entries[key] = entries[src]
+        saved += [replace(s, key=key) for s in saved if s.key == src and s.offsets is not None]
+        extra.paths[key] = dcp_write.nested_path(target.layout.store.model_prefix, alias)
+    entries.update(extra.tensors)
+    meta = inside(out, dm.METADATA)
+    meta.write_bytes(dcp_write.metadata(entries, extra.byte_items, extra.paths, saved))
+    p.files.append(meta)
+    return p
+
+
+def _dcp_entries(target: DcpPlacement) -> dict[str, dcp_write.Entry]:
+    """The tensor keys the plan fills, each with its chunks: the model's weights first,
+    then the optimizer's states, as torch's ``get_state_dict`` orders them."""
+    entries: dict[str, dcp_write.Entry] = {}
+    pairs = [(t, s) for t in target.tensors for s in target.states(t)]
+    for t, s in sorted(pairs, key=lambda ts: ts[1] != WEIGHT):
+        chunks = tuple(
+            (offsets, (b - a, *sl.shape[1:]) if sl.shape else ())
+            for sl in target.slices(t, s)
+            for a, b, offsets, _ in target.chunks(t, s, sl)
+        )
+        shape = () if s == STEP else t.shape
+        entries[target.key(t, s)] = dcp_write.Entry(target.dtype(t, s), shape, chunks)
+    return entries
+
+
+@dataclass
+class _Extra:
+    """What a DCP output holds besides the plan's tensors: items to write into rank 0's
+    file (key, chunk offsets, a writer returning (offset, length)), the tensor entries and
+    byte items they make, and every key's nested path."""
+
+    items: list[tuple[str, tuple[int, ...] | None, Callable[[Any, Path], tuple[int, int]]]] = field(
+        default_factory=list
+    )
+    tensors: dict[str, dcp_write.Entry] = field(default_factory=dict)
+    byte_items: list[str] = field(default_factory=list)
+    paths: dict[str, tuple[str | int, ...]] = field(default_factory=dict)
+
+
+def _dcp_extra(target: DcpPlacement, origin: Origin) -> _Extra:
+    extra = _Extra()
+    store = target.layout.store
+    for t in target.tensors:
+        for s in target.states(t):
+            rest: tuple[str, ...] = (t.name,) if s == WEIGHT else ("state", t.name, s)
+            prefix = store.model_prefix if s == WEIGHT else store.optimizer_prefix
+            extra.paths[target.key(t, s)] = dcp_write.nested_path(prefix, *rest)
+    src = origin.checkpoint
+    if isinstance(src, DcpCheckpoint) and isinstance(origin.placement, DcpPlacement):
+        placed = set(extra.paths)
+        tensors, byte_items = dcp_carried(origin.placement, src)
+        for key in (k for k in tensors if k not in placed):
+            e = src.metadata.tensors[key]
+            extra.tensors[key] = dcp_write.Entry(
+                e.dtype, e.shape, tuple((c.offsets, c.sizes) for c in e.chunks)
+            )
+            for c in e.chunks:
+                extra.items.append((key, c.offsets, _copier(src, key, c.offsets)))
+        for key in (k for k in byte_items if k not in placed):
+            extra.byte_items.append(key)
+            extra.items.append((key, None, _copier(src, key, None)))
+        extra.paths.update({k: v for k, v in src.metadata.flat.items() if k not in placed})
+        return extra
+    if target.layout.optimizer is None or not target.trainable:
+        return extra
+    groups = origin.param_groups
+    carried = dw.Carried.read(src, origin.placement)
+    names = list(dcp_write.group_members(target.layout))
+    found = carried.param_groups(len(names), names) if carried.optim or carried.model else None
+    if found is not None:
+        groups = found
+    if groups is None:
+        raise Unsupported(
+            f"{target.layout.source}: the source holds no optimizer hyperparameters to write "
+            "as the param groups of the distributed checkpoint; give them with --param-groups "
+            "FILE.json (one object per group: lr, betas, eps, weight_decay, ...)"
+        )
+    for key, path, value in dcp_write.group_items(target.layout, groups, store.optimizer_prefix):
+        extra.byte_items.append(key)
+        extra.paths[key] = path
+        extra.items.append((key, None, _value_writer(value)))
+    return extra
+
+
+def _copier(src: DcpCheckpoint, key: str, offsets: tuple[int, ...] | None) -> Any:
+    item = src.metadata.item(key, offsets)
+    return lambda fh, _path: dcp_write.copy_bytes(
+        src.folder / item.file, item.offset, item.length, fh
+    )
+
+
+def _value_writer(value: Any) -> Any:
+    return lambda fh, path: dcp_write.write_value(fh, path, value)
+
+
 WRITERS: dict[str, Callable[[Placement, Path, Origin], Prepared]] = {
+    "dcp": _dcp,
     "deepspeed": _deepspeed,
     "universal": _universal,
     "safetensors": _safetensors,

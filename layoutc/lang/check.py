@@ -678,15 +678,15 @@ class _Checker:
         st = self.single(top, ast.Store, "store")
         if not isinstance(st, ast.Store):
             return ir.Store()
-        if st.format not in ir.STORE_FORMATS:
-            guess = difflib.get_close_matches(st.format, ir.STORE_FORMATS, n=1, cutoff=0.5)
+        if st.format not in ir.FORMATS:
+            guess = difflib.get_close_matches(st.format, ir.FORMATS, n=1, cutoff=0.5)
             self.error(
                 "E113",
                 f"unknown storage format `{st.format}`",
                 st.span,
                 (f"did you mean `{guess[0]}`? " if guess else "")
                 + "formats: "
-                + ", ".join(ir.STORE_FORMATS),
+                + ", ".join(ir.FORMATS),
             )
         allowed = {"writers": "N", "tag": '"NAME"', "max_shard": "SIZE"}
         if st.format == "dcp":
@@ -711,7 +711,7 @@ class _Checker:
             else:
                 self.error("E114", 'tag takes a string: tag "global_step100"', opts["tag"].span)
         return ir.Store(
-            st.format if st.format in ir.STORE_FORMATS else "deepspeed",
+            st.format if st.format in ir.FORMATS else "deepspeed",
             writers or 1,
             max_shard or 5_000_000_000,
             tag,

@@ -79,10 +79,12 @@ class DcpPlacement(Placement):
     # -------------------------------------------------------------- keys and dtypes
 
     def key(self, t: ir.Tensor, state: str) -> str:
-        store = self.layout.store
         if state == WEIGHT:
-            return store.model_prefix + t.name
-        return f"{store.optimizer_prefix}state.{t.name}.{state}"
+            return self.weight_key(t.name)
+        return f"{self.layout.store.optimizer_prefix}state.{t.name}.{state}"
+
+    def weight_key(self, name: str) -> str:
+        return self.layout.store.model_prefix + name
 
     def states(self, t: ir.Tensor) -> tuple[str, ...]:
         return (WEIGHT, *(s for s in self.optimizer_states(t) if s != MASTER))

@@ -6,15 +6,18 @@ checked against its files before anything is planned
 
 The target (:func:`target_for`): a ``.layout`` file, or a format name, which means the
 source layout stored in that format (:func:`target_layout`, the one place that rule is
-written); ``--set`` overrides change mesh axes and let constants of whichever it is;
-``--dtype`` stores every floating tensor of a safetensors or torch output in that dtype;
+written; a distributed checkpoint holds every tensor whole, :func:`whole_tensors`); ``--set`` overrides change mesh axes and let constants of whichever it is;
+``--dtype`` stores every floating tensor of a safetensors or torch output in that dtype,
+and a DeepSpeed output's parameters (its masters stay fp32); ``--zero`` sets a DeepSpeed
+output's ZeRO stage; an optimizer without masters (FSDP's) gets fp32 ones in a DeepSpeed
+or universal output;
 ``--max-shard-size`` caps a safetensors output's shards. ``layoutc plan`` and ``layoutc
 convert`` resolve their target here, so the dry run shows what the conversion would do.
 
 Planning only: nothing here imports numpy or torch or reads a tensor's bytes (the check
 against a checkpoint's files reads their metadata). Refused: a target that is neither a
-layout nor a format (E203); ``--dtype`` for a deepspeed or universal output and
-``--max-shard-size`` for any but safetensors (``ValueError``, a usage error); an AutoTP
+layout nor a format (E203); ``--dtype`` for a universal or dcp output, ``--zero`` for
+any but deepspeed and ``--max-shard-size`` for any but safetensors (a usage error); an AutoTP
 checkpoint resharded at a tp whose cuts the layout does not prove (:class:`Unsupported`).
 """
 
@@ -62,7 +65,21 @@ def target_layout(source: ir.Layout, target: ir.Layout | str) -> ir.Layout:
                 )
             ]
         )
+    if target == "dcp":
+        source = whole_tensors(source)
     return source.with_store(replace(source.store, format=target))
+
+
+def whole_tensors(layout: ir.Layout) -> ir.Layout:
+    """``layout`` with every tensor whole on each rank of its mesh: no dim split over an
+    axis, padded or cut in grains. A distributed checkpoint stores each tensor under its
+    logical shape, and the job that loads it cuts it as it runs (FSDP's ``zero`` cut
+    along dim 0 stays)."""
+    tensors = tuple(
+        replace(t, dims=tuple(replace(d, split=(), pad_to=1, parts=1, grain=0) for d in t.dims))
+        for t in layout.tensors
+    )
+    return replace(layout, tensors=tensors)
 
 
 def target_for(
@@ -74,17 +91,13 @@ def target_for(
     dtype: str | None = None,
     max_shard_size: int | None = None,
     checkpoint: DeepSpeedCheckpoint | None = None,
+    zero: int | None = None,
 ) -> ir.Layout:
     """The target layout: the ``.layout`` file ``to``, or the source layout (its text
     ``source_text`` checked again with ``overrides``, if any) stored in format ``to``;
     ``overrides`` (``--set``) change mesh axes and let constants of whichever it is, then
-    ``dtype`` and ``max_shard_size`` apply. With the source ``checkpoint``, an AutoTP
+    ``zero``, ``dtype`` and ``max_shard_size`` apply. With the source ``checkpoint``, an AutoTP
     reshard the layout does not prove is refused (:func:`check_autotp_cuts`)."""
-    if str(to) in ir.READ_ONLY_FORMATS:
-        raise Unsupported(
-            f"writing {to} (--to {to}) is not supported yet; layoutc reads it and converts it "
-            "to safetensors or torch"
-        )
     if str(to) not in ir.FORMATS:
         target = load_layout(to, dict(overrides or {}))
     else:
@@ -92,12 +105,19 @@ def target_for(
         target = target_layout(base, str(to))
     if checkpoint is not None:
         check_autotp_cuts(checkpoint, source, target)
-    if target.store.format in ("safetensors", "torch"):
+    fmt = target.store.format
+    if fmt in ("deepspeed", "universal"):
+        target = with_master(target)
+    if zero is not None:
+        if fmt != "deepspeed":
+            raise UsageError(f"--zero applies to deepspeed output, not {fmt}")
+        target = with_zero(target, zero)
+    if fmt in ("safetensors", "torch"):
         target = with_dtype(target, dtype)
+    elif fmt == "deepspeed" and dtype is not None:
+        target = with_weights_dtype(target, dtype)
     elif dtype is not None:
-        raise UsageError(
-            f"--dtype applies to safetensors and torch outputs, not {target.store.format}"
-        )
+        raise UsageError(f"--dtype applies to safetensors, torch and deepspeed outputs, not {fmt}")
     if max_shard_size is not None:
         if target.store.format != "safetensors":
             raise UsageError(
@@ -145,6 +165,42 @@ def with_dtype(layout: ir.Layout, dtype: str | None) -> ir.Layout:
     return replace(
         layout, tensors=tensors, dtype=dtype, optimizer=replace(opt, master=dtype) if opt else None
     )
+
+
+def with_master(layout: ir.Layout) -> ir.Layout:
+    """``layout`` with an fp32 master for an optimizer that keeps none (FSDP trains the fp32
+    weights themselves): DeepSpeed's optimizer always holds one, which the weights give."""
+    opt = layout.optimizer
+    if opt is None or opt.master:
+        return layout
+    return replace(layout, optimizer=replace(opt, master="fp32"))
+
+
+def with_weights_dtype(layout: ir.Layout, dtype: str) -> ir.Layout:
+    """``layout`` with its parameters (trainable and frozen) in ``dtype`` and the masters
+    kept: the low-precision weights of a DeepSpeed output (``--dtype``). Buffers keep
+    theirs, as DeepSpeed casts parameters only."""
+    tensors = tuple(
+        replace(t, dtype=dtype) if t.dtype in FLOATS and t.kind != ir.BUFFER else t
+        for t in layout.tensors
+    )
+    return replace(layout, tensors=tensors, dtype=dtype)
+
+
+def with_zero(layout: ir.Layout, stage: int) -> ir.Layout:
+    """``layout`` partitioned by ZeRO stage ``stage`` (``--zero``) over its ZeRO axes, or
+    the data-parallel axis ``dp`` when it declares none."""
+    if stage not in (0, 1, 2, 3):
+        raise UsageError(f"--zero {stage}: a ZeRO stage is 0, 1, 2 or 3")
+    axes = layout.zero.axes
+    if not axes and stage:
+        if "dp" not in layout.mesh.sizes:
+            raise UsageError(
+                f"--zero {stage}: {layout.source} declares no ZeRO axes and no dp axis to "
+                "partition over; write the target layout (zero N over AXIS)"
+            )
+        axes = ("dp",)
+    return replace(layout, zero=replace(layout.zero, stage=stage, axes=axes))
 
 
 def check_autotp_cuts(ckpt: DeepSpeedCheckpoint, source: ir.Layout, target: ir.Layout) -> None:

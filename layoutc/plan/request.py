@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from layoutc import ir
-from layoutc.errors import Unsupported, UsageError
+from layoutc.errors import UsageError
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.formats.dcp import DcpCheckpoint
 from layoutc.formats.dcp import check as check_dcp
@@ -87,26 +87,6 @@ def source_placement(
     return src, placed
 
 
-DCP_TARGETS = ("safetensors", "torch")  # what a distributed checkpoint converts to
-
-
-def check_writable(source: Checkpoint, target: ir.Layout) -> None:
-    """Refuse, before a plan is shown, a conversion layoutc cannot write yet: a
-    distributed checkpoint (DCP) as the output, or from a DCP source anything but full
-    weights."""
-    fmt = target.store.format
-    if fmt == "dcp":
-        raise Unsupported(
-            f"{target.source}: writing a distributed checkpoint (store dcp) is not supported "
-            "yet; layoutc reads DCP folders and converts them to " + " or ".join(DCP_TARGETS)
-        )
-    if isinstance(source, DcpCheckpoint) and fmt not in DCP_TARGETS:
-        raise Unsupported(
-            f"{source.folder}: a distributed checkpoint converts to "
-            f"{' or '.join(DCP_TARGETS)} so far, not {fmt}"
-        )
-
-
 def plan_checkpoint(
     source: Checkpoint,
     to: str | Path,
@@ -115,6 +95,7 @@ def plan_checkpoint(
     overrides: Mapping[str, int] | None = None,
     dtype: str | None = None,
     max_shard_size: int | None = None,
+    zero: int | None = None,
     memory: int | None = None,
     workers: int | None = None,
     ranks: int = 1,
@@ -133,8 +114,8 @@ def plan_checkpoint(
         dtype=dtype,
         max_shard_size=max_shard_size,
         checkpoint=ckpt,
+        zero=zero,
     )
-    check_writable(source, target)
     plan = compile_plan(
         S, target, memory=memory, workers=workers_for(target, workers), ranks=ranks, tag=source.tag
     )
