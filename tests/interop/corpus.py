@@ -316,12 +316,14 @@ def dcp_versions(python: str | None = None) -> dict[str, str] | None:
 
 
 def dcp_cache_key(python: str | None = None) -> str:
-    """The cache folder's name for the DCP cases: torch's version and a hash of dcp_make.py
-    and the versions (dcp_load.py is no part of it: it writes nothing into the corpus)."""
+    """The cache folder's name for the DCP cases: torch's version and a hash of dcp_make.py,
+    ds_make.py (whose model and param groups the "tiny" cases train) and the versions
+    (dcp_load.py is no part of it: it writes nothing into the corpus)."""
     vers = dcp_versions(python)
     if vers is None:
         raise RuntimeError(f"torch/transformers are not importable by {python or ds_python()}")
     h = hashlib.sha256(DCP_MAKE.read_bytes())
+    h.update(MAKE.read_bytes())
     h.update(json.dumps(vers, sort_keys=True).encode())
     return f"dcp-torch{vers['torch']}-{h.hexdigest()[:12]}"
 
