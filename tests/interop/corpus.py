@@ -33,6 +33,7 @@ it is rebuilt); ``root/torch_extensions`` caches DeepSpeed's JIT-built CPU comm 
 ``root/dcp-torch<torch version>-<hash of dcp_make.py and the versions>/<case>/``: the case
 root holds ``dcp/`` (the DCP checkpoint itself, the folder to hand to a reader or to
 ``dcp_load``), ``ground_truth.safetensors``, ``ground_truth.json`` and ``DONE``.
+``ds_groups_of(case)`` names the DeepSpeed corpus's two param groups of a case's TinyLM.
 """
 
 from __future__ import annotations
@@ -316,12 +317,14 @@ def dcp_versions(python: str | None = None) -> dict[str, str] | None:
 
 
 def dcp_cache_key(python: str | None = None) -> str:
-    """The cache folder's name for the DCP cases: torch's version and a hash of dcp_make.py
-    and the versions (dcp_load.py is no part of it: it writes nothing into the corpus)."""
+    """The cache folder's name for the DCP cases: torch's version and a hash of dcp_make.py,
+    ds_make.py (whose model and param groups the "tiny" cases train) and the versions
+    (dcp_load.py is no part of it: it writes nothing into the corpus)."""
     vers = dcp_versions(python)
     if vers is None:
         raise RuntimeError(f"torch/transformers are not importable by {python or ds_python()}")
     h = hashlib.sha256(DCP_MAKE.read_bytes())
+    h.update(MAKE.read_bytes())
     h.update(json.dumps(vers, sort_keys=True).encode())
     return f"dcp-torch{vers['torch']}-{h.hexdigest()[:12]}"
 
@@ -340,6 +343,28 @@ def build_dcp(
     base = root / dcp_cache_key(python)
     _build(DCP_MAKE, names, base, root, python, DCP_CASES)
     return {n: base / n for n in names}
+
+
+def ds_groups_of(case: str, *, python: str | None = None) -> list[dict[str, Any]]:
+    """``ds_make.param_groups`` of the TinyLM of ``case`` (a ds_make data-parallel case or a
+    "tiny" DCP case) as [{"params": [fqn, ...], "weight_decay": wd}, ...], in the DeepSpeed
+    corpus's group order: what both kinds of checkpoint must say of the groups. Runs ds_make's
+    own code in ``python`` (it needs torch, not DeepSpeed)."""
+    model = (CASES.get(case) or DCP_CASES[case])["model"]
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import ds_make\n"
+        f"m = ds_make.make_model(**{model!r})\n"
+        "names = {id(p): n for n, p in m.named_parameters()}\n"
+        "print(json.dumps([{'params': [names[id(p)] for p in g['params']],\n"
+        "                   'weight_decay': g['weight_decay']} for g in ds_make.param_groups(m)]))\n"
+    )
+    cmd = [python or ds_python(), "-c", code]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(None), timeout=TIMEOUT_S)
+    if out.returncode != 0:
+        raise RuntimeError(f"ds_make.param_groups failed ({out.returncode}):\n{out.stderr[-6000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def dcp_load(

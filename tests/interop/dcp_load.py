@@ -7,8 +7,9 @@ Run under torchrun with N ranks (any N; the folder may have been saved at anothe
         tests/interop/dcp_load.py --case dcp_w2_untied --dcp CASE_ROOT/dcp \\
         --dump OUT.safetensors
 
-It builds the case's model (dcp_make.CASES, ``model`` and ``frozen``) from another seed
-(dcp_make.LOAD_SEED: nothing matches by accident), ``fully_shard``s it and builds AdamW as
+It builds the case's model (dcp_make.CASES, ``model`` and ``frozen``; a "tiny" case: the
+DeepSpeed corpus's TinyLM and its two param groups) from another seed (dcp_make.LOAD_SEED:
+nothing matches by accident, buffers included), ``fully_shard``s it and builds AdamW as
 dcp_make does, takes ``get_state_dict(model, opt)`` (torch initialises the optimizer's state
 for it) as the template ``{"model", "optim", "train_state"}`` (``--no-train-state``: without
 ``train_state``, for a folder of model and optimizer alone), calls ``dcp.load(template,

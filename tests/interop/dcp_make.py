@@ -21,11 +21,11 @@ ground-truth naming (OUT.json: param groups, train state, the top-level structur
 baseline the ground truth is checked against, and the way a planted ``.metadata`` payload is
 shown to run inside torch.
 
-The model is ``transformers.LlamaForCausalLM(LlamaConfig(**case["model"]))`` built after
-``torch.manual_seed(SEED)`` (no download), ``fully_shard`` on each decoder layer and on the
-root over a 1-D CPU mesh of all ranks (FSDP2 shards dim 0 with ``torch.chunk`` semantics:
-sizes are uneven, a last shard may be smaller or empty), trained ``STEPS`` AdamW steps on
-random tokens, then saved as::
+The model of a "llama" case is ``transformers.LlamaForCausalLM(LlamaConfig(**case["model"]))``
+built after ``torch.manual_seed(SEED)`` (no download), ``fully_shard`` on each decoder layer
+and on the root over a 1-D CPU mesh of all ranks (FSDP2 shards dim 0 with ``torch.chunk``
+semantics: sizes are uneven, a last shard may be smaller or empty), trained ``STEPS`` AdamW
+steps on random tokens, then saved as::
 
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd, "train_state": {"step": 2, "note": "x"}},
@@ -33,17 +33,28 @@ random tokens, then saved as::
 
 (the Hugging Face case saves ``model_sd`` alone through ``HuggingFaceStorageWriter``).
 
+A "tiny" case holds the DeepSpeed corpus's model, ``ds_make.make_model(**case["model"])``
+(TinyLM: embed.weight and head.weight tied, a frozen ``logit_bias``, persistent buffers
+``counter`` and ``table``, a non-persistent ``scratch``, a ``scale`` of shape (1,)), with
+``fully_shard`` on the root alone (the tie stays one parameter) and the DeepSpeed corpus's
+optimizer: ``AdamW(ds_make.param_groups(model), **TINY_ADAMW)``, two groups (decay with
+weight_decay 0.1, then no_decay with 0.0); its loss is the cross-entropy of the logits against
+random targets. So a DeepSpeed checkpoint and a DCP one hold the same names, shapes and
+groups, the oracle for converting one into the other. Buffers are plain tensors, the same on
+every rank: ``dcp.save`` writes each once, one chunk of the whole.
+
 Ground-truth tensor keys (every DTensor gathered with ``full_tensor()`` at save time)::
 
     model/<key>         every key of get_state_dict's model state dict (tied aliases
-                        included, frozen parameters included)
+                        included, frozen parameters and persistent buffers included)
     exp_avg/<fqn>       AdamW first moment, per key of get_state_dict's optimizer ``state``
     exp_avg_sq/<fqn>    AdamW second moment
     step/<fqn>          AdamW's step as saved: a 0-dim float32 tensor
 
 ``ground_truth.json``: ``case``, ``case_config``, ``world``, ``param_groups`` (as
 get_state_dict returns them, ``params`` being fqns; tuples become lists), ``train_state``,
-``frozen``, ``tied`` ({alias: the key it shares storage with}), ``losses``, ``versions`` and
+``frozen``, ``tied`` ({alias: the key it shares storage with}), ``buffers`` (the persistent
+buffers among the model keys), ``adamw``, ``losses``, ``versions`` and
 ``metadata``: a summary of the ``.metadata`` torch wrote (see :func:`metadata_summary`), whose
 ``keys`` map every flattened key to its global size, dtype and chunks (offsets, sizes, and
 the file, offset and length of its bytes) or to ``{"kind": "bytes", ...}``; and ``files``
@@ -66,12 +77,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ds_make  # after the sys.path insert above; imports no torch at module level
+
 SEED = 1234
 LOAD_SEED = 98765  # a fresh model for loading: nothing matches the checkpoint by accident
 STEPS = 2
 BATCH = 2
 SEQ = 6
 ADAMW: dict[str, Any] = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.01}
+# The DeepSpeed corpus's optimizer (ds_make.build_engine); weight decay comes per group.
+TINY_ADAMW: dict[str, Any] = {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8}
 TRAIN_STATE: dict[str, Any] = {"step": 2, "note": "x"}
 DCP_DIR = "dcp"
 THREADS = 2  # FileSystemWriter(thread_count=...): several files per rank
@@ -107,7 +124,8 @@ TINY: dict[str, Any] = {
 # --------------------------------------------------------------------------------------------
 # Cases
 #   world     ranks the checkpoint is saved at
-#   model     LlamaConfig keyword arguments
+#   kind      "llama" (transformers' Llama) | "tiny" (the DeepSpeed corpus's TinyLM)
+#   model     LlamaConfig keyword arguments | ds_make.make_model keyword arguments
 #   frozen    parameter names set requires_grad=False (no optimizer state)
 #   storage   "fs" (FileSystemWriter, model + optim + train_state) | "hf" (the Hugging Face
 #             storage writer, model only)
@@ -115,7 +133,14 @@ TINY: dict[str, Any] = {
 
 
 def _case(world: int, model: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    return {"world": world, "model": dict(model), "frozen": [], "storage": "fs", **kw}
+    return {
+        "world": world,
+        "kind": "llama",
+        "model": dict(model),
+        "frozen": [],
+        "storage": "fs",
+        **kw,
+    }
 
 
 CASES: dict[str, dict[str, Any]] = {
@@ -127,6 +152,8 @@ CASES: dict[str, dict[str, Any]] = {
     ),
     "dcp_w3_empty": _case(3, TINY),
     "dcp_hf_w2": _case(2, LLAMA, storage="hf"),
+    # TinyLM at the DeepSpeed corpus's dims: scale (1,) shards 1+0, an empty shard on rank 1.
+    "dcp_tiny_w2": _case(2, ds_make.DEFAULT_MODEL, kind="tiny", frozen=["logit_bias"]),
 }
 
 
@@ -137,6 +164,8 @@ CASES: dict[str, dict[str, Any]] = {
 
 def build(case: dict[str, Any], seed: int):
     """(model, optimizer) for ``case`` at the current world size, FSDP2-sharded."""
+    if case["kind"] == "tiny":
+        return build_tiny(case, seed)
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -156,17 +185,46 @@ def build(case: dict[str, Any], seed: int):
     return model, opt
 
 
+def build_tiny(case: dict[str, Any], seed: int):
+    """(model, optimizer) of a "tiny" case: ds_make's TinyLM (which seeds itself with
+    ds_make.SEED) with every parameter and persistent buffer redrawn from ``seed`` unless
+    that is ds_make.SEED, ``fully_shard`` on the root, AdamW over ds_make's two groups."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = ds_make.make_model(**case["model"])
+    if seed != ds_make.SEED:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                t.copy_(torch.randn_like(t))
+    params = dict(model.named_parameters())
+    for name in case["frozen"]:
+        params[name].requires_grad_(False)
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    opt = torch.optim.AdamW(ds_make.param_groups(model), **TINY_ADAMW)
+    return model, opt
+
+
 def train(model, opt, case: dict[str, Any], rank: int, start: int, steps: int) -> list[float]:
     """``steps`` AdamW steps on tokens drawn from (step, rank); the mean loss of each."""
     import torch
     import torch.distributed as dist
 
-    vocab = case["model"]["vocab_size"]
+    tiny = case["kind"] == "tiny"
+    vocab = case["model"]["vocab" if tiny else "vocab_size"]
     losses = []
     for step in range(start, start + steps):
         g = torch.Generator().manual_seed(1000 + 97 * step + rank)
         tokens = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
-        loss = model(input_ids=tokens, labels=tokens).loss
+        if tiny:
+            targets = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+            logits = model(tokens)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+        else:
+            loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -239,6 +297,7 @@ def capture(model, opt) -> tuple[dict[str, Any], dict[str, Any]]:
         "optim_state_keys": {k: sorted(v) for k, v in state.items()},
         "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
         "tied": tied_names(model),
+        "buffers": [n for n, _ in model.named_buffers() if n in model_sd],
         "placements": {
             k: [str(p) for p in getattr(v, "placements", ())] for k, v in model_sd.items()
         },
@@ -420,7 +479,7 @@ def make_case(name: str, out: Path, rank: int, world: int) -> None:
                 "case_config": case,
                 "world": world,
                 "train_state": dict(TRAIN_STATE) if case["storage"] == "fs" else None,
-                "adamw": jsonable(ADAMW),
+                "adamw": jsonable(TINY_ADAMW if case["kind"] == "tiny" else ADAMW),
                 "losses": losses,
                 "files": files_of(dcp_dir),
                 "versions": {

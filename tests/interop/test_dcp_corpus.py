@@ -4,9 +4,11 @@ torch 2.13's ``dcp.save`` of ``{"model", "optim", "train_state"}`` from FSDP2 fl
 ``model.<key>`` and ``optim.state.<fqn>.<exp_avg|exp_avg_sq|step>`` tensors and
 ``optim.param_groups.<i>.<field>`` / ``train_state.<key>`` byte items; every sharded tensor
 has one chunk per rank, split on dim 0 as ``torch.chunk`` splits it (an empty shard is a
-chunk of size 0 at the end), a step one 0-dim chunk; ``FileSystemWriter(thread_count=2)``
+chunk of size 0 at the end), a step one 0-dim chunk, a buffer (plain, the same on every rank)
+one chunk of the whole; ``FileSystemWriter(thread_count=2)``
 writes ``__<rank>_<0|1>.distcp``. The ground truth is what torch's own converter reads; a
-fresh FSDP2 job at another world size loads it back exactly; and torch runs whatever a
+fresh FSDP2 job at another world size loads it back exactly; the TinyLM case keeps the
+DeepSpeed corpus's names and param groups; and torch runs whatever a
 planted ``.metadata`` pickle tells it to, which is why layoutc never unpickles one.
 """
 
@@ -28,6 +30,8 @@ pytestmark = pytest.mark.interop
 CASES = corpus.DCP_CASES
 FS_CASES = [n for n, c in CASES.items() if c["storage"] == "fs"]
 STATES = ("exp_avg", "exp_avg_sq", "step")
+# Cases with a tensor whose dim 0 is smaller than the world: the last ranks' shards are empty.
+EMPTY_SHARDS = ("dcp_w3_empty", "dcp_tiny_w2")
 
 
 def dcp_folder(corpus_: dict[str, Path], name: str) -> Path:
@@ -92,6 +96,12 @@ def test_every_tensor_is_chunked_on_dim0_like_torch_chunk_one_chunk_per_rank(dcp
             assert key.endswith(".step"), key
             assert [(c["offsets"], c["sizes"]) for c in chunks] == [([], [])], key
             continue
+        if key.startswith("model.") and key[6:] in meta["buffers"]:  # replicated: written once
+            assert meta["placements"][key[6:]] == [], key
+            assert [(c["offsets"], c["sizes"]) for c in chunks] == [
+                ([0] * len(item["size"]), item["size"])
+            ], key
+            continue
         rows = chunk_rows(item["size"][0], world)
         assert [(c["offsets"][0], c["sizes"][0]) for c in chunks] == rows, key
         assert all(c["offsets"][1:] == [0] * (len(item["size"]) - 1) for c in chunks), key
@@ -100,7 +110,7 @@ def test_every_tensor_is_chunked_on_dim0_like_torch_chunk_one_chunk_per_rank(dcp
         want = truth[f"model/{key[6:]}"] if key.startswith("model.") else None
         if want is not None:
             assert list(want.shape) == item["size"] and item["dtype"] == str(want.dtype), key
-    assert (empty > 0) == (name == "dcp_w3_empty")
+    assert (empty > 0) == (name in EMPTY_SHARDS)
 
 
 @pytest.mark.parametrize("name", FS_CASES)
@@ -127,6 +137,34 @@ def test_tied_embedding_is_saved_under_both_names_and_frozen_weight_has_no_state
     assert f"model.{frozen}" in keys
     params = meta["param_groups"][0]["params"]
     assert "lm_head.weight" not in params and frozen not in params
+
+
+def test_the_tiny_case_is_the_deepspeed_corpus_model_tie_frozen_bias_and_buffers(dcp_corpus):
+    truth, meta = corpus.read_truth(dcp_corpus["dcp_tiny_w2"])
+    assert meta["case_config"]["model"] == corpus.CASES["z2_w2_bf16"]["model"]
+    params = ["scale", "logit_bias", "embed.weight", "fc1.weight", "fc1.bias", "fc2.weight"]
+    params += ["fc2.bias", "norm.weight", "norm.bias", "head.weight"]
+    assert sorted(meta["model_keys"]) == sorted([*params, "counter", "table"])  # no scratch
+    assert meta["tied"] == {"head.weight": "embed.weight"}
+    assert meta["frozen"] == ["logit_bias"] and meta["buffers"] == ["counter", "table"]
+    np.testing.assert_array_equal(truth["model/head.weight"], truth["model/embed.weight"])
+    trainable = set(params) - {"logit_bias", "head.weight"}
+    assert set(meta["optim_state_keys"]) == trainable
+    assert truth["model/counter"].tolist() == [2.0]  # one forward per training step
+    assert {truth[f"step/{fqn}"].dtype for fqn in trainable} == {np.dtype("float32")}
+    assert {truth[f"step/{fqn}"].shape for fqn in trainable} == {()}
+
+
+def test_the_tiny_case_keeps_the_deepspeed_corpus_param_groups(dcp_corpus, dcp_python):
+    _, meta = corpus.read_truth(dcp_corpus["dcp_tiny_w2"])
+    want = corpus.ds_groups_of("dcp_tiny_w2", python=dcp_python)
+    assert [g["weight_decay"] for g in want] == [0.1, 0.0]
+    assert [
+        {"params": g["params"], "weight_decay": g["weight_decay"]} for g in meta["param_groups"]
+    ] == want
+    assert want == corpus.ds_groups_of("z2_w2_bf16", python=dcp_python)
+    for g in meta["param_groups"]:  # the DeepSpeed corpus's AdamW, decay per group
+        assert (g["lr"], g["betas"], g["eps"]) == (0.01, [0.9, 0.999], 1e-8)
 
 
 @pytest.mark.parametrize("name", FS_CASES)
@@ -164,7 +202,13 @@ def test_hf_storage_writes_each_rank_shard_with_its_offsets(dcp_corpus):
 
 @pytest.mark.parametrize(
     ("name", "world"),
-    [("dcp_w2_untied", 3), ("dcp_w3_tied", 2), ("dcp_w3_empty", 2), ("dcp_hf_w2", 3)],
+    [
+        ("dcp_w2_untied", 3),
+        ("dcp_w3_tied", 2),
+        ("dcp_w3_empty", 2),
+        ("dcp_hf_w2", 3),
+        ("dcp_tiny_w2", 3),
+    ],
 )
 def test_a_fresh_fsdp2_job_at_another_world_loads_the_ground_truth(
     dcp_corpus, dcp_python, tmp_path, name, world
@@ -184,6 +228,26 @@ def test_a_fresh_fsdp2_job_at_another_world_loads_the_ground_truth(
     if CASES[name]["storage"] == "fs":
         assert got_meta["param_groups"] == meta["param_groups"]
         assert got_meta["train_state"] == meta["train_state"]
+
+
+def test_a_fresh_fsdp2_job_loads_the_tiny_case_without_asking_for_train_state(
+    dcp_corpus, dcp_python, tmp_path
+):
+    name = "dcp_tiny_w2"
+    truth, meta = corpus.read_truth(dcp_corpus[name])
+    got, got_meta = corpus.dcp_load(
+        name,
+        dcp_folder(dcp_corpus, name),
+        2,
+        tmp_path,
+        root=dcp_corpus[name].parent.parent,
+        python=dcp_python,
+        train_state=False,
+    )
+    assert got_meta["ok"] and got_meta["train_state"] is None
+    assert math.isfinite(got_meta["next_loss"])
+    assert_same_tensors(got, truth)
+    assert got_meta["param_groups"] == meta["param_groups"]
 
 
 def test_torch_runs_a_payload_planted_in_metadata(dcp_corpus, dcp_python, tmp_path):
