@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from layoutc.formats import dcp, dcp_metadata, pt
+from layoutc.conversion import convert
+from layoutc.formats import dcp, dcp_metadata, dcp_write, pt
 from layoutc.formats.dcp import NotDcp
 
 torch = pytest.importorskip("torch")
 tdcp = pytest.importorskip("torch.distributed.checkpoint")
+safetensors_torch = pytest.importorskip("safetensors.torch")
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +86,68 @@ def test_an_item_past_the_end_of_its_file_is_named(
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(NotDcp, match=rf"{victim.name}: \d+ bytes, .* truncated"):
         dcp.DcpCheckpoint(cut)
+
+
+# ---------------------------------------------------------------- writing (--to dcp)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "deepspeed-zero2"
+
+
+def _torch_load(folder: Path, template: dict[str, object]) -> dict[str, object]:
+    """What torch's own ``dcp.load`` puts into ``template`` from ``folder`` (one process)."""
+    tdcp.load(template, storage_reader=tdcp.FileSystemReader(str(folder)))
+    return template
+
+
+def test_a_written_checkpoint_is_what_torch_loads(
+    saved: tuple[Path, dict[str, object]], tmp_path: Path
+) -> None:
+    """DCP -> DCP: torch's loader finds every tensor, bit for bit, and the byte item."""
+    folder, state = saved
+    out = tmp_path / "out"
+    convert(folder, out, "dcp")
+    template = {
+        "model": {"w": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.bfloat16)},
+        "optim": {"state": {"w": {"exp_avg": torch.zeros(3, 4), "step": torch.tensor(0.0)}}},
+        "extra": {"epoch": 0},
+    }
+    got = _torch_load(out, template)
+    assert got["extra"] == {"epoch": 7}
+    for path in (("model", "w"), ("model", "b"), ("optim", "state", "w", "exp_avg")):
+        want, have = state, got
+        for k in path:
+            want, have = want[k], have[k]  # type: ignore[index]
+        assert torch.equal(have, want) and have.dtype == want.dtype, path  # type: ignore[arg-type]
+    assert float(got["optim"]["state"]["w"]["step"]) == 3.0  # type: ignore[index]
+    again = dcp.DcpCheckpoint(out)
+    assert again.metadata.flat == dcp_metadata.read(folder)[0].flat
+
+
+def test_a_deepspeed_checkpoint_becomes_a_dcp_that_torch_reads(tmp_path: Path) -> None:
+    """DeepSpeed ZeRO-2 (bf16, two param groups, a tie) -> DCP: torch's converter reads
+    the fp32 masters under their model names, the tied head once saved and listed twice,
+    the moments, and both param groups with every AdamW field."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_out, weights = tmp_path / "dcp", tmp_path / "st"
+    convert(EXAMPLE, dcp_out, "dcp")
+    convert(EXAMPLE, weights, "safetensors")
+    dcp_to_torch_save(str(dcp_out), str(tmp_path / "all.pt"))
+    everything = torch.load(tmp_path / "all.pt", weights_only=True)
+    masters = safetensors_torch.load_file(str(weights / "model.safetensors"))
+    model = everything["model"]
+    assert set(model) == set(masters) | {"head.weight"}
+    for name, want in masters.items():
+        assert torch.equal(model[name], want), name
+    assert torch.equal(model["head.weight"], model["embed.weight"])
+    groups = everything["optim"]["param_groups"]
+    assert [g["params"] for g in groups] == [
+        ["embed.weight", "fc1.weight", "fc2.weight"],
+        ["scale", "fc1.bias", "fc2.bias", "norm.weight", "norm.bias"],
+    ]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(set(dcp_write.ADAMW) <= set(g) for g in groups)
+    state = everything["optim"]["state"]
+    assert set(state) == {n for g in groups for n in g["params"]}
+    assert all(s["step"].dtype == torch.float32 and s["step"].ndim == 0 for s in state.values())
+    assert "tie head.weight = embed.weight" in dcp.infer_text(dcp.DcpCheckpoint(dcp_out))

@@ -346,11 +346,9 @@ def _spans(md: dm.Metadata, key: str) -> tuple[object, ...]:
 
 def _groups(ckpt: DcpCheckpoint, trainable: list[str]) -> list[list[str]]:
     """The trainable tensors by optimizer param group, in each group's order as saved (its
-    ``params``); one group in saved order when the checkpoint does not say."""
-    try:
-        saved = [g.get("params") for g in ckpt.param_groups()]
-    except (InputError, KeyError):
-        return [trainable]
+    ``params``); one group in saved order when the checkpoint does not say. The groups are
+    read as data: a global in one is refused (:class:`~layoutc.formats.pt.UnsafePickle`)."""
+    saved = [g.get("params") for g in ckpt.param_groups()]
     listed = [n for g in saved if isinstance(g, list) for n in g]
     if len(saved) < 2 or any(not isinstance(g, list) for g in saved):
         return [trainable]

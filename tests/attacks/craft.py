@@ -10,6 +10,7 @@ nest) where no writer would put them.
 
 from __future__ import annotations
 
+import io
 import struct
 import zipfile
 from collections.abc import Callable
@@ -149,3 +150,20 @@ def flip(path: Path, at: int, mask: int = 0x40) -> None:
     raw = bytearray(path.read_bytes())
     raw[at] ^= mask
     path.write_bytes(bytes(raw))
+
+
+def raw_pickle(raw: Raw) -> bytes:
+    """A whole pickle (protocol 2) of the one value ``raw`` pushes."""
+    return b"\x80\x02" + raw.ops + b"."
+
+
+def container_bytes(pkl: bytes, archive: str = "archive") -> bytes:
+    """A torch zip container holding the pickle ``pkl`` and nothing else, as bytes (what
+    ``torch.save`` of a value writes into a stream)."""
+    f = io.BytesIO()
+    zw = pt._ZipWriter(f)
+    zw.add(f"{archive}/data.pkl", [pkl])
+    zw.add(f"{archive}/byteorder", [b"little"])
+    zw.add(f"{archive}/version", [b"3\n"])
+    zw.finish()
+    return f.getvalue()
