@@ -570,7 +570,8 @@ def _target_options(p: argparse.ArgumentParser) -> None:
         type=int,
         choices=(0, 1, 2, 3),
         metavar="K",
-        help="deepspeed output: its ZeRO stage, 0-3 (default: the source's)",
+        help="deepspeed output: its ZeRO stage, 0-3 (default: the source's); universal "
+        "output: the stage of the job that loads it",
     )
     p.add_argument(
         "--max-shard-size",

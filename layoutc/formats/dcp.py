@@ -30,9 +30,10 @@ from layoutc import ir
 from layoutc.errors import Diagnostic, InputError, LayoutError, Span, Unsupported
 from layoutc.formats import dcp_metadata as dm
 from layoutc.formats import pt
+from layoutc.formats import safetensors_header as st
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.place.base import Placement
-from layoutc.place.dcp import DcpPlacement, parse_item_key
+from layoutc.place.dcp import DcpPlacement, item_key, parse_item_key
 from layoutc.place.shards import STEP
 
 _STATE = re.compile(r"^(?P<prefix>(?:.*\.)?)state\.(?P<fqn>.+)\.(?P<state>[A-Za-z_][A-Za-z0-9_]*)$")
@@ -47,7 +48,10 @@ class NotDcp(InputError):
 def is_dcp(path: str | Path) -> bool:
     p = Path(path)
     return p.is_dir() and (
-        (p / dm.METADATA).is_file() or bool(dm.per_rank_files(p)) or any(p.glob("*.distcp"))
+        (p / dm.METADATA).is_file()
+        or bool(dm.per_rank_files(p))
+        or any(p.glob("*.distcp"))
+        or bool(dm.hf_files(p))
     )
 
 
@@ -75,6 +79,11 @@ class DcpCheckpoint(Checkpoint):
             self.metadata, self.metadata_files = dm.read(folder)
         except dm.BadMetadata as e:
             raise NotDcp(str(e)) from None
+        # the Hugging Face layout: each item raw tensor bytes of a safetensors file
+        self.hf = not self.metadata_files
+        self.where = folder / (
+            self.metadata_files[0] if self.metadata_files else dm.hf_files(folder)[0]
+        )
         self._check_items()
 
     def _check_items(self) -> None:
@@ -87,7 +96,7 @@ class DcpCheckpoint(Checkpoint):
             problem = ir.check_tag(item.file)
             if problem:
                 raise NotDcp(
-                    f"{self.folder / dm.METADATA}: {key} is stored in {item.file[:80]!r}, which "
+                    f"{self.where}: {key} is stored in {item.file[:80]!r}, which "
                     f"{problem}; a checkpoint's files lie in its folder"
                 )
             if item.file not in sizes:
@@ -161,6 +170,18 @@ class DcpCheckpoint(Checkpoint):
                 groups.setdefault(int(index), {})[name] = self.value(key)
         return [groups[i] for i in sorted(groups)]
 
+    def header(self, file: str | Path) -> tuple[dict[str, st.Entry], dict[str, str]]:
+        """A safetensors file of the Hugging Face layout, its entries named as stored
+        buffers (:func:`~layoutc.place.dcp.item_key`), so a run reads each in place."""
+        entries, meta = super().header(file)
+        if not self.hf:
+            return entries, meta
+        named = {}
+        for (key, offsets), item in self.metadata.items.items():
+            if item.file == str(file) and offsets is not None and key in entries:
+                named[item_key(key, offsets)] = entries[key]
+        return named, meta
+
     def item_bytes(self, key: str) -> bytes:
         """A byte item's bytes, as saved (never unpickled)."""
         item = self.metadata.item(key, None)
@@ -184,6 +205,7 @@ class DcpCheckpoint(Checkpoint):
 
     def state_files(self) -> list[str]:
         found = {p.name for p in self.folder.glob("*.distcp") if p.is_file()}
+        found |= {i.file for i in self.metadata.items.values()}
         return sorted(found | set(self.metadata_files))
 
     def read(self) -> set[str]:
@@ -276,7 +298,9 @@ def infer_text(ckpt: DcpCheckpoint, name: str | None = None) -> str:
     world = _world(ckpt)
     lines = [
         f"# Inferred from the PyTorch distributed checkpoint {ckpt.folder} "
-        f"({', '.join(ckpt.metadata_files)}" + (f", DCP {md.version}" if md.version else "") + ").",
+        f"({', '.join(ckpt.metadata_files) or 'Hugging Face safetensors'}"
+        + (f", DCP {md.version}" if md.version else "")
+        + ").",
         f"layout {_layout_name(name or ckpt.folder.name)}",
         f"mesh {{ dp = {world} }}",
     ]
@@ -292,7 +316,7 @@ def infer_text(ckpt: DcpCheckpoint, name: str | None = None) -> str:
     def line(n: str) -> str:
         if not _NAME.match(n):
             raise Unsupported(
-                f"{ckpt.folder / dm.METADATA}: the tensor name {n!r} has characters a layout "
+                f"{ckpt.where}: the tensor name {n!r} has characters a layout "
                 "name cannot hold (letters, digits, _ and . only)"
             )
         t = md.tensors[keys.model[n]]
@@ -369,9 +393,10 @@ def _world(ckpt: DcpCheckpoint) -> int:
 
 
 def _untrained_kind(t: dm.TensorEntry, world: int) -> str:
-    """A model tensor without optimizer state: a buffer when saved whole (FSDP2 leaves
-    buffers unsharded), else a frozen parameter."""
-    if world > 1 and len(t.chunks) == 1 and t.shape and t.shape[0] >= world:
+    """A model tensor without optimizer state: a buffer when saved whole in one chunk (FSDP2
+    leaves buffers unsharded), else a frozen parameter — FSDP2 saves a parameter in one
+    chunk per rank, an empty one for a rank whose ``torch.chunk`` piece is empty."""
+    if world > 1 and len(t.chunks) == 1 and t.shape:
         return "buffer"
     return "frozen"
 
@@ -382,7 +407,7 @@ def _optimizer_line(ckpt: DcpCheckpoint, trainable: list[str]) -> str:
     if len(sets) > 1:
         a, b = sorted(sets)[:2]
         raise Unsupported(
-            f"{ckpt.folder / dm.METADATA}: trainable tensors keep different optimizer states "
+            f"{ckpt.where}: trainable tensors keep different optimizer states "
             f"({', '.join(a)} and {', '.join(b)}); a layout declares one optimizer"
         )
     states = [s for s in sets.pop() if s != STEP]
@@ -401,7 +426,7 @@ def check(placement: DcpPlacement, ckpt: DcpCheckpoint) -> None:
     md = ckpt.metadata
     src = Span(placement.layout.source, 0, 0)
     diags: list[Diagnostic] = []
-    meta = ckpt.folder / ckpt.metadata_files[0]
+    meta = ckpt.where
     for t in placement.tensors:
         for s in placement.states(t):
             key = placement.key(t, s)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import math
 import pickle
 from collections import OrderedDict
@@ -27,8 +28,10 @@ from typing import Any
 
 from layoutc.errors import InputError
 from layoutc.formats import pt
+from layoutc.formats import safetensors_header as sth
 
 METADATA = ".metadata"
+HF_SHARDING = "DCP_SHARDING_INFO"  # the Hugging Face storage writer's header key
 MAX_BYTES = 1 << 31  # a .metadata larger than this is refused unread
 
 
@@ -337,12 +340,81 @@ def _check_items(c: _Checker, md: Metadata) -> None:
 
 def read(folder: Path) -> tuple[Metadata, list[str]]:
     """The metadata of the distributed checkpoint in ``folder`` and the metadata files it
-    came from: ``.metadata``, else every ``__R.metadata`` joined."""
+    came from: ``.metadata``, else every ``__R.metadata`` joined, else the sharding the
+    safetensors files of the Hugging Face storage writer record (:func:`read_hf`)."""
     files = [METADATA] if (folder / METADATA).is_file() else per_rank_files(folder)
+    if not files and hf_files(folder):
+        return read_hf(folder), []
     if not files:
         raise BadMetadata(f"{folder}: no .metadata (nor __R.metadata) file")
     parts = [parse(_read_bytes(folder / f), str(folder / f)) for f in files]
     return (parts[0] if len(parts) == 1 else _join(parts, folder)), files
+
+
+def hf_files(folder: Path) -> list[str]:
+    """The safetensors files in ``folder`` that torch's Hugging Face storage writer made:
+    their header metadata records the DCP sharding (:data:`HF_SHARDING`)."""
+    out = []
+    for p in sorted(folder.glob("*.safetensors")):
+        try:
+            _, meta = sth.read_header(p)
+        except sth.SafetensorsError:
+            continue
+        if HF_SHARDING in meta:
+            out.append(p.name)
+    return out
+
+
+def read_hf(folder: Path) -> Metadata:
+    """The metadata of a distributed checkpoint in torch's Hugging Face layout: in each
+    safetensors file, every tensor is one chunk, where it starts in the global tensor
+    recorded in the header's ``DCP_SHARDING_INFO`` (``{name: {"saved_offsets": [...]}}``);
+    the global shape is where the chunks end. Checked like ``.metadata``: offsets for every
+    tensor and dim, chunks that cover their tensor without overlapping."""
+    md = Metadata()
+    chunks: dict[str, list[Chunk]] = {}
+    dtypes: dict[str, str] = {}
+    c = _Checker(str(folder), 0)
+    for name in hf_files(folder):
+        path = folder / name
+        entries, meta = sth.read_header(path)
+        md.version = meta.get("DCP_VERSION", md.version)
+        try:
+            info = json.loads(meta[HF_SHARDING])
+        except ValueError:
+            raise BadMetadata(f"{path}: {HF_SHARDING} in its header is not JSON") from None
+        if not isinstance(info, dict):
+            raise BadMetadata(f"{path}: {HF_SHARDING} in its header is not a JSON object")
+        for key, e in entries.items():
+            saved = info.get(key)
+            offsets = saved.get("saved_offsets") if isinstance(saved, dict) else None
+            if not (
+                isinstance(offsets, list)
+                and len(offsets) == len(e.shape)
+                and all(type(o) is int and o >= 0 for o in offsets)
+            ):
+                raise BadMetadata(
+                    f"{path}: {HF_SHARDING} gives {key} no saved_offsets of {len(e.shape)} "
+                    "whole numbers (one per dim)"
+                )
+            if dtypes.setdefault(key, e.dtype) != e.dtype:
+                raise BadMetadata(f"{path}: {key} is {e.dtype} here and {dtypes[key]} elsewhere")
+            chunk = Chunk(tuple(offsets), e.shape)
+            if (key, chunk.offsets) in md.items:
+                raise BadMetadata(f"{path}: {key} at offsets {offsets} is saved twice")
+            chunks.setdefault(key, []).append(chunk)
+            md.items[(key, chunk.offsets)] = Item(name, e.begin, e.end - e.begin)
+            if key not in md.flat:
+                md.flat[key] = (key,)
+                md.order.append(key)
+        c.budget += 10_000 + len(entries) ** 2
+    for key, cs in chunks.items():
+        shape = tuple(
+            max(ch.offsets[d] + ch.sizes[d] for ch in cs) for d in range(len(cs[0].sizes))
+        )
+        _check_cover(c, key, shape, cs)
+        md.tensors[key] = TensorEntry(key, dtypes[key], shape, tuple(cs))
+    return md
 
 
 def per_rank_files(folder: Path) -> list[str]:

@@ -44,7 +44,7 @@ from layoutc.formats.dcp import carried as dcp_carried
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.place.base import Placement
 from layoutc.place.dcp import DcpPlacement, data_file, parse_item_key
-from layoutc.place.deepspeed import LATEST, LATEST_UNIVERSAL
+from layoutc.place.deepspeed import LATEST, LATEST_UNIVERSAL, DeepSpeedPlacement
 from layoutc.place.shards import STEP, WEIGHT, StoredBuffer
 from layoutc.runtime.checksum import file_crc
 from layoutc.runtime.fileio import Files, inside
@@ -138,9 +138,7 @@ def _deepspeed(target: Any, out: Path, origin: Origin) -> Prepared:
     p.root.mkdir(parents=True, exist_ok=True)
     by_file = _by_file(target)
     carried = dw.Carried.read(origin.checkpoint, origin.placement)
-    carried.fresh_param_groups = origin.param_groups
-    if carried.fresh_param_groups is None and isinstance(origin.checkpoint, DcpCheckpoint):
-        carried.fresh_param_groups = origin.checkpoint.param_groups()
+    carried.fresh_param_groups = _fresh_groups(origin)
     written: set[str] = set()
     for f, obj, holes in dw.files(target, carried, by_file):
         path = inside(p.root, f)
@@ -167,15 +165,19 @@ def _universal(target: Any, out: Path, origin: Origin) -> Prepared:
     root = inside(out, tag)
     p = Prepared(root)
     by_file = _by_file(target)
+    fresh = _fresh_model_files(target, by_file, origin)
     for f in target.model.model_files():
         path = inside(root, f)
         path.parent.mkdir(parents=True, exist_ok=True)
         planned = by_file.get(f, {})
         keys: dict[str, str] = {}
-        src = source.path(f) if source is not None else None
+        src = source.path(f) if isinstance(source, DeepSpeedCheckpoint) else None
         if source is not None and src is not None and src.is_file():
             obj = pt.carry(source.load(src), planned, keys)
-        else:
+        elif f in fresh:
+            obj, holes = fresh[f]
+            keys = holes.keys
+        else:  # whole tensors under module/ (a layout DeepSpeed's files cannot hold)
             obj = {"module": OrderedDict()}
             for key, b in planned.items():
                 keys[key] = key
@@ -204,10 +206,46 @@ def _universal(target: Any, out: Path, origin: Origin) -> Prepared:
     if target.layout.optimizer is not None:
         path = inside(root, target.OPTIMIZER_FILE)
         path.parent.mkdir(parents=True, exist_ok=True)
-        pt.save(_optimizer_state(source), path)
+        pt.save(_optimizer_state(source, _fresh_groups(origin), target, origin), path)
         p.files.append(path)
     p.markers[inside(out, LATEST_UNIVERSAL)] = tag
     return p
+
+
+def _fresh_model_files(
+    target: Any, by_file: dict[str, dict[str, StoredBuffer]], origin: Origin
+) -> dict[str, tuple[Any, dw.Holes]]:
+    """The model-states files of a universal target whose source has none (not a DeepSpeed
+    checkpoint): DeepSpeed's own, as its writer makes them for this layout, with fresh run
+    state. Made only when asked for."""
+    if isinstance(origin.checkpoint, DeepSpeedCheckpoint) or not isinstance(
+        target.model, DeepSpeedPlacement
+    ):
+        return {}
+    wanted = set(target.model.model_files())
+    carried = dw.Carried.read(origin.checkpoint)
+    carried.fresh_param_groups = _fresh_groups(origin)
+    out: dict[str, tuple[Any, dw.Holes]] = {}
+    for f, obj, holes in dw.files(target.model, carried, by_file):
+        if f in wanted:
+            out[f] = (obj, holes)
+        if len(out) == len(wanted):
+            break
+    return out
+
+
+def _source_step(origin: Origin | None) -> float:
+    """The optimizer step a distributed checkpoint saved (its first trainable tensor's),
+    else 0."""
+    src = origin.checkpoint if origin is not None else None
+    placement = origin.placement if origin is not None else None
+    if not isinstance(src, DcpCheckpoint) or not isinstance(placement, DcpPlacement):
+        return 0.0
+    for t in placement.trainable:
+        if STEP in placement.states(t):
+            ref = src.tensor_item(placement.key(t, STEP), ())
+            return float(ref.numpy(src.opener))
+    return 0.0
 
 
 def _slicing(t: ir.Tensor, zero_axes: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -230,11 +268,35 @@ def _slicing(t: ir.Tensor, zero_axes: tuple[str, ...] = ()) -> dict[str, Any]:
     return {}
 
 
-def _optimizer_state(source: Checkpoint | None) -> dict[str, Any]:
+def _fresh_groups(origin: Origin) -> list[dict[str, Any]] | None:
+    """The param groups given for a source without DeepSpeed's (``--param-groups``), or
+    those a distributed checkpoint saved."""
+    if origin.param_groups is None and isinstance(origin.checkpoint, DcpCheckpoint):
+        return origin.checkpoint.param_groups()
+    return origin.param_groups
+
+
+def _optimizer_state(
+    source: Checkpoint | None,
+    fresh: list[dict[str, Any]] | None = None,
+    target: Any = None,
+    origin: Origin | None = None,
+) -> dict[str, Any]:
     """The global optimizer state DeepSpeed's universal loader reads: rank 0's scalars and
-    param groups, without the partitions (ZeRO-3 keeps only each sub-group's step)."""
+    param groups, without the partitions (ZeRO-3 keeps only each sub-group's step); for
+    another source, the ``fresh`` param groups' hyperparameters (the ZeRO-1/2 loader sets
+    each of its groups' from them; ZeRO-3's takes the first group's for all, and its step
+    from here: the source's, else 0)."""
     if not isinstance(source, DeepSpeedCheckpoint) or not source.optim_files:
-        return {"param_groups": []}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in fresh or []]
+        out: dict[str, Any] = {"param_groups": groups, "ds_version": dw.DS_VERSION}
+        if target is not None and target.layout.zero.stage == 3:
+            step = np.array(_source_step(origin), np.float32)
+            out["optimizer_state_dict"] = {
+                "state": {0: {"step": pt.Tensor("fp32", (), step)}},
+                "param_groups": groups,
+            }
+        return out
     inner = source.load(source.optim_files[0])["optimizer_state_dict"]
     drop = {
         "base_optimizer_state",
@@ -372,7 +434,8 @@ def _dcp(target: Any, out: Path, origin: Origin) -> Prepared:
     out.mkdir(parents=True, exist_ok=True)
     by_file = _by_file(target)
     first = data_file(0)
-    files = sorted(set(by_file) | {first}, key=lambda f: int(f[2:].split("_", 1)[0]))
+    empty = _dcp_empty(target)
+    files = sorted(set(by_file) | {first} | set(empty), key=lambda f: int(f[2:].split("_", 1)[0]))
     saved: list[dcp_write.Saved] = []
     extra = _dcp_extra(target, origin)
     for f in files:
@@ -386,6 +449,11 @@ def _dcp(target: Any, out: Path, origin: Origin) -> Prepared:
                 _map(p, c, {name: b}, {name: "0"})
                 parts.append(c)
                 saved.append(dcp_write.Saved(key, offsets, f, at, c.size - at))
+            for key, offsets, dtype, shape in empty.get(f, []):
+                nothing = pt.Tensor(dtype, shape, np.zeros(shape, np_dtype(dtype)))
+                saved.append(
+                    dcp_write.Saved(key, offsets, f, *dcp_write.write_value(fh, path, nothing))
+                )
             if f == first:
                 for key, offsets, write in extra.items:
                     saved.append(dcp_write.Saved(key, offsets, f, *write(fh, path)))
@@ -405,16 +473,32 @@ def _dcp(target: Any, out: Path, origin: Origin) -> Prepared:
     return p
 
 
+def _dcp_empty(
+    target: DcpPlacement,
+) -> dict[str, list[tuple[str, tuple[int, ...], str, tuple[int, ...]]]]:
+    """The empty chunks FSDP saves, by file: (key, offsets, dtype, shape)."""
+    out: dict[str, list[tuple[str, tuple[int, ...], str, tuple[int, ...]]]] = {}
+    for t in target.tensors:
+        for s in target.states(t):
+            for sl in target.slices(t, s):
+                for _, _, offsets, rank in target.empty_chunks(t, s, sl):
+                    out.setdefault(data_file(rank), []).append(
+                        (target.key(t, s), offsets, target.dtype(t, s), (0, *sl.shape[1:]))
+                    )
+    return out
+
+
 def _dcp_entries(target: DcpPlacement) -> dict[str, dcp_write.Entry]:
-    """The tensor keys the plan fills, each with its chunks: the model's weights first,
-    then the optimizer's states, as torch's ``get_state_dict`` orders them."""
+    """The tensor keys the plan fills, each with its chunks (the empty ones FSDP saves
+    too): the model's weights first, then the optimizer's states, as torch's
+    ``get_state_dict`` orders them."""
     entries: dict[str, dcp_write.Entry] = {}
     pairs = [(t, s) for t in target.tensors for s in target.states(t)]
     for t, s in sorted(pairs, key=lambda ts: ts[1] != WEIGHT):
         chunks = tuple(
             (offsets, (b - a, *sl.shape[1:]) if sl.shape else ())
             for sl in target.slices(t, s)
-            for a, b, offsets, _ in target.chunks(t, s, sl)
+            for a, b, offsets, _ in (*target.chunks(t, s, sl), *target.empty_chunks(t, s, sl))
         )
         shape = () if s == STEP else t.shape
         entries[target.key(t, s)] = dcp_write.Entry(target.dtype(t, s), shape, chunks)

@@ -131,6 +131,21 @@ class DcpPlacement(Placement):
                 out.append((lo, hi, (origin[0] + lo, *origin[1:]), self.mesh.rank(at)))
         return out
 
+    def empty_chunks(self, t: ir.Tensor, state: str, sl: Slice) -> list[Chunk]:
+        """The pieces of slice ``sl`` that FSDP's cut leaves empty: torch saves each as a
+        chunk of no rows at the end of dim 0, an item of the rank holding it."""
+        if state == STEP or not sl.shape or t.kind == ir.BUFFER or not self.fsdp_axes:
+            return []
+        coords = dict(sl.coords)
+        origin = tuple(a for a, _ in sl.segments[0].logical) if sl.segments else ()
+        n0, parts = sl.shape[0], self.mesh.size(*self.fsdp_axes)
+        taken = len(self.chunks(t, state, sl))
+        return [
+            (n0, n0, (origin[0] + n0, *origin[1:]), self.mesh.rank(at))
+            for p in range(taken, parts)
+            for at in ({**coords, **self.mesh.unindex(self.fsdp_axes, p)},)
+        ]
+
     def file_of(self, key: str, offsets: tuple[int, ...], rank: int) -> str:
         if self.index is None:
             return data_file(rank)

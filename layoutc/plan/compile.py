@@ -539,12 +539,19 @@ class Compiler:
         )
 
     def _where(self, placement: Placement, t: ir.Tensor, state: str, sl: Slice) -> str:
-        """``4 slices (tp) in bf16_zero_pp_rank_*_mp_rank_*_optim_states.pt``: where a state lives."""
+        """``4 slices (tp) in bf16_zero_pp_rank_*_mp_rank_*_optim_states.pt``: where a state
+        lives (``whole, cut in 3 pieces over dp``: one slice in ZeRO's or FSDP's pieces)."""
         slices = placement.slices(t, state)
         runs = placement.runs(t, state, sl, 0, 0, sl.numel if sl.shape else 1)
         pattern = re.sub(r"(?<=_)\d+", "*", runs[0].file) if runs else "?"
         axes = sorted({a for s in slices for a, _ in s.coords})
-        what = f"{len(slices)} slices ({', '.join(axes)})" if len(slices) > 1 else "whole"
+        if len(slices) > 1:
+            what = f"{len(slices)} slices ({', '.join(axes)})"
+        elif len(runs) > 1:  # one slice cut across files: ZeRO partitions, FSDP's chunks
+            over = "×".join(placement.layout.zero.axes) or "files"
+            what = f"whole, cut in {len(runs)} pieces over {over}"
+        else:
+            what = "whole"
         copies = placement.copies(t, state)
         if copies > 1:
             what += f" x{copies} copies"

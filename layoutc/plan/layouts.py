@@ -6,19 +6,21 @@ checked against its files before anything is planned
 
 The target (:func:`target_for`): a ``.layout`` file, or a format name, which means the
 source layout stored in that format (:func:`target_layout`, the one place that rule is
-written; a distributed checkpoint holds every tensor whole, :func:`whole_tensors`); ``--set`` overrides change mesh axes and let constants of whichever it is;
-``--dtype`` stores every floating tensor of a safetensors or torch output in that dtype,
-and a DeepSpeed output's parameters (its masters stay fp32); ``--zero`` sets a DeepSpeed
-output's ZeRO stage; an optimizer without masters (FSDP's) gets fp32 ones in a DeepSpeed
-or universal output;
-``--max-shard-size`` caps a safetensors output's shards. ``layoutc plan`` and ``layoutc
-convert`` resolve their target here, so the dry run shows what the conversion would do.
+written; a distributed checkpoint holds every tensor whole, :func:`whole_tensors`).
+``--set`` overrides change mesh axes and let constants of whichever it is; an optimizer
+without masters (FSDP's) gets fp32 ones in a DeepSpeed or universal output; ``--zero``
+sets a DeepSpeed output's ZeRO stage (a universal output's: the model files its loader
+reads); ``--dtype`` stores every floating tensor of a safetensors or torch output in that
+dtype, and a DeepSpeed output's parameters (its masters stay fp32); ``--max-shard-size``
+caps a safetensors output's shards. ``layoutc plan`` and ``layoutc convert`` resolve
+their target here, so the dry run shows what the conversion would do.
 
 Planning only: nothing here imports numpy or torch or reads a tensor's bytes (the check
 against a checkpoint's files reads their metadata). Refused: a target that is neither a
 layout nor a format (E203); ``--dtype`` for a universal or dcp output, ``--zero`` for
-any but deepspeed and ``--max-shard-size`` for any but safetensors (a usage error); an AutoTP
-checkpoint resharded at a tp whose cuts the layout does not prove (:class:`Unsupported`).
+any but deepspeed and universal, and ``--max-shard-size`` for any but safetensors (usage
+errors); an AutoTP checkpoint resharded at a tp whose cuts the layout does not prove
+(:class:`Unsupported`).
 """
 
 from __future__ import annotations
@@ -109,8 +111,8 @@ def target_for(
     if fmt in ("deepspeed", "universal"):
         target = with_master(target)
     if zero is not None:
-        if fmt != "deepspeed":
-            raise UsageError(f"--zero applies to deepspeed output, not {fmt}")
+        if fmt not in ("deepspeed", "universal"):
+            raise UsageError(f"--zero applies to deepspeed and universal output, not {fmt}")
         target = with_zero(target, zero)
     if fmt in ("safetensors", "torch"):
         target = with_dtype(target, dtype)
