@@ -34,6 +34,7 @@ import numpy as np
 
 from layoutc.errors import UsageError
 from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.dcp import DcpCheckpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.formats.match import check_against, check_masters, check_replicas
 from layoutc.formats.sources import open_source
@@ -124,9 +125,9 @@ def execute_saved(
     handle = open_source(folder, plan.tag if plan.tag and (folder / plan.tag).is_dir() else None)
     try:
         handle.check_identity(plan.source_files)
-        if plan.source_placement is not None:  # placed as it was read back
-            check_against(plan.source_placement, handle)
-        else:  # full weights: placed as their files hold them
+        if plan.source_placement is not None and not isinstance(handle, DcpCheckpoint):
+            check_against(plan.source_placement, handle)  # placed as it was read back
+        else:  # full weights, a DCP's chunks: placed where their files hold them
             layout = plan.layouts["source"]
             _, placed = source_placement(handle, layout=(layout["text"], layout["name"]))
             plan = replace(plan, source_placement=placed)

@@ -41,7 +41,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize(
-    ("target", "settings"), [("universal", []), ("deepspeed", ["--set", "dp=3"])]
+    ("target", "settings"),
+    [("universal", []), ("deepspeed", ["--set", "dp=3"]), ("dcp", [])],
 )
 def test_ranks_together_write_what_one_process_writes(tmp_path, ranks, target, settings):
     overrides = {"dp": 3} if settings else None
@@ -59,6 +60,17 @@ def test_ranks_together_write_what_one_process_writes(tmp_path, ranks, target, s
     assert head.startswith(f"planned for {ranks} ranks, peak per rank ")
     peaks = [int(x) for x in head.split("peak per rank ")[1].split()]
     assert len(peaks) == ranks and sum(peaks) == int(total_peak) and min(peaks) > 0
+
+
+def test_ranks_reading_a_distributed_checkpoint_write_what_one_process_writes(tmp_path):
+    """Each rank opens the containers inside the .distcp files it reads; rank 0 proves
+    their CRCs, opening those another rank read."""
+    source = tmp_path / "dcp"
+    layoutc.convert(EXAMPLE, source, "dcp")
+    layoutc.convert(source, tmp_path / "single", "deepspeed", overrides={"dp": 3})
+    run = torchrun(2, source, tmp_path / "multi", "deepspeed", "--set", "dp=3")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _files(tmp_path / "multi") == _files(tmp_path / "single")
 
 
 def test_a_failing_rank_leaves_nothing_committed_and_every_rank_says_so(tmp_path):

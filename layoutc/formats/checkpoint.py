@@ -55,6 +55,10 @@ class Checkpoint:
     def _load(self, path: Path) -> Any:
         return pt.load(path, self.opener)
 
+    def member(self, path: str, name: str) -> pt.Member:
+        """The zip member ``name`` of the file at ``path``, as its archive records it."""
+        return self.opener.members(path)[name]
+
     def ref(self, file: str, key: str) -> pt.TensorRef:
         """The tensor stored at ``key`` (a ``/``-joined key path) of ``file``, unread."""
         ref = pt.at(self.load(file), key)

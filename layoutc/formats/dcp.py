@@ -51,7 +51,7 @@ def is_dcp(path: str | Path) -> bool:
         (p / dm.METADATA).is_file()
         or bool(dm.per_rank_files(p))
         or any(p.glob("*.distcp"))
-        or bool(dm.hf_files(p))
+        or bool(dm.hf_files(p, first=True))
     )
 
 
@@ -169,6 +169,20 @@ class DcpCheckpoint(Checkpoint):
             if index.isdigit() and name:
                 groups.setdefault(int(index), {})[name] = self.value(key)
         return [groups[i] for i in sorted(groups)]
+
+    def member(self, path: str, name: str) -> pt.Member:
+        """A member of the container at byte ``START`` of a ``.distcp`` file (named
+        ``@START/...``): found through that item, wherever another process opened it."""
+        found = self.opener.members(path).get(name)
+        if found is None and name.startswith("@"):
+            start = int(name[1:].split("/", 1)[0])
+            file = str(Path(path).relative_to(self.folder))
+            for item in self.metadata.items.values():
+                if item.file == file and item.offset == start:
+                    return self.opener.window(path, start, item.length)[name]
+        if found is None:
+            raise KeyError(name)
+        return found
 
     def header(self, file: str | Path) -> tuple[dict[str, st.Entry], dict[str, str]]:
         """A safetensors file of the Hugging Face layout, its entries named as stored

@@ -351,17 +351,20 @@ def read(folder: Path) -> tuple[Metadata, list[str]]:
     return (parts[0] if len(parts) == 1 else _join(parts, folder)), files
 
 
-def hf_files(folder: Path) -> list[str]:
-    """The safetensors files in ``folder`` that torch's Hugging Face storage writer made:
-    their header metadata records the DCP sharding (:data:`HF_SHARDING`)."""
+def hf_files(folder: Path, first: bool = False) -> list[str]:
+    """The safetensors files in ``folder`` that torch's Hugging Face storage writer made
+    (named ``shard-0000R-model-0000K-of-0000N.safetensors``): their header metadata records
+    the DCP sharding (:data:`HF_SHARDING`). ``first``: the first alone (a cheap test)."""
     out = []
-    for p in sorted(folder.glob("*.safetensors")):
+    for p in sorted(folder.glob("shard-*-model-*-of-*.safetensors")):
         try:
             _, meta = sth.read_header(p)
         except sth.SafetensorsError:
             continue
         if HF_SHARDING in meta:
             out.append(p.name)
+        if first:
+            break
     return out
 
 

@@ -59,7 +59,7 @@ def check_crcs(reads: Reads, source: Checkpoint) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
             for name in names:
-                m = source.opener.members(path)[name]
+                m = source.member(path, name)
                 pt.check_crc(path, m, pieces.crc(fd, m.data_at, m.data_at + m.size))
         finally:
             os.close(fd)

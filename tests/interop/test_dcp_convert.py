@@ -29,7 +29,8 @@ import layoutc
 from layoutc.errors import InputError
 from layoutc.formats import dcp, pt
 from layoutc.formats.pt import UnsafePickle
-from layoutc.plan.request import source_placement
+from layoutc.formats.sources import open_source
+from layoutc.plan.request import plan_checkpoint, source_placement
 
 pytestmark = pytest.mark.interop
 
@@ -243,3 +244,20 @@ def test_dcp_to_universal_is_what_real_deepspeed_loads_at_another_world(
     decay = [0.1, 0.0] if load_as.startswith("z2") else [0.1, 0.1]
     assert [g["weight_decay_loaded"] for g in loaded.meta["param_groups"]] == decay
     assert np.isfinite(loaded.meta["next_loss"])
+
+
+def test_a_saved_plan_of_a_dcp_runs_as_convert_runs_it(
+    dcp_corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    """``plan CKPT -o plan.json`` then ``execute``: the chunks found where the metadata
+    puts them (``__R_1.distcp`` too), the output byte for byte what ``convert`` writes."""
+    folder = _folder(dcp_corpus, "dcp_w3_tied")
+    handle = open_source(folder)
+    try:
+        plan = plan_checkpoint(handle, "safetensors")
+    finally:
+        handle.close()
+    saved = layoutc.Plan.from_json(plan.to_json())
+    layoutc.execute(saved, folder, tmp_path / "executed")
+    layoutc.convert(folder, tmp_path / "converted", "safetensors")
+    assert corpus.tree_bytes(tmp_path / "executed") == corpus.tree_bytes(tmp_path / "converted")
