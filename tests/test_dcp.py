@@ -151,3 +151,21 @@ def test_a_deepspeed_checkpoint_becomes_a_dcp_that_torch_reads(tmp_path: Path) -
     assert set(state) == {n for g in groups for n in g["params"]}
     assert all(s["step"].dtype == torch.float32 and s["step"].ndim == 0 for s in state.values())
     assert "tie head.weight = embed.weight" in dcp.infer_text(dcp.DcpCheckpoint(dcp_out))
+
+
+def test_a_dcp_output_is_the_same_under_a_tight_memory_budget(tmp_path: Path) -> None:
+    """Streamed under --memory like every conversion: the same files, byte for byte."""
+    convert(EXAMPLE, tmp_path / "free", "dcp")
+    convert(EXAMPLE, tmp_path / "tight", "dcp", memory_budget=4096)
+    for f in sorted((tmp_path / "free").iterdir()):
+        if f.name != "layoutc-manifest.json":
+            assert (tmp_path / "tight" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_plan_shows_a_dcp_target_in_text_and_html(tmp_path: Path) -> None:
+    from layoutc.cli import main
+
+    html = tmp_path / "plan.html"
+    assert main(["plan", str(EXAMPLE), "--to", "dcp", "--html", str(html)]) == 0
+    page = html.read_text()
+    assert "(dcp, 2 ranks)" in page and "cut in 2 pieces over dp in __*_*.distcp" in page

@@ -139,16 +139,15 @@ def test_dcp_to_dcp_loads_at_another_world_and_round_trips_bit_for_bit(
             assert x.numpy(a.opener).tobytes() == y.numpy(b.opener).tobytes(), key
 
 
-@pytest.mark.parametrize(("source", "world"), [("z2_w2_bf16", 3), ("z3_w3_bf16", 2)])
+@pytest.mark.parametrize("source", ["z2_w2_bf16", "z3_w2_bf16"])
 def test_deepspeed_to_dcp_is_what_a_fresh_fsdp2_job_loads(
     ds_corpus: corpus.Corpus,
     dcp_python: str,
     source: str,
-    world: int,
     tmp_path: Path,
 ) -> None:
-    """DeepSpeed ZeRO-2/3 (bf16 weights, fp32 masters, two param groups, a tie, a frozen
-    parameter, buffers) -> DCP: FSDP2 at another world holds DeepSpeed's fp32 masters, its
+    """DeepSpeed ZeRO-2/3 at dp 2 (bf16 weights, fp32 masters, two param groups, a tie, a
+    frozen parameter, buffers) -> DCP: FSDP2 at world 3 holds DeepSpeed's fp32 masters, its
     moments and step, and its param groups."""
     import torch
 
@@ -156,7 +155,7 @@ def test_deepspeed_to_dcp_is_what_a_fresh_fsdp2_job_loads(
     out = tmp_path / "dcp"
     layoutc.convert(ds_corpus[source], out, "dcp")
     got, loaded = corpus.dcp_load(
-        "dcp_tiny_w2", out, world, tmp_path / "load", python=dcp_python, train_state=False
+        "dcp_tiny_w2", out, 3, tmp_path / "load", python=dcp_python, train_state=False
     )
     for name in meta["trainable"]:
         for kind in ("exp_avg", "exp_avg_sq"):
