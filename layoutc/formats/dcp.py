@@ -310,13 +310,14 @@ def infer_text(ckpt: DcpCheckpoint, name: str | None = None) -> str:
     """The ``.layout`` text the checkpoint's chunks prove (see the module docstring)."""
     md, keys = ckpt.metadata, ckpt.keys
     world = _world(ckpt)
+    dp, tp, tp_dims = _mesh(ckpt, world)
     lines = [
         f"# Inferred from the PyTorch distributed checkpoint {ckpt.folder} "
         f"({', '.join(ckpt.metadata_files) or 'Hugging Face safetensors'}"
         + (f", DCP {md.version}" if md.version else "")
         + ").",
         f"layout {_layout_name(name or ckpt.folder.name)}",
-        f"mesh {{ dp = {world} }}",
+        f"mesh {{ dp = {dp}, tp = {tp} }}" if tp > 1 else f"mesh {{ dp = {world} }}",
     ]
     trainable = [n for n in keys.model if n in keys.states]
     weight_dtypes = Counter(md.tensors[keys.model[n]].dtype for n in keys.model)
@@ -324,7 +325,7 @@ def infer_text(ckpt: DcpCheckpoint, name: str | None = None) -> str:
     lines.append(f"dtype {dtype}")
     if trainable:
         lines.append(_optimizer_line(ckpt, trainable))
-    if world > 1:
+    if dp > 1 or (world > 1 and tp == 1):
         lines.append("zero 3 over dp  # FSDP2: each tensor's dim 0 in torch.chunk pieces over dp")
 
     def line(n: str) -> str:
@@ -339,7 +340,9 @@ def infer_text(ckpt: DcpCheckpoint, name: str | None = None) -> str:
         comment = ""
         if kind == "frozen" and trainable:
             comment = "  # no optimizer state: frozen, or tied to another parameter"
-        return f"{kind} {n} [{', '.join(map(str, t.shape))}]{own}{comment}"
+        split = tp_dims.get(keys.model[n])
+        dims = [f"{d} / tp" if i == split else str(d) for i, d in enumerate(t.shape)]
+        return f"{kind} {n} [{', '.join(dims)}]{own}{comment}"
 
     groups = _groups(ckpt, trainable)
     lines += [line(n) for n in groups[0]]
@@ -404,6 +407,64 @@ def _world(ckpt: DcpCheckpoint) -> int:
     """The FSDP world the chunks prove: the most pieces any tensor is cut in along dim 0
     (1 when no tensor is cut)."""
     return max((len(t.chunks) for t in ckpt.metadata.tensors.values()), default=1)
+
+
+def _mesh(ckpt: DcpCheckpoint, world: int) -> tuple[int, int, dict[str, int]]:
+    """(dp, tp, {model key: the dim split over tp}): FSDP alone over the world when that
+    explains every cut, else the smallest tensor-parallel size for which every model
+    tensor's saved chunks are exactly its cut — FSDP2's ``torch.chunk``
+    pieces of dim 0 over dp, of the whole tensor or of each of its tp slices along one
+    dim (2-D FSDP x TP). (world, 1, {}) when none is: the chunks are then checked against
+    the 1-D cut, and a mismatch is named."""
+    md, keys = ckpt.metadata, ckpt.keys
+    saved = {
+        key: sorted((c.offsets, c.sizes) for c in md.tensors[key].chunks if c.numel)
+        for key in keys.model.values()
+    }
+    if all(len(c) <= 1 or _cut(md.tensors[k].shape, world, 1, None) == c for k, c in saved.items()):
+        return world, 1, {}  # FSDP alone explains every cut: the simplest reading
+    for tp in range(2, world + 1):
+        if world % tp:
+            continue
+        dp, dims = world // tp, {}
+        for key, chunks in saved.items():
+            shape = md.tensors[key].shape
+            fits = [
+                d
+                for d in (None, *range(len(shape)))
+                if len(chunks) > 1 and _cut(shape, dp, tp, d) == chunks
+            ]
+            if len(chunks) <= 1 or None in fits:
+                continue
+            if not fits:
+                break
+            dims[key] = fits[0]
+        else:
+            if dims:
+                return dp, tp, dims
+    return world, 1, {}
+
+
+def _cut(
+    shape: tuple[int, ...], dp: int, tp: int, d: int | None
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The non-empty chunks of a tensor cut over tp along dim ``d`` (evenly; None: not),
+    each tp slice's dim 0 then in ``torch.chunk`` pieces over dp."""
+    if d is not None and shape[d] % tp:
+        return []
+    out = []
+    for j in range(tp if d is not None else 1):
+        lo = [0] * len(shape)
+        size = list(shape)
+        if d is not None:
+            size[d] = shape[d] // tp
+            lo[d] = j * size[d]
+        each = -(-size[0] // dp)
+        for p in range(dp):
+            a, b = min(p * each, size[0]), min((p + 1) * each, size[0])
+            if b > a:
+                out.append(((lo[0] + a, *lo[1:]), (b - a, *size[1:])))
+    return sorted(out)
 
 
 def _untrained_kind(t: dm.TensorEntry, world: int) -> str:

@@ -260,3 +260,40 @@ def test_a_saved_plan_of_a_dcp_runs_as_convert_runs_it(
     layoutc.execute(saved, folder, tmp_path / "executed")
     layoutc.convert(folder, tmp_path / "converted", "safetensors")
     assert corpus.tree_bytes(tmp_path / "executed") == corpus.tree_bytes(tmp_path / "converted")
+
+
+def test_a_2d_fsdp_by_tensor_parallel_checkpoint_is_inferred_and_read_exactly(
+    dcp_python: str, tmp_path: Path
+) -> None:
+    """FSDP2 over dp 2 x tensor parallel over tp 2 (dcp_2d.py): infer finds the mesh and
+    which dim each tensor is split on; safetensors holds every tensor in full, and a DCP
+    written again holds the model and the moments, as torch's own converter reads them."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    corpus.torchrun(
+        corpus.HERE / "dcp_2d.py",
+        [str(tmp_path)],
+        4,
+        python=dcp_python,
+        ext_dir=tmp_path / "ext",
+        log=tmp_path / "dcp_2d.log",
+    )
+    folder = tmp_path / "dcp"
+    truth = torch.load(tmp_path / "truth.pt", weights_only=True)
+    text = dcp.infer_text(dcp.DcpCheckpoint(folder))
+    assert "mesh { dp = 2, tp = 2 }" in text and "zero 3 over dp" in text
+    assert "tensor up.weight [10 / tp, 8]" in text and "tensor down.weight [8, 10 / tp]" in text
+    assert "tensor norm.weight [8]" in text
+    layoutc.convert(folder, tmp_path / "hf", "safetensors")
+    got = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(got) == {k.split("/", 1)[1] for k in truth if k.startswith("model/")}
+    for name, v in got.items():
+        assert np.array_equal(v, truth[f"model/{name}"].numpy()), name
+    layoutc.convert(folder, tmp_path / "again", "dcp")
+    dcp_to_torch_save(str(tmp_path / "again"), str(tmp_path / "again.pt"))
+    again = torch.load(tmp_path / "again.pt", weights_only=True)
+    for key, want in truth.items():
+        kind, name = key.split("/", 1)
+        have = again["model"][name] if kind == "model" else again["optim"]["state"][name][kind]
+        assert torch.equal(have, want), key
