@@ -62,36 +62,31 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside this script
 
 from harness import (
-    CACHE,
     EXCEPTION,
     OUTDIR,
     Job,
-    Result,
     arguments,
-    build_cached,
+    checkpoint,
     conversion_jobs,
     ds_env,
     error_line,
-    exit_worker,
     finish_check,
     keep_floor,
     layoutc_python,
     machine_line,
     mib,
     note_error,
+    parse,
     plan_prediction,
     print_runs,
     ratio,
-    require_size,
     round_robin,
     run_check,
     same_manifest,
@@ -199,10 +194,6 @@ def worker(out: Path) -> None:
     dist.barrier()
 
 
-def worker_main(out: Path) -> None:
-    exit_worker(lambda: worker(out))
-
-
 # ------------------------------------------------------------------------------------------
 # The content check (runs in --ds-python: torch.load of dcp_to_torch_save's file)
 # ------------------------------------------------------------------------------------------
@@ -278,24 +269,13 @@ def cache_key(vers: dict[str, str]) -> str:
     return f"dcp_fsdp2_w{WORLD}_fp32_{MODEL['blocks']}x{MODEL['hidden']}-torch{vers['torch']}-{h.hexdigest()[:12]}"
 
 
-def build(ds_python: str, vers: dict[str, str], rebuild: bool, tmp: Path) -> tuple[Path, Result]:
-    """The cached checkpoint (built now if missing) and the build's measurements."""
-    base = CACHE / cache_key(vers)
-    return build_cached(
-        f"build (torchrun, {WORLD} ranks)", base, ds_python, HERE, WORLD, rebuild, tmp
-    )
-
-
 def main() -> None:
     ap = arguments(__doc__.splitlines()[0], needs="torch and safetensors")
     ap.add_argument("--check", nargs="+", type=Path, help=argparse.SUPPRESS)
     ap.add_argument(
         "--only-build", action="store_true", help="build (or find) the checkpoint and stop"
     )
-    args = ap.parse_args()
-    if args.worker:
-        worker_main(args.out)
-        return
+    args = parse(ap, worker)
     if args.check:
         check(args.check[0], args.check[1:])
         return
@@ -304,10 +284,8 @@ def main() -> None:
     load_start = os.getloadavg()
     date = time.strftime("%Y-%m-%d")
 
-    tmp = Path(tempfile.mkdtemp(prefix="layoutc-bench-dcp-", dir=args.tmp))
-    try:
-        ckpt, build_res = build(args.ds_python, vers, args.rebuild, tmp)
-        require_size(ckpt, build_res)
+    bench = checkpoint(args, cache_key(vers), HERE, WORLD, "layoutc-bench-dcp-")
+    with bench as (tmp, ckpt, build_res):
         if args.only_build:
             b = build_res.best
             print(
@@ -370,8 +348,6 @@ def main() -> None:
                     f"the outputs differ from dcp_to_torch_save's (rc {c.returncode}): "
                     f"{(c.stdout + c.stderr).strip()[-1500:]}"
                 )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     machine = machine_line(vers, lc_ver, date, load_start, load_end)
     report(args, jobs, build_res, ckpt, vers, machine, predictions, checks, content, problems)

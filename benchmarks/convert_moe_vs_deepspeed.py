@@ -62,9 +62,7 @@ import inspect
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -73,25 +71,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside t
 # The same DeepSpeed config (ZeRO-2, bf16, torch AdamW) and imports probe as the dense one.
 from convert_vs_deepspeed import IMPORT_PROBE, MICRO_BATCH, ds_config
 from harness import (
-    CACHE,
     OUTDIR,
     Job,
-    Result,
     arguments,
-    build_cached,
+    checkpoint,
     conversion_jobs,
     ds_env,
     ds_to_universal,
-    exit_worker,
     finish_check,
     keep_floor,
     layoutc_python,
     machine_line,
     mib,
     note_error,
+    parse,
     plan_prediction,
     print_runs,
-    require_size,
     round_robin,
     run_check,
     same_manifest,
@@ -226,10 +221,6 @@ def worker(out: Path) -> None:
     dist.barrier()
 
 
-def worker_main(out: Path) -> None:
-    exit_worker(lambda: worker(out))
-
-
 # ------------------------------------------------------------------------------------------
 # The content check (runs in --ds-python: torch.load of DeepSpeed's files)
 # ------------------------------------------------------------------------------------------
@@ -312,21 +303,10 @@ def cache_key(vers: dict[str, str]) -> str:
     return f"moe_z2_w{WORLD}_ep{EP}_bf16_{MODEL['moe_layers']}x{MODEL['experts']}x{MODEL['hidden']}-ds{vers['deepspeed']}-{h.hexdigest()[:12]}"
 
 
-def build(ds_python: str, vers: dict[str, str], rebuild: bool, tmp: Path) -> tuple[Path, Result]:
-    """The cached checkpoint (built now if missing) and the build's measurements."""
-    base = CACHE / cache_key(vers)
-    return build_cached(
-        f"build (torchrun, {WORLD} ranks)", base, ds_python, HERE, WORLD, rebuild, tmp
-    )
-
-
 def main() -> None:
     ap = arguments(__doc__.splitlines()[0])
     ap.add_argument("--check", nargs=3, type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        worker_main(args.out)
-        return
+    args = parse(ap, worker)
     if args.check:
         check(*args.check)
         return
@@ -335,11 +315,9 @@ def main() -> None:
     load_start = os.getloadavg()
     date = time.strftime("%Y-%m-%d")
 
-    tmp = Path(tempfile.mkdtemp(prefix="layoutc-bench-moe-", dir=args.tmp))
-    try:
-        ckpt, build_res = build(args.ds_python, vers, args.rebuild, tmp)
+    bench = checkpoint(args, cache_key(vers), HERE, WORLD, "layoutc-bench-moe-")
+    with bench as (tmp, ckpt, build_res):
         tag = (ckpt / "latest").read_text().strip()
-        require_size(ckpt, build_res)
         warm(ckpt)
 
         env_lc = dict(os.environ)
@@ -389,8 +367,6 @@ def main() -> None:
                 raise SystemExit(f"the outputs differ from the checkpoint:\n{c.stdout}{c.stderr}")
         else:
             raise SystemExit("a layoutc conversion failed: nothing to check")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     machine = machine_line(vers, lc_ver, date, load_start, os.getloadavg())
     report(args, jobs, build_res, ckpt, vers, machine, predictions, checks, content)

@@ -60,30 +60,27 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside this script
 
 from harness import (
-    CACHE,
     METADATA,
     OUTDIR,
     Result,
     arguments,
-    build_cached,
+    checkpoint,
     dd_copy,
     ds_env,
     ds_to_universal,
-    exit_worker,
     free_port,
     layoutc_python,
     machine_line,
     mib,
+    parse,
     plan_prediction,
     ratio,
-    require_size,
     run_once,
     secs,
     versions,
@@ -168,10 +165,6 @@ def worker(out: Path) -> None:
     dist.barrier()
 
 
-def worker_main(out: Path) -> None:
-    exit_worker(lambda: worker(out))
-
-
 # ------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------
@@ -185,28 +178,16 @@ def cache_key(vers: dict[str, str]) -> str:
     return f"z2_w{WORLD}_bf16_{MODEL['layers']}x{MODEL['hidden']}-ds{vers['deepspeed']}-{h.hexdigest()[:12]}"
 
 
-def build(ds_python: str, vers: dict[str, str], rebuild: bool, tmp: Path) -> tuple[Path, Result]:
-    """The cached checkpoint (built now if missing) and the build's measurements."""
-    base = CACHE / cache_key(vers)
-    return build_cached("build (torchrun, 2 ranks)", base, ds_python, HERE, WORLD, rebuild, tmp)
-
-
 def main() -> None:
-    ap = arguments(__doc__.splitlines()[0])
-    args = ap.parse_args()
-    if args.worker:
-        worker_main(args.out)
-        return
+    args = parse(arguments(__doc__.splitlines()[0]), worker)
     lc_py, lc_ver = layoutc_python(args)
     vers = versions(args.ds_python)
     load_start = os.getloadavg()
     date = time.strftime("%Y-%m-%d")
 
-    tmp = Path(tempfile.mkdtemp(prefix="layoutc-bench-", dir=args.tmp))
-    try:
-        ckpt, build_res = build(args.ds_python, vers, args.rebuild, tmp)
+    bench = checkpoint(args, cache_key(vers), HERE, WORLD, "layoutc-bench-")
+    with bench as (tmp, ckpt, build_res):
         tag = (ckpt / "latest").read_text().strip()
-        require_size(ckpt, build_res)
         warm(ckpt)  # every measured run reads the source from the page cache
 
         env_lc = dict(os.environ)
@@ -284,8 +265,6 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
             results.append(res)
         load_end = os.getloadavg()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     # ----------------------------------------------------------------------------- report
     by = {r.name: r for r in results}

@@ -28,10 +28,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -285,11 +287,13 @@ def exit_worker(work: Callable[[], None]) -> NoReturn:
 
 
 def build_cached(
-    name: str, base: Path, ds_python: str, script: Path, world: int, rebuild: bool, tmp: Path
+    key: str, ds_python: str, script: Path, world: int, rebuild: bool, tmp: Path
 ) -> tuple[Path, Result]:
-    """The checkpoint ``base/ckpt``, built by ``script --worker --out base/ckpt`` under
-    torchrun at ``world`` ranks (CPU, one thread each) unless ``base/DONE`` says it was, and
-    the build's measurements. A ``GENERATED`` file in the checkpoint marks a complete build."""
+    """The checkpoint ``base/ckpt`` (``base``: ``CACHE/key``), built by ``script --worker
+    --out base/ckpt`` under torchrun at ``world`` ranks (CPU, one thread each) unless
+    ``base/DONE`` says it was, and the build's measurements. A ``GENERATED`` file in the
+    checkpoint marks a complete build."""
+    base = CACHE / key
     cmd = [
         ds_python,
         "-m",
@@ -309,7 +313,7 @@ def build_cached(
     env["OMP_NUM_THREADS"] = "1"
     ckpt = base / "ckpt"
     done = base / "DONE"
-    res = Result(name, cmd, out=ckpt)
+    res = Result(f"build (torchrun, {world} ranks)", cmd, out=ckpt)
     if done.is_file() and not rebuild:
         rec = json.loads(done.read_text())
         res.runs = [Run(**rec["run"])]
@@ -337,11 +341,21 @@ def build_cached(
     return ckpt, res
 
 
-def require_size(ckpt: Path, build: Result, least: int = 10**9) -> None:
-    """Exit unless the checkpoint ``ckpt`` (``build`` measured its files) holds ``least``
-    bytes: a benchmark's figures are for a checkpoint of at least that size."""
-    if build.disk < least:
-        raise SystemExit(f"{ckpt}: only {build.disk:,} bytes; expected >= 1 GB")
+@contextmanager
+def checkpoint(
+    args: argparse.Namespace, key: str, script: Path, world: int, prefix: str
+) -> Iterator[tuple[Path, Path, Result]]:
+    """(temp folder, checkpoint, the build's measurements) for a benchmark's runs: the folder
+    made under ``--tmp`` with ``prefix`` and deleted at the end; the checkpoint cached as
+    ``key`` (:func:`build_cached`; ``--rebuild``), which must hold at least 1 GB."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=args.tmp))
+    try:
+        ckpt, res = build_cached(key, args.ds_python, script, world, args.rebuild, tmp)
+        if res.disk < 10**9:
+            raise SystemExit(f"{ckpt}: only {res.disk:,} bytes; expected >= 1 GB")
+        yield tmp, ckpt, res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def warm(folder: Path) -> None:
@@ -587,6 +601,16 @@ def arguments(description: str, needs: str = "torch + deepspeed") -> argparse.Ar
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
     ap.add_argument("--tmp", type=Path, help="parent of the temp output folder (default: $TMPDIR)")
     return ap
+
+
+def parse(ap: argparse.ArgumentParser, worker: Callable[[Path], None]) -> argparse.Namespace:
+    """The parsed command line of a benchmark that launches itself under torchrun to build
+    its checkpoint. With ``--worker`` this process is one of those ranks: it runs
+    ``worker(--out)`` and exits (:func:`exit_worker`) instead of returning."""
+    args = ap.parse_args()
+    if args.worker:
+        exit_worker(lambda: worker(args.out))
+    return args
 
 
 def layoutc_python(args: argparse.Namespace) -> tuple[str, str]:
