@@ -62,34 +62,36 @@ import hashlib
 import inspect
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside this script
 
 from harness import (
-    CACHE,
+    EXCEPTION,
     OUTDIR,
-    Result,
+    Job,
     arguments,
-    build_cached,
-    dd_copy,
+    checkpoint,
+    conversion_jobs,
     ds_env,
-    du,
-    exit_worker,
+    error_line,
+    finish_check,
+    keep_floor,
     layoutc_python,
     machine_line,
-    measure,
     mib,
+    note_error,
+    parse,
     plan_prediction,
+    print_runs,
     ratio,
+    round_robin,
+    run_check,
+    same_manifest,
     secs,
+    verify_output,
     versions,
     warm,
 )
@@ -113,6 +115,8 @@ FASTER, SMALLER, FLOOR = 5.0, 8.0, 1.3
 
 # The conversions measured: name -> --to.
 TARGETS = {"safetensors": "safetensors", "torch": "torch"}
+# The line that says why a run failed: a traceback's exception, or a command's "error: ".
+FAILURE = rf"{EXCEPTION}|.*\berror: "
 DCP_TO_TORCH_SAVE = (
     "import pathlib, sys\n"
     "from torch.distributed.checkpoint.format_utils import dcp_to_torch_save\n"
@@ -190,10 +194,6 @@ def worker(out: Path) -> None:
     dist.barrier()
 
 
-def worker_main(out: Path) -> None:
-    exit_worker(lambda: worker(out))
-
-
 # ------------------------------------------------------------------------------------------
 # The content check (runs in --ds-python: torch.load of dcp_to_torch_save's file)
 # ------------------------------------------------------------------------------------------
@@ -254,11 +254,7 @@ def check(saved: Path, outputs: list[Path]) -> None:
             else:
                 problems.append(f"{out.name}: {n} differs from dcp_to_torch_save's")
         summary[out.name] = {"equal": equal, "other_tensors": len(loaded) - len(got)}
-    summary["problems"] = problems[:20] + (
-        [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
-    )
-    print(json.dumps(summary))
-    sys.exit(1 if problems else 0)
+    finish_check(summary, problems)
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,54 +269,13 @@ def cache_key(vers: dict[str, str]) -> str:
     return f"dcp_fsdp2_w{WORLD}_fp32_{MODEL['blocks']}x{MODEL['hidden']}-torch{vers['torch']}-{h.hexdigest()[:12]}"
 
 
-def build(ds_python: str, vers: dict[str, str], rebuild: bool, tmp: Path) -> tuple[Path, Result]:
-    """The cached checkpoint (built now if missing) and the build's measurements."""
-    base = CACHE / cache_key(vers)
-    return build_cached(
-        f"build (torchrun, {WORLD} ranks)", base, ds_python, HERE, WORLD, rebuild, tmp
-    )
-
-
-def error_line(log: str) -> str:
-    """The exception or ``error:`` line of a failed run's ``log`` (the last), else its last
-    line."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    exc = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)\b|.*\berror: )")
-    found = [ln for ln in lines if exc.match(ln)]
-    return (found or lines or ["(no output)"])[-1][:300]
-
-
-def manifest(out: Path) -> str:
-    return (out / "layoutc-manifest.json").read_text()
-
-
-@dataclass
-class Job:
-    """One measured command. ``target``: the layoutc conversion it runs (a TARGETS key) or
-    whose first output it copies (``dd``)."""
-
-    name: str
-    cmd: list[str]
-    env: dict[str, str]
-    target: str | None = None
-    memory: bool = False
-    dd: bool = False
-    result: Result = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.result = Result(self.name, self.cmd)
-
-
 def main() -> None:
     ap = arguments(__doc__.splitlines()[0], needs="torch and safetensors")
     ap.add_argument("--check", nargs="+", type=Path, help=argparse.SUPPRESS)
     ap.add_argument(
         "--only-build", action="store_true", help="build (or find) the checkpoint and stop"
     )
-    args = ap.parse_args()
-    if args.worker:
-        worker_main(args.out)
-        return
+    args = parse(ap, worker)
     if args.check:
         check(args.check[0], args.check[1:])
         return
@@ -329,11 +284,8 @@ def main() -> None:
     load_start = os.getloadavg()
     date = time.strftime("%Y-%m-%d")
 
-    tmp = Path(tempfile.mkdtemp(prefix="layoutc-bench-dcp-", dir=args.tmp))
-    try:
-        ckpt, build_res = build(args.ds_python, vers, args.rebuild, tmp)
-        if build_res.disk < 10**9:
-            raise SystemExit(f"{ckpt}: only {build_res.disk:,} bytes; expected >= 1 GB")
+    bench = checkpoint(args, cache_key(vers), HERE, WORLD, "layoutc-bench-dcp-")
+    with bench as (tmp, ckpt, build_res):
         if args.only_build:
             b = build_res.best
             print(
@@ -347,25 +299,14 @@ def main() -> None:
         warm(ckpt)
 
         env_lc = dict(os.environ)
-        env_torch = ds_env(CACHE / "torch_extensions")
+        env_torch = ds_env()
         floors = {t: tmp / f"floor-{t}" for t in TARGETS}
         saved = tmp / "dcp_to_torch_save"  # the first output of dcp_to_torch_save, kept
         jobs: list[Job] = []
         for t, to in TARGETS.items():
             convert = [args.layoutc, "convert", str(ckpt), "--to", to, "-o", OUTDIR, "-q"]
-            jobs.append(Job(f"layoutc → {t}", convert, env_lc, target=t))
-            if t == "safetensors":
-                jobs.append(
-                    Job(
-                        f"layoutc → {t} --memory {MEMORY_BUDGET}",
-                        [*convert, "--memory", MEMORY_BUDGET],
-                        env_lc,
-                        target=t,
-                        memory=True,
-                    )
-                )
-            # The command is made when the first output is there (dd_copy lists its files).
-            jobs.append(Job(f"dd oflag=direct of the {t} output", [], env_lc, t, dd=True))
+            memory = MEMORY_BUDGET if t == "safetensors" else None
+            jobs += conversion_jobs(t, convert, env_lc, memory)
         torch_job = Job(
             "torch dcp_to_torch_save",
             [args.ds_python, "-c", DCP_TO_TORCH_SAVE, str(ckpt), OUTDIR],
@@ -375,48 +316,24 @@ def main() -> None:
         predictions = {
             t: plan_prediction(args.layoutc, ckpt, to, None) for t, to in TARGETS.items()
         }
-        manifests: dict[Path, str] = {}  # by the floor of the conversion
+        manifests: dict[str, str] = {}  # by conversion
         checks: list[str] = []
         problems: list[str] = []
-        for k in range(args.repeat):
-            for i, job in enumerate(jobs):
-                res = job.result
-                floor = floors[job.target] if job.target else None
-                if job.dd and floor is not None:
-                    if not floor.exists():
-                        print(f"[{job.name}] skipped: no layoutc output to copy", flush=True)
-                        continue
-                    job.cmd = res.cmd = dd_copy(floor)
-                out = tmp / f"out{i}-{k}"
-                real = [c.replace(OUTDIR, str(out)) for c in job.cmd]
-                print(f"[{job.name}] run {k + 1}/{args.repeat} ...", flush=True)
-                run = measure(real, job.env, tmp, tmp / f"job{i}-{k}.log")
-                res.runs.append(run)
-                if run.rc != 0:
-                    line = error_line(run.log).replace(str(ckpt), "CKPT")
-                    if line not in res.note:
-                        res.note = f"{res.note} / {line}" if res.note else line
-                    print(f"[{job.name}] FAILED rc={run.rc}:\n{run.log[-3000:]}", flush=True)
-                elif out.exists():
-                    res.files, res.disk, res.data = du(out)
-                if job is torch_job and run.rc == 0 and not saved.exists():
-                    out.rename(saved)  # the reference of the content check
-                if floor is not None and not job.dd and run.rc == 0:
-                    v = subprocess.run(
-                        [args.layoutc, "verify", str(out)], capture_output=True, text=True
+        for k, job, run, out in round_robin(jobs, args.repeat, tmp, floors):
+            if run.rc != 0:
+                note_error(job.result, run.log, ckpt, FAILURE)
+            if job is torch_job and run.rc == 0 and not saved.exists():
+                out.rename(saved)  # the reference of the content check
+            if job.target and not job.dd and run.rc == 0:
+                v = verify_output(args.layoutc, job, k, out, checks)
+                if v.returncode != 0:
+                    problems.append(
+                        f"layoutc verify ({job.name}, run {k + 1}) failed: "
+                        f"{(v.stdout + v.stderr).strip()[-500:]}"
                     )
-                    checks.append(f"layoutc verify ({job.name}, run {k + 1}): rc {v.returncode}")
-                    if v.returncode != 0:
-                        problems.append(
-                            f"layoutc verify ({job.name}, run {k + 1}) failed: "
-                            f"{(v.stdout + v.stderr).strip()[-500:]}"
-                        )
-                    elif manifest(out) != manifests.setdefault(floor, manifest(out)):
-                        problems.append(f"{job.name}: run {k + 1} wrote another manifest")
-                    if not floor.exists():
-                        out.rename(floor)  # the dd floor copies these files
-                        warm(floor)
-                shutil.rmtree(out, ignore_errors=True)
+                elif not same_manifest(out, manifests, job.target):
+                    problems.append(f"{job.name}: run {k + 1} wrote another manifest")
+                keep_floor(out, floors[job.target])
         load_end = os.getloadavg()
 
         outputs = [f for f in floors.values() if f.exists()]
@@ -425,21 +342,12 @@ def main() -> None:
         elif not outputs:
             content = {"not run": "no layoutc conversion succeeded"}
         else:
-            c = subprocess.run(
-                [args.ds_python, str(HERE), "--check", str(saved / TORCH_SAVE), *map(str, outputs)],
-                capture_output=True,
-                text=True,
-                env=env_torch,
-            )
-            lines = c.stdout.strip().splitlines()
-            content = json.loads(lines[-1]) if lines else {}
+            c, content = run_check(args.ds_python, HERE, [saved / TORCH_SAVE, *outputs], env_torch)
             if c.returncode != 0:
                 problems.append(
                     f"the outputs differ from dcp_to_torch_save's (rc {c.returncode}): "
                     f"{(c.stdout + c.stderr).strip()[-1500:]}"
                 )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     machine = machine_line(vers, lc_ver, date, load_start, load_end)
     report(args, jobs, build_res, ckpt, vers, machine, predictions, checks, content, problems)
@@ -471,53 +379,13 @@ def report(
         f"conversion's own output files; memory columns are the worst run's."
     )
     print()
-    print(
-        "| step | wall s | vs dd | wall + sync s | CPU s | max-process RSS MiB | "
-        "tree PSS MiB | tree anon PSS MiB | output files | output MB |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r, j in [(build_res, None), *((j.result, j) for j in jobs)]:
-        b = r.best
-        label = r.name + (" (cached)" if r.cached else "")
-        if not r.runs:
-            print(f"| {label} | not run: no layoutc output to copy | | | | | | | | |")
-            continue
-        if b is None:
-            fails = ", ".join(f"{x.wall:.1f}" for x in r.runs)
-            print(f"| {label} | fails after {fails} s: `{r.note}` | | | | | | | | |")
-            continue
-        vs = "-"
-        if j is not None and j.target and not j.dd:
-            fb = floor[j.target].best
-            vs = ratio(b.wall, fb.wall if fb else None)
-        print(
-            f"| {label} | {secs(b.wall)} | {vs} | {secs(b.wall + b.sync)} | {secs(b.cpu)} | "
-            f"{mib(r.stat('maxrss'))} | {mib(r.stat('pss'))} | {mib(r.stat('pss_anon'))} | "
-            f"{r.files} | {r.disk / 1e6:,.0f} |"
-        )
-    print()
-    print(
-        "Every run (s): "
-        + "; ".join(
-            f"{j.name}: "
-            + ", ".join(
-                f"{x.wall:.2f}" if x.rc == 0 else f"rc {x.rc} {x.wall:.2f}" for x in j.result.runs
-            )
-            for j in jobs
-            if j.result.runs
-        )
-        + "."
-    )
+    print_runs(build_res, jobs)
     print()
 
     def verdict(value: float | None, target: float, at_least: bool) -> str:
         if value is None:
             return "-"
         return "met" if (value >= target if at_least else value <= target) else "missed"
-
-    def best(r: Result, attr: str) -> float | None:
-        b = r.best
-        return None if b is None else (b.wall + b.sync if attr == "sync" else getattr(b, attr))
 
     def div(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None
@@ -533,15 +401,15 @@ def report(
         for label, a, b, target, at_least in (
             (
                 f"dcp_to_torch_save / {j.name}, wall",
-                best(torch_res, "wall"),
-                best(r, "wall"),
+                torch_res.best_time("wall"),
+                r.best_time("wall"),
                 None,
                 True,
             ),
             (
                 f"dcp_to_torch_save / {j.name}, wall + sync",
-                best(torch_res, "sync"),
-                best(r, "sync"),
+                torch_res.best_time("sync"),
+                r.best_time("sync"),
                 FASTER,
                 True,
             ),
@@ -561,8 +429,8 @@ def report(
             ),
             (
                 f"{j.name} / its dd floor, wall",
-                best(r, "wall"),
-                best(floor[j.target], "wall"),
+                r.best_time("wall"),
+                floor[j.target].best_time("wall"),
                 FLOOR,
                 False,
             ),
@@ -579,7 +447,8 @@ def report(
             print(f"- {j.name}: peak RSS {mib(peak)} MiB (budget {budget // 2**20} MiB)")
     for t, s in predictions.items():
         if "error" in s:
-            print(f"- plan → {t} failed: `{error_line(s['error']).replace(str(ckpt), 'CKPT')}`")
+            line = error_line(s["error"], FAILURE).replace(str(ckpt), "CKPT")
+            print(f"- plan → {t} failed: `{line}`")
             continue
         r = next(j.result for j in jobs if j.target == t and not j.dd and not j.memory)
         w = s["bytes_written"]

@@ -62,12 +62,8 @@ import inspect
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside this script
@@ -75,24 +71,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside t
 # The same DeepSpeed config (ZeRO-2, bf16, torch AdamW) and imports probe as the dense one.
 from convert_vs_deepspeed import IMPORT_PROBE, MICRO_BATCH, ds_config
 from harness import (
-    CACHE,
     OUTDIR,
-    Result,
+    Job,
     arguments,
-    build_cached,
-    dd_copy,
+    checkpoint,
+    conversion_jobs,
     ds_env,
-    du,
-    exit_worker,
+    ds_to_universal,
+    finish_check,
+    keep_floor,
     layoutc_python,
     machine_line,
-    measure,
     mib,
+    note_error,
+    parse,
     plan_prediction,
-    ratio,
-    secs,
+    print_runs,
+    round_robin,
+    run_check,
+    same_manifest,
+    verify_output,
     versions,
     warm,
+    zero_to_fp32,
 )
 
 HERE = Path(__file__).resolve()
@@ -220,10 +221,6 @@ def worker(out: Path) -> None:
     dist.barrier()
 
 
-def worker_main(out: Path) -> None:
-    exit_worker(lambda: worker(out))
-
-
 # ------------------------------------------------------------------------------------------
 # The content check (runs in --ds-python: torch.load of DeepSpeed's files)
 # ------------------------------------------------------------------------------------------
@@ -279,20 +276,14 @@ def check(ckpt: Path, st_out: Path, ds_out: Path) -> None:
         bad = [k for k in keys if not torch.equal(a[k], b[k])]
         problems += [f"{f.name}: {k} differs in the ep={2 * EP} output" for k in bad]
         same += len(keys) - len(bad)
-    print(
-        json.dumps(
-            {
-                "params": len(truth),
-                "safetensors_equal_fp32_master": masters,
-                "safetensors_bf16_equal_saved_weight": weights,
-                "reshard_files_checked": files,
-                "reshard_tensors_equal": same,
-                "problems": problems[:20]
-                + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []),
-            }
-        )
-    )
-    sys.exit(1 if problems else 0)
+    summary = {
+        "params": len(truth),
+        "safetensors_equal_fp32_master": masters,
+        "safetensors_bf16_equal_saved_weight": weights,
+        "reshard_files_checked": files,
+        "reshard_tensors_equal": same,
+    }
+    finish_check(summary, problems)
 
 
 # ------------------------------------------------------------------------------------------
@@ -312,51 +303,10 @@ def cache_key(vers: dict[str, str]) -> str:
     return f"moe_z2_w{WORLD}_ep{EP}_bf16_{MODEL['moe_layers']}x{MODEL['experts']}x{MODEL['hidden']}-ds{vers['deepspeed']}-{h.hexdigest()[:12]}"
 
 
-def build(ds_python: str, vers: dict[str, str], rebuild: bool, tmp: Path) -> tuple[Path, Result]:
-    """The cached checkpoint (built now if missing) and the build's measurements."""
-    base = CACHE / cache_key(vers)
-    return build_cached(
-        f"build (torchrun, {WORLD} ranks)", base, ds_python, HERE, WORLD, rebuild, tmp
-    )
-
-
-def error_line(log: str) -> str:
-    """The exception line of a traceback in ``log`` (the last), else its last line."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    exc = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)|AssertionError)\b")
-    found = [ln for ln in lines if exc.match(ln)]
-    return (found or lines or ["(no output)"])[-1][:300]
-
-
-def manifest(out: Path) -> str:
-    return (out / "layoutc-manifest.json").read_text()
-
-
-@dataclass
-class Job:
-    """One measured command. ``target``: the layoutc conversion it runs (a TARGETS key) or
-    whose first output it copies (``dd``); ``ds``: one of DeepSpeed's converters."""
-
-    name: str
-    cmd: list[str]
-    env: dict[str, str]
-    target: str | None = None
-    memory: bool = False
-    dd: bool = False
-    ds: bool = False
-    result: Result = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.result = Result(self.name, self.cmd)
-
-
 def main() -> None:
     ap = arguments(__doc__.splitlines()[0])
     ap.add_argument("--check", nargs=3, type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        worker_main(args.out)
-        return
+    args = parse(ap, worker)
     if args.check:
         check(*args.check)
         return
@@ -365,59 +315,31 @@ def main() -> None:
     load_start = os.getloadavg()
     date = time.strftime("%Y-%m-%d")
 
-    tmp = Path(tempfile.mkdtemp(prefix="layoutc-bench-moe-", dir=args.tmp))
-    try:
-        ckpt, build_res = build(args.ds_python, vers, args.rebuild, tmp)
+    bench = checkpoint(args, cache_key(vers), HERE, WORLD, "layoutc-bench-moe-")
+    with bench as (tmp, ckpt, build_res):
         tag = (ckpt / "latest").read_text().strip()
-        if build_res.disk < 10**9:
-            raise SystemExit(f"{ckpt}: only {build_res.disk:,} bytes; expected >= 1 GB")
         warm(ckpt)
 
         env_lc = dict(os.environ)
-        env_ds = ds_env(CACHE / "torch_extensions")
-        z2f = (
-            "import sys\n"
-            "from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict as c\n"
-            "c(sys.argv[1], sys.argv[2], safe_serialization=True, max_shard_size=None)\n"
-        )
+        env_ds = ds_env()
         floors = {t: tmp / f"floor-{i}" for i, t in enumerate(TARGETS)}
         jobs = [Job("layoutc start + imports", [lc_py, "-c", IMPORT_PROBE], env_lc)]
         for t, (to, settings) in TARGETS.items():
             flags = ["--to", to, *(x for v in settings for x in ("--set", v))]
             plan_cmd = [args.layoutc, "plan", str(ckpt), *flags, "--json"]
             convert = [args.layoutc, "convert", str(ckpt), *flags, "-o", OUTDIR, "-q"]
-            jobs += [
-                Job(f"layoutc plan → {t} (no data moved)", plan_cmd, env_lc),
-                Job(f"layoutc → {t}", convert, env_lc, target=t),
-                Job(
-                    f"layoutc → {t} --memory {MEMORY_BUDGET}",
-                    [*convert, "--memory", MEMORY_BUDGET],
-                    env_lc,
-                    target=t,
-                    memory=True,
-                ),
-                # The command is made when the first output is there (dd_copy lists its files).
-                Job(f"dd oflag=direct of the {t} output", [], env_lc, t, dd=True),
-            ]
+            jobs.append(Job(f"layoutc plan → {t} (no data moved)", plan_cmd, env_lc))
+            jobs += conversion_jobs(t, convert, env_lc, MEMORY_BUDGET)
         jobs += [
             Job(
                 "DeepSpeed zero_to_fp32 (safetensors)",
-                [args.ds_python, "-c", z2f, str(ckpt), OUTDIR],
+                zero_to_fp32(args.ds_python, ckpt),
                 env_ds,
                 ds=True,
             ),
             Job(
                 "DeepSpeed ds_to_universal --inject_missing_state",
-                [
-                    args.ds_python,
-                    "-m",
-                    "deepspeed.checkpoint.ds_to_universal",
-                    "--input_folder",
-                    str(ckpt / tag),
-                    "--output_folder",
-                    f"{OUTDIR}/{tag}",
-                    "--inject_missing_state",
-                ],
+                ds_to_universal(args.ds_python, ckpt, tag),
                 env_ds,
                 ds=True,
             ),
@@ -428,56 +350,23 @@ def main() -> None:
         }
         manifests: dict[str, str] = {}
         checks: list[str] = []
-        for k in range(args.repeat):
-            for i, job in enumerate(jobs):
-                res = job.result
-                if job.dd and not floors[job.target].exists():
-                    print(f"[{job.name}] skipped: no layoutc output to copy", flush=True)
-                    continue
-                if job.dd:
-                    job.cmd = job.result.cmd = dd_copy(floors[job.target])
-                out = tmp / f"out{i}-{k}"
-                real = [c.replace(OUTDIR, str(out)) for c in job.cmd]
-                print(f"[{job.name}] run {k + 1}/{args.repeat} ...", flush=True)
-                run = measure(real, job.env, tmp, tmp / f"job{i}-{k}.log")
-                res.runs.append(run)
-                if run.rc != 0:
-                    if job.ds:
-                        line = error_line(run.log).replace(str(ckpt), "CKPT")
-                        if line not in res.note:  # its workers race: the first error varies
-                            res.note = f"{res.note} / {line}" if res.note else line
-                    print(f"[{job.name}] FAILED rc={run.rc}:\n{run.log[-3000:]}", flush=True)
-                elif out.exists():
-                    res.files, res.disk, res.data = du(out)
-                if job.target and not job.dd and run.rc == 0:
-                    res.note = run.log.strip().splitlines()[-1][:300]
-                    v = subprocess.run(
-                        [args.layoutc, "verify", str(out)], capture_output=True, text=True
-                    )
-                    checks.append(f"layoutc verify ({job.name}, run {k + 1}): rc {v.returncode}")
-                    if v.returncode != 0:
-                        raise SystemExit(f"layoutc verify {out} failed:\n{v.stdout}{v.stderr}")
-                    first = manifests.setdefault(job.target, manifest(out))
-                    if manifest(out) != first:
-                        raise SystemExit(f"{job.name}: run {k + 1} wrote another manifest")
-                    if not floors[job.target].exists():
-                        out.rename(floors[job.target])  # the dd floor copies these files
-                        warm(floors[job.target])
-                shutil.rmtree(out, ignore_errors=True)
+        for k, job, run, out in round_robin(jobs, args.repeat, tmp, floors):
+            if run.rc != 0 and job.ds:
+                note_error(job.result, run.log, ckpt)
+            if job.target and not job.dd and run.rc == 0:
+                job.result.note = run.log.strip().splitlines()[-1][:300]
+                v = verify_output(args.layoutc, job, k, out, checks)
+                if v.returncode != 0:
+                    raise SystemExit(f"layoutc verify {out} failed:\n{v.stdout}{v.stderr}")
+                if not same_manifest(out, manifests, job.target):
+                    raise SystemExit(f"{job.name}: run {k + 1} wrote another manifest")
+                keep_floor(out, floors[job.target])
         if all(f.exists() for f in floors.values()):
-            c = subprocess.run(
-                [args.ds_python, str(HERE), "--check", str(ckpt), *map(str, floors.values())],
-                capture_output=True,
-                text=True,
-                env=env_ds,
-            )
-            content = json.loads(c.stdout.strip().splitlines()[-1]) if c.stdout.strip() else {}
+            c, content = run_check(args.ds_python, HERE, [ckpt, *floors.values()], env_ds)
             if c.returncode != 0:
                 raise SystemExit(f"the outputs differ from the checkpoint:\n{c.stdout}{c.stderr}")
         else:
             raise SystemExit("a layoutc conversion failed: nothing to check")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     machine = machine_line(vers, lc_ver, date, load_start, os.getloadavg())
     report(args, jobs, build_res, ckpt, vers, machine, predictions, checks, content)
@@ -488,7 +377,6 @@ def report(args, jobs, build_res, ckpt, vers, machine, predictions, checks, cont
     gen = json.loads((ckpt / "GENERATED").read_text())
     params = gen["params_rank0"] + (EP - 1) * gen["expert_params_rank0"]
     experts = EP * gen["expert_params_rank0"]
-    floor = {j.target: j.result for j in jobs if j.dd}
     print()
     print("## Converting a native MoE checkpoint (`benchmarks/convert_moe_vs_deepspeed.py`)")
     print()
@@ -506,40 +394,7 @@ def report(args, jobs, build_res, ckpt, vers, machine, predictions, checks, cont
         f"the worst run's."
     )
     print()
-    print(
-        "| step | wall s | vs dd | wall + sync s | CPU s | max-process RSS MiB | "
-        "tree PSS MiB | tree anon PSS MiB | output files | output MB |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r, j in [(build_res, None), *((j.result, j) for j in jobs)]:
-        b = r.best
-        label = r.name + (" (cached)" if r.cached else "")
-        if b is None:
-            fails = [x for x in r.runs if x.rc != 0]
-            t = ", ".join(f"{x.wall:.1f}" for x in fails)
-            print(f"| {label} | fails after {t} s: `{r.note}` | | | | | | | | |")
-            continue
-        vs = "-"
-        if j is not None and j.target and not j.dd:
-            fb = floor[j.target].best
-            vs = ratio(b.wall, fb.wall if fb else None)
-        print(
-            f"| {label} | {secs(b.wall)} | {vs} | {secs(b.wall + b.sync)} | {secs(b.cpu)} | "
-            f"{mib(r.stat('maxrss'))} | {mib(r.stat('pss'))} | {mib(r.stat('pss_anon'))} | "
-            f"{r.files} | {r.disk / 1e6:,.0f} |"
-        )
-    print()
-    print(
-        "Every run (s): "
-        + "; ".join(
-            f"{j.name}: "
-            + ", ".join(
-                f"{x.wall:.2f}" if x.rc == 0 else f"rc {x.rc} {x.wall:.2f}" for x in j.result.runs
-            )
-            for j in jobs
-        )
-        + "."
-    )
+    print_runs(build_res, jobs)
     print()
     budget = 256 * 2**20 + BUDGET_SLACK
     for j in jobs:

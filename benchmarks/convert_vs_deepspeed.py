@@ -60,33 +60,32 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, beside this script
 
 from harness import (
-    CACHE,
     METADATA,
     OUTDIR,
     Result,
     arguments,
-    build_cached,
+    checkpoint,
     dd_copy,
     ds_env,
-    du,
-    exit_worker,
+    ds_to_universal,
     free_port,
     layoutc_python,
     machine_line,
-    measure,
     mib,
+    parse,
     plan_prediction,
     ratio,
+    run_once,
     secs,
     versions,
     warm,
+    zero_to_fp32,
 )
 
 HERE = Path(__file__).resolve()
@@ -166,10 +165,6 @@ def worker(out: Path) -> None:
     dist.barrier()
 
 
-def worker_main(out: Path) -> None:
-    exit_worker(lambda: worker(out))
-
-
 # ------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------
@@ -183,38 +178,20 @@ def cache_key(vers: dict[str, str]) -> str:
     return f"z2_w{WORLD}_bf16_{MODEL['layers']}x{MODEL['hidden']}-ds{vers['deepspeed']}-{h.hexdigest()[:12]}"
 
 
-def build(ds_python: str, vers: dict[str, str], rebuild: bool, tmp: Path) -> tuple[Path, Result]:
-    """The cached checkpoint (built now if missing) and the build's measurements."""
-    base = CACHE / cache_key(vers)
-    return build_cached("build (torchrun, 2 ranks)", base, ds_python, HERE, WORLD, rebuild, tmp)
-
-
 def main() -> None:
-    ap = arguments(__doc__.splitlines()[0])
-    args = ap.parse_args()
-    if args.worker:
-        worker_main(args.out)
-        return
+    args = parse(arguments(__doc__.splitlines()[0]), worker)
     lc_py, lc_ver = layoutc_python(args)
     vers = versions(args.ds_python)
     load_start = os.getloadavg()
     date = time.strftime("%Y-%m-%d")
 
-    tmp = Path(tempfile.mkdtemp(prefix="layoutc-bench-", dir=args.tmp))
-    try:
-        ckpt, build_res = build(args.ds_python, vers, args.rebuild, tmp)
+    bench = checkpoint(args, cache_key(vers), HERE, WORLD, "layoutc-bench-")
+    with bench as (tmp, ckpt, build_res):
         tag = (ckpt / "latest").read_text().strip()
-        if build_res.disk < 10**9:
-            raise SystemExit(f"{ckpt}: only {build_res.disk:,} bytes; expected >= 1 GB")
         warm(ckpt)  # every measured run reads the source from the page cache
 
         env_lc = dict(os.environ)
-        env_ds = ds_env(CACHE / "torch_extensions")
-        z2f = (
-            "import sys\n"
-            "from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict as c\n"
-            "c(sys.argv[1], sys.argv[2], safe_serialization=True, max_shard_size=None)\n"
-        )
+        env_ds = ds_env()
 
         def convert(to: str, *extra: str) -> list[str]:
             """layoutc's command line converting the checkpoint to ``to``."""
@@ -255,21 +232,7 @@ def main() -> None:
                 env_lc,
                 None,
             ),
-            (
-                "DeepSpeed ds_to_universal",
-                [
-                    args.ds_python,
-                    "-m",
-                    "deepspeed.checkpoint.ds_to_universal",
-                    "--input_folder",
-                    str(ckpt / tag),
-                    "--output_folder",
-                    f"{OUTDIR}/{tag}",
-                    "--inject_missing_state",
-                ],
-                env_ds,
-                None,
-            ),
+            ("DeepSpeed ds_to_universal", ds_to_universal(args.ds_python, ckpt, tag), env_ds, None),
             (
                 RESHARD,
                 [args.layoutc, *convert("deepspeed", "--set", f"dp={WORLD + 1}")],
@@ -284,7 +247,7 @@ def main() -> None:
             ),
             (
                 "DeepSpeed zero_to_fp32 (safetensors)",
-                [args.ds_python, "-c", z2f, str(ckpt), OUTDIR],
+                zero_to_fp32(args.ds_python, ckpt),
                 env_ds,
                 None,
             ),
@@ -296,24 +259,12 @@ def main() -> None:
             if plan is not None:
                 predictions[name] = plan_prediction(args.layoutc, ckpt, *plan)
             for k in range(args.repeat):
-                out = tmp / f"out{i}-{k}"
-                real = [c.replace(OUTDIR, str(out)) for c in cmd]
-                if "--master_port" in real:  # a fresh rendezvous port for every run
-                    real[real.index("--master_port") + 1] = str(free_port())
-                print(f"[{name}] run {k + 1}/{args.repeat} ...", flush=True)
-                run = measure(real, env, tmp, tmp / f"job{i}-{k}.log")
-                res.runs.append(run)
-                if run.rc != 0:
-                    print(f"[{name}] FAILED rc={run.rc}:\n{run.log[-3000:]}", flush=True)
-                elif out.exists():
-                    res.files, res.disk, res.data = du(out)
-                    if plan is not None:  # what layoutc says about itself
-                        res.note = run.log.strip().splitlines()[-1][:300]
+                run, out = run_once(res, cmd, env, tmp, f"{i}-{k}", k, args.repeat)
+                if run.rc == 0 and out.exists() and plan is not None:
+                    res.note = run.log.strip().splitlines()[-1][:300]  # what layoutc says
                 shutil.rmtree(out, ignore_errors=True)
             results.append(res)
         load_end = os.getloadavg()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     # ----------------------------------------------------------------------------- report
     by = {r.name: r for r in results}
@@ -386,8 +337,7 @@ def main() -> None:
     print()
 
     def w(n: str, attr: str = "wall") -> float | None:
-        b = by[n].best
-        return None if b is None else (b.wall + b.sync if attr == "sync" else getattr(b, attr))
+        return by[n].best_time(attr)
 
     U, C, D = "layoutc → universal", "cp -r", "DeepSpeed ds_to_universal"
     S, Z = "layoutc → safetensors", "DeepSpeed zero_to_fp32 (safetensors)"

@@ -1,5 +1,7 @@
 """What the conversion benchmarks share: measuring a command, building a cached DeepSpeed
-checkpoint under torchrun, the durable ``dd`` copy that is the disk's floor, and formatting.
+checkpoint under torchrun, the durable ``dd`` copy that is the disk's floor, DeepSpeed's
+converters' command lines, running the measured commands, checking layoutc's outputs, the
+hand-off to a content check in another interpreter, and formatting.
 
 Standard library only: the driver of a benchmark runs in any interpreter, and torch and
 deepspeed are imported only inside the torchrun workers (``exit_worker``).
@@ -9,7 +11,9 @@ time of a ``sync`` right after it, the peak RSS of its largest process (``/usr/b
 %M``, or ``getrusage(RUSAGE_CHILDREN)`` of a wrapper where there is no /usr/bin/time), and,
 sampled every 0.1 s over the whole process tree, the peak sum of PSS and of anonymous PSS
 (``/proc/PID/smaps_rollup``). A ``sync`` before it (untimed) keeps earlier dirty pages out
-of its figures.
+of its figures. ``run_once`` measures one run of a benchmark's command into a fresh output
+folder; ``round_robin`` runs a benchmark's jobs (``Job``) that way, a round at a time, each
+dd floor copying the first output of its layoutc conversion; ``print_runs`` tabulates them.
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -146,6 +153,32 @@ class Result:
         ok = self.ok
         return fn(getattr(r, attr) for r in ok) if ok else None
 
+    def best_time(self, attr: str = "wall") -> float | None:
+        """The best run's ``attr`` (``"sync"``: its wall time plus the sync after it), or
+        None when no run succeeded."""
+        b = self.best
+        return None if b is None else (b.wall + b.sync if attr == "sync" else getattr(b, attr))
+
+
+@dataclass
+class Job:
+    """One measured command of a round-robin benchmark (:func:`round_robin`). ``target``:
+    the layoutc conversion it runs (a key of the script's TARGETS) or whose first output it
+    copies (``dd``: its command is made when that output is there); ``memory``: a run under
+    a ``--memory`` budget; ``ds``: one of DeepSpeed's converters."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    target: str | None = None
+    memory: bool = False
+    dd: bool = False
+    ds: bool = False
+    result: Result = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.result = Result(self.name, self.cmd)
+
 
 def _sync() -> float:
     t = time.perf_counter()
@@ -215,7 +248,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ds_env(ext_dir: Path) -> dict[str, str]:
+def ds_env(ext_dir: Path = CACHE / "torch_extensions") -> dict[str, str]:
+    """This environment for DeepSpeed on CPU, its compiled ops cached in ``ext_dir``."""
     env = dict(os.environ)
     env.update(
         {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "TORCH_EXTENSIONS_DIR": str(ext_dir)}
@@ -253,11 +287,13 @@ def exit_worker(work: Callable[[], None]) -> NoReturn:
 
 
 def build_cached(
-    name: str, base: Path, ds_python: str, script: Path, world: int, rebuild: bool, tmp: Path
+    key: str, ds_python: str, script: Path, world: int, rebuild: bool, tmp: Path
 ) -> tuple[Path, Result]:
-    """The checkpoint ``base/ckpt``, built by ``script --worker --out base/ckpt`` under
-    torchrun at ``world`` ranks (CPU, one thread each) unless ``base/DONE`` says it was, and
-    the build's measurements. A ``GENERATED`` file in the checkpoint marks a complete build."""
+    """The checkpoint ``base/ckpt`` (``base``: ``CACHE/key``), built by ``script --worker
+    --out base/ckpt`` under torchrun at ``world`` ranks (CPU, one thread each) unless
+    ``base/DONE`` says it was, and the build's measurements. A ``GENERATED`` file in the
+    checkpoint marks a complete build."""
+    base = CACHE / key
     cmd = [
         ds_python,
         "-m",
@@ -273,11 +309,11 @@ def build_cached(
         "--out",
         str(base / "ckpt"),
     ]
-    env = ds_env(CACHE / "torch_extensions")
+    env = ds_env()
     env["OMP_NUM_THREADS"] = "1"
     ckpt = base / "ckpt"
     done = base / "DONE"
-    res = Result(name, cmd, out=ckpt)
+    res = Result(f"build (torchrun, {world} ranks)", cmd, out=ckpt)
     if done.is_file() and not rebuild:
         rec = json.loads(done.read_text())
         res.runs = [Run(**rec["run"])]
@@ -305,6 +341,23 @@ def build_cached(
     return ckpt, res
 
 
+@contextmanager
+def checkpoint(
+    args: argparse.Namespace, key: str, script: Path, world: int, prefix: str
+) -> Iterator[tuple[Path, Path, Result]]:
+    """(temp folder, checkpoint, the build's measurements) for a benchmark's runs: the folder
+    made under ``--tmp`` with ``prefix`` and deleted at the end; the checkpoint cached as
+    ``key`` (:func:`build_cached`; ``--rebuild``), which must hold at least 1 GB."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=args.tmp))
+    try:
+        ckpt, res = build_cached(key, args.ds_python, script, world, args.rebuild, tmp)
+        if res.disk < 10**9:
+            raise SystemExit(f"{ckpt}: only {res.disk:,} bytes; expected >= 1 GB")
+        yield tmp, ckpt, res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def warm(folder: Path) -> None:
     """Read every file under ``folder`` once, so that runs read it from the page cache."""
     subprocess.run(f"find '{folder}' -type f -exec cat {{}} + > /dev/null", shell=True, check=True)
@@ -326,6 +379,174 @@ def dd_copy(src: Path, dst: str = OUTDIR) -> list[str]:
         + ['for p in $pids; do wait "$p" || exit 1; done']
     )
     return ["sh", "-c", script]
+
+
+ZERO_TO_FP32 = (
+    "import sys\n"
+    "from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict as c\n"
+    "c(sys.argv[1], sys.argv[2], safe_serialization=True, max_shard_size=None)\n"
+)
+
+
+def zero_to_fp32(ds_python: str, ckpt: Path) -> list[str]:
+    """DeepSpeed's ``convert_zero_checkpoint_to_fp32_state_dict`` of ``ckpt`` into OUTDIR:
+    safetensors, one file (``max_shard_size=None``)."""
+    return [ds_python, "-c", ZERO_TO_FP32, str(ckpt), OUTDIR]
+
+
+def ds_to_universal(ds_python: str, ckpt: Path, tag: str) -> list[str]:
+    """DeepSpeed's ``ds_to_universal`` of ``ckpt``'s ``tag`` into OUTDIR/``tag``, its
+    default workers, ``--inject_missing_state``."""
+    return [
+        ds_python,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(ckpt / tag),
+        "--output_folder",
+        f"{OUTDIR}/{tag}",
+        "--inject_missing_state",
+    ]
+
+
+def conversion_jobs(
+    name: str, convert: list[str], env: dict[str, str], memory: str | None = None
+) -> list[Job]:
+    """The jobs of layoutc conversion ``name`` (a key of the script's TARGETS), whose command
+    line is ``convert``: the conversion; the same under ``--memory memory`` when given; and
+    its dd floor, the durable copy of the conversion's first output."""
+    jobs = [Job(f"layoutc → {name}", convert, env, target=name)]
+    if memory is not None:
+        jobs.append(
+            Job(
+                f"layoutc → {name} --memory {memory}",
+                [*convert, "--memory", memory],
+                env,
+                target=name,
+                memory=True,
+            )
+        )
+    # The command is made when the first output is there (dd_copy lists its files).
+    jobs.append(Job(f"dd oflag=direct of the {name} output", [], env, name, dd=True))
+    return jobs
+
+
+def run_once(
+    res: Result, cmd: list[str], env: dict[str, str], tmp: Path, key: str, k: int, repeat: int
+) -> tuple[Run, Path]:
+    """Measure run ``k + 1`` of ``repeat`` of ``cmd`` (its OUTDIR made ``tmp/out<key>``, a
+    torchrun's ``--master_port`` a fresh port) and add it to ``res``: a success records the
+    output's size, a failure prints the log's tail. The run and its output folder, which
+    the caller deletes."""
+    out = tmp / f"out{key}"
+    real = [c.replace(OUTDIR, str(out)) for c in cmd]
+    if "--master_port" in real:  # a fresh rendezvous port for every run
+        real[real.index("--master_port") + 1] = str(free_port())
+    print(f"[{res.name}] run {k + 1}/{repeat} ...", flush=True)
+    run = measure(real, env, tmp, tmp / f"job{key}.log")
+    res.runs.append(run)
+    if run.rc != 0:
+        print(f"[{res.name}] FAILED rc={run.rc}:\n{run.log[-3000:]}", flush=True)
+    elif out.exists():
+        res.files, res.disk, res.data = du(out)
+    return run, out
+
+
+def round_robin(
+    jobs: list[Job], repeat: int, tmp: Path, floors: dict[str, Path]
+) -> Iterator[tuple[int, Job, Run, Path]]:
+    """Run every job once a round, ``repeat`` rounds (so that each layoutc row and its dd
+    floor are measured within the same minutes), each by :func:`run_once`; yield (round,
+    job, run, output folder) after each run and delete that folder when the caller moves
+    on. A ``dd`` job copies the files of ``floors[job.target]`` (see :func:`keep_floor`),
+    and is skipped while that folder is missing."""
+    for k in range(repeat):
+        for i, job in enumerate(jobs):
+            if job.dd:
+                assert job.target is not None, f"{job.name}: a dd job names its conversion"
+                floor = floors[job.target]
+                if not floor.exists():
+                    print(f"[{job.name}] skipped: no layoutc output to copy", flush=True)
+                    continue
+                job.cmd = job.result.cmd = dd_copy(floor)
+            run, out = run_once(job.result, job.cmd, job.env, tmp, f"{i}-{k}", k, repeat)
+            yield k, job, run, out
+            shutil.rmtree(out, ignore_errors=True)
+
+
+# A traceback's exception line: ``ValueError: ...``, ``torch.x.CheckpointException: ...``.
+EXCEPTION = r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b"
+
+
+def error_line(log: str, pattern: str = EXCEPTION) -> str:
+    """The last line of ``log`` that ``pattern`` matches at its start (by default a
+    traceback's exception line), else its last line; 300 characters at the most."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    found = [ln for ln in lines if re.match(pattern, ln)]
+    return (found or lines or ["(no output)"])[-1][:300]
+
+
+def note_error(res: Result, log: str, ckpt: Path, pattern: str = EXCEPTION) -> None:
+    """Add the error line of a failed run's ``log`` (:func:`error_line`, the checkpoint's
+    path written CKPT) to ``res.note``, unless the note has it: the first error of racing
+    workers varies from run to run."""
+    line = error_line(log, pattern).replace(str(ckpt), "CKPT")
+    if line not in res.note:
+        res.note = f"{res.note} / {line}" if res.note else line
+
+
+def manifest(out: Path) -> str:
+    """The checksum manifest layoutc wrote into ``out``, as text."""
+    return (out / "layoutc-manifest.json").read_text()
+
+
+def verify_output(
+    layoutc: str, job: Job, k: int, out: Path, checks: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """``layoutc verify`` of ``out``, the output of run ``k + 1`` of ``job``; its return code
+    is recorded in ``checks``."""
+    v = subprocess.run([layoutc, "verify", str(out)], capture_output=True, text=True)
+    checks.append(f"layoutc verify ({job.name}, run {k + 1}): rc {v.returncode}")
+    return v
+
+
+def same_manifest(out: Path, first: dict[str, str], target: str) -> bool:
+    """Whether ``out`` holds the manifest that the first run of conversion ``target`` wrote
+    (``first[target]``, recorded now if this is that run)."""
+    return manifest(out) == first.setdefault(target, manifest(out))
+
+
+def keep_floor(out: Path, floor: Path) -> None:
+    """Keep the first output of a conversion as ``floor``, read into the page cache: the
+    files its dd job copies."""
+    if not floor.exists():
+        out.rename(floor)
+        warm(floor)
+
+
+def run_check(
+    ds_python: str, script: Path, paths: list[Path], env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """``script --check PATHS`` in ``ds_python`` (the content check reads the outputs with
+    torch): the finished process and the JSON summary it printed last ({} if none)."""
+    c = subprocess.run(
+        [ds_python, str(script), "--check", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    lines = c.stdout.strip().splitlines()
+    return c, json.loads(lines[-1]) if lines else {}
+
+
+def finish_check(summary: dict, problems: list[str]) -> NoReturn:
+    """End a content check: print ``summary`` and the first 20 ``problems`` as the JSON line
+    that :func:`run_check` reads, and exit 1 if there are any."""
+    summary["problems"] = problems[:20] + (
+        [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+    )
+    print(json.dumps(summary))
+    sys.exit(1 if problems else 0)
 
 
 def plan_prediction(layoutc: str, ckpt: Path, to: str, memory: str | None, *settings: str) -> dict:
@@ -382,6 +603,16 @@ def arguments(description: str, needs: str = "torch + deepspeed") -> argparse.Ar
     return ap
 
 
+def parse(ap: argparse.ArgumentParser, worker: Callable[[Path], None]) -> argparse.Namespace:
+    """The parsed command line of a benchmark that launches itself under torchrun to build
+    its checkpoint. With ``--worker`` this process is one of those ranks: it runs
+    ``worker(--out)`` and exits (:func:`exit_worker`) instead of returning."""
+    args = ap.parse_args()
+    if args.worker:
+        exit_worker(lambda: worker(args.out))
+    return args
+
+
 def layoutc_python(args: argparse.Namespace) -> tuple[str, str]:
     """(the interpreter layoutc runs in, layoutc's version); exits if --layoutc does not run."""
     if not args.layoutc:
@@ -407,4 +638,47 @@ def machine_line(
         "Load average (1/5/15 min) "
         f"{'/'.join(f'{x:.2f}' for x in load_start)} at the start, "
         f"{'/'.join(f'{x:.2f}' for x in load_end)} at the end."
+    )
+
+
+def print_runs(build: Result, jobs: list[Job]) -> None:
+    """The Markdown table of a round-robin benchmark, a row for the build and each job
+    (``vs dd``: a layoutc row's best wall over the best wall of its conversion's dd floor;
+    memory columns: the worst run's), then every run's wall time."""
+    floor = {j.target: j.result for j in jobs if j.dd}
+    print(
+        "| step | wall s | vs dd | wall + sync s | CPU s | max-process RSS MiB | "
+        "tree PSS MiB | tree anon PSS MiB | output files | output MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r, j in [(build, None), *((j.result, j) for j in jobs)]:
+        b = r.best
+        label = r.name + (" (cached)" if r.cached else "")
+        if not r.runs:
+            print(f"| {label} | not run: no layoutc output to copy | | | | | | | | |")
+            continue
+        if b is None:
+            fails = ", ".join(f"{x.wall:.1f}" for x in r.runs)
+            print(f"| {label} | fails after {fails} s: `{r.note}` | | | | | | | | |")
+            continue
+        vs = "-"
+        if j is not None and j.target and not j.dd:
+            vs = ratio(b.wall, floor[j.target].best_time())
+        print(
+            f"| {label} | {secs(b.wall)} | {vs} | {secs(b.wall + b.sync)} | {secs(b.cpu)} | "
+            f"{mib(r.stat('maxrss'))} | {mib(r.stat('pss'))} | {mib(r.stat('pss_anon'))} | "
+            f"{r.files} | {r.disk / 1e6:,.0f} |"
+        )
+    print()
+    print(
+        "Every run (s): "
+        + "; ".join(
+            f"{j.name}: "
+            + ", ".join(
+                f"{x.wall:.2f}" if x.rc == 0 else f"rc {x.rc} {x.wall:.2f}" for x in j.result.runs
+            )
+            for j in jobs
+            if j.result.runs
+        )
+        + "."
     )

@@ -67,19 +67,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
-import traceback
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ds_make  # after the sys.path insert above; imports no torch at module level
+
+# The DeepSpeed corpus's helpers serve this corpus too (dcp_load.py calls them through here):
+# param groups and metadata made JSON-able, the ground truth written atomically, and a
+# torchrun worker's exit through os._exit.
+jsonable = ds_make._jsonable
+write_truth = ds_make.write_truth
+exit_process = ds_make.exit_process
 
 SEED = 1234
 LOAD_SEED = 98765  # a fresh model for loading: nothing matches the checkpoint by accident
@@ -239,20 +243,6 @@ def train(model, opt, case: dict[str, Any], rank: int, start: int, steps: int) -
 # --------------------------------------------------------------------------------------------
 
 
-def jsonable(x: Any) -> Any:
-    import torch
-
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, bool | int | float | str) or x is None:
-        return x
-    return repr(x)
-
-
 def full(t: Any) -> Any:
     """A DTensor gathered (a collective: every rank calls it, in the same order), a plain
     tensor as it is; detached, cloned, on CPU."""
@@ -366,20 +356,6 @@ def hf_headers(dcp_dir: Path) -> dict[str, Any]:
             "tensors": {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in header.items()},
         }
     return out
-
-
-def write_truth(tensors: dict[str, Any], meta: dict[str, Any], st_path: Path) -> None:
-    """Write ``st_path`` (safetensors) and its ``.json`` sibling, atomically each."""
-    from safetensors.torch import save_file
-
-    st_path = Path(st_path)
-    tmp = st_path.with_name(st_path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp))
-    os.replace(tmp, st_path)
-    js = st_path.with_suffix(".json")
-    tmpj = js.with_name(js.name + ".tmp")
-    tmpj.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    os.replace(tmpj, js)
 
 
 def files_of(folder: Path) -> dict[str, int]:
@@ -500,21 +476,6 @@ def make_case(name: str, out: Path, rank: int, world: int) -> None:
         write_truth(tensors, meta, out / "ground_truth.safetensors")
         (out / "DONE").write_text(json.dumps({"case": name, "seconds": time.time() - t0}) + "\n")
     dist.barrier()
-
-
-def exit_process(work: Callable[[], None]) -> NoReturn:
-    """Run a torchrun worker's ``work``, then leave through ``os._exit`` (gloo sometimes aborts
-    at interpreter exit after all work is done); a failure exits 1 after its traceback."""
-    try:
-        work()
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
