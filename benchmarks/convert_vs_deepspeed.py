@@ -365,13 +365,17 @@ def main() -> None:
             f"| {label} | {ratio(w(a), w(b))} | {ratio(w(a, 'sync'), w(b, 'sync'))} | {mem_cols} |"
         )
     print()
-    u, floor, start = w(U), w(DD), w(IMPORTS)
+    u, floor, start, theirs = w(U), w(DD), w(IMPORTS), w(D)
     if u and floor and start:
+        lead = (
+            f"A 10x lead on ds_to_universal needs layoutc under {theirs / 10:.2f} s (wall), "
+            if theirs  # None when ds_to_universal failed
+            else "ds_to_universal did not finish; "
+        )
         print(
             f"layoutc → universal takes {u - floor:+.2f} s beyond the durable direct-IO copy of "
             f"the same bytes; {start:.2f} s of every layoutc run is the interpreter starting "
-            "and importing layoutc. A 10x lead on ds_to_universal needs layoutc under "
-            f"{w(D) / 10:.2f} s (wall), the dd copy alone took {floor:.2f} s."
+            f"and importing layoutc. {lead}the dd copy alone took {floor:.2f} s."
         )
         print()
     print(
