@@ -715,13 +715,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert",
         help="convert a checkpoint",
-        description="Convert a DeepSpeed checkpoint, or full weights with --spec: check the "
-        "layout against the files, plan, execute, commit atomically with a checksum manifest.",
+        description="Convert a DeepSpeed checkpoint, a PyTorch distributed checkpoint (DCP), "
+        "or full weights with --spec: check the layout against the files, plan, execute, "
+        "commit atomically with a checksum manifest.",
     )
     p.add_argument(
         "checkpoint",
         metavar="CKPT",
-        help="DeepSpeed checkpoint root (with `latest`) or tag folder; or full weights: "
+        help="DeepSpeed checkpoint root (with `latest`) or tag folder; a DCP folder "
+        "(.metadata and __R_N.distcp, or torch's Hugging Face layout); or full weights: "
         "a .safetensors file, a torch state dict, a Hugging Face folder (needs --spec)",
     )
     _output_option(p)
@@ -729,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--to",
         required=True,
         metavar="TARGET",
-        help="deepspeed, universal, safetensors, torch, or a TARGET.layout",
+        help=", ".join(ir.FORMATS) + ", or a TARGET.layout",
     )
     _source_options(p)
     p.add_argument("--memory", type=parse_size, metavar="SIZE", help="memory budget, e.g. 256MiB")
