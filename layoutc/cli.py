@@ -14,6 +14,7 @@ import argparse
 import difflib
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from layoutc import ir
+from layoutc import __version__, ir
 from layoutc.errors import (
     InputError,
     InternalError,
@@ -59,16 +60,38 @@ FAILURES: dict[type[LayoutcError], tuple[int, str]] = {
 REPORT = "this is a bug in layoutc; please report it with the command and the inputs it ran on"
 
 
+_UNIT = re.compile(r"(?P<num>[0-9.]+)\s*(?P<unit>[kmgt])(?P<rest>i?b?)", re.IGNORECASE)
+
+
 def _bytes(text: str) -> int:
-    """``2GiB``, ``512MiB``, ``1e9``, ``1.5GB`` or a plain number of bytes."""
+    """``2GiB``, ``512MiB``, ``1e9``, ``1.5GB`` or a plain number of bytes; the unit in any
+    case, and a bare ``2G`` / ``512m`` binary (GiB, MiB) as ``dd`` and ``du`` read it."""
 
     t = text.strip().replace("_", "")
+    m = _UNIT.fullmatch(t)
+    if m:
+        decimal = m["rest"].lower() == "b"
+        t = m["num"] + m["unit"].upper() + ("B" if decimal else "iB")
     try:
         return int(t) if t.isdigit() else size_value(t)
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(
-            f"not a size: {text!r} (use bytes or a unit: 512MiB, 2GiB, 1e9, 5GB)"
+            f"not a size: {text!r} (use bytes or a unit: 512MiB, 2GiB, 2G, 1e9, 5GB)"
         ) from None
+
+
+DTYPE_ALIASES = {
+    "bfloat16": "bf16",
+    "float32": "fp32",
+    "float": "fp32",
+    "float16": "fp16",
+    "half": "fp16",
+}  # torch's names
+
+
+def _dtype(text: str) -> str:
+    """``--dtype``: layoutc's name, or torch's (``bfloat16``) for it."""
+    return DTYPE_ALIASES.get(text.lower(), text.lower())
 
 
 def parse_size(text: str) -> int:
@@ -392,7 +415,7 @@ def _convert(args: argparse.Namespace, lead: bool) -> int:
         max_shard_size=args.max_shard_size,
         zero=args.zero,
         progress=_Progress(not args.quiet and lead),
-        on_plan=_show_plan if lead else None,
+        on_plan=_show_plan if lead and not args.quiet else None,
         overrides=dict(args.overrides),
         param_groups=_param_groups(args.param_groups),
         sha256=args.sha256,
@@ -430,7 +453,7 @@ def _execute(args: argparse.Namespace, lead: bool) -> int:
         args.checkpoint,
         args.output,
         progress=_Progress(not args.quiet and lead),
-        on_plan=_show_plan if lead else None,
+        on_plan=_show_plan if lead and not args.quiet else None,
         param_groups=_param_groups(args.param_groups),
         sha256=args.sha256,
     )
@@ -561,6 +584,7 @@ def _source_options(p: argparse.ArgumentParser) -> None:
 def _target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
+        type=_dtype,
         choices=("fp32", "bf16", "fp16"),
         help="dtype of safetensors/torch output (default: the fp32 masters), or of a "
         "deepspeed output's parameters (its masters stay fp32)",
@@ -604,7 +628,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         help="also record each file's SHA-256 in the manifest (reads the output back once), "
         "for `verify --strong`",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no plan summary and no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -612,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="layoutc",
         description="Declarative checkpoint-layout compiler: check layouts, plan conversions between them.",
     )
+    ap.add_argument("--version", action="version", version=f"layoutc {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(

@@ -388,3 +388,51 @@ def test_convert_without_writers_or_workers_runs_one_worker_per_cpu(
     assert code == 0, err
     n = default_workers()
     assert f"with {n} worker{'s' if n > 1 else ''}" in err
+
+
+# ---------------------------------------------------------------- small conveniences
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from layoutc import __version__
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"layoutc {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("2GiB", 2 << 30),
+        ("2gib", 2 << 30),
+        ("2G", 2 << 30),
+        ("2g", 2 << 30),
+        ("512m", 512 << 20),
+        ("2GB", 2 * 10**9),
+        ("2gb", 2 * 10**9),
+        ("1.5GB", 1_500_000_000),
+        ("1e9", 10**9),
+        ("4096", 4096),
+    ],
+)
+def test_sizes_take_the_unit_in_any_case_and_a_bare_letter_as_binary(text: str, value: int) -> None:
+    from layoutc.cli import _bytes
+
+    assert _bytes(text) == value
+
+
+def test_quiet_convert_prints_only_the_result_and_takes_torch_dtype_names(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "st"
+    code, stdout, err = run(
+        capsys, "convert", EXAMPLE, "--to", "safetensors", "--dtype", "bfloat16", "-o", out, "-q"
+    )
+    assert code == 0, err
+    assert err == ""  # no plan summary
+    assert re.fullmatch(
+        r"wrote 1 file, [0-9.]+ KiB to \S+ in [0-9.]+ s \([0-9.]+ [KMG]?i?B/s\); read .*\n", stdout
+    ), stdout
+    header = json.loads((out / "model.safetensors").read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} <= {"BF16", "F32"}
+    assert "BF16" in {v["dtype"] for k, v in header.items() if k != "__metadata__"}

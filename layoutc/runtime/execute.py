@@ -148,12 +148,13 @@ class Report:
     def summary(self) -> str:
         from layoutc.render import human_size  # lazy: render brings jinja2, a run need not
 
-        rate = self.bytes_written / self.seconds / 1e9 if self.seconds else 0.0
+        rate = self.bytes_written / self.seconds if self.seconds else 0.0
         swapped = f"; swapped {human_size(self.bytes_swapped)}" if self.bytes_swapped else ""
+        n = len(self.files)
         return (
-            f"wrote {len(self.files)} files, {human_size(self.bytes_written)} to {self.output} "
-            f"in {self.seconds:.2f} s ({rate:.2f} GB/s); read {human_size(self.bytes_read)}"
-            f"{swapped}; peak RSS {human_size(self.peak_rss_bytes)}"
+            f"wrote {n} file{'s' if n != 1 else ''}, {human_size(self.bytes_written)} to "
+            f"{self.output} in {self.seconds:.2f} s ({human_size(rate)}/s); read "
+            f"{human_size(self.bytes_read)}{swapped}; peak RSS {human_size(self.peak_rss_bytes)}"
         )
 
 
