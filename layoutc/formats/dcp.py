@@ -390,12 +390,12 @@ def _groups(ckpt: DcpCheckpoint, trainable: list[str]) -> list[list[str]]:
     ``params``); one group in saved order when the checkpoint does not say. The groups are
     read as data: a global in one is refused (:class:`~layoutc.formats.pt.UnsafePickle`)."""
     saved = [g.get("params") for g in ckpt.param_groups()]
-    listed = [n for g in saved if isinstance(g, list) for n in g]
-    if len(saved) < 2 or any(not isinstance(g, list) for g in saved):
+    lists = [[str(n) for n in g] for g in saved if isinstance(g, list)]
+    if len(saved) < 2 or len(lists) != len(saved):
         return [trainable]
-    if sorted(map(str, listed)) != sorted(trainable):
+    if sorted(n for g in lists for n in g) != sorted(trainable):
         return [trainable]
-    return [list(map(str, g)) for g in saved]
+    return lists
 
 
 def _layout_name(name: str) -> str:

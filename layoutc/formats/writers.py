@@ -455,8 +455,8 @@ def _dcp(target: Any, out: Path, origin: Origin) -> Prepared:
                     dcp_write.Saved(key, offsets, f, *dcp_write.write_value(fh, path, nothing))
                 )
             if f == first:
-                for key, offsets, write in extra.items:
-                    saved.append(dcp_write.Saved(key, offsets, f, *write(fh, path)))
+                for key, where, write in extra.items:
+                    saved.append(dcp_write.Saved(key, where, f, *write(fh, path)))
             size = fh.tell()
         p.created.append(pt.Created.joined(path, parts, size))
         p.files.append(path)
