@@ -314,7 +314,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace) -> DeepSpeedCheckpoint | DcpCheckpoint:
     """The checkpoint ``infer`` and ``inspect`` read: a distributed checkpoint (DCP) or,
-    by default, DeepSpeed's (whose errors name what a DeepSpeed folder lacks)."""
+    by default, DeepSpeed's (whose errors name what a DeepSpeed folder lacks). A path that
+    does not exist is a usage error, as for every command."""
+    if not Path(args.checkpoint).exists():
+        raise UsageError(f"{args.checkpoint}: no such file or folder")
     if is_dcp(args.checkpoint):
         if args.tag:
             raise UsageError(f"{args.checkpoint}: --tag applies to DeepSpeed checkpoints, not DCP")

@@ -436,3 +436,23 @@ def test_quiet_convert_prints_only_the_result_and_takes_torch_dtype_names(
     header = json.loads((out / "model.safetensors").read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} <= {"BF16", "F32"}
     assert "BF16" in {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("inspect",),
+        ("infer",),
+        ("verify",),
+        ("convert", "--to", "safetensors", "-o", "OUT"),
+        ("plan", "--to", "safetensors"),
+    ],
+)
+def test_a_path_that_does_not_exist_is_a_usage_error_for_every_command(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: tuple[str, ...]
+) -> None:
+    """One rule: a path the command line names wrongly exits 2, naming it."""
+    missing = tmp_path / "missing-dir"
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    code, _, err = run(capsys, args[0], missing, *args[1:])
+    assert code == 2 and f"{missing}: no such" in err, err

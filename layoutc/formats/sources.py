@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from layoutc.errors import UsageError
 from layoutc.formats import dcp, deepspeed, weights
 from layoutc.formats.checkpoint import Checkpoint
 
@@ -26,8 +27,11 @@ SOURCES: list[tuple[str, Callable[[Path], bool], Callable[[Path, str | None], Ch
 
 def open_source(path: str | Path, tag: str | None = None) -> Checkpoint:
     """The checkpoint at ``path`` (``tag``: a DeepSpeed tag other than ``latest``'s), in
-    the first format of :data:`SOURCES` it is; a DeepSpeed checkpoint if none."""
+    the first format of :data:`SOURCES` it is; a DeepSpeed checkpoint if none. A path that
+    does not exist is a :class:`~layoutc.errors.UsageError` (exit 2)."""
     p = Path(path)
+    if not p.exists():  # a path the command line names wrongly: a usage error, as verify's
+        raise UsageError(f"{p}: no such file or folder")
     for _, test, opener in SOURCES:
         if test(p):
             return opener(p, tag)
