@@ -51,7 +51,7 @@ def is_dcp(path: str | Path) -> bool:
         (p / dm.METADATA).is_file()
         or bool(dm.per_rank_files(p))
         or any(p.glob("*.distcp"))
-        or bool(dm.hf_files(p, first=True))
+        or dm.is_hf(p)
     )
 
 
@@ -82,7 +82,9 @@ class DcpCheckpoint(Checkpoint):
         # the Hugging Face layout: each item raw tensor bytes of a safetensors file
         self.hf = not self.metadata_files
         self.where = folder / (
-            self.metadata_files[0] if self.metadata_files else dm.hf_files(folder)[0]
+            self.metadata_files[0]
+            if self.metadata_files
+            else min(i.file for i in self.metadata.items.values())
         )
         self._check_items()
 

@@ -32,6 +32,7 @@ from layoutc.formats import safetensors_header as sth
 
 METADATA = ".metadata"
 HF_SHARDING = "DCP_SHARDING_INFO"  # the Hugging Face storage writer's header key
+HF_NAMES = "shard-*-model-*-of-*.safetensors"  # its file names
 MAX_BYTES = 1 << 31  # a .metadata larger than this is refused unread
 
 
@@ -343,29 +344,25 @@ def read(folder: Path) -> tuple[Metadata, list[str]]:
     came from: ``.metadata``, else every ``__R.metadata`` joined, else the sharding the
     safetensors files of the Hugging Face storage writer record (:func:`read_hf`)."""
     files = [METADATA] if (folder / METADATA).is_file() else per_rank_files(folder)
-    if not files and hf_files(folder):
-        return read_hf(folder), []
     if not files:
+        hf = read_hf(folder)
+        if hf.items:
+            return hf, []
         raise BadMetadata(f"{folder}: no .metadata (nor __R.metadata) file")
     parts = [parse(_read_bytes(folder / f), str(folder / f)) for f in files]
     return (parts[0] if len(parts) == 1 else _join(parts, folder)), files
 
 
-def hf_files(folder: Path, first: bool = False) -> list[str]:
-    """The safetensors files in ``folder`` that torch's Hugging Face storage writer made
-    (named ``shard-0000R-model-0000K-of-0000N.safetensors``): their header metadata records
-    the DCP sharding (:data:`HF_SHARDING`). ``first``: the first alone (a cheap test)."""
-    out = []
-    for p in sorted(folder.glob("shard-*-model-*-of-*.safetensors")):
+def is_hf(folder: Path) -> bool:
+    """Whether ``folder`` holds safetensors files of torch's Hugging Face storage writer
+    (named ``shard-0000R-model-0000K-of-0000N.safetensors``, the DCP sharding
+    :data:`HF_SHARDING` in their headers): the first such file's header decides."""
+    for p in sorted(folder.glob(HF_NAMES)):
         try:
-            _, meta = sth.read_header(p)
+            return HF_SHARDING in sth.read_header(p)[1]
         except sth.SafetensorsError:
-            continue
-        if HF_SHARDING in meta:
-            out.append(p.name)
-        if first:
-            break
-    return out
+            return False
+    return False
 
 
 def read_hf(folder: Path) -> Metadata:
@@ -378,9 +375,14 @@ def read_hf(folder: Path) -> Metadata:
     chunks: dict[str, list[Chunk]] = {}
     dtypes: dict[str, str] = {}
     c = _Checker(str(folder), 0)
-    for name in hf_files(folder):
-        path = folder / name
-        entries, meta = sth.read_header(path)
+    for path in sorted(folder.glob(HF_NAMES)):
+        name = path.name
+        try:
+            entries, meta = sth.read_header(path)
+        except sth.SafetensorsError:
+            continue  # not the storage writer's
+        if HF_SHARDING not in meta:
+            continue
         md.version = meta.get("DCP_VERSION", md.version)
         try:
             info = json.loads(meta[HF_SHARDING])

@@ -113,38 +113,38 @@ class DcpPlacement(Placement):
         """The saved pieces of slice ``sl``: rows ``[lo, hi)`` of its dim 0, their global
         offsets and the rank that writes them (the first holder); empty pieces are not
         saved."""
+        return [c for c in self._pieces(t, state, sl) if c[1] > c[0]]
+
+    def empty_chunks(self, t: ir.Tensor, state: str, sl: Slice) -> list[Chunk]:
+        """The pieces of slice ``sl`` that FSDP's cut leaves empty: torch saves each as a
+        chunk of no rows at the end of dim 0, an item of the rank holding it."""
+        if not self._cut(t, state, sl):
+            return []
+        return [c for c in self._pieces(t, state, sl) if c[1] == c[0]]
+
+    def _cut(self, t: ir.Tensor, state: str, sl: Slice) -> bool:
+        """Whether FSDP cuts this slice (a parameter's or its states', not a step's)."""
+        return bool(state != STEP and sl.shape and t.kind != ir.BUFFER and self.fsdp_axes)
+
+    def _pieces(self, t: ir.Tensor, state: str, sl: Slice) -> list[Chunk]:
+        """Every piece of slice ``sl``, as ``torch.chunk`` cuts its dim 0 over the FSDP
+        axes (an empty one at ``lo = hi`` = the end of dim 0); one whole piece otherwise."""
         coords = dict(sl.coords)
-        origin = tuple(a for a, _ in sl.segments[0].logical) if sl.segments else ()
         if state == STEP or not sl.shape:
             return [(0, 1, (), self.mesh.rank(coords))]
+        origin = tuple(a for a, _ in sl.segments[0].logical) if sl.segments else ()
         n0 = sl.shape[0]
-        if t.kind == ir.BUFFER or not self.fsdp_axes:
-            return [(0, n0, origin, self.mesh.rank(coords))] if n0 else []
+        if not self._cut(t, state, sl):
+            return [(0, n0, origin, self.mesh.rank(coords))]
         parts = self.mesh.size(*self.fsdp_axes)
         each = -(-n0 // parts)
         out = []
         for p in range(parts):
             lo = min(p * each, n0)
             hi = min(lo + each, n0)
-            if hi > lo:
-                at = {**coords, **self.mesh.unindex(self.fsdp_axes, p)}
-                out.append((lo, hi, (origin[0] + lo, *origin[1:]), self.mesh.rank(at)))
+            at = {**coords, **self.mesh.unindex(self.fsdp_axes, p)}
+            out.append((lo, hi, (origin[0] + lo, *origin[1:]), self.mesh.rank(at)))
         return out
-
-    def empty_chunks(self, t: ir.Tensor, state: str, sl: Slice) -> list[Chunk]:
-        """The pieces of slice ``sl`` that FSDP's cut leaves empty: torch saves each as a
-        chunk of no rows at the end of dim 0, an item of the rank holding it."""
-        if state == STEP or not sl.shape or t.kind == ir.BUFFER or not self.fsdp_axes:
-            return []
-        coords = dict(sl.coords)
-        origin = tuple(a for a, _ in sl.segments[0].logical) if sl.segments else ()
-        n0, parts = sl.shape[0], self.mesh.size(*self.fsdp_axes)
-        taken = len(self.chunks(t, state, sl))
-        return [
-            (n0, n0, (origin[0] + n0, *origin[1:]), self.mesh.rank(at))
-            for p in range(taken, parts)
-            for at in ({**coords, **self.mesh.unindex(self.fsdp_axes, p)},)
-        ]
 
     def file_of(self, key: str, offsets: tuple[int, ...], rank: int) -> str:
         if self.index is None:
