@@ -115,3 +115,10 @@ def test_the_benchmarks_import_row_imports_what_a_conversion_imports(
         return {m for m in mods if m.startswith("layoutc.")} | {m.split(".")[0] for m in mods}
 
     assert modules(bench.IMPORT_PROBE) == modules(_convert_example(tmp_path / "u"))
+
+
+def test_importing_the_training_integration_imports_neither_torch_nor_deepspeed() -> None:
+    """``layoutc.deepspeed`` is imported by training scripts at the top; torch and
+    DeepSpeed are loaded when ``attach`` or ``load_checkpoint`` is called."""
+    imported = _third_party_imports("import layoutc.deepspeed")
+    assert not imported & {"torch", "deepspeed", "numpy"}

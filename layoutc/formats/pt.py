@@ -33,7 +33,7 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1047,13 +1047,28 @@ def write_container(
     ``f`` (of ``path``), its zip offsets counted from there, so the container can be one
     item of a larger file; see :func:`create`. ``size`` is where it ends in the file."""
     pkl, storages = dumps_pickle(obj)
+    data = {key: (t.nbytes, None if t.data is None else _chunks(t)) for key, t in storages.items()}
+    return write_pickled(f, pkl, data, path, archive, align)
+
+
+def write_pickled(
+    f: Any,
+    pkl: bytes,
+    storages: Mapping[str, tuple[int, Iterable[bytes] | None]],
+    path: Path,
+    archive: str = "archive",
+    align: int = _ALIGN,
+) -> Created:
+    """Write a torch zip container whose ``data.pkl`` is ``pkl`` (pickled elsewhere, e.g.
+    by torch's own pickler) and whose storages are ``key -> (bytes, chunks)``, a storage
+    without chunks a hole to fill later; see :func:`write_container`."""
     zw = _ZipWriter(f, align, base=f.tell())
     zw.add(f"{archive}/data.pkl", [pkl])
     zw.add(f"{archive}/.format_version", [b"1"])
     zw.add(f"{archive}/.storage_alignment", [str(align).encode()])
     zw.add(f"{archive}/byteorder", [b"little"])
-    for key, t in storages.items():
-        zw.add(f"{archive}/data/{key}", _chunks(t), size=t.nbytes, hole=t.data is None)
+    for key, (size, chunks) in storages.items():
+        zw.add(f"{archive}/data/{key}", chunks or (), size=size, hole=chunks is None)
     zw.add(f"{archive}/version", [b"3\n"])
     zw.add(f"{archive}/.data/serialization_id", [b"0" * 40])
     zw.finish()

@@ -309,6 +309,13 @@ class Compiler:
             keeps_master = MASTER in self.T.states(tt)
             if MASTER in have and self.S.dtype(st, MASTER) == want and not keeps_master:
                 return MASTER  # export the fp32 master, not a cast of the 16-bit copy
+            if (
+                MASTER in have
+                and WEIGHT in have
+                and self.S.dtype(st, WEIGHT) != want
+                and _isz(self.S.dtype(st, MASTER)) >= _isz(want)
+            ):
+                return MASTER  # weights in another dtype: the master rounded, as DeepSpeed does
             if WEIGHT in have:
                 return WEIGHT
             return MASTER if MASTER in have else None

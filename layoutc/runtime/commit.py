@@ -260,8 +260,13 @@ def commit(
     their writes (others are read); ``sha256``: read every file back once to record its
     SHA-256 too. Every failure is an :class:`OutputError` (:class:`OutputExists` if
     another process committed ``out`` meanwhile); before the rename, ``out`` is untouched."""
+    head = {
+        "plan_sha256": plan_digest(plan),
+        "source": plan.source.to_dict(),
+        "target": plan.target.to_dict(),
+    }
     try:
-        files, names = _seal(partial, markers, plan, crcs, sha256)
+        files, names = seal(partial, markers, head, crcs, sha256)
     except OSError as e:
         raise as_output_error(e, out) from None
     try:
@@ -277,12 +282,16 @@ def commit(
     return [str(p.relative_to(partial)) for p in files if p not in markers] + names
 
 
-def _seal(
-    partial: Path, markers: Mapping[Path, str], plan: Plan, crcs: dict[Path, int], sha256: bool
+def seal(
+    partial: Path,
+    markers: Mapping[Path, str],
+    head: Mapping[str, Any],
+    crcs: dict[Path, int],
+    sha256: bool = False,
 ) -> tuple[list[Path], list[str]]:
-    """Everything of :func:`commit` before the rename: the markers and the manifest written
-    in ``partial``, every file and folder fsynced. Returns the files (the manifest aside)
-    and the markers' names."""
+    """Everything of :func:`commit` before the rename: the markers and the manifest (its
+    fields ``head`` plus the files) written in ``partial``, every file and folder fsynced.
+    Returns the files (the manifest aside) and the markers' names."""
     crcs = dict(crcs)
     names = []
     for marker, text in markers.items():
@@ -304,11 +313,9 @@ def _seal(
             entry["sha256"] = _sha256(p)
         entries[str(p.relative_to(partial))] = entry
     manifest = {
+        **head,
         "layoutc": __version__,
         "manifest_version": MANIFEST_VERSION,
-        "plan_sha256": plan_digest(plan),
-        "source": plan.source.to_dict(),
-        "target": plan.target.to_dict(),
         "markers": sorted(names),
         "files": entries,
     }
@@ -466,10 +473,12 @@ def _manifest_problems(m: Any) -> Iterator[str]:
             "layoutc, which did not record the markers: convert again)"
         )
         return
+    # A checkpoint saved by a training job (layoutc.deepspeed) records what saved it
+    # instead of a plan.
+    planned = () if "training" in m else (("plan_sha256", str), ("source", dict))
     for key, kind in (
         ("layoutc", str),
-        ("plan_sha256", str),
-        ("source", dict),
+        *planned,
         ("target", dict),
         ("markers", list),
         ("files", dict),

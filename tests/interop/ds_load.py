@@ -14,7 +14,8 @@ It builds the case's model and DeepSpeed config (ds_make.ALL_CASES) at world siz
 weight16/, frozen/, buffer/ tensors and step, global_steps, lr scheduler state, ... (see
 ds_make.capture). The json also holds ``load_path`` (what load_checkpoint returned) and
 ``client_state`` keys, then, after one more training step, ``next_loss`` and
-``global_steps_after``. If DeepSpeed raises while loading, rank 0 writes only ``OUT.json`` with
+``global_steps_after``. ``--layoutc`` loads with ``layoutc.deepspeed.load_checkpoint``
+instead, which reshards a checkpoint saved at another topology first. If DeepSpeed raises while loading, rank 0 writes only ``OUT.json`` with
 ``"error"`` holding the exception text, and the run still exits 0 (torchrun turns any
 non-zero worker exit into its own 1), so callers can assert on refusals.
 
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
         help="a checkpoint without lr scheduler state: load_lr_scheduler_states=False",
     )
     ap.add_argument("--ep", type=int, default=None, help="expert-parallel size (MoE cases)")
+    ap.add_argument(
+        "--layoutc",
+        action="store_true",
+        help="load with layoutc.deepspeed.load_checkpoint (any saved topology)",
+    )
     ap.add_argument("--dump", required=True, type=Path, help="OUT.safetensors (+ OUT.json)")
     args = ap.parse_args(argv)
 
@@ -74,7 +80,14 @@ def main(argv: list[str] | None = None) -> None:
         engine, cfg = kind.build_engine(case, world, universal=args.universal)
         error = None
         try:
-            load_path, client_state = engine.load_checkpoint(
+            load = engine.load_checkpoint
+            if args.layoutc:
+                import functools
+
+                import layoutc.deepspeed
+
+                load = functools.partial(layoutc.deepspeed.load_checkpoint, engine)
+            load_path, client_state = load(
                 str(args.ckpt), tag=args.tag, load_lr_scheduler_states=not args.fresh
             )
             if load_path is None:

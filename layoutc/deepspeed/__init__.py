@@ -1,0 +1,60 @@
+"""layoutc inside a DeepSpeed training job: saving that never stalls training or leaves a
+half-written tag, and resuming at another topology.
+
+::
+
+    engine, *_ = deepspeed.initialize(...)
+    layoutc.deepspeed.attach(engine)                    # one line: saves go through layoutc
+    layoutc.deepspeed.load_checkpoint(engine, "ckpt")   # resume, whatever the saved topology
+    ...
+    engine.save_checkpoint("ckpt")                      # returns once the tensors are copied
+
+See docs/training.md. torch and DeepSpeed are imported on first use: importing this module
+costs nothing, and neither is a dependency of layoutc (``pip install layoutc[deepspeed]``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from layoutc.errors import LayoutcError
+
+if TYPE_CHECKING:
+    from layoutc.deepspeed.engine import LayoutcCheckpointEngine
+
+
+class SaveFailed(LayoutcError):
+    """A checkpoint tag was not saved; the previous one, and ``latest``, are intact."""
+
+
+def attach(
+    engine: Any,
+    *,
+    async_save: bool = True,
+    workers: int | None = None,
+    host_memory: int | None = None,
+) -> LayoutcCheckpointEngine:
+    """Install layoutc's checkpoint engine on a live DeepSpeed ``engine`` (every rank).
+
+    ``async_save``: ``save_checkpoint`` returns once the tensors are copied to host memory,
+    and the files are written and committed while training goes on; the next save, a
+    load, ``engine.checkpoint_engine.wait()`` or ``engine.destroy()`` waits for it and
+    raises its failure. ``workers``: writer threads per rank (default 4). ``host_memory``:
+    bytes of host buffers an asynchronous save may hold (default: as much as one save's
+    tensors); beyond it, the copy waits for writes to finish."""
+    from layoutc.deepspeed.engine import attach as _attach
+
+    return _attach(engine, async_save=async_save, workers=workers, host_memory=host_memory)
+
+
+def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kw: Any) -> Any:
+    """``engine.load_checkpoint(load_dir, tag, **kw)`` from a checkpoint saved at any
+    data-parallel size, ZeRO stage or dtype: where the saved topology is not the running
+    job's, the ranks first reshard it (natively, in parallel) into a scratch folder beside
+    it, which DeepSpeed then loads. Returns what DeepSpeed's ``load_checkpoint`` returns."""
+    from layoutc.deepspeed.resume import load_checkpoint as _load
+
+    return _load(engine, load_dir, tag, **kw)
+
+
+__all__ = ["SaveFailed", "attach", "load_checkpoint"]
