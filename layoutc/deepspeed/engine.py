@@ -8,7 +8,8 @@ pickle: a checkpoint never runs code.
 
 It declares itself *decoupled*, so DeepSpeed neither commits a save nor writes ``latest``
 itself; :func:`attach` wraps ``engine.save_checkpoint`` so that each save begins and ends a
-tag of the saver, which writes ``latest`` only once the tag is complete on disk.
+tag of the saver, which writes ``latest`` only once the tag is complete on disk, and
+``engine.load_checkpoint`` so that it reshards a checkpoint saved at another topology.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class LayoutcCheckpointEngine(CheckpointEngine):
         super().__init__(None)
         self.name = NAME
         self.saver = saver
+        self.deepspeed_load: Any = None  # engine.load_checkpoint before attach() wrapped it
 
     def create(self, info: CheckpointCommitInfo) -> None:
         pass  # a tag is begun by the wrapped save_checkpoint, with its barrier
@@ -92,7 +94,10 @@ def attach(
     host_memory: int | None = None,
 ) -> LayoutcCheckpointEngine:
     """Make ``engine`` (a ``deepspeed.initialize`` engine) save and load its checkpoints
-    through layoutc. Call it on every rank, after ``deepspeed.initialize``."""
+    through layoutc: ``engine.save_checkpoint`` saves atomically (and asynchronously),
+    ``engine.load_checkpoint`` resumes from any saved topology (as
+    :func:`layoutc.deepspeed.load_checkpoint`), so code that calls them (a Hugging Face
+    Trainer) gets both. Call it on every rank, after ``deepspeed.initialize``."""
     saver = Saver(async_save=async_save, workers=workers, host_memory=host_memory)
     ours = LayoutcCheckpointEngine(saver)
     engine.checkpoint_engine = ours
@@ -124,4 +129,14 @@ def attach(
         return result
 
     engine.save_checkpoint = save_checkpoint
+
+    deepspeed_load = ours.deepspeed_load = engine.load_checkpoint
+
+    @functools.wraps(deepspeed_load)
+    def load_checkpoint(load_dir: str, tag: Any = None, **kw: Any) -> Any:
+        from layoutc.deepspeed.resume import load_checkpoint as resume
+
+        return resume(engine, load_dir, tag, load=deepspeed_load, **kw)
+
+    engine.load_checkpoint = load_checkpoint
     return ours

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,23 @@ def of_checkpoint(load_dir: str | Path, tag: str | None) -> tuple[Topology, str]
         ckpt.close()
 
 
-def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kw: Any) -> Any:
+def load_checkpoint(
+    engine: Any,
+    load_dir: str,
+    tag: str | None = None,
+    *,
+    load: Callable[..., Any] | None = None,
+    **kw: Any,
+) -> Any:
+    """See :func:`layoutc.deepspeed.load_checkpoint`; ``load`` is DeepSpeed's own
+    ``engine.load_checkpoint`` (where :func:`~layoutc.deepspeed.attach` replaced it)."""
     import torch.distributed as dist
 
     import layoutc
     from layoutc.runtime import distributed
 
+    # DeepSpeed's own load, also where attach() replaced engine.load_checkpoint by this
+    load = load or getattr(engine.checkpoint_engine, "deepspeed_load", engine.load_checkpoint)
     wait = getattr(engine.checkpoint_engine, "wait", None)
     if wait is not None:
         wait()  # a save still being written must land before anything reads the folder
@@ -92,7 +104,7 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kw: An
     saved, tag = of_checkpoint(root, tag)
     running = of_engine(engine)
     if saved == running:
-        return engine.load_checkpoint(str(root), tag, **kw)
+        return load(str(root), tag, **kw)
     if saved.pp != running.pp:
         raise UsageError(
             f"{root}/{tag}: saved at pipeline-parallel size {saved.pp}, this job runs "
@@ -129,7 +141,7 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kw: An
         )
         if group is not None:
             group.barrier()
-        load_path, client_state = engine.load_checkpoint(str(out), tag, **kw)
+        load_path, client_state = load(str(out), tag, **kw)
     finally:
         if group is not None and dist.is_initialized():
             group.barrier()

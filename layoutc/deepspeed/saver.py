@@ -38,6 +38,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,7 @@ class Saver:
         self.pending: Future[None] | None = None
         self.closed = False
         self.lock = threading.Lock()
+        self.committed: dict[str, float] = {}  # tag -> time.perf_counter() of its commit
         atexit.register(self._at_exit)
 
     # -- the three calls of a save ---------------------------------------------------------
@@ -305,6 +307,8 @@ class Saver:
             if outcome:
                 shutil.rmtree(t.partial, ignore_errors=True)
         outcome = g.broadcast(outcome)
+        if not outcome:
+            self.committed[t.tag] = time.perf_counter()
         if outcome:
             raise SaveFailed(
                 f"{t.final} was not saved ({outcome}); the previous checkpoint and "

@@ -14,8 +14,8 @@ It builds the case's model and DeepSpeed config (ds_make.ALL_CASES) at world siz
 weight16/, frozen/, buffer/ tensors and step, global_steps, lr scheduler state, ... (see
 ds_make.capture). The json also holds ``load_path`` (what load_checkpoint returned) and
 ``client_state`` keys, then, after one more training step, ``next_loss`` and
-``global_steps_after``. ``--layoutc`` loads with ``layoutc.deepspeed.load_checkpoint``
-instead, which reshards a checkpoint saved at another topology first. If DeepSpeed raises while loading, rank 0 writes only ``OUT.json`` with
+``global_steps_after``. ``--layoutc`` first attaches layoutc (``layoutc.deepspeed.attach``),
+whose ``engine.load_checkpoint`` reshards a checkpoint saved at another topology. If DeepSpeed raises while loading, rank 0 writes only ``OUT.json`` with
 ``"error"`` holding the exception text, and the run still exits 0 (torchrun turns any
 non-zero worker exit into its own 1), so callers can assert on refusals.
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--layoutc",
         action="store_true",
-        help="load with layoutc.deepspeed.load_checkpoint (any saved topology)",
+        help="attach layoutc.deepspeed first: load_checkpoint then takes any saved topology",
     )
     ap.add_argument("--dump", required=True, type=Path, help="OUT.safetensors (+ OUT.json)")
     args = ap.parse_args(argv)
@@ -80,14 +80,11 @@ def main(argv: list[str] | None = None) -> None:
         engine, cfg = kind.build_engine(case, world, universal=args.universal)
         error = None
         try:
-            load = engine.load_checkpoint
-            if args.layoutc:
-                import functools
-
+            if args.layoutc:  # as a Trainer would: attach, then the engine's own call
                 import layoutc.deepspeed
 
-                load = functools.partial(layoutc.deepspeed.load_checkpoint, engine)
-            load_path, client_state = load(
+                layoutc.deepspeed.attach(engine)
+            load_path, client_state = engine.load_checkpoint(
                 str(args.ckpt), tag=args.tag, load_lr_scheduler_states=not args.fresh
             )
             if load_path is None:

@@ -161,3 +161,15 @@ def test_a_rank_killed_during_an_async_save_leaves_the_last_tag_loadable(
     assert verify(root / "A") == []
     loaded = _load("z2_w2_bf16", root, ds_python)
     assert loaded.error is None and loaded.meta["global_steps"] == 2
+
+
+def test_load_checkpoint_resumes_an_autotp_job_at_another_tp(
+    ds_corpus: corpus.Corpus, ds_python: str
+) -> None:
+    """A tensor-parallel (AutoTP) checkpoint of tp 4 resumed by a job of tp 2: resharded
+    natively (DeepSpeed's own loader refuses another tp) and exact."""
+    saved = "autotp4_dp1_z2_bf16"
+    truth, meta = ds_corpus.truth(saved)
+    loaded = _load("autotp2_dp1_z2_bf16", ds_corpus[saved], ds_python)
+    assert loaded.meta["topology"]["tp"] == 2
+    corpus.assert_resumed(loaded, truth, meta)
