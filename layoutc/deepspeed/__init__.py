@@ -17,14 +17,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from layoutc.errors import LayoutcError
+from layoutc.deepspeed.errors import SaveFailed
 
 if TYPE_CHECKING:
     from layoutc.deepspeed.engine import LayoutcCheckpointEngine
 
 
-class SaveFailed(LayoutcError):
-    """A checkpoint tag was not saved; the previous one, and ``latest``, are intact."""
+def _engine() -> Any:
+    from layoutc.deepspeed import engine  # lazy: torch and DeepSpeed, loaded on first use
+
+    return engine
 
 
 def attach(
@@ -41,20 +43,32 @@ def attach(
     load, ``engine.checkpoint_engine.wait()`` or ``engine.destroy()`` waits for it and
     raises its failure. ``workers``: writer threads per rank (default 4). ``host_memory``:
     bytes of host buffers an asynchronous save may hold (default: as much as one save's
-    tensors); beyond it, the copy waits for writes to finish."""
-    from layoutc.deepspeed.engine import attach as _attach
+    tensors); beyond it, the copy waits for writes to finish. ``engine.load_checkpoint``
+    then resumes from any saved topology, as :func:`load_checkpoint` does."""
+    options = {"async_save": async_save, "workers": workers, "host_memory": host_memory}
+    return _engine().attach(engine, **options)
 
-    return _attach(engine, async_save=async_save, workers=workers, host_memory=host_memory)
+
+def attach_all(
+    *,
+    async_save: bool = True,
+    workers: int | None = None,
+    host_memory: int | None = None,
+) -> None:
+    """From now on, :func:`attach` every engine ``deepspeed.initialize`` makes: for code
+    that makes the engine itself (a Hugging Face ``Trainer``, ``accelerate``). Call it on
+    every rank before the engine is made; the options are :func:`attach`'s."""
+    options = {"async_save": async_save, "workers": workers, "host_memory": host_memory}
+    _engine().attach_all(**options)
 
 
 def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kw: Any) -> Any:
     """``engine.load_checkpoint(load_dir, tag, **kw)`` from a checkpoint saved at any
-    data-parallel size, ZeRO stage or dtype: where the saved topology is not the running
-    job's, the ranks first reshard it (natively, in parallel) into a scratch folder beside
-    it, which DeepSpeed then loads. Returns what DeepSpeed's ``load_checkpoint`` returns."""
-    from layoutc.deepspeed.resume import load_checkpoint as _load
+    data-parallel size, ZeRO stage, dtype or AutoTP size: where the saved topology is not
+    the running job's, the ranks first reshard it (natively, in parallel) into a scratch
+    folder beside it, which DeepSpeed then loads. Returns what DeepSpeed's
+    ``load_checkpoint`` returns."""
+    return _engine().resume(engine, load_dir, tag, **kw)
 
-    return _load(engine, load_dir, tag, **kw)
 
-
-__all__ = ["SaveFailed", "attach", "load_checkpoint"]
+__all__ = ["SaveFailed", "attach", "attach_all", "load_checkpoint"]

@@ -18,12 +18,14 @@ import functools
 import importlib
 from typing import Any
 
+import deepspeed
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
     CheckpointCommitInfo,
     CheckpointEngine,
 )
 
+from layoutc.deepspeed.resume import load_checkpoint as resume
 from layoutc.deepspeed.saver import Saver
 from layoutc.formats.pt import DEEPSPEED_CLASSES
 
@@ -134,9 +136,23 @@ def attach(
 
     @functools.wraps(deepspeed_load)
     def load_checkpoint(load_dir: str, tag: Any = None, **kw: Any) -> Any:
-        from layoutc.deepspeed.resume import load_checkpoint as resume
-
         return resume(engine, load_dir, tag, load=deepspeed_load, **kw)
 
     engine.load_checkpoint = load_checkpoint
     return ours
+
+
+def attach_all(**options: Any) -> None:
+    """Wrap ``deepspeed.initialize`` so that it attaches every engine it makes."""
+    made = deepspeed.initialize
+    if getattr(made, "layoutc", False):
+        return
+
+    @functools.wraps(made)
+    def initialize(*args: Any, **kw: Any) -> Any:
+        out = made(*args, **kw)
+        attach(out[0], **options)
+        return out
+
+    initialize.layoutc = True  # type: ignore[attr-defined]
+    deepspeed.initialize = initialize

@@ -25,8 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
+from layoutc.conversion import convert
 from layoutc.errors import UsageError
 from layoutc.formats.deepspeed import _zero_stage, open_checkpoint
+from layoutc.runtime import distributed
 
 SCRATCH = ".layoutc-resume"
 
@@ -90,11 +94,6 @@ def load_checkpoint(
 ) -> Any:
     """See :func:`layoutc.deepspeed.load_checkpoint`; ``load`` is DeepSpeed's own
     ``engine.load_checkpoint`` (where :func:`~layoutc.deepspeed.attach` replaced it)."""
-    import torch.distributed as dist
-
-    import layoutc
-    from layoutc.runtime import distributed
-
     # DeepSpeed's own load, also where attach() replaced engine.load_checkpoint by this
     load = load or getattr(engine.checkpoint_engine, "deepspeed_load", engine.load_checkpoint)
     wait = getattr(engine.checkpoint_engine, "wait", None)
@@ -129,7 +128,7 @@ def load_checkpoint(
     if running.tp > 1 or saved.tp > 1:
         overrides["tp"] = running.tp
     try:
-        layoutc.convert(
+        convert(
             root,
             out,
             "deepspeed",

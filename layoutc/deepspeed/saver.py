@@ -46,8 +46,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from layoutc.deepspeed import SaveFailed
+from layoutc.deepspeed.errors import SaveFailed
 from layoutc.deepspeed.snapshot import HostBuffers, as_bytes, pickled
 from layoutc.formats import pt
 from layoutc.runtime.commit import fsync_dir, seal
@@ -62,8 +63,6 @@ class Group:
     """The ranks that save together, over a gloo group of their own (or one process)."""
 
     def __init__(self) -> None:
-        import torch.distributed as dist
-
         self.dist = dist
         self.group: Any = None
         self.rank, self.world = 0, 1

@@ -173,3 +173,35 @@ def test_load_checkpoint_resumes_an_autotp_job_at_another_tp(
     loaded = _load("autotp2_dp1_z2_bf16", ds_corpus[saved], ds_python)
     assert loaded.meta["topology"]["tp"] == 2
     corpus.assert_resumed(loaded, truth, meta)
+
+
+def test_a_hugging_face_trainer_resumes_at_another_gpu_count(
+    tmp_path: Path, ds_python: str
+) -> None:
+    """The recipe of docs/training.md (hf_trainer.py): a Trainer on DeepSpeed ZeRO-2 saves
+    through layoutc at 2 ranks; the same script resumes its checkpoint at 3 ranks, holding
+    every fp32 master and Adam moment exactly, and trains on."""
+    script = HERE / "hf_trainer.py"
+
+    def run(world: int, *extra: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        dump = tmp_path / f"w{world}.safetensors"
+        corpus.torchrun(
+            script,
+            ["--dump", str(dump), *extra],
+            world,
+            python=ds_python,
+            ext_dir=corpus_root() / "torch_extensions",
+            log=corpus_root() / "logs" / f"trainer-w{world}-{tmp_path.name}.log",
+        )
+        return corpus.read_truth(dump)
+
+    saved, meta = run(2, "--out", str(tmp_path / "run"), "--steps", "4")
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    assert (ckpt / "latest").read_text() == "global_step4" and verify(ckpt / "global_step4") == []
+    loaded, resumed = run(3, "--out", str(tmp_path / "run3"), "--steps", "6", "--resume", str(ckpt))
+    assert (meta["world_size"], resumed["world_size"]) == (2, 3)
+    assert resumed["resumed_at"] == 4 and resumed["global_step"] == 6
+    assert sorted(loaded) == sorted(saved) and len(saved) > 0
+    for key, want in saved.items():
+        np.testing.assert_array_equal(loaded[key], want, err_msg=key)
+    assert all(np.isfinite(resumed["losses"])) and len(resumed["losses"]) == 2
