@@ -60,7 +60,16 @@ _AT_FDCWD = -100
 
 
 class Group:
-    """The ranks that save together, over a gloo group of their own (or one process)."""
+    """The ranks that save together, over a gloo group of their own (or one process); one
+    per process (:meth:`shared`), whatever the number of engines attached."""
+
+    _shared: Group | None = None
+
+    @classmethod
+    def shared(cls) -> Group:
+        if cls._shared is None or (cls._shared.group is not None and not dist.is_initialized()):
+            cls._shared = cls()  # every rank gets here at its first attach: in step
+        return cls._shared
 
     def __init__(self) -> None:
         self.dist = dist
@@ -133,7 +142,7 @@ class Saver:
         host_memory: int | None = None,
         group: Group | None = None,
     ) -> None:
-        self.group = group or Group()
+        self.group = group or Group.shared()
         self.async_save = async_save
         self.writers = ThreadPoolExecutor(workers or 4, thread_name_prefix="layoutc-save")
         self.committer = ThreadPoolExecutor(1, thread_name_prefix="layoutc-commit")

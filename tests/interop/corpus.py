@@ -1,7 +1,8 @@
 """A cached corpus of real DeepSpeed checkpoints with their ground truth, and a DeepSpeed loader.
 
     build(cases, root) -> {case: checkpoint root}    runs ds_make.py under torchrun (cached)
-    load(case, ckpt, world=..., universal=...)       runs ds_load.py under torchrun
+    load(case, ckpt, world=..., universal=...)       runs ds_load.py under torchrun (plain ZeRO
+                                                      cases: one launch per world size serves all)
     family(case) -> [cases]                           the cases built together with ``case``
     ds_to_universal(tag_dir, out_root)                DeepSpeed's own converter (a baseline)
     read_truth(path) -> (tensors, meta)               numpy arrays + json, no torch needed
@@ -38,6 +39,7 @@ root holds ``dcp/`` (the DCP checkpoint itself, the folder to hand to a reader o
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -169,6 +171,23 @@ def _env(ext_dir: Path | None) -> dict[str, str]:
     return env
 
 
+def torchrun_command(python: str, nproc: int, script: Path, args: list[str]) -> list[str]:
+    """``script args`` under torchrun at ``nproc`` ranks on a free local port."""
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
+
+
 def torchrun(
     script: Path,
     args: list[str],
@@ -184,19 +203,7 @@ def torchrun(
     log.parent.mkdir(parents=True, exist_ok=True)
     code = -1
     for attempt in range(attempts):
-        cmd = [
-            python,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            str(script),
-            *args,
-        ]
+        cmd = torchrun_command(python, nproc, script, args)
         with log.open("a") as fh:
             fh.write(f"$ {' '.join(cmd)}  # attempt {attempt + 1}\n")
             fh.flush()
@@ -497,7 +504,11 @@ def load(
             / "logs"
             / f"load-{case}-w{world}{f'-ep{ep}' if ep else ''}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         )
-        torchrun(LOAD, args, world, python=python, ext_dir=root / "torch_extensions", log=log)
+        if case in CASES or case in PARALLEL_CASES:  # served: see _Server
+            group = ALL_CASES[case].get("launch", "")
+            log = _server(python or ds_python(), world, root, group).run(args)
+        else:  # Mixture-of-Experts: expert groups set per process; a launch of its own
+            torchrun(LOAD, args, world, python=python, ext_dir=root / "torch_extensions", log=log)
         if not dump.exists():
             meta = json.loads(dump.with_suffix(".json").read_text())
             if not expect_error:
@@ -507,6 +518,80 @@ def load(
         if expect_error:
             raise AssertionError(f"DeepSpeed loaded {ckpt} as {case}; an error was expected")
         return Loaded(tensors=tensors, meta=meta, log=log)
+
+
+class _Server:
+    """One torchrun launch of ds_load.py ``--serve`` at one world size, running the loads
+    it is asked for one after another: starting torch and DeepSpeed on every rank costs
+    more than a load. Loads share a launch where ds_make builds their cases together (a
+    case's ``launch`` group: the same process-global DeepSpeed state, such as AutoTP's
+    groups). Started on first use, stopped at exit; a load that kills it fails with its
+    log."""
+
+    def __init__(self, python: str, world: int, root: Path, group: str = "") -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix=f"ds_load-serve-w{world}-"))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        label = f"-{group}" if group else ""
+        self.log = root / "logs" / f"load-serve-w{world}{label}-{stamp}-{os.getpid()}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = torchrun_command(python, world, LOAD, ["--serve", str(self.folder)])
+        self.out = self.log.open("a")
+        self.out.write(f"$ {' '.join(cmd)}\n")
+        self.out.flush()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.out, stderr=subprocess.STDOUT, env=_env(root / "torch_extensions")
+        )
+        self.count = 0
+
+    def run(self, args: list[str]) -> Path:
+        self.count += 1
+        name = f"{self.count:05d}"
+        tmp = self.folder / f"{name}.tmp"
+        tmp.write_text(json.dumps(args))
+        tmp.rename(self.folder / f"{name}.req")
+        done = self.folder / f"{name}.done"
+        deadline = time.monotonic() + TIMEOUT_S
+        while not done.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                _SERVERS.pop(next(k for k, v in _SERVERS.items() if v is self), None)
+                tail = self.log.read_text(errors="replace")[-6000:]
+                raise RuntimeError(f"ds_load.py --serve failed on {' '.join(args)}:\n{tail}")
+            time.sleep(0.05)
+        return self.log
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            (self.folder / "STOP").write_text("")
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.out.close()
+
+
+_SERVERS: dict[tuple[str, int, Path, str], _Server] = {}
+
+
+LIVE_SERVERS = 2  # each holds its ranks' memory (~0.4 GB each): the least recent stops
+
+
+def _server(python: str, world: int, root: Path, group: str) -> _Server:
+    key = (python, world, root, group)
+    if key not in _SERVERS:
+        if not _SERVERS:
+            atexit.register(_stop_servers)
+        while len(_SERVERS) >= LIVE_SERVERS:
+            _SERVERS.pop(next(iter(_SERVERS))).stop()
+        _SERVERS[key] = _Server(python, world, root, group)
+    _SERVERS[key] = _SERVERS.pop(key)  # the most recently used last
+    return _SERVERS[key]
+
+
+def _stop_servers() -> None:
+    for server in _SERVERS.values():
+        server.stop()
+    _SERVERS.clear()
 
 
 def hf_load_strict(

@@ -35,6 +35,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -46,7 +47,7 @@ CASES = {**ds_make.ALL_CASES, **ds_moe.CASES, **ds_autoep.CASES}
 EP_KINDS = {"moe": ds_moe, "autoep": ds_autoep}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", required=True, choices=sorted(CASES))
     ap.add_argument("--ckpt", required=True, type=Path, help="checkpoint root (holds latest)")
@@ -64,67 +65,108 @@ def main(argv: list[str] | None = None) -> None:
         help="attach layoutc.deepspeed first: load_checkpoint then takes any saved topology",
     )
     ap.add_argument("--dump", required=True, type=Path, help="OUT.safetensors (+ OUT.json)")
-    args = ap.parse_args(argv)
+    return ap
 
-    rank, world = ds_make.init_dist()
+
+def load_one(args: argparse.Namespace, rank: int, world: int, destroy: bool = False) -> None:
+    """One load (every rank): build, load, capture, train a step, dump (rank 0)."""
     import torch.distributed as dist
 
-    def work() -> None:
-        case = CASES[args.case]
-        kind = ds_make
-        if case.get("kind") in EP_KINDS:
-            kind = EP_KINDS[case["kind"]]
-            case = kind.at_topology(case, world, args.ep)
-        elif args.ep is not None:
-            raise SystemExit(f"--ep is for Mixture-of-Experts / AutoEP cases, not {args.case}")
-        engine, cfg = kind.build_engine(case, world, universal=args.universal)
-        error = None
-        try:
-            if args.layoutc:  # as a Trainer would: attach, then the engine's own call
-                import layoutc.deepspeed
+    case = CASES[args.case]
+    kind = ds_make
+    if case.get("kind") in EP_KINDS:
+        kind = EP_KINDS[case["kind"]]
+        case = kind.at_topology(case, world, args.ep)
+    elif args.ep is not None:
+        raise SystemExit(f"--ep is for Mixture-of-Experts / AutoEP cases, not {args.case}")
+    engine, cfg = kind.build_engine(case, world, universal=args.universal)
+    error = None
+    try:
+        if args.layoutc:  # as a Trainer would: attach, then the engine's own call
+            import layoutc.deepspeed
 
-                layoutc.deepspeed.attach(engine)
-            load_path, client_state = engine.load_checkpoint(
-                str(args.ckpt), tag=args.tag, load_lr_scheduler_states=not args.fresh
+            layoutc.deepspeed.attach(engine)
+        load_path, client_state = engine.load_checkpoint(
+            str(args.ckpt), tag=args.tag, load_lr_scheduler_states=not args.fresh
+        )
+        if load_path is None:
+            error = f"load_checkpoint found nothing to load in {args.ckpt}"
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    # Agree on failure across ranks before any collective in capture().
+    import torch
+
+    flag = torch.tensor([1 if error else 0])
+    dist.all_reduce(flag)
+    if flag.item():
+        if rank == 0:
+            args.dump.with_suffix(".json").write_text(
+                json.dumps({"error": error or "failed on another rank", "case": args.case}) + "\n"
             )
-            if load_path is None:
-                error = f"load_checkpoint found nothing to load in {args.ckpt}"
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-        # Agree on failure across ranks before any collective in capture().
-        import torch
+    else:
+        tensors, meta = kind.capture(engine, case)
+        # then go on training: one more step must run on what was loaded
+        next_loss = kind.train(engine, case, rank, steps=1)[0]
+        if rank == 0:
+            meta.update(
+                {
+                    "case": args.case,
+                    "case_config": case,
+                    "ds_config": cfg,
+                    "world_size": world,
+                    "universal": args.universal,
+                    "load_path": load_path,
+                    "client_state": sorted(client_state or {}),
+                    "next_loss": next_loss,
+                    "global_steps_after": engine.global_steps,
+                }
+            )
+            ds_make.write_truth(tensors, meta, args.dump)
+    if destroy:
+        engine.destroy()
+    dist.barrier()
 
-        flag = torch.tensor([1 if error else 0])
-        dist.all_reduce(flag)
-        if flag.item():
-            if rank == 0:
-                args.dump.with_suffix(".json").write_text(
-                    json.dumps({"error": error or "failed on another rank", "case": args.case})
-                    + "\n"
-                )
-        else:
-            tensors, meta = kind.capture(engine, case)
-            # then go on training: one more step must run on what was loaded
-            next_loss = kind.train(engine, case, rank, steps=1)[0]
-            if rank == 0:
-                meta.update(
-                    {
-                        "case": args.case,
-                        "case_config": case,
-                        "ds_config": cfg,
-                        "world_size": world,
-                        "universal": args.universal,
-                        "load_path": load_path,
-                        "client_state": sorted(client_state or {}),
-                        "next_loss": next_loss,
-                        "global_steps_after": engine.global_steps,
-                    }
-                )
-                ds_make.write_truth(tensors, meta, args.dump)
-        dist.barrier()
 
-    ds_make.exit_process(work)
+def serve(folder: Path, rank: int, world: int) -> None:
+    """Run the loads asked for in ``folder`` one after another in this one launch (every
+    rank): ``NNNN.req`` holds a load's arguments (JSON list); ``NNNN.done`` is written once
+    its dump is; ``STOP`` ends the loop. Spares each load the start of a torchrun job."""
+    import time
+
+    import torch.distributed as dist
+
+    seen: set[str] = set()
+    while True:
+        box: list[Any] = [None]
+        if rank == 0:
+            while box[0] is None:
+                if (folder / "STOP").exists():
+                    box[0] = "STOP"
+                    break
+                ready = sorted(p for p in folder.glob("*.req") if p.name not in seen)
+                if ready:
+                    seen.add(ready[0].name)
+                    box[0] = [ready[0].stem, json.loads(ready[0].read_text())]
+                else:
+                    time.sleep(0.05)
+        dist.broadcast_object_list(box, src=0)
+        if box[0] == "STOP":
+            return
+        name, argv = box[0]
+        load_one(parser().parse_args(argv), rank, world, destroy=True)
+        if rank == 0:
+            (folder / f"{name}.done").write_text("done\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    rank, world = ds_make.init_dist()
+    if argv[:1] == ["--serve"]:
+        ds_make.exit_process(lambda: serve(Path(argv[1]), rank, world))
+    args = parser().parse_args(argv)
+    ds_make.exit_process(lambda: load_one(args, rank, world))
 
 
 if __name__ == "__main__":
