@@ -278,10 +278,9 @@ class Saver:
         for lo in range(0, src.numel(), step):
             piece = src[lo : lo + step]
             if copy:
-                buf = self.buffers.take()
-                held = buf[: piece.numel()]
-                held.copy_(piece)
-                f.writes.append(self.writers.submit(self._write, region, lo, held, buf))
+                buf = self.buffers.take(piece.numel())
+                buf.copy_(piece)
+                f.writes.append(self.writers.submit(self._write, region, lo, buf, buf))
             else:
                 f.writes.append(self.writers.submit(self._write, region, lo, piece, None))
 

@@ -60,36 +60,36 @@ def as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
 
 
 class HostBuffers:
-    """Page-aligned host buffers of ``piece`` bytes, at most ``limit`` bytes of them
-    (``None``: as many as asked for), reused from one save to the next; page-locked when
-    ``pinned`` (copies from an accelerator then run at full speed). :meth:`take` blocks
-    while every buffer is in use: that is how a bounded snapshot waits for the writes."""
+    """Page-aligned host buffers holding at most ``limit`` bytes in use at once (``None``:
+    no bound), page-locked when ``pinned`` (copies from an accelerator then run at full
+    speed). Buffers of a whole ``piece`` are kept and reused from one save to the next;
+    a smaller piece (the tail of a storage, a small tensor) gets a buffer of its own size.
+    :meth:`take` blocks while the bytes in use would pass the limit: that is how a bounded
+    snapshot waits for the writes."""
 
     def __init__(self, piece: int, limit: int | None, pinned: bool = False) -> None:
         self.piece = piece if limit is None else max(PAGE, min(piece, limit // PAGE * PAGE))
-        self.count = None if limit is None else max(1, limit // self.piece)
+        self.limit = limit
         self.pinned = pinned
         self.free: list[torch.Tensor] = []
-        self.made = 0
+        self.used = 0
         self.cond = threading.Condition()
 
-    def take(self) -> torch.Tensor:
+    def take(self, n: int) -> torch.Tensor:
+        """A buffer of ``n`` bytes (at most ``piece``)."""
         with self.cond:
-            while not self.free and self.count is not None and self.made >= self.count:
+            while self.limit is not None and self.used and self.used + n > self.limit:
                 self.cond.wait()
-            if self.free:
+            self.used += n
+            if n == self.piece and self.free:
                 return self.free.pop()
-            self.made += 1
-        raw = torch.empty(self.piece + PAGE, dtype=torch.uint8, pin_memory=self.pinned)
+        raw = torch.empty(n + PAGE, dtype=torch.uint8, pin_memory=self.pinned)
         skip = -raw.data_ptr() % PAGE
-        return raw[skip : skip + self.piece]
+        return raw[skip : skip + n]
 
     def give(self, buf: torch.Tensor) -> None:
         with self.cond:
-            self.free.append(buf)
-            self.cond.notify()
-
-    def held(self) -> int:
-        """Bytes of host memory the buffers hold."""
-        with self.cond:
-            return self.made * self.piece
+            self.used -= buf.numel()
+            if buf.numel() == self.piece:
+                self.free.append(buf)
+            self.cond.notify_all()
