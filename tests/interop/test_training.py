@@ -99,6 +99,7 @@ def test_a_run_resumed_through_layoutc_goes_on_bit_for_bit(
 # (saved case, loading case): another data-parallel size, ZeRO stage or dtype
 RESHARDS = [
     ("z1_w2_bf16", "z1_w3_bf16"),
+    ("z1_w3_fp32", "z1_w2_fp32"),
     ("z2_w2_bf16", "z2_w3_bf16"),
     ("z3_w2_bf16", "z3_w3_bf16"),
     ("z2_w3_fp32", "z2_w2_fp32"),
