@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from layoutc.errors import LayoutcError
+from layoutc.errors import InputError
 
 
-class SaveFailed(LayoutcError):
-    """A checkpoint tag was not saved; the previous one, and ``latest``, are intact."""
+class SaveFailed(InputError):
+    """A checkpoint tag was not saved (a disk or a rank failed); the previous one, and
+    ``latest``, are intact."""

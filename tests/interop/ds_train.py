@@ -51,8 +51,18 @@ def same(a: Any, b: Any, where: str, out: list[str]) -> None:
             b.shape,
             b.stride(),
             b.storage_offset(),
-        ) or not torch.equal(a, b):
-            out.append(f"{where}: tensors differ")
+        ):
+            out.append(f"{where}: tensors differ in dtype, shape or strides")
+        else:
+            # Bit for bit: equal values are not enough (NaN != NaN, -0.0 == 0.0).
+            x, y = (t.detach().reshape(-1).view(torch.uint8) for t in (a, b))
+            if not torch.equal(x, y):
+                n = int((x != y).sum())
+                at = int((x != y).nonzero()[0]) // a.element_size()
+                out.append(
+                    f"{where}: {n} bytes differ, first at element {at}: "
+                    f"{a.reshape(-1)[at].item()!r} and {b.reshape(-1)[at].item()!r}"
+                )
     elif isinstance(a, dict):
         if type(a) is not type(b) or list(a) != list(b):
             out.append(f"{where}: keys {list(a)} and {list(b) if isinstance(b, dict) else b}")
