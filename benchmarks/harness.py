@@ -363,6 +363,17 @@ def warm(folder: Path) -> None:
     subprocess.run(f"find '{folder}' -type f -exec cat {{}} + > /dev/null", shell=True, check=True)
 
 
+def drop_caches() -> bool:
+    """Empty the page cache (``sync``, then ``/proc/sys/vm/drop_caches``), so that the next
+    run reads from the disk; False where this process may not (not root)."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
 def dd_copy(src: Path, dst: str = OUTDIR) -> list[str]:
     """A command copying every file under ``src`` to ``dst`` (same relative paths), each by
     its own ``dd bs=32M oflag=direct conv=fsync``, all at once: the bytes made durable at

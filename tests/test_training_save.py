@@ -98,6 +98,33 @@ def test_a_saved_file_holds_what_torch_save_would(
     assert (folder / "latest").read_text() == "t" and verify(folder / "t") == []
 
 
+@pytest.mark.parametrize("host_memory", [None, 1 << 20])
+def test_an_async_tag_of_many_files_holds_the_values_at_the_call(
+    tmp_path: Path, host_memory: int | None
+) -> None:
+    """Writes wait for the whole tag to be copied, unless the host buffers run out: then
+    they start so that the copy can go on. Either way each file holds what it held at the
+    call, though the caller changes every tensor at once."""
+    saver = Saver(async_save=True, workers=2, host_memory=host_memory)
+    g = torch.Generator().manual_seed(0)
+    sds = [
+        {"w": torch.randn(n, generator=g), "b": torch.randn(7, generator=g)}
+        for n in (800_000, 300_001, 1_000_003)
+    ]
+    want = [{k: v.clone() for k, v in sd.items()} for sd in sds]
+    saver.begin(tmp_path, "t")
+    for i, sd in enumerate(sds):
+        saver.save(sd, tmp_path / "t" / f"f{i}.pt")
+        for v in sd.values():
+            v.fill_(float("nan"))
+    saver.end(save_latest=True)
+    saver.close()
+    for i, sd in enumerate(want):
+        ours = torch.load(tmp_path / "t" / f"f{i}.pt", weights_only=True)
+        assert all(torch.equal(ours[k], v) for k, v in sd.items()), i
+    assert verify(tmp_path / "t") == [] and saver.buffers.used == 0
+
+
 def test_saving_a_tag_again_replaces_it_whole(tmp_path: Path) -> None:
     saver = Saver(async_save=False)
     for value in (1.0, 2.0):

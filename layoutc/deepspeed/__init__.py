@@ -62,13 +62,22 @@ def attach_all(
     _engine().attach_all(**options)
 
 
-def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kw: Any) -> Any:
+def load_checkpoint(
+    engine: Any,
+    load_dir: str,
+    tag: str | None = None,
+    *,
+    scratch: str | None = None,
+    **kw: Any,
+) -> Any:
     """``engine.load_checkpoint(load_dir, tag, **kw)`` from a checkpoint saved at any
     data-parallel size, ZeRO stage, dtype or AutoTP size: where the saved topology is not
     the running job's, the ranks first reshard it (natively, in parallel) into a scratch
-    folder beside it, which DeepSpeed then loads. Returns what DeepSpeed's
+    folder, which DeepSpeed then loads: in ``scratch`` if given (every rank must see it),
+    else in ``/dev/shm`` when all ranks run on one host and it fits in a quarter of the
+    memory available, else beside the checkpoint. Returns what DeepSpeed's
     ``load_checkpoint`` returns."""
-    return _engine().resume(engine, load_dir, tag, **kw)
+    return _engine().resume(engine, load_dir, tag, scratch=scratch, **kw)
 
 
 __all__ = ["SaveFailed", "attach", "attach_all", "load_checkpoint"]

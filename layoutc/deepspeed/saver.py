@@ -9,9 +9,10 @@ every rank in the same order:
   its file under the partial folder with every storage a pre-sized hole, and queues the
   storages' bytes to a pool of writer threads that write them at their offsets (O_DIRECT
   where the filesystem allows), each piece's CRC-32 taken while it is in cache. An
-  asynchronous save first copies the bytes, in pieces, into reused host buffers (bounded
-  by ``host_memory``: when they are all in flight the copy waits for a write to finish), so
-  training may change the tensors as soon as the call returns;
+  asynchronous save first copies the bytes, in pieces, into reused host buffers, so
+  training may change the tensors as soon as the call returns; the writes start once the
+  whole save is copied (so they do not slow the copy the loop waits for), or earlier when
+  the buffers reach ``host_memory`` and the copy must wait for a write to free one;
 * :meth:`Saver.end` commits: each rank waits for its writes, patches its files' CRCs and
   fsyncs them; the ranks exchange their files' sizes and CRCs; rank 0 writes the manifest
   (``layoutc-manifest.json``, readable by ``layoutc verify``), fsyncs the folder, renames it
@@ -149,6 +150,7 @@ class Saver:
         pinned = torch.cuda.is_available()
         self.buffers = HostBuffers(PIECE, host_memory, pinned=pinned)
         self.tag: _Tag | None = None
+        self.held: list[tuple[_File, Any, int, torch.Tensor]] = []  # copies not yet queued
         self.pending: Future[None] | None = None
         self.closed = False
         self.lock = threading.Lock()
@@ -194,6 +196,7 @@ class Saver:
             self.tag.files.append(f)
             return
         try:  # outside a tag: done before returning
+            self._release()
             f.finish()
             final = Path(path).absolute()
             os.replace(target, final)
@@ -203,6 +206,7 @@ class Saver:
             raise
 
     def end(self, save_latest: bool) -> None:
+        self._release()
         t, self.tag = self.tag, None
         if t is None:
             return
@@ -214,6 +218,7 @@ class Saver:
 
     def abort(self) -> None:
         """The save in progress failed in the caller: wait for its writes, keep nothing."""
+        self._release()
         t, self.tag = self.tag, None
         if t is None:
             return
@@ -268,6 +273,9 @@ class Saver:
         except BaseException:
             for w in f.writes:
                 w.cancel()
+            for held in [h for h in self.held if h[0] is f]:
+                self.held.remove(held)
+                self.buffers.give(held[3])
             files.close()
             raise
         return f
@@ -278,11 +286,21 @@ class Saver:
         for lo in range(0, src.numel(), step):
             piece = src[lo : lo + step]
             if copy:
+                if self.held and not self.buffers.available(piece.numel()):
+                    self._release()  # the copy would wait for writes: start them
                 buf = self.buffers.take(piece.numel())
                 buf.copy_(piece)
-                f.writes.append(self.writers.submit(self._write, region, lo, buf, buf))
+                self.held.append((f, region, lo, buf))
             else:
                 f.writes.append(self.writers.submit(self._write, region, lo, piece, None))
+
+    def _release(self) -> None:
+        """Start the writes of the copies made so far. A save holds them back until its
+        tensors are all copied, so that the copy, which the training loop waits for, does
+        not share the CPU with the writers."""
+        held, self.held = self.held, []
+        for f, region, lo, buf in held:
+            f.writes.append(self.writers.submit(self._write, region, lo, buf, buf))
 
     def _write(self, region: Any, at: int, data: torch.Tensor, buf: torch.Tensor | None) -> None:
         try:

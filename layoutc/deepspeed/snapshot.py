@@ -87,6 +87,11 @@ class HostBuffers:
         skip = -raw.data_ptr() % PAGE
         return raw[skip : skip + n]
 
+    def available(self, n: int) -> bool:
+        """Whether :meth:`take` of ``n`` bytes would return without waiting."""
+        with self.cond:
+            return self.limit is None or not self.used or self.used + n <= self.limit
+
     def give(self, buf: torch.Tensor) -> None:
         with self.cond:
             self.used -= buf.numel()

@@ -471,7 +471,7 @@ def load(
     python: str | None = None,
     expect_error: bool = False,
     fresh: bool = False,
-    via_layoutc: bool = False,
+    via_layoutc: bool | Path = False,
 ) -> Loaded:
     """Have real DeepSpeed load ``ckpt`` as ``case`` at ``world`` ranks (default: the case's;
     a pipeline / TP case keeps its pp and tp, so ``world`` sets the data-parallel size; a MoE
@@ -479,7 +479,8 @@ def load(
 
     A refusal by DeepSpeed raises unless ``expect_error``; then ``Loaded.error`` holds it.
     ``fresh``: the checkpoint has no lr scheduler state (load_lr_scheduler_states=False).
-    ``via_layoutc``: load with ``layoutc.deepspeed.load_checkpoint`` (any saved topology).
+    ``via_layoutc``: load with ``layoutc.deepspeed.load_checkpoint`` (any saved topology);
+    a folder: make a reshard there (its ``scratch``).
     ``root`` is where torch extensions / logs are cached (default: a temp dir).
     """
     if case not in ALL_CASES:
@@ -495,6 +496,8 @@ def load(
             args.append("--fresh")
         if via_layoutc:
             args.append("--layoutc")
+            if not isinstance(via_layoutc, bool):
+                args += ["--scratch", str(via_layoutc)]
         if ep is not None:
             args += ["--ep", str(ep)]
         if tag is not None:

@@ -64,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="attach layoutc.deepspeed first: load_checkpoint then takes any saved topology",
     )
+    ap.add_argument("--scratch", default=None, help="with --layoutc: where a reshard is made")
     ap.add_argument("--dump", required=True, type=Path, help="OUT.safetensors (+ OUT.json)")
     return ap
 
@@ -86,8 +87,9 @@ def load_one(args: argparse.Namespace, rank: int, world: int, destroy: bool = Fa
             import layoutc.deepspeed
 
             layoutc.deepspeed.attach(engine)
+        options = {"scratch": args.scratch} if args.scratch else {}
         load_path, client_state = engine.load_checkpoint(
-            str(args.ckpt), tag=args.tag, load_lr_scheduler_states=not args.fresh
+            str(args.ckpt), tag=args.tag, load_lr_scheduler_states=not args.fresh, **options
         )
         if load_path is None:
             error = f"load_checkpoint found nothing to load in {args.ckpt}"
