@@ -49,6 +49,7 @@ from layoutc.runtime import distributed
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 MIN_MEMORY = 1 << 20  # smallest --memory the command line accepts
+SHOWN_DIAGNOSTICS = 20  # a failed command shows this many, then "... and N more"
 
 # Each kind of failure: its exit code and what the message starts with (after the command).
 FAILURES: dict[type[LayoutcError], tuple[int, str]] = {
@@ -823,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LayoutcError as e:
         code, prefix = FAILURES[kind(e) or InternalError]  # a class without a kind is a bug
         if isinstance(e, LayoutError):  # its diagnostics say where themselves
-            print(e.render(), file=sys.stderr)
+            print(e.render(limit=SHOWN_DIAGNOSTICS), file=sys.stderr)
         else:
             print(f"layoutc {args.command}: {prefix}{e}", file=sys.stderr)
         if code == EXIT_BUG:

@@ -68,6 +68,8 @@ class Diagnostic:
         head = f"{self.span}: {self.severity}[{self.code}]: {self.message}"
         if self.span is NO_SPAN:
             head = f"{self.severity}[{self.code}]: {self.message}"
+        elif not self.span.line:  # a place with no line: a flag of the command line
+            head = f"{self.span.file}: {self.severity}[{self.code}]: {self.message}"
         out = [head]
         if lines is not None and 0 < self.span.line <= len(lines):
             text = lines[self.span.line - 1].rstrip("\r")

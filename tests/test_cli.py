@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from layoutc import cli
 from layoutc.cli import default_workers, main
 from layoutc.lang.fmt import fmt
 from layoutc.lang.parse import parse
@@ -328,7 +329,22 @@ def test_set_changes_a_mesh_axis_of_the_target(capsys: pytest.CaptureFixture[str
 def test_set_of_a_name_the_target_lacks_is_a_diagnostic(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "plan", GPT2, "--to", "universal", "--set", "pd=3")
     assert code == 1
-    assert "error[E134]: --set pd=3:" in err and "did you mean `dp`?" in err
+    assert err.startswith("--set pd=3: error[E134]:") and "did you mean `dp`?" in err
+
+
+def test_a_set_axis_of_zero_is_one_diagnostic_not_a_cascade(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run(capsys, "plan", GPT2, "--to", "deepspeed", "--set", "dp=0")
+    assert code == 1 and "error[E109]: mesh axis `dp` is set to 0 by `--set dp=0`" in err
+    assert "E106" not in err
+
+
+def test_a_cascade_of_diagnostics_is_capped(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "plan", GPT2, "--to", ROOT / "specs" / "llama2-7b.layout")
+    shown = [line for line in err.splitlines() if ": error[" in line]
+    assert code == 1 and len(shown) == cli.SHOWN_DIAGNOSTICS
+    assert re.search(r"^\.\.\. and \d+ more$", err.splitlines()[-1])
 
 
 @pytest.mark.parametrize("bad", ["dp", "=3", "dp=three"])
@@ -456,3 +472,25 @@ def test_a_path_that_does_not_exist_is_a_usage_error_for_every_command(
     args = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
     code, _, err = run(capsys, args[0], missing, *args[1:])
     assert code == 2 and f"{missing}: no such" in err, err
+
+
+@pytest.mark.parametrize(
+    ("files", "says"),
+    [
+        ([], "is empty"),
+        (["latest_checkpointed_iteration.txt", "iter_0000010/mp_rank_00/x"], "Megatron-LM"),
+        (["global_step3/mp_rank_00_model_states.pt"], r"tag folders \(global_step3\), no `latest`"),
+        (["config.json", "model.safetensors"], "Hugging Face model folder"),
+        (["a.txt", "b.npy"], "is not a checkpoint layoutc reads (.*); it holds a.txt, b.npy"),
+    ],
+)
+@pytest.mark.parametrize("command", ["inspect", "infer"])
+def test_a_folder_layoutc_does_not_read_is_named_for_what_it_is(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, files: list[str], says: str, command: str
+) -> None:
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    code, _, err = run(capsys, command, tmp_path)
+    assert code == 1 and re.search(f"{re.escape(str(tmp_path))}: .*{says}", err), err
+    assert "_model_states.pt files" not in err

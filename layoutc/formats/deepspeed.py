@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from layoutc.errors import InputError, Unsupported
-from layoutc.formats import autotp, pt
+from layoutc.formats import autotp, pt, unknown
 from layoutc.formats.checkpoint import Checkpoint
 from layoutc.ir import check_tag
 from layoutc.lang.check import load_text
@@ -305,8 +305,9 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> DeepSpeedCheckp
         raise NotACheckpoint(f"{folder}: the tag folder does not exist")
     ckpt = DeepSpeedCheckpoint.scan(folder, root)
     if not ckpt.model_files:
-        hint = "" if root else " (give the checkpoint root holding `latest`, or a tag folder)"
-        raise NotACheckpoint(f"{folder}: no DeepSpeed *_model_states.pt files{hint}")
+        if root is None:  # not a DeepSpeed folder at all, perhaps: say what it is
+            raise NotACheckpoint(f"{folder}: {unknown.describe(folder)}")
+        raise NotACheckpoint(f"{folder}: no DeepSpeed *_model_states.pt files")
     return ckpt
 
 

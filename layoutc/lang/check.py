@@ -424,9 +424,12 @@ class _Checker:
             return self.positive(e, f"mesh axis `{name}`")
         v = self.overrides[name]
         if kind == "mesh axis" and v <= 0:
-            raise self.fail(
-                "E109", f"mesh axis `{name}` is set to {v} (--set); it must be positive", e.span
+            self.error(  # the axis is still declared (as 1): no cascade of unknown axes
+                "E109",
+                f"mesh axis `{name}` is set to {v} by `--set {name}={v}`; it must be positive",
+                e.span,
             )
+            return 1
         return v
 
     def exact(self, e: ast.Expr, axis: str) -> bool:
@@ -463,9 +466,8 @@ class _Checker:
             guess = self.guess(name, settable)
             self.error(
                 "E134",
-                f"--set {name}={self.overrides[name]}: {self.file.path} has no mesh axis or "
-                f"let constant `{name}`",
-                Span("<command line>", 0, 0),
+                f"{self.file.path} has no mesh axis or let constant `{name}`",
+                Span(f"--set {name}={self.overrides[name]}", 0, 0),
                 (f"did you mean `{guess}`? " if guess else "")
                 + "settable names: "
                 + (_listing(settable) if settable else "none"),

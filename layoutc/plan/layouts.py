@@ -62,7 +62,7 @@ def target_layout(source: ir.Layout, target: ir.Layout | str) -> ir.Layout:
                 Diagnostic(
                     "E203",
                     f"unknown target `{target}`",
-                    Span("<command line>", 0, 0),
+                    Span(f"--to {target}", 0, 0),
                     "a .layout file or one of: " + ", ".join(ir.FORMATS),
                 )
             ]
