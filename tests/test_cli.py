@@ -362,7 +362,7 @@ def test_convert_to_deepspeed_at_another_world_size(
         capsys, "convert", EXAMPLE, "--to", "deepspeed", "--set", "dp=3", "-o", out, "-q"
     )
     assert code == 0, err
-    assert "wrote 5 files" in stdout
+    assert "in 4 files (and latest, layoutc-manifest.json)" in stdout
     names = sorted(p.name for p in (out / "global_step2").iterdir())
     assert names == [
         *(f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(3)),
@@ -447,7 +447,9 @@ def test_quiet_convert_prints_only_the_result_and_takes_torch_dtype_names(
     assert code == 0, err
     assert err == ""  # no plan summary
     assert re.fullmatch(
-        r"wrote 1 file, [0-9.]+ KiB to \S+ in [0-9.]+ s \([0-9.]+ [KMG]?i?B/s\); read .*\n", stdout
+        r"wrote [0-9.]+ KiB in 1 file \(and layoutc-manifest.json\) to \S+ in [0-9.]+ s "
+        r"\([0-9.]+ [KMG]?i?B/s\); read .*\n",
+        stdout,
     ), stdout
     header = json.loads((out / "model.safetensors").read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} <= {"BF16", "F32"}

@@ -23,8 +23,15 @@ def test_the_example_converts_to_universal_and_verifies(tmp_path):
     assert (out / "latest_universal").read_text() == "global_step2"
     assert verify(out) == []
     manifest = json.loads((out / MANIFEST).read_text())
-    assert set(manifest["files"]) == set(report.files)  # the marker too
-    assert manifest["markers"] == ["latest_universal"]
+    assert set(manifest["files"]) == set(report.files) | set(report.markers)
+    assert manifest["markers"] == list(report.markers) == ["latest_universal"]
+    # the files of tensors counted alike by the plan, the report and the disk
+    assert report.plan.summary()["files_written"] == len(report.files)
+    on_disk = [p for p in out.rglob("*") if p.is_file()]
+    assert len(on_disk) == len(report.files) + len(report.markers) + 1  # + the manifest
+    assert report.summary().startswith(
+        f"wrote 7.4 KiB in {len(report.files)} files (and latest_universal, {MANIFEST}) to {out}"
+    )
     for rel, entry in manifest["files"].items():  # combined from the writes, never re-read
         assert entry["crc32"] == f"{zlib.crc32((out / rel).read_bytes()):08x}", rel
     for container in out.rglob("*.pt"):  # every zip member's CRC patched correctly

@@ -171,6 +171,7 @@ class Compiler:
             )
         self.budget = budget
         self.workers = max(1, workers)
+        self._patterns: dict[int, dict[str, int]] = {}  # placement -> file name pattern -> files
         self.warnings: list[str] = []
         self.upcast_masters: list[tuple[str, str, str]] = []  # (tensor, from, to)
 
@@ -545,6 +546,17 @@ class Compiler:
             route=f"zeros -> {count} padding ranges of {self.T.format}",
         )
 
+    def _of_pattern(self, placement: Placement, pattern: str) -> int:
+        """How many of ``placement``'s files a name pattern (ranks as ``*``) stands for."""
+        key = id(placement)
+        if key not in self._patterns:
+            counts: dict[str, int] = {}
+            for f in placement.files():
+                name = re.sub(r"(?<=_)\d+", "*", f)
+                counts[name] = counts.get(name, 0) + 1
+            self._patterns[key] = counts
+        return self._patterns[key].get(pattern, 0)
+
     def _where(self, placement: Placement, t: ir.Tensor, state: str, sl: Slice) -> str:
         """``4 slices (tp) in bf16_zero_pp_rank_*_mp_rank_*_optim_states.pt``: where a state
         lives (``whole, cut in 3 pieces over dp``: one slice in ZeRO's or FSDP's pieces)."""
@@ -557,6 +569,9 @@ class Compiler:
         elif len(runs) > 1:  # one slice cut across files: ZeRO partitions, FSDP's chunks
             over = "×".join(placement.layout.zero.axes) or "files"
             what = f"whole, cut in {len(runs)} pieces over {over}"
+        elif self._of_pattern(placement, pattern) > 1 and placement.copies(t, state) == 1:
+            # in one file of many: one ZeRO partition (or one rank's chunk) holds it all
+            return f"whole, all in {runs[0].file} (one of {pattern})"
         else:
             what = "whole"
         copies = placement.copies(t, state)

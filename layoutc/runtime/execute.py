@@ -34,6 +34,7 @@ from layoutc.plan.plan import Plan
 from layoutc.runtime import distributed, executor
 from layoutc.runtime.checksum import Pieces
 from layoutc.runtime.commit import (
+    MANIFEST,
     as_output_error,
     check_output,
     commit,
@@ -144,17 +145,22 @@ class Report:
     plan: Plan = field(repr=False)
     warnings: tuple[str, ...] = ()
     bytes_swapped: int = 0  # through swap files, out and in
+    markers: tuple[str, ...] = ()  # files a loader looks for (``latest``, an index), by name
 
     def summary(self) -> str:
+        """One line: the files of tensors (the count ``layoutc plan`` shows), the small
+        files beside them, then bytes, time and memory."""
         from layoutc.render import human_size  # lazy: render brings jinja2, a run need not
 
         rate = self.bytes_written / self.seconds if self.seconds else 0.0
         swapped = f"; swapped {human_size(self.bytes_swapped)}" if self.bytes_swapped else ""
         n = len(self.files)
+        besides = ", ".join([*self.markers, MANIFEST])
         return (
-            f"wrote {n} file{'s' if n != 1 else ''}, {human_size(self.bytes_written)} to "
-            f"{self.output} in {self.seconds:.2f} s ({human_size(rate)}/s); read "
-            f"{human_size(self.bytes_read)}{swapped}; peak RSS {human_size(self.peak_rss_bytes)}"
+            f"wrote {human_size(self.bytes_written)} in {n} file{'s' if n != 1 else ''} "
+            f"(and {besides}) to {self.output} in {self.seconds:.2f} s "
+            f"({human_size(rate)}/s); read {human_size(self.bytes_read)}{swapped}; "
+            f"peak RSS {human_size(self.peak_rss_bytes)}"
         )
 
 
@@ -203,7 +209,7 @@ def run(
         _fail(e, partial, out)
     finally:
         files_in.close()
-    return _report(plan, out, files, start, swapped)
+    return _report(plan, out, files, len(prepared.markers), start, swapped)
 
 
 def _fail(
@@ -247,11 +253,13 @@ def _bytes_to_write(plan: Plan) -> int:
     return sum(u.stats.write_bytes for u in plan.units) or 1
 
 
-def _report(plan: Plan, out: Path, files: list[str], start: float, swapped: int) -> Report:
+def _report(
+    plan: Plan, out: Path, files: list[str], markers: int, start: float, swapped: int
+) -> Report:
     t = plan.totals
     return Report(
         out,
-        files,
+        files[: len(files) - markers],
         t.read_bytes,
         t.write_bytes,
         time.perf_counter() - start,
@@ -259,6 +267,7 @@ def _report(plan: Plan, out: Path, files: list[str], start: float, swapped: int)
         plan,
         plan.warnings,
         swapped,
+        tuple(files[len(files) - markers :]),
     )
 
 
@@ -418,6 +427,7 @@ def _run_across(
                     for offset, length, crc in runs:
                         prepared.io.pieces.setdefault(path, Pieces()).record(offset, length, crc)
             files = commit(partial, out, prepared.markers, plan, prepared.finish(), sha256)
+            files = (files, len(prepared.markers))
         except BaseException as e:
             why = "; ".join(errors)
             _fail(
@@ -429,4 +439,5 @@ def _run_across(
     files = group.broadcast(files)
     if isinstance(files, str):
         raise RankFailed(f"{out}: {files} (nothing committed)")
-    return _report(plan, out, files, start, sum(r[2] for r in results))
+    written, markers = files
+    return _report(plan, out, written, markers, start, sum(r[2] for r in results))
