@@ -407,6 +407,8 @@ def _convert(args: argparse.Namespace, lead: bool) -> int:
     from layoutc.conversion import convert  # lazy: the conversion loads numpy
 
     _check_target(args.to)
+    if args.dry_run:
+        args.quiet = True  # the plan is the output; no progress
     report = convert(
         args.checkpoint,
         args.output,
@@ -423,7 +425,22 @@ def _convert(args: argparse.Namespace, lead: bool) -> int:
         overrides=dict(args.overrides),
         param_groups=_param_groups(args.param_groups),
         sha256=args.sha256,
+        dry_run=args.dry_run,
     )
+    if args.dry_run:
+        if lead:
+            from layoutc.render import render  # lazy: render loads jinja2
+
+            sys.stdout.write(render(report.plan, "text"))
+            sys.stdout.flush()  # the plan, then what follows it on stderr
+            for w in report.warnings:
+                print(f"warning: {w}", file=sys.stderr)
+            print(
+                f"dry run: every check passed and nothing was written; without --dry-run "
+                f"this command writes {args.output}",
+                file=sys.stderr,
+            )
+        return EXIT_OK
     return _reported(report, lead)
 
 
@@ -649,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parse and check .layout files; print every diagnostic.",
     )
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.set_defaults(func=cmd_check)
+    p.set_defaults(func=cmd_check, usage=p.format_usage)
 
     p = sub.add_parser(
         "fmt",
@@ -662,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 1 (and show a diff) if a file is not formatted"
     )
     mode.add_argument("-w", "--write", action="store_true", help="rewrite files in place")
-    p.set_defaults(func=cmd_fmt)
+    p.set_defaults(func=cmd_fmt, usage=p.format_usage)
 
     p = sub.add_parser(
         "plan",
@@ -718,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the full plan validation (slow for huge plans)",
     )
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, usage=p.format_usage)
 
     p = sub.add_parser(
         "infer",
@@ -739,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an AutoEP checkpoint: the layout of the Hugging Face model it was made from "
         "(its names and fused experts, each tensor `from` the checkpoint's), to convert to",
     )
-    p.set_defaults(func=cmd_infer)
+    p.set_defaults(func=cmd_infer, usage=p.format_usage)
 
     p = sub.add_parser(
         "convert",
@@ -768,7 +785,13 @@ def build_parser() -> argparse.ArgumentParser:
     _set_option(p)
     _target_options(p)
     _run_options(p)
-    p.set_defaults(func=cmd_convert)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan this very command and run every check it would (source, output folder, "
+        "free space, param groups), print the plan, write nothing",
+    )
+    p.set_defaults(func=cmd_convert, usage=p.format_usage)
 
     p = sub.add_parser(
         "execute",
@@ -781,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT", help="the checkpoint the plan was made from")
     _output_option(p)
     _run_options(p)
-    p.set_defaults(func=cmd_execute)
+    p.set_defaults(func=cmd_execute, usage=p.format_usage)
 
     p = sub.add_parser(
         "verify",
@@ -796,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check each file's SHA-256 too (recorded by `convert --sha256`)",
     )
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=cmd_verify, usage=p.format_usage)
 
     p = sub.add_parser(
         "inspect",
@@ -806,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=cmd_inspect, usage=p.format_usage)
     return ap
 
 
@@ -827,6 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(e.render(limit=SHOWN_DIAGNOSTICS), file=sys.stderr)
         else:
             print(f"layoutc {args.command}: {prefix}{e}", file=sys.stderr)
+        if code == EXIT_USAGE:  # the request does not apply: show how the command is used
+            print(args.usage().rstrip(), file=sys.stderr)
         if code == EXIT_BUG:
             print(REPORT, file=sys.stderr)
         return code

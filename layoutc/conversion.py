@@ -24,6 +24,7 @@ is read with the restricted unpickler, and DeepSpeed need not be installed.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -38,6 +39,7 @@ from layoutc.formats.dcp import DcpCheckpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.formats.match import check_against, check_masters, check_replicas
 from layoutc.formats.sources import open_source
+from layoutc.formats.writers import prepare
 from layoutc.place import Placement
 from layoutc.plan.plan import Plan
 from layoutc.plan.request import plan_checkpoint, source_placement
@@ -71,6 +73,7 @@ def convert(
     overrides: Mapping[str, int] | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     sha256: bool = False,
+    dry_run: bool = False,
 ) -> Report:
     """Convert ``checkpoint`` — a DeepSpeed checkpoint, or full weights (safetensors, a
     torch state dict, a Hugging Face folder) with ``spec`` describing the model — into
@@ -78,7 +81,9 @@ def convert(
     constants of the target (``--set``), ``zero`` its ZeRO stage (``--zero``);
     ``param_groups`` are the optimizer
     hyperparameters written with fresh optimizer state (a source without any);
-    ``sha256``: record each output file's SHA-256 in the manifest too."""
+    ``sha256``: record each output file's SHA-256 in the manifest too. ``dry_run``: plan
+    and check everything the run would (see :func:`_check_and_run`), then stop: nothing is
+    written and the report holds the plan and no files."""
     start = time.perf_counter()
     handle = open_source(checkpoint, tag)
     try:
@@ -95,7 +100,9 @@ def convert(
             workers=workers,
             ranks=group.world if group is not None else 1,
         )
-        return _check_and_run(plan, handle, output, progress, on_plan, param_groups, sha256, start)
+        return _check_and_run(
+            plan, handle, output, progress, on_plan, param_groups, sha256, start, dry_run
+        )
     finally:
         handle.close()
 
@@ -154,12 +161,33 @@ def _check_and_run(
     param_groups: list[dict[str, Any]] | None,
     sha256: bool,
     start: float,
+    dry_run: bool = False,
 ) -> Report:
-    """Check the source's copies, the output folder and the plan, then run it."""
+    """Check the source's copies, the output folder and the plan, then run it. A dry run
+    checks also the free space and what the writers need (param groups, a format they
+    write), by creating the output's files in a temporary folder: their headers only,
+    every tensor a hole; then it stops."""
     if isinstance(handle, DeepSpeedCheckpoint):
         check_copies(plan.source_placement, handle)
-    check_output(Path(output), None, handle.folder)  # before the plan is shown; space once planned
+    out = Path(output)
+    check_output(out, plan if dry_run else None, handle.folder)  # before the plan is shown
     plan.validate(plan.source_placement, plan.target_placement)
+    if dry_run:
+        with tempfile.TemporaryDirectory(prefix="layoutc-dry-run-") as tmp:
+            tag = plan.tag or handle.folder.name
+            prepared = prepare(
+                plan.target_placement,
+                Path(tmp),
+                handle,
+                tag,
+                param_groups=param_groups,
+                source=plan.source_placement,
+            )
+            prepared.views.clear()
+            prepared.io.close()
+        if on_plan is not None:
+            on_plan(plan)
+        return Report(out, [], 0, 0, time.perf_counter() - start, 0, plan, plan.warnings)
     if on_plan is not None:
         on_plan(plan)
     return run(plan, handle, output, None, progress, start, param_groups, sha256)

@@ -496,3 +496,42 @@ def test_a_folder_layoutc_does_not_read_is_named_for_what_it_is(
     code, _, err = run(capsys, command, tmp_path)
     assert code == 1 and re.search(f"{re.escape(str(tmp_path))}: .*{says}", err), err
     assert "_model_states.pt files" not in err
+
+
+def test_a_usage_error_shows_the_subcommands_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "plan", EXAMPLE, "--to", "deepsped")
+    assert code == 2 and "did you mean `deepspeed`?" in err
+    assert "\nusage: layoutc plan " in err
+
+
+def test_convert_dry_run_plans_the_very_command_and_writes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "ds3"
+    argv = ["convert", EXAMPLE, "--to", "deepspeed", "--set", "dp=3", "--dtype", "fp16", "-o", out]
+    code, stdout, err = run(capsys, *argv, "--dry-run")
+    assert code == 0 and not out.exists() and "nothing was written" in err
+    planned = run(capsys, "plan", EXAMPLE, "--to", "deepspeed", "--set", "dp=3", "--dtype", "fp16")
+    assert stdout == planned[1]  # the plan `layoutc plan` shows for the same flags
+    assert "-> global_step2 (deepspeed, 3 ranks)" in stdout
+
+
+def test_convert_dry_run_fails_where_the_run_would_before_any_plan(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    code, stdout, err = run(
+        capsys, "convert", EXAMPLE, "--to", "universal", "-o", tmp_path / "taken", "--dry-run"
+    )
+    assert code == 1 and stdout == "" and "exists and is not empty" in err
+    weights = tmp_path / "w"  # full weights to DeepSpeed: no param groups to write
+    assert run(capsys, "convert", EXAMPLE, "--to", "safetensors", "-o", weights, "-q")[0] == 0
+    spec = tmp_path / "s.layout"
+    assert run(capsys, "infer", EXAMPLE, "-o", spec)[0] == 0
+    code, stdout, err = run(
+        capsys, "convert", weights / "model.safetensors", "--spec", spec, "--to", "deepspeed",
+        "-o", tmp_path / "ds", "--dry-run",
+    )  # fmt: skip
+    assert code == 1 and stdout == "" and "give them with --param-groups" in err
+    assert not (tmp_path / "ds").exists()

@@ -123,7 +123,7 @@ def test_a_folder_without_a_checkpoint_is_an_input_error(
 ) -> None:
     code, err = run(capsys, "inspect", tmp_path)
     assert code == 1
-    assert err.startswith(f"layoutc inspect: {tmp_path}: no DeepSpeed")
+    assert err == f"layoutc inspect: {tmp_path}: is empty\n"  # no usage: the input is wrong
 
 
 def test_an_output_folder_that_is_not_empty_is_an_input_error(
