@@ -48,6 +48,7 @@ from layoutc.plan.request import plan_checkpoint, source_placement, workers_for
 from layoutc.runtime import distributed
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a command SIGINT stopped
 MIN_MEMORY = 1 << 20  # smallest --memory the command line accepts
 SHOWN_DIAGNOSTICS = 20  # a failed command shows this many, then "... and N more"
 
@@ -855,6 +856,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code == EXIT_BUG:
             print(REPORT, file=sys.stderr)
         return code
+    except KeyboardInterrupt:
+        done = " nothing was committed" if args.command in ("convert", "execute") else ""
+        print(f"layoutc {args.command}: interrupted;{done or ' stopped'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
     except OSError as e:  # the input: a file the command reads or writes failed under it

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -535,3 +536,23 @@ def test_convert_dry_run_fails_where_the_run_would_before_any_plan(
     )  # fmt: skip
     assert code == 1 and stdout == "" and "give them with --param-groups" in err
     assert not (tmp_path / "ds").exists()
+
+
+def test_ctrl_c_stops_a_conversion_with_one_line_and_exit_130(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from layoutc.runtime import executor
+
+    real = executor.execute
+
+    def interrupted(plan: Any, source: Any, out: Any, **kw: Any) -> Any:
+        kw["units"] = (plan.units if kw.get("units") is None else kw["units"])[:3]
+        real(plan, source, out, **kw)  # some units written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor, "execute", interrupted)
+    code, _, err = run(capsys, "convert", EXAMPLE, "--to", "universal", "-o", tmp_path / "o")
+    assert code == 130 and err.splitlines()[-1] == (
+        "layoutc convert: interrupted; nothing was committed"
+    )
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []  # no partial left

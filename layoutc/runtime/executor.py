@@ -124,8 +124,14 @@ def execute(
     pool = [threading.Thread(target=worker, args=(q,), daemon=True) for q in queues if q]
     for t in pool:
         t.start()
-    for t in pool:
-        t.join()
+    try:
+        for t in pool:
+            t.join()
+    except BaseException as e:  # Ctrl-C: each worker stops after the unit it is in
+        errors.append(e)
+        for t in pool:
+            t.join()
+        raise
     if errors:
         raise errors[0]
     return result
