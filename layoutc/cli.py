@@ -286,9 +286,14 @@ def _plan(args: argparse.Namespace) -> Plan:
     return compile_plan(source, target, memory=args.memory, workers=workers, ranks=args.ranks)
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    from layoutc.render import render  # lazy: render loads jinja2
+def _rendered(plan: Plan, fmt: str) -> str:
+    """The plan as ``text``, ``markdown`` or ``html`` (the whole report)."""
+    from layoutc import render  # lazy: render loads jinja2
 
+    return render.html_report(plan) if fmt == "html" else render.render(plan, fmt)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
     if args.ops and not args.json:
         raise UsageError("--ops adds every op to the JSON output; use it with --json")
     _check_target(args.to)
@@ -301,12 +306,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             doc["plan"] = plan.to_dict()
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        sys.stdout.write(render(plan, "markdown" if args.markdown else "text"))
+        sys.stdout.write(_rendered(plan, "markdown" if args.markdown else "text"))
     if args.html:
-        from layoutc.render import drawings  # lazy: render loads jinja2
-
-        pictures = drawings(plan, plan.source_placement, plan.target_placement)
-        Path(args.html).write_text(render(plan, "html", drawings=pictures), encoding="utf-8")
+        Path(args.html).write_text(_rendered(plan, "html"), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
     if args.output:
         Path(args.output).write_text(plan.to_json(indent=1), encoding="utf-8")
@@ -430,9 +432,7 @@ def _convert(args: argparse.Namespace, lead: bool) -> int:
     )
     if args.dry_run:
         if lead:
-            from layoutc.render import render  # lazy: render loads jinja2
-
-            sys.stdout.write(render(report.plan, "text"))
+            sys.stdout.write(_rendered(report.plan, "text"))
             sys.stdout.flush()  # the plan, then what follows it on stderr
             for w in report.warnings:
                 print(f"warning: {w}", file=sys.stderr)
@@ -447,9 +447,7 @@ def _convert(args: argparse.Namespace, lead: bool) -> int:
 
 def _show_plan(plan: Plan) -> None:
     """The plan's summary on stderr, before it runs."""
-    from layoutc.render import render  # lazy: render loads jinja2
-
-    text = render(plan, "text")
+    text = _rendered(plan, "text")
     print(text.split("\nper worker")[0].rstrip() + "\n", file=sys.stderr)
 
 

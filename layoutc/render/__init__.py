@@ -72,6 +72,23 @@ def environment() -> jinja2.Environment:
 MAX_WORKER_ROWS = 16
 
 
+def html_report(plan: Plan) -> str:
+    """The self-contained HTML report of a plan (``layoutc plan --html``): the summary, the
+    ZeRO partitions at both ends, the shard maps and routes of the tensors the text shows,
+    the work per worker."""
+    source, target = plan.source_placement, plan.target_placement
+    names = {e["tensor"] for e in plan.largest()}
+    return render(
+        plan,
+        "html",
+        drawings=drawings(plan, source, target),
+        partitions=[
+            {"side": "source", "format": source.format, "groups": partitions(source, names)},
+            {"side": "target", "format": target.format, "groups": partitions(target, names)},
+        ],
+    )
+
+
 def render(plan: Plan, fmt: str = "text", **extra: Any) -> str:
     """The plan as ``text``, ``markdown`` or ``html``."""
     summary = plan.summary()
@@ -81,6 +98,8 @@ def render(plan: Plan, fmt: str = "text", **extra: Any) -> str:
     if fmt == "html":
         extra.setdefault("timeline", timeline(plan))
         extra.setdefault("drawings", [])
+        extra.setdefault("partitions", [])
+        extra.setdefault("modes", _MODES)
     page = environment().get_template(template)
     return page.render(
         summary=summary, workers=shown, hidden_workers=len(workers) - len(shown), **extra
@@ -136,12 +155,13 @@ def _side(
     return {"title": title, "caption": caption, "rects": rects, "width": width, "height": height}
 
 
-def drawings(plan: Plan, source: Any, target: Any, n: int = 5) -> list[dict[str, Any]]:
+def drawings(plan: Plan, source: Any, target: Any, n: int = 10) -> list[dict[str, Any]]:
     """Source and target shard maps of the ``n`` tensors moving the most bytes."""
     out = []
     for entry in plan.largest(n):
         name = entry["tensor"]
         if name not in source.layout.by_name or name not in target.layout.by_name:
+            out.append({"tensor": name, "shape": [], "routes": entry["routes"], "sides": []})
             continue
         st, tt = source.layout.by_name[name], target.layout.by_name[name]
         s_state = next(
@@ -150,18 +170,93 @@ def drawings(plan: Plan, source: Any, target: Any, n: int = 5) -> list[dict[str,
         t_state = next(
             (s for s in target.states(tt) if s in ("weight", "master")), target.states(tt)[0]
         )
+        sides = [
+            _side(source, st, s_state, f"source: {source.format} {s_state}"),
+            _side(target, tt, t_state, f"target: {target.format} {t_state}"),
+        ]
+        if all(len(side["rects"]) == 1 for side in sides):
+            sides = []  # whole at both ends: the routes (and the partitions) say it all
         out.append(
-            {
-                "tensor": name,
-                "shape": list(st.shape),
-                "routes": entry["routes"],
-                "sides": [
-                    _side(source, st, s_state, f"source: {source.format} {s_state}"),
-                    _side(target, tt, t_state, f"target: {target.format} {t_state}"),
-                ],
-            }
+            {"tensor": name, "shape": list(st.shape), "routes": entry["routes"], "sides": sides}
         )
     return out
+
+
+MAX_PARTITION_ROWS = 16  # ranks drawn per flat buffer; the rest are counted
+
+
+def partitions(placement: Any, names: set[str], width: int = 1000) -> list[dict[str, Any]]:
+    """ZeRO's flat partitions of the fp32 masters, one drawing per flat group: a row per
+    rank's buffer (at most :data:`MAX_PARTITION_ROWS`), each tensor's run in it a segment,
+    ``names`` (the tensors the report shows) in their colours, others grey, padding blank.
+    Empty where the layout partitions nothing."""
+    if not placement.layout.zero.stage:
+        return []
+    rows: dict[str, dict[str, list[tuple[int, int, str, int]]]] = {}
+    for t in placement.trainable:
+        if "master" not in placement.states(t):
+            continue
+        for sl in placement.slices(t, "master"):
+            for run in placement.runs(t, "master", sl, 0, 0, sl.numel if sl.shape else 1):
+                held = rows.setdefault(run.key, {}).setdefault(run.file, [])
+                held.append((run.offset, run.numel, t.name, run.start))
+    colors = {name: _PALETTE[k % len(_PALETTE)] for k, name in enumerate(sorted(names))}
+    groups = []
+    for key in sorted(rows):
+        files = sorted(rows[key])
+        size = max(o + n for f in files for o, n, _, _ in rows[key][f]) or 1
+        scale = width / size
+        drawn = []
+        labels = _short_names(files)
+        for i, f in enumerate(files[:MAX_PARTITION_ROWS]):
+            segs = []
+            for offset, numel, name, start in sorted(rows[key][f]):
+                segs.append(
+                    {
+                        "x": round(offset * scale, 2),
+                        "w": round(max(numel * scale, 0.5), 2),
+                        "color": colors.get(name, "#cfcfcf"),
+                        "label": name if name in colors else "",
+                        "title": f"{name}[{start}:{start + numel}] at {offset}:{offset + numel}",
+                    }
+                )
+            drawn.append({"file": f, "label": labels[f], "y": i * 22, "segments": segs})
+        groups.append(
+            {
+                "key": key,
+                "rows": drawn,
+                "hidden": len(files) - len(drawn),
+                "elements": size,
+                "width": width,
+                "height": len(drawn) * 22,
+            }
+        )
+    return groups
+
+
+def _short_names(files: list[str]) -> dict[str, str]:
+    """Each file by what tells it from the others: ``rank 1`` for
+    ``bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt`` among its dp peers."""
+    if len(files) < 2:
+        return {f: f for f in files}
+    digits = "0123456789"
+    prefix = _common_start(files).rstrip(digits)
+    suffix = _common_start([f[::-1] for f in files])[::-1].lstrip(digits)
+    word = prefix.rstrip("_").rsplit("_", 1)[-1]
+    out = {}
+    for f in files:
+        middle = f[len(prefix) : len(f) - len(suffix)] if len(suffix) < len(f) else f
+        out[f] = f"{word} {middle}".strip() if middle else f
+    return out
+
+
+def _common_start(texts: list[str]) -> str:
+    """The characters every one of ``texts`` starts with."""
+    first, last = min(texts), max(texts)
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    return first[:n]
 
 
 def timeline(plan: Plan, width: int = 900, max_workers: int = 16) -> dict[str, Any]:
@@ -188,4 +283,4 @@ def timeline(plan: Plan, width: int = 900, max_workers: int = 16) -> dict[str, A
             )
             x += wpx
         bars.append({"worker": w, "y": w * 18, "units": units})
-    return {"bars": bars, "rows": len(bars), "width": width}
+    return {"bars": bars, "rows": len(bars), "width": width, "most": max(loads)}
