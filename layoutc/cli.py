@@ -46,6 +46,7 @@ from layoutc.plan.plan import Plan
 from layoutc.plan.request import default_workers as default_workers  # the CLI's default
 from layoutc.plan.request import plan_checkpoint, source_placement, workers_for
 from layoutc.runtime import distributed
+from layoutc.runtime.leftovers import left_behind
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a command SIGINT stopped
@@ -410,6 +411,9 @@ def _convert(args: argparse.Namespace, lead: bool) -> int:
     from layoutc.conversion import convert  # lazy: the conversion loads numpy
 
     _check_target(args.to)
+    if lead:
+        for line in left_behind(Path(args.output).absolute()):
+            print(f"warning: {line}", file=sys.stderr)
     if args.dry_run:
         args.quiet = True  # the plan is the output; no progress
     report = convert(

@@ -8,6 +8,7 @@ through ``layoutc.cli.main``; one test runs ``python -m layoutc`` for real.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -556,3 +557,19 @@ def test_ctrl_c_stops_a_conversion_with_one_line_and_exit_130(
         "layoutc convert: interrupted; nothing was committed"
     )
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []  # no partial left
+
+
+def test_a_partial_output_left_by_a_dead_conversion_is_named_and_kept(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "u"
+    dead = tmp_path / "u.partial-999999999-0123456789ab"  # no such process
+    live = tmp_path / f"u.partial-{os.getpid()}-0123456789ab"  # a run still going
+    for p in (dead, live):
+        p.mkdir()
+        (p / "half.pt").write_bytes(b"\0" * (3 << 20))
+    code, _, err = run(capsys, "convert", EXAMPLE, "--to", "universal", "-o", out, "-q")
+    assert code == 0 and (out / "latest_universal").is_file()
+    assert f"warning: {dead}: 3.0 MiB left by a conversion that did not finish" in err
+    assert f"`rm -r {dead}`" in err and str(live) not in err
+    assert dead.is_dir() and live.is_dir()  # removed only when the user asks

@@ -37,6 +37,7 @@ from layoutc.conversion import convert
 from layoutc.errors import UsageError
 from layoutc.formats.deepspeed import _zero_stage, open_checkpoint
 from layoutc.runtime import distributed
+from layoutc.runtime.leftovers import process_alive
 
 SCRATCH = ".layoutc-resume"
 _removed = itertools.count()
@@ -220,16 +221,6 @@ def _left_behind(folder: Path, name: str) -> list[Path]:
     shape = re.compile(rf"(?:-(\d+))?{re.escape(SCRATCH)}(?:\.old-(\d+)-\d+)?")
     for p in folder.glob(f".{glob.escape(name)}*{SCRATCH}*"):
         m = shape.fullmatch(p.name[len(name) + 1 :])
-        if m and not any(_alive(int(pid)) for pid in m.groups() if pid):
+        if m and not any(process_alive(int(pid)) for pid in m.groups() if pid):
             found.append(p)
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
