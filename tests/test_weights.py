@@ -139,3 +139,21 @@ def test_the_cli_converts_weights_with_a_spec_and_param_groups(model, tmp_path, 
     groups.write_text('{"lr": 1}')
     code = main([str(a) for a in [*argv, "--param-groups", groups, "-o", tmp_path / "x", "-q"]])
     assert code == 2 and "expected a JSON list of objects" in capsys.readouterr().err
+
+
+def test_a_spec_without_zero_gives_a_zero_2_deepspeed_target_and_says_so(model, tmp_path, capsys):
+    folder, spec, _ = model
+    plain = tmp_path / "plain.layout"
+    plain.write_text(
+        "".join(x for x in spec.read_text().splitlines(True) if not x.startswith("zero"))
+    )
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps(GROUPS))
+    for extra, stage in (([], 2), (["--zero", "0"], 0)):
+        out = tmp_path / f"z{stage}"
+        argv = [folder, "--spec", plain, "--to", "deepspeed", "--param-groups", groups]
+        code = main([str(a) for a in ["convert", *argv, *extra, "-o", out, "-q"]])
+        _, err = capsys.readouterr()
+        assert code == 0, err
+        assert ("the target is ZeRO-2 over dp" in err) == (stage == 2)
+        assert f"zero {stage} over dp" in infer(open_checkpoint(out))

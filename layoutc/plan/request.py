@@ -33,6 +33,8 @@ from layoutc.plan.compile import compile_plan
 from layoutc.plan.layouts import source_text, target_for
 from layoutc.plan.plan import Plan
 
+DEFAULT_ZERO = 2  # the ZeRO stage of a DeepSpeed target made from full weights (--zero)
+
 
 def default_workers() -> int:
     """One worker per CPU this process may run on (at most 16)."""
@@ -106,6 +108,14 @@ def plan_checkpoint(
     layout, S = source_placement(source, spec)
     ckpt = source if isinstance(source, DeepSpeedCheckpoint) else None
     assert layout.text is not None
+    chosen = None
+    if zero is None and str(to) == "deepspeed" and isinstance(source, Weights):
+        if not layout.zero.axes and "dp" in layout.mesh.names:  # the spec declares no ZeRO
+            zero = DEFAULT_ZERO
+            chosen = (
+                f"the target is ZeRO-{zero} over dp: the default for full weights whose layout "
+                "declares no ZeRO stage (--zero K chooses another)"
+            )
     target = target_for(
         layout,
         (layout.text, layout.source),
@@ -119,4 +129,5 @@ def plan_checkpoint(
     plan = compile_plan(
         S, target, memory=memory, workers=workers_for(target, workers), ranks=ranks, tag=source.tag
     )
-    return replace(plan, source_files=source.identity())
+    warnings = (chosen, *plan.warnings) if chosen else plan.warnings
+    return replace(plan, source_files=source.identity(), warnings=warnings)
