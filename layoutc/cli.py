@@ -34,8 +34,16 @@ from layoutc.errors import (
 )
 from layoutc.formats.dcp import DcpCheckpoint, carried, is_dcp
 from layoutc.formats.dcp import infer_text as dcp_infer_text
-from layoutc.formats.deepspeed import DeepSpeedCheckpoint, infer, infer_hf, open_checkpoint
+from layoutc.formats.deepspeed import (
+    DeepSpeedCheckpoint,
+    infer,
+    infer_hf,
+    is_deepspeed,
+    open_checkpoint,
+)
 from layoutc.formats.sources import SOURCES, open_source
+from layoutc.formats.weights import Weights, is_weights, open_weights
+from layoutc.formats.weights import infer_text as infer_weights
 from layoutc.lang.check import load_text
 from layoutc.lang.fmt import fmt
 from layoutc.lang.parse import parse, read_source, size_value
@@ -317,7 +325,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open(args: argparse.Namespace) -> DeepSpeedCheckpoint | DcpCheckpoint:
+def _open(args: argparse.Namespace) -> DeepSpeedCheckpoint | DcpCheckpoint | Weights:
     """The checkpoint ``infer`` and ``inspect`` read: a distributed checkpoint (DCP) or,
     by default, DeepSpeed's (whose errors name what a DeepSpeed folder lacks). A path that
     does not exist is a usage error, as for every command."""
@@ -327,6 +335,10 @@ def _open(args: argparse.Namespace) -> DeepSpeedCheckpoint | DcpCheckpoint:
         if args.tag:
             raise UsageError(f"{args.checkpoint}: --tag applies to DeepSpeed checkpoints, not DCP")
         return DcpCheckpoint(Path(args.checkpoint))
+    if is_weights(args.checkpoint) and not is_deepspeed(Path(args.checkpoint)):
+        if args.tag:
+            raise UsageError(f"{args.checkpoint}: --tag applies to DeepSpeed checkpoints")
+        return open_weights(args.checkpoint)
     return open_checkpoint(args.checkpoint, args.tag)
 
 
@@ -339,6 +351,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 "Face's; a distributed checkpoint already holds the model's own names"
             )
         text = fmt(parse(dcp_infer_text(ckpt), f"{ckpt.folder}.layout"))
+    elif isinstance(ckpt, Weights):
+        if args.hf:
+            raise UsageError(f"{args.checkpoint}: --hf is for a DeepSpeed AutoEP checkpoint")
+        text = infer_weights(ckpt)
     else:
         text = infer_hf(ckpt) if args.hf else infer(ckpt)
     if args.output:
@@ -512,17 +528,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     params = sum(t.numel for t in p.tensors if t.trainable)
     if isinstance(ckpt, DcpCheckpoint):
         print(f"{ckpt.folder}: PyTorch distributed checkpoint (DCP {ckpt.metadata.version})")
+    elif isinstance(ckpt, Weights):
+        print(f"{ckpt.folder}: full weights ({ckpt.format}), no optimizer state")
     else:
         print(f"{ckpt.folder}: deepspeed checkpoint, tag {ckpt.tag}")
-    print(
-        f"  mesh {{ {mesh} }}, zero {layout.zero.stage}{' (bf16 optimizer)' if layout.zero.bf16_optimizer else ''}, dtype {layout.dtype}"
-    )
+    if isinstance(ckpt, Weights):  # what a layout would add is not theirs: `infer` shows it
+        print(f"  dtype {layout.dtype}; `layoutc infer {args.checkpoint}` writes a starting layout")
+    else:
+        print(
+            f"  mesh {{ {mesh} }}, zero {layout.zero.stage}{' (bf16 optimizer)' if layout.zero.bf16_optimizer else ''}, dtype {layout.dtype}"
+        )
     kinds = {
         k: sum(1 for t in layout.tensors if t.kind == k) for k in ("param", "frozen", "buffer")
     }
-    print(
-        f"  {kinds['param']} parameters ({params:,} elements), {kinds['frozen']} frozen, {kinds['buffer']} buffers, {len(layout.ties)} ties"
-    )
+    if isinstance(ckpt, Weights):
+        print(f"  {kinds['param']} tensors ({params:,} elements), {len(layout.ties)} ties")
+    else:
+        print(
+            f"  {kinds['param']} parameters ({params:,} elements), {kinds['frozen']} frozen, {kinds['buffer']} buffers, {len(layout.ties)} ties"
+        )
     per_file: dict[str, int] = dict.fromkeys(p.files(), 0)  # metadata-only files too
     for b in p.buffers():
         per_file[b.file] = per_file.get(b.file, 0) + b.nbytes
@@ -742,14 +766,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "infer",
-        help="write the .layout of a DeepSpeed or distributed (DCP) checkpoint",
+        help="write the .layout of a DeepSpeed or distributed (DCP) checkpoint, or of weights",
         description="Describe an existing DeepSpeed checkpoint, or a PyTorch distributed "
-        "checkpoint (DCP) folder, as a .layout (reads metadata only).",
+        "checkpoint (DCP) folder, as a .layout (reads metadata only); for full weights, write "
+        "a starting layout (every tensor trainable, Adam, ZeRO-2 over dp = 1) to edit.",
     )
     p.add_argument(
         "checkpoint",
         metavar="CKPT",
-        help="DeepSpeed checkpoint root (with `latest`) or tag folder, or a DCP folder",
+        help="DeepSpeed checkpoint root (with `latest`) or tag folder, a DCP folder, or full "
+        "weights (a .safetensors file, a torch state dict, a Hugging Face folder)",
     )
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
@@ -773,7 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CKPT",
         help="DeepSpeed checkpoint root (with `latest`) or tag folder; a DCP folder "
         "(.metadata and __R_N.distcp, or torch's Hugging Face layout); or full weights: "
-        "a .safetensors file, a torch state dict, a Hugging Face folder (needs --spec)",
+        "a .safetensors file, a torch state dict, a Hugging Face folder (with --spec, or its "
+        "layout inferred)",
     )
     _output_option(p)
     p.add_argument(
@@ -827,8 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect",
         help="what a checkpoint holds",
-        description="Print a DeepSpeed or distributed (DCP) checkpoint's layout facts and bytes "
-        "per file.",
+        description="Print a DeepSpeed or distributed (DCP) checkpoint's layout facts, or full "
+        "weights' tensors, and bytes per file.",
     )
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")

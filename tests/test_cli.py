@@ -484,7 +484,7 @@ def test_a_path_that_does_not_exist_is_a_usage_error_for_every_command(
         ([], "is empty"),
         (["latest_checkpointed_iteration.txt", "iter_0000010/mp_rank_00/x"], "Megatron-LM"),
         (["global_step3/mp_rank_00_model_states.pt"], r"tag folders \(global_step3\), no `latest`"),
-        (["config.json", "model.safetensors"], "Hugging Face model folder"),
+        (["config.json", "weights.bin"], "Hugging Face model folder without model.safetensors"),
         (["a.txt", "b.npy"], "is not a checkpoint layoutc reads (.*); it holds a.txt, b.npy"),
     ],
 )

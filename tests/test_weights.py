@@ -116,13 +116,13 @@ def test_weights_become_a_deepspeed_checkpoint_with_fresh_optimizer_state(model,
     assert states["dp_world_size"] == 3
 
 
-def test_fresh_optimizer_state_needs_param_groups_and_weights_need_a_spec(model, tmp_path):
+def test_fresh_optimizer_state_needs_param_groups(model, tmp_path):
     folder, spec, _ = model
     with pytest.raises(Unsupported, match=r"--param-groups FILE\.json"):
         layoutc.convert(folder, tmp_path / "a", "deepspeed", spec=spec)
     with pytest.raises(Unsupported, match="gives 1 param groups; the target's optimizer has 2"):
         layoutc.convert(folder, tmp_path / "b", "deepspeed", spec=spec, param_groups=GROUPS[:1])
-    with pytest.raises(ValueError, match=r"give --spec MODEL\.layout"):
+    with pytest.raises(Unsupported, match=r"--param-groups FILE\.json"):  # no spec: inferred
         layoutc.convert(folder, tmp_path / "c", "deepspeed")
     assert not any(tmp_path.iterdir())  # nothing committed, nothing left behind
 
@@ -157,3 +157,28 @@ def test_a_spec_without_zero_gives_a_zero_2_deepspeed_target_and_says_so(model, 
         assert code == 0, err
         assert ("the target is ZeRO-2 over dp" in err) == (stage == 2)
         assert f"zero {stage} over dp" in infer(open_checkpoint(out))
+
+
+def test_weights_are_inspected_and_inferred_and_convert_without_a_spec(model, tmp_path, capsys):
+    folder, _, values = model
+    assert main(["inspect", str(folder)]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith(f"{folder}: full weights (safetensors)") and "1 ties" in out
+    assert main(["infer", str(folder), "-o", str(tmp_path / "w.layout")]) == 0
+    capsys.readouterr()
+    layout = layoutc.load_layout(tmp_path / "w.layout")  # a layout that checks
+    stored = {n: e for n, e in open_weights(folder).entries.items() if n != "head.weight"}
+    assert {t.name: t.shape for t in layout.tensors} == {n: e.shape for n, e in stored.items()}
+    assert dict(layout.ties) == {"head.weight": "embed.weight"} and layout.zero.stage == 2
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps(GROUPS[:1]))
+    argv = ["convert", folder, "--to", "deepspeed", "--set", "dp=2", "--param-groups", groups]
+    assert main([str(a) for a in [*argv, "-o", tmp_path / "ds", "-q"]]) == 0
+    _, err = capsys.readouterr()
+    assert "warning: no --spec: the layout is inferred from the weights" in err
+    ckpt = open_checkpoint(tmp_path / "ds")
+    assert ckpt.dp == 2 and verify(tmp_path / "ds") == []
+    layoutc.convert(tmp_path / "ds", tmp_path / "back", "safetensors", dtype="fp32")
+    back = st.load_state_dict(tmp_path / "back")
+    for name, v in values.items():  # the fp32 masters are the weights, exactly
+        np.testing.assert_array_equal(np.asarray(back[name], np.float32), np.asarray(v, np.float32))

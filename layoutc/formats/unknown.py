@@ -35,8 +35,8 @@ def describe(folder: Path) -> str:
         )
     if "config.json" in names and any(n.endswith((".safetensors", ".bin")) for n in names):
         return (
-            "is a Hugging Face model folder: `convert` reads it with --spec MODEL.layout "
-            "(see docs/converting.md)"
+            "is a Hugging Face model folder without model.safetensors, pytorch_model.bin or "
+            "an index of either, the weights layoutc reads"
         )
     return (
         "is not a checkpoint layoutc reads (a DeepSpeed checkpoint, a PyTorch distributed "

@@ -24,6 +24,7 @@ from layoutc.formats.dcp import check as check_dcp
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.formats.match import check_against
 from layoutc.formats.weights import Weights, check_weights
+from layoutc.formats.weights import infer_text as infer_weights
 from layoutc.lang.check import load_text
 from layoutc.lang.parse import read_source
 from layoutc.place import Placement, place
@@ -59,12 +60,8 @@ def source_placement(
     inferred — and its shard map, checked against the files; full weights need a layout
     and are placed as their files hold them."""
     if isinstance(source, Weights):
-        if layout is None and spec is None:
-            where = source.folder / source.files[0] if len(source.files) == 1 else source.folder
-            raise UsageError(
-                f"{where}: full weights carry no layout to infer; give --spec "
-                "MODEL.layout (the model's tensors and the topology to lay them out for)"
-            )
+        if layout is None and spec is None:  # every tensor trainable, one rank, ZeRO-2
+            layout = (infer_weights(source), f"{source.folder} (inferred)")
         if layout is None:
             assert spec is not None
             layout = (read_source(spec), str(spec))
@@ -109,13 +106,25 @@ def plan_checkpoint(
     ckpt = source if isinstance(source, DeepSpeedCheckpoint) else None
     assert layout.text is not None
     chosen = None
-    if zero is None and str(to) == "deepspeed" and isinstance(source, Weights):
-        if not layout.zero.axes and "dp" in layout.mesh.names:  # the spec declares no ZeRO
-            zero = DEFAULT_ZERO
-            chosen = (
-                f"the target is ZeRO-{zero} over dp: the default for full weights whose layout "
-                "declares no ZeRO stage (--zero K chooses another)"
-            )
+    weights = isinstance(source, Weights)
+    if weights and spec is None:
+        chosen = (
+            "no --spec: the layout is inferred from the weights (every tensor trainable, Adam "
+            f"with fp32 masters, ZeRO-{DEFAULT_ZERO} over dp); `layoutc infer "
+            f"{source.folder}` prints it, to edit and give as --spec"
+        )
+    elif (
+        weights
+        and zero is None
+        and str(to) == "deepspeed"
+        and not layout.zero.axes  # a spec that declares no ZeRO stage
+        and "dp" in layout.mesh.names
+    ):
+        zero = DEFAULT_ZERO
+        chosen = (
+            f"the target is ZeRO-{zero} over dp: the default for full weights whose layout "
+            "declares no ZeRO stage (--zero K chooses another)"
+        )
     target = target_for(
         layout,
         (layout.text, layout.source),
