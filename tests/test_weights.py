@@ -182,3 +182,29 @@ def test_weights_are_inspected_and_inferred_and_convert_without_a_spec(model, tm
     back = st.load_state_dict(tmp_path / "back")
     for name, v in values.items():  # the fp32 masters are the weights, exactly
         np.testing.assert_array_equal(np.asarray(back[name], np.float32), np.asarray(v, np.float32))
+
+
+def test_a_hugging_face_folder_goes_to_deepspeed_with_no_spec_and_back_whole(tmp_path, capsys):
+    """save_pretrained leaves a tied head out of the files; config.json says it is tied."""
+    import transformers  # the test extra
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
+    hf = transformers.GPT2LMHeadModel(config)
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["infer", str(tmp_path / "hf")]) == 0
+    assert "tie lm_head.weight = transformer.wte.weight" in capsys.readouterr().out
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps(GROUPS[:1]))
+    argv = ["convert", tmp_path / "hf", "--to", "deepspeed", "--set", "dp=2"]
+    assert (
+        main([str(a) for a in [*argv, "--param-groups", groups, "-o", tmp_path / "ds", "-q"]]) == 0
+    )
+    layoutc.convert(tmp_path / "ds", tmp_path / "back", "safetensors")
+    again = transformers.GPT2LMHeadModel(config)
+    back = {
+        k: torch.from_numpy(np.asarray(v)) for k, v in st.load_state_dict(tmp_path / "back").items()
+    }
+    again.load_state_dict(back, strict=False)
+    for name, value in hf.state_dict().items():  # every tensor, the tied head included
+        assert torch.equal(again.state_dict()[name], value), name

@@ -89,10 +89,31 @@ def open_weights(path: str | Path) -> Weights:
                 w.ties.update(_ties(folder / f, metadata[st.TIES_KEY]))
         else:
             _torch_entries(w, f)
+    if p.is_dir():
+        w.ties.update(_config_ties(p, w))
     for alias, source in w.ties.items():  # a tie stored once is found under both names
         if source in w.entries:
             w.entries.setdefault(alias, w.entries[source])
     return w
+
+
+_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight")
+
+
+def _config_ties(folder: Path, w: Weights) -> dict[str, str]:
+    """``lm_head.weight`` tied to the input embedding where a Hugging Face ``config.json``
+    says the word embeddings are tied (``tie_word_embeddings``, true unless set false) and
+    the files leave the head out, as ``save_pretrained`` does; the embedding is the one
+    stored tensor named as one. Nothing where that is not certain."""
+    config = folder / "config.json"
+    if "lm_head.weight" in w.entries or not config.is_file():
+        return {}
+    try:
+        tied = json.loads(config.read_text()).get("tie_word_embeddings", True)
+    except (OSError, ValueError, AttributeError):
+        return {}
+    found = [n for n in w.entries if any(n == e or n.endswith("." + e) for e in _INPUT_EMBEDDINGS)]
+    return {"lm_head.weight": found[0]} if tied is True and len(found) == 1 else {}
 
 
 def _folder_files(p: Path) -> tuple[str, list[str]]:
