@@ -122,3 +122,17 @@ def test_importing_the_training_integration_imports_neither_torch_nor_deepspeed(
     DeepSpeed are loaded when ``attach`` or ``load_checkpoint`` is called."""
     imported = _third_party_imports("import layoutc.deepspeed")
     assert not imported & {"torch", "deepspeed", "numpy"}
+
+
+def test_layoutc_deepspeed_without_deepspeed_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['deepspeed'] = None\n"
+        "import layoutc.deepspeed as d\n"
+        "try:\n"
+        "    d.attach(object())\n"
+        "except ModuleNotFoundError as e:\n"
+        "    print(e.name, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("deepspeed layoutc.deepspeed runs inside a DeepSpeed job")
+    assert "pip install 'layoutc[deepspeed]'" in out.stdout

@@ -24,8 +24,16 @@ if TYPE_CHECKING:
 
 
 def _engine() -> Any:
-    from layoutc.deepspeed import engine  # lazy: torch and DeepSpeed, loaded on first use
-
+    try:
+        from layoutc.deepspeed import engine  # lazy: torch and DeepSpeed, loaded on first use
+    except ModuleNotFoundError as e:
+        if e.name not in ("torch", "deepspeed"):
+            raise
+        raise ModuleNotFoundError(
+            f"layoutc.deepspeed runs inside a DeepSpeed job and needs {e.name}, which is not "
+            "installed here: pip install 'layoutc[deepspeed]'",
+            name=e.name,
+        ) from None
     return engine
 
 
