@@ -39,6 +39,7 @@ from layoutc.formats.dcp import DcpCheckpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.formats.match import check_against, check_masters, check_replicas
 from layoutc.formats.sources import open_source
+from layoutc.formats.weights import Weights
 from layoutc.formats.writers import prepare
 from layoutc.place import Placement
 from layoutc.plan.plan import Plan
@@ -100,11 +101,42 @@ def convert(
             workers=workers,
             ranks=group.world if group is not None else 1,
         )
+        if param_groups is None and isinstance(handle, Weights):
+            plan, param_groups = _default_param_groups(plan)
         return _check_and_run(
             plan, handle, output, progress, on_plan, param_groups, sha256, start, dry_run
         )
     finally:
         handle.close()
+
+
+# torch.optim.AdamW's defaults: the param group of fresh optimizer state nobody gave
+DEFAULT_PARAM_GROUP: dict[str, Any] = {
+    "lr": 0.001,
+    "betas": [0.9, 0.999],
+    "eps": 1e-08,
+    "weight_decay": 0.01,
+    "amsgrad": False,
+}
+
+
+def _default_param_groups(plan: Plan) -> tuple[Plan, list[dict[str, Any]] | None]:
+    """For full weights going to a target with optimizer state (DeepSpeed, DCP) in one
+    param group, and no ``param_groups`` given: that group with AdamW's defaults, and a
+    warning saying so. Several groups are the user's to give (the writer says so)."""
+    layout = plan.target_placement.layout
+    groups = {t.group for t in layout.tensors if t.trainable}
+    if layout.optimizer is None or layout.store.format not in ("deepspeed", "dcp"):
+        return plan, None
+    if len(groups) != 1:
+        return plan, None
+    shown = ", ".join(f"{k} {v}" for k, v in DEFAULT_PARAM_GROUP.items())
+    warning = (
+        f"no --param-groups: one param group with torch.optim.AdamW's defaults ({shown}); "
+        "the job that loads the checkpoint takes them into its optimizer: give --param-groups "
+        "FILE.json to choose"
+    )
+    return replace(plan, warnings=(*plan.warnings, warning)), [dict(DEFAULT_PARAM_GROUP)]
 
 
 def execute_saved(

@@ -122,9 +122,13 @@ def test_fresh_optimizer_state_needs_param_groups(model, tmp_path):
         layoutc.convert(folder, tmp_path / "a", "deepspeed", spec=spec)
     with pytest.raises(Unsupported, match="gives 1 param groups; the target's optimizer has 2"):
         layoutc.convert(folder, tmp_path / "b", "deepspeed", spec=spec, param_groups=GROUPS[:1])
-    with pytest.raises(Unsupported, match=r"--param-groups FILE\.json"):  # no spec: inferred
-        layoutc.convert(folder, tmp_path / "c", "deepspeed")
     assert not any(tmp_path.iterdir())  # nothing committed, nothing left behind
+    # no spec: the inferred layout has one param group, written with AdamW's defaults
+    report = layoutc.convert(folder, tmp_path / "c", "deepspeed")
+    assert any("no --param-groups: one param group" in w for w in report.warnings)
+    optim = pt.load(next((tmp_path / "c").glob("*/*optim_states.pt")))
+    groups = optim["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert groups == [{**layoutc.conversion.DEFAULT_PARAM_GROUP, "params": [0]}]
 
 
 def test_the_cli_converts_weights_with_a_spec_and_param_groups(model, tmp_path, capsys):
