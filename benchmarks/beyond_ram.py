@@ -4,11 +4,11 @@ One run, each step measured (wall time, the sync after it, the largest process's
 ``/usr/bin/time``, the process tree's peak PSS):
 
     weights          synthetic full weights: ``--tensors`` bf16 tensors of [4096, 4096]
-                     (default 132: 2.2 B parameters, 4.4 GB) in safetensors files of 2 GB,
+                     (default 128: 2.15 B parameters, 4.3 GB) in safetensors files of 2 GB,
                      finite values, written by this script (not measured)
     hf -> ds         layoutc convert WEIGHTS --to deepspeed --set dp=8 --memory 1GiB: a ZeRO-2
                      checkpoint (the layout inferred from the weights, fresh AdamW state)
-                     of 14 bytes per parameter: 31 GB by default
+                     of 14 bytes per parameter: 30.1 GB by default
     dd               every file of that tag copied by its own ``dd oflag=direct conv=fsync``,
                      all at once: the disk's floor for those bytes (the universal output's
                      are as many; the safetensors output, fp32 weights only, gets a dd of
@@ -22,7 +22,7 @@ Each output is deleted once measured (the disk holds the checkpoint and one outp
 time). Targets: peak RSS <= the budget + 128 MiB, wall <= 1.3x the dd floor, the output
 verifies.
 
-    python benchmarks/beyond_ram.py [--tensors 132] [--memory 1GiB] [--work DIR] [--timeout S]
+    python benchmarks/beyond_ram.py [--tensors 128] [--memory 1GiB] [--work DIR] [--timeout S]
 
 The driver needs the standard library and numpy; layoutc is the ``layoutc`` next to this
 interpreter; DeepSpeed's tools run in ``--ds-python`` (default: $LAYOUTC_DS_PYTHON, else
@@ -105,7 +105,7 @@ def run(name: str, cmd: list[str], work: Path, timeout: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tensors", type=int, default=132)
+    ap.add_argument("--tensors", type=int, default=128)
     ap.add_argument("--memory", default="1GiB")
     ap.add_argument("--dp", type=int, default=8)
     ap.add_argument(
@@ -160,6 +160,16 @@ def main() -> None:
             ("ds_to_universal", harness.ds_to_universal(args.ds_python, ckpt, tag)),
             ("zero_to_fp32", harness.zero_to_fp32(args.ds_python, ckpt)),
         ):
+            free = shutil.disk_usage(work).free
+            need = int(1.8 * size) if name == "ds_to_universal" else 0  # its slices + output
+            if free < need:
+                rows.append(
+                    {"step": name, "rc": -1, "wall": 0.0, "sync": 0.0, "maxrss": 0, "pss": 0,
+                     "error": f"not run: it writes a temporary folder of every parameter's "
+                     f"slices and then the output, about {need / 1e9:.0f} GB; "
+                     f"{free / 1e9:.0f} GB free"}
+                )  # fmt: skip
+                continue
             out.mkdir()
             rows.append(
                 run(name, [c.replace(harness.OUTDIR, str(out)) for c in cmd], work, args.timeout)
