@@ -526,24 +526,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     layout, p = source_placement(ckpt)
     mesh = ", ".join(f"{a.name} = {a.size}" for a in layout.mesh.axes)
     params = sum(t.numel for t in p.tensors if t.trainable)
-    if isinstance(ckpt, DcpCheckpoint):
-        print(f"{ckpt.folder}: PyTorch distributed checkpoint (DCP {ckpt.metadata.version})")
-    elif isinstance(ckpt, Weights):
-        print(f"{ckpt.folder}: full weights ({ckpt.format}), no optimizer state")
-    else:
-        print(f"{ckpt.folder}: deepspeed checkpoint, tag {ckpt.tag}")
-    if isinstance(ckpt, Weights):  # what a layout would add is not theirs: `infer` shows it
-        print(f"  dtype {layout.dtype}; `layoutc infer {args.checkpoint}` writes a starting layout")
-    else:
-        print(
-            f"  mesh {{ {mesh} }}, zero {layout.zero.stage}{' (bf16 optimizer)' if layout.zero.bf16_optimizer else ''}, dtype {layout.dtype}"
-        )
     kinds = {
         k: sum(1 for t in layout.tensors if t.kind == k) for k in ("param", "frozen", "buffer")
     }
-    if isinstance(ckpt, Weights):
+    if isinstance(ckpt, Weights):  # what a layout would add is not theirs: `infer` shows it
+        print(f"{ckpt.folder}: full weights ({ckpt.format}), no optimizer state")
+        print(f"  dtype {layout.dtype}; `layoutc infer {args.checkpoint}` writes a starting layout")
         print(f"  {kinds['param']} tensors ({params:,} elements), {len(layout.ties)} ties")
     else:
+        if isinstance(ckpt, DcpCheckpoint):
+            print(f"{ckpt.folder}: PyTorch distributed checkpoint (DCP {ckpt.metadata.version})")
+        else:
+            print(f"{ckpt.folder}: deepspeed checkpoint, tag {ckpt.tag}")
+        print(
+            f"  mesh {{ {mesh} }}, zero {layout.zero.stage}{' (bf16 optimizer)' if layout.zero.bf16_optimizer else ''}, dtype {layout.dtype}"
+        )
         print(
             f"  {kinds['param']} parameters ({params:,} elements), {kinds['frozen']} frozen, {kinds['buffer']} buffers, {len(layout.ties)} ties"
         )
@@ -693,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parse and check .layout files; print every diagnostic.",
     )
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.set_defaults(func=cmd_check, usage=p.format_usage)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(
         "fmt",
@@ -706,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 1 (and show a diff) if a file is not formatted"
     )
     mode.add_argument("-w", "--write", action="store_true", help="rewrite files in place")
-    p.set_defaults(func=cmd_fmt, usage=p.format_usage)
+    p.set_defaults(func=cmd_fmt)
 
     p = sub.add_parser(
         "plan",
@@ -762,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the full plan validation (slow for huge plans)",
     )
-    p.set_defaults(func=cmd_plan, usage=p.format_usage)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(
         "infer",
@@ -785,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an AutoEP checkpoint: the layout of the Hugging Face model it was made from "
         "(its names and fused experts, each tensor `from` the checkpoint's), to convert to",
     )
-    p.set_defaults(func=cmd_infer, usage=p.format_usage)
+    p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser(
         "convert",
@@ -821,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan this very command and run every check it would (source, output folder, "
         "free space, param groups), print the plan, write nothing",
     )
-    p.set_defaults(func=cmd_convert, usage=p.format_usage)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
         "execute",
@@ -834,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT", help="the checkpoint the plan was made from")
     _output_option(p)
     _run_options(p)
-    p.set_defaults(func=cmd_execute, usage=p.format_usage)
+    p.set_defaults(func=cmd_execute)
 
     p = sub.add_parser(
         "verify",
@@ -849,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check each file's SHA-256 too (recorded by `convert --sha256`)",
     )
-    p.set_defaults(func=cmd_verify, usage=p.format_usage)
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser(
         "inspect",
@@ -859,7 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--tag", help="the tag folder to read (default: from `latest`)")
-    p.set_defaults(func=cmd_inspect, usage=p.format_usage)
+    p.set_defaults(func=cmd_inspect)
+    for command in sub.choices.values():  # a usage error shows its command's usage
+        command.set_defaults(usage=command.format_usage)
     return ap
 
 

@@ -40,7 +40,6 @@ from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.formats.match import check_against, check_masters, check_replicas
 from layoutc.formats.sources import open_source
 from layoutc.formats.weights import Weights
-from layoutc.formats.writers import prepare
 from layoutc.place import Placement
 from layoutc.plan.plan import Plan
 from layoutc.plan.request import plan_checkpoint, source_placement
@@ -54,7 +53,7 @@ from layoutc.runtime.commit import (
 from layoutc.runtime.commit import plan_digest as plan_digest
 from layoutc.runtime.commit import verify as verify
 from layoutc.runtime.execute import RankFailed as RankFailed
-from layoutc.runtime.execute import Report, SourceFiles, run
+from layoutc.runtime.execute import Report, SourceFiles, prepare_output, run
 
 
 def convert(
@@ -206,15 +205,7 @@ def _check_and_run(
     plan.validate(plan.source_placement, plan.target_placement)
     if dry_run:
         with tempfile.TemporaryDirectory(prefix="layoutc-dry-run-") as tmp:
-            tag = plan.tag or handle.folder.name
-            prepared = prepare(
-                plan.target_placement,
-                Path(tmp),
-                handle,
-                tag,
-                param_groups=param_groups,
-                source=plan.source_placement,
-            )
+            prepared = prepare_output(plan, Path(tmp), handle, None, param_groups)
             prepared.views.clear()
             prepared.io.close()
         if on_plan is not None:

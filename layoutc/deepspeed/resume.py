@@ -103,7 +103,6 @@ def load_checkpoint(
 ) -> Any:
     """See :func:`layoutc.deepspeed.load_checkpoint`; ``load`` is DeepSpeed's own
     ``engine.load_checkpoint`` (where :func:`~layoutc.deepspeed.attach` replaced it)."""
-    where = scratch
     # DeepSpeed's own load, also where attach() replaced engine.load_checkpoint by this
     load = load or getattr(engine.checkpoint_engine, "deepspeed_load", engine.load_checkpoint)
     wait = getattr(engine.checkpoint_engine, "wait", None)
@@ -122,17 +121,17 @@ def load_checkpoint(
         )
     group = distributed.current()
     rank = group.rank if group is not None else 0
-    scratch = _scratch(root, tag, where, group)
-    out = scratch / tag
+    folder = _scratch(root, tag, scratch, group)
+    out = folder / tag
     if rank == 0:
         print(
             f"layoutc: {root}/{tag} was saved at {saved}; this job is {running}: "
             f"resharding into {out}",
             flush=True,
         )
-        for old in _left_behind(scratch.parent, root.name):
+        for old in _left_behind(folder.parent, root.name):
             shutil.rmtree(old, ignore_errors=True)
-        scratch.mkdir(parents=True)
+        folder.mkdir(parents=True)
     if group is not None:
         group.barrier()
     overrides = {"dp": running.dp}
@@ -156,7 +155,7 @@ def load_checkpoint(
         if group is not None and dist.is_initialized():
             group.barrier()
         if rank == 0:
-            _remove_behind(scratch)
+            _remove_behind(folder)
     if isinstance(load_path, str) and load_path.startswith(str(out)):
         load_path = str(root) + load_path[len(str(out)) :]  # the file it was made from
     return load_path, client_state

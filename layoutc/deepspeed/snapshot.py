@@ -78,7 +78,7 @@ class HostBuffers:
     def take(self, n: int) -> torch.Tensor:
         """A buffer of ``n`` bytes (at most ``piece``)."""
         with self.cond:
-            while self.limit is not None and self.used and self.used + n > self.limit:
+            while not self._fits(n):
                 self.cond.wait()
             self.used += n
             if n == self.piece and self.free:
@@ -90,7 +90,10 @@ class HostBuffers:
     def available(self, n: int) -> bool:
         """Whether :meth:`take` of ``n`` bytes would return without waiting."""
         with self.cond:
-            return self.limit is None or not self.used or self.used + n <= self.limit
+            return self._fits(n)
+
+    def _fits(self, n: int) -> bool:  # under self.cond
+        return self.limit is None or not self.used or self.used + n <= self.limit
 
     def give(self, buf: torch.Tensor) -> None:
         with self.cond:

@@ -15,12 +15,32 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from layoutc.errors import InputError
+from layoutc.errors import InputError, Unsupported
 from layoutc.formats import pt
 from layoutc.formats import safetensors_header as st
+
+_TENSOR_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+def layout_tensor_name(name: str, where: object) -> str:
+    """``name`` as a layout may declare it (``infer``), else Unsupported naming ``where``."""
+    if not _TENSOR_NAME.match(name):
+        raise Unsupported(
+            f"{where}: the tensor name {name!r} has characters a layout name cannot hold "
+            "(letters, digits, _ and . only)"
+        )
+    return name
+
+
+def layout_name(text: str, prefix: str) -> str:
+    """``text`` (a folder's or tag's name) as a layout's name: other characters become
+    ``_``; ``prefix`` where that leaves it empty or starting with a digit."""
+    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", text)
+    return cleaned if cleaned and not cleaned[0].isdigit() else f"{prefix}_{cleaned}".rstrip("_")
 
 
 class SourceChanged(InputError):

@@ -31,13 +31,12 @@ from layoutc.errors import Diagnostic, InputError, LayoutError, Span, Unsupporte
 from layoutc.formats import dcp_metadata as dm
 from layoutc.formats import pt
 from layoutc.formats import safetensors_header as st
-from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.checkpoint import Checkpoint, layout_name, layout_tensor_name
 from layoutc.place.base import Placement
 from layoutc.place.dcp import DcpPlacement, item_key, parse_item_key
 from layoutc.place.shards import STEP
 
 _STATE = re.compile(r"^(?P<prefix>(?:.*\.)?)state\.(?P<fqn>.+)\.(?P<state>[A-Za-z_][A-Za-z0-9_]*)$")
-_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
@@ -318,7 +317,7 @@ def infer_text(ckpt: DcpCheckpoint, name: str | None = None) -> str:
         f"({', '.join(ckpt.metadata_files) or 'Hugging Face safetensors'}"
         + (f", DCP {md.version}" if md.version else "")
         + ").",
-        f"layout {_layout_name(name or ckpt.folder.name)}",
+        f"layout {layout_name(name or ckpt.folder.name, 'dcp')}",
         f"mesh {{ dp = {dp}, tp = {tp} }}" if tp > 1 else f"mesh {{ dp = {world} }}",
     ]
     trainable = [n for n in keys.model if n in keys.states]
@@ -331,11 +330,7 @@ def infer_text(ckpt: DcpCheckpoint, name: str | None = None) -> str:
         lines.append("zero 3 over dp  # FSDP2: each tensor's dim 0 in torch.chunk pieces over dp")
 
     def line(n: str) -> str:
-        if not _NAME.match(n):
-            raise Unsupported(
-                f"{ckpt.where}: the tensor name {n!r} has characters a layout "
-                "name cannot hold (letters, digits, _ and . only)"
-            )
+        layout_tensor_name(n, ckpt.where)
         t = md.tensors[keys.model[n]]
         kind = "tensor" if n in keys.states else _untrained_kind(t, world)
         own = f" {t.dtype}" if t.dtype != dtype else ""
@@ -398,11 +393,6 @@ def _groups(ckpt: DcpCheckpoint, trainable: list[str]) -> list[list[str]]:
     if sorted(n for g in lists for n in g) != sorted(trainable):
         return [trainable]
     return lists
-
-
-def _layout_name(name: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name) or "dcp"
-    return cleaned if not cleaned[0].isdigit() else "dcp_" + cleaned
 
 
 def _world(ckpt: DcpCheckpoint) -> int:

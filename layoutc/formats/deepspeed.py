@@ -21,7 +21,7 @@ from typing import Any
 
 from layoutc.errors import InputError, Unsupported
 from layoutc.formats import autotp, pt, unknown
-from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.checkpoint import Checkpoint, layout_tensor_name
 from layoutc.ir import check_tag
 from layoutc.lang.check import load_text
 from layoutc.lang.fmt import fmt
@@ -38,8 +38,6 @@ from layoutc.place.deepspeed import (
     layer_of,
     tied_key,
 )
-
-_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
 class NotACheckpoint(InputError):
@@ -332,12 +330,7 @@ def _dims(shape: tuple[int, ...]) -> str:
 
 
 def _check_name(name: str, ckpt: DeepSpeedCheckpoint) -> str:
-    if not _NAME.match(name):
-        raise Unsupported(
-            f"{ckpt.model_files[0]}: the tensor name {name!r} has characters a layout name cannot hold "
-            "(letters, digits, _ and . only)"
-        )
-    return name
+    return layout_tensor_name(name, ckpt.model_files[0])
 
 
 def infer(ckpt: DeepSpeedCheckpoint, name: str | None = None) -> str:

@@ -12,16 +12,15 @@ byte is read. Dtypes may differ from the layout's: the plan casts.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from layoutc import ir
-from layoutc.errors import Diagnostic, InputError, LayoutError, Unsupported
+from layoutc.errors import Diagnostic, InputError, LayoutError
 from layoutc.formats import pt
 from layoutc.formats import safetensors_header as st
-from layoutc.formats.checkpoint import Checkpoint
+from layoutc.formats.checkpoint import Checkpoint, layout_name, layout_tensor_name
 
 
 class NotWeights(InputError):
@@ -218,9 +217,6 @@ def check_weights(layout: ir.Layout, w: Weights) -> None:
 __all__ = ["NotWeights", "WeightEntry", "Weights", "check_weights", "is_weights", "open_weights"]
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
-
-
 def infer_text(w: Weights) -> str:
     """A starting ``.layout`` for full weights: every stored tensor a trainable ``tensor``
     in its shape (its dtype where it is not the most common one), the ties the files
@@ -231,19 +227,15 @@ def infer_text(w: Weights) -> str:
     names = [n for n in w.entries if n not in w.ties]
     if not names:
         raise NotWeights(f"{where}: holds no tensors")
-    bad = next((n for n in names if not _NAME.match(n)), None)
-    if bad is not None:
-        raise Unsupported(
-            f"{where}: the tensor name {bad!r} has characters a layout name cannot hold "
-            "(letters, digits, _ and . only)"
-        )
+    for n in names:
+        layout_tensor_name(n, where)
     dtypes = Counter(w.entries[n].dtype for n in names)
     dtype = dtypes.most_common(1)[0][0]
     lines = [
         f"# Inferred from the {w.format} weights {where} ({len(names)} tensors): a start.",
         "# Weights do not say which tensors are frozen or buffers, nor the topology: edit",
         "# them here, or set the mesh with --set dp=N.",
-        f"layout {_layout_name(w.folder.name)}",
+        f"layout {layout_name(w.folder.name, 'weights')}",
         "mesh { dp = 1 }",
         f"dtype {dtype}",
         "optimizer adam { master fp32, states (exp_avg, exp_avg_sq), step }",
@@ -256,8 +248,3 @@ def infer_text(w: Weights) -> str:
     lines += [f"tie {alias} = {source}" for alias, source in sorted(w.ties.items())]
     lines.append(f"store {w.format}")
     return "\n".join(lines) + "\n"
-
-
-def _layout_name(name: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name) or "weights"
-    return cleaned if not cleaned[0].isdigit() else "weights_" + cleaned

@@ -159,6 +159,11 @@ def _same_geometry(a: tuple[Slice, ...], b: tuple[Slice, ...]) -> bool:
     )
 
 
+def _pattern(file: str) -> str:
+    """A file name with its rank numbers as ``*``: the name of all its peers."""
+    return re.sub(r"(?<=_)\d+", "*", file)
+
+
 class Compiler:
     def __init__(
         self, source: Placement, target: Placement, budget: int | None, workers: int
@@ -552,8 +557,7 @@ class Compiler:
         if key not in self._patterns:
             counts: dict[str, int] = {}
             for f in placement.files():
-                name = re.sub(r"(?<=_)\d+", "*", f)
-                counts[name] = counts.get(name, 0) + 1
+                counts[_pattern(f)] = counts.get(_pattern(f), 0) + 1
             self._patterns[key] = counts
         return self._patterns[key].get(pattern, 0)
 
@@ -562,7 +566,7 @@ class Compiler:
         lives (``whole, cut in 3 pieces over dp``: one slice in ZeRO's or FSDP's pieces)."""
         slices = placement.slices(t, state)
         runs = placement.runs(t, state, sl, 0, 0, sl.numel if sl.shape else 1)
-        pattern = re.sub(r"(?<=_)\d+", "*", runs[0].file) if runs else "?"
+        pattern = _pattern(runs[0].file) if runs else "?"
         axes = sorted({a for s in slices for a, _ in s.coords})
         if len(slices) > 1:
             what = f"{len(slices)} slices ({', '.join(axes)})"

@@ -194,7 +194,7 @@ def run(
     partial = make_partial(out)
     files_in = SourceFiles(source)
     try:
-        prepared = _prepare(plan, partial, source, tag, param_groups)
+        prepared = prepare_output(plan, partial, source, tag, param_groups)
         on_unit = _progress_by_bytes_written(plan, progress)
         spill = Spill.beside(plan.target_placement.layout, out, str(os.getpid()))
         try:
@@ -230,14 +230,14 @@ def _fail(
     raise e
 
 
-def _prepare(
+def prepare_output(
     plan: Plan,
     partial: Path,
     source: Checkpoint,
     tag: str | None,
     param_groups: list[dict[str, Any]] | None,
 ) -> Any:
-    """The plan's output files, created under ``partial``."""
+    """The plan's output files, created under ``partial`` (every tensor a hole)."""
     return prepare(
         plan.target_placement,
         partial,
@@ -368,7 +368,7 @@ def _run_across(
         try:
             check_output(out, plan, source.folder)
             partial = make_partial(out)
-            prepared = _prepare(plan, partial, source, tag, param_groups)
+            prepared = prepare_output(plan, partial, source, tag, param_groups)
             layout = {
                 k: (v.path, v.offset, v.size, dtype_name(v.dtype))
                 if isinstance(v, Region)
