@@ -163,6 +163,29 @@ def test_a_spec_without_zero_gives_a_zero_2_deepspeed_target_and_says_so(model, 
         assert f"zero {stage} over dp" in infer(open_checkpoint(out))
 
 
+def test_a_spec_without_zero_gives_a_universal_target_of_a_zero_2_run(model, tmp_path, capsys):
+    """A universal checkpoint holds DeepSpeed's model files of a ZeRO-1/2/3 run: the same
+    default as a DeepSpeed target, and ZeRO-0 refused with the flag that chooses."""
+    folder, spec, values = model
+    plain = tmp_path / "plain.layout"
+    plain.write_text(
+        "".join(x for x in spec.read_text().splitlines(True) if not x.startswith("zero"))
+    )
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps(GROUPS))
+    argv = [folder, "--spec", plain, "--to", "universal", "--param-groups", groups]
+    code = main([str(a) for a in ["convert", *argv, "-o", tmp_path / "u", "-q"]])
+    _, err = capsys.readouterr()
+    assert code == 0 and "the target is ZeRO-2 over dp" in err, err
+    layoutc.convert(tmp_path / "u", tmp_path / "back", "safetensors", dtype="fp32")
+    back = st.load_state_dict(tmp_path / "back")
+    for name, v in values.items():  # the fp32 masters are the weights, exactly
+        np.testing.assert_array_equal(np.asarray(back[name], np.float32), np.asarray(v, np.float32))
+    code = main([str(a) for a in ["convert", *argv, "--zero", "0", "-o", tmp_path / "z", "-q"]])
+    _, err = capsys.readouterr()
+    assert code == 1 and "this layout declares no ZeRO stage: give --zero 1, 2 or 3" in err
+
+
 def test_weights_are_inspected_and_inferred_and_convert_without_a_spec(model, tmp_path, capsys):
     folder, _, values = model
     assert main(["inspect", str(folder)]) == 0

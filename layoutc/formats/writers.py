@@ -222,6 +222,11 @@ def _fresh_model_files(
         target.model, DeepSpeedPlacement
     ):
         return {}
+    if not target.layout.zero.axes and target.layout.optimizer is not None:
+        raise Unsupported(
+            "a universal checkpoint made from full weights carries DeepSpeed's model files of "
+            "a ZeRO-1/2/3 run; this layout declares no ZeRO stage: give --zero 1, 2 or 3"
+        )
     wanted = set(target.model.model_files())
     carried = dw.Carried.read(origin.checkpoint)
     carried.fresh_param_groups = _fresh_groups(origin)
@@ -290,6 +295,8 @@ def _optimizer_state(
     if not isinstance(source, DeepSpeedCheckpoint) or not source.optim_files:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in fresh or []]
         out: dict[str, Any] = {"param_groups": groups, "ds_version": dw.DS_VERSION}
+        if target is not None and target.layout.zero.stage:  # as DeepSpeed's converter keeps it
+            out["zero_stage"] = pt.Record(dw.ZERO_STAGE, (target.layout.zero.stage,))
         if target is not None and target.layout.zero.stage == 3:
             step = np.array(_source_step(origin), np.float32)
             out["optimizer_state_dict"] = {

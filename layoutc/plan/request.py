@@ -116,7 +116,7 @@ def plan_checkpoint(
     elif (
         weights
         and zero is None
-        and str(to) == "deepspeed"
+        and str(to) in ("deepspeed", "universal")
         and not layout.zero.axes  # a spec that declares no ZeRO stage
         and "dp" in layout.mesh.names
     ):
