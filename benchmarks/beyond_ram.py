@@ -14,6 +14,9 @@ One run, each step measured (wall time, the sync after it, the largest process's
                      are as many; the safetensors output, fp32 weights only, gets a dd of
                      its own files as its floor)
     universal        layoutc convert CKPT --to universal --memory 1GiB, then layoutc verify
+    killed           the same command again, killed (SIGKILL) at half the wall time of the last
+    resumed          ... and run again: it goes on from the journal of the killed run; its
+                     output verifies and its manifest is the uninterrupted run's, byte for byte
     safetensors      layoutc convert CKPT --to safetensors --memory 1GiB (fp32), then verify
     ds_to_universal  DeepSpeed's converter of the same tag (``--timeout`` each, default 20 min)
     zero_to_fp32     DeepSpeed's ``convert_zero_checkpoint_to_fp32_state_dict``
@@ -83,7 +86,7 @@ def write_weights(folder: Path, tensors: int) -> int:
     return nbytes * tensors
 
 
-def run(name: str, cmd: list[str], work: Path, timeout: int) -> dict:
+def run(name: str, cmd: list[str], work: Path, timeout: float) -> dict:
     """``cmd`` measured once, killed after ``timeout`` seconds."""
     print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(cmd)}", flush=True)
     limited = ["timeout", "-s", "KILL", str(timeout), *cmd]
@@ -150,6 +153,8 @@ def main() -> None:
             )
             ok = subprocess.run([layoutc, "verify", str(out)], capture_output=True, text=True)
             rows[-1]["verified"] = ok.returncode == 0
+            if target == "universal" and ok.returncode == 0:
+                rows += killed_and_resumed(rows[-1], out, convert, ckpt, budgeted, work, args)
             if target == "safetensors" and out.is_dir():  # its own floor: far fewer bytes
                 copy = work / "out-dd"
                 dd = [c.replace(harness.OUTDIR, str(copy)) for c in harness.dd_copy(out)]
@@ -178,6 +183,32 @@ def main() -> None:
         report(rows, size, budget, args, start_load)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def killed_and_resumed(
+    fresh: dict, out: Path, convert: list[str], ckpt: Path, budgeted: list[str], work: Path, args
+) -> list[dict]:
+    """The conversion that wrote ``out`` (its row ``fresh``) run again into a new folder,
+    killed at half its wall time, then once more: what it kept, how long it took, whether
+    it verifies and wrote the same manifest."""
+    first = (out / "layoutc-manifest.json").read_bytes()
+    shutil.rmtree(out)
+    cmd = [*convert, str(ckpt), "--to", "universal", "-o", str(out), *budgeted]
+    killed = run("killed", cmd, work, fresh["wall"] / 2)
+    partial = next(out.parent.glob(f"{out.name}.partial-*"), None)
+    killed["error"] = (
+        f"SIGKILL at {fresh['wall'] / 2:.1f} s; left {partial.name if partial else 'nothing'}"
+    )
+    resumed = run("resumed", cmd, work, args.timeout)
+    log = (work / "resumed.log").read_text()
+    note = next((x for x in log.splitlines() if x.startswith("note: going on from")), "")
+    resumed["error"] = note.split("this command: ", 1)[1] if note else "did not go on"
+    ok = subprocess.run([convert[0], "verify", str(out)], capture_output=True)
+    same = out.is_dir() and (out / "layoutc-manifest.json").read_bytes() == first
+    resumed["verified"] = ok.returncode == 0 and same
+    if not same:
+        resumed["error"] += "; the manifest differs from the uninterrupted run's"
+    return [killed, resumed]
 
 
 def harness_size(text: str) -> int:
@@ -219,6 +250,16 @@ def report(rows: list[dict], size: int, budget: int, args: argparse.Namespace, l
                 f"({'met' if wall <= 1.3 else 'missed'}, target <= 1.3x); "
                 f"verified: {'yes' if r.get('verified') else 'NO'}"
             )
+    steps = {r["step"]: r for r in rows}
+    if "resumed" in steps:
+        fresh, killed, resumed = steps["universal"], steps["killed"], steps["resumed"]
+        print(
+            f"- killed at {killed['wall']:.1f} s and run again: the rerun took "
+            f"{resumed['wall']:.1f} s ({resumed['wall'] / fresh['wall']:.2f}x the uninterrupted "
+            f"run's {fresh['wall']:.1f} s; both runs {killed['wall'] + resumed['wall']:.1f} s), "
+            f"RSS {resumed['maxrss'] / 2**20:,.0f} MiB; same manifest and verified: "
+            f"{'yes' if resumed.get('verified') else 'NO'}"
+        )
 
 
 if __name__ == "__main__":

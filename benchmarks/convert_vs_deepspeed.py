@@ -107,7 +107,7 @@ IMPORTS = "layoutc start + imports"
 # the converter, the plan's text rendering, the distributed check, the plan's validation,
 # and bf16 (ml_dtypes, looked up lazily by layoutc.dtypes on the first bf16 tensor).
 IMPORT_PROBE = (
-    "import layoutc.cli, layoutc.conversion, layoutc.render, layoutc.runtime.distributed, "
+    "import layoutc.cli, layoutc.conversion, layoutc.runtime.distributed, "
     "layoutc.plan.validate, layoutc.lang.fmt, layoutc.dtypes; layoutc.dtypes.np_dtype('bf16')"
 )
 

@@ -15,6 +15,7 @@ import difflib
 import json
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -51,13 +52,19 @@ from layoutc.place import Placement, place
 from layoutc.plan.compile import compile_plan
 from layoutc.plan.layouts import target_for
 from layoutc.plan.plan import Plan
+from layoutc.plan.request import (
+    default_param_groups,
+    plan_checkpoint,
+    source_placement,
+    workers_for,
+)
 from layoutc.plan.request import default_workers as default_workers  # the CLI's default
-from layoutc.plan.request import plan_checkpoint, source_placement, workers_for
 from layoutc.runtime import distributed
-from layoutc.runtime.leftovers import left_behind
+from layoutc.units import human_size
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a command SIGINT stopped
+EXIT_TERMINATED = 143  # SIGTERM, likewise
 MIN_MEMORY = 1 << 20  # smallest --memory the command line accepts
 SHOWN_DIAGNOSTICS = 20  # a failed command shows this many, then "... and N more"
 
@@ -264,10 +271,11 @@ def _plan(args: argparse.Namespace) -> Plan:
         "max_shard_size": args.max_shard_size,
         "zero": args.zero,
     }
+    groups = _param_groups(args.param_groups)
     if any(test(Path(args.source)) for _, test, _ in SOURCES):
         handle = open_source(args.source, args.tag)
         try:
-            return plan_checkpoint(
+            plan = plan_checkpoint(
                 handle,
                 args.to,
                 spec=args.spec,
@@ -276,10 +284,18 @@ def _plan(args: argparse.Namespace) -> Plan:
                 ranks=args.ranks,
                 **options,
             )
+            plan, groups = default_param_groups(plan, handle, groups)
+            if args.param_groups:  # the writers take them, as convert's would
+                from layoutc.conversion import check_writers  # lazy: the writers load numpy
+
+                check_writers(plan, handle, groups)
+            return plan
         finally:
             handle.close()
-    if args.spec or args.tag:
-        raise UsageError(f"{args.source}: --spec and --tag apply to a checkpoint, not a .layout")
+    if args.spec or args.tag or args.param_groups:
+        raise UsageError(
+            f"{args.source}: --spec, --tag and --param-groups apply to a checkpoint, not a .layout"
+        )
     text = (_read(args.source), args.source)
     source = load_text(*text)
     target = target_for(
@@ -375,8 +391,6 @@ class _Progress:
         self.tty = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int) -> None:
-        from layoutc.render import human_size  # lazy: render loads jinja2
-
         now = time.perf_counter()
         if not self.enabled or (now - self.last < 0.2 and done < total):
             return
@@ -427,9 +441,6 @@ def _convert(args: argparse.Namespace, lead: bool) -> int:
     from layoutc.conversion import convert  # lazy: the conversion loads numpy
 
     _check_target(args.to)
-    if lead:
-        for line in left_behind(Path(args.output).absolute()):
-            print(f"warning: {line}", file=sys.stderr)
     if args.dry_run:
         args.quiet = True  # the plan is the output; no progress
     report = convert(
@@ -449,6 +460,8 @@ def _convert(args: argparse.Namespace, lead: bool) -> int:
         param_groups=_param_groups(args.param_groups),
         sha256=args.sha256,
         dry_run=args.dry_run,
+        restart=args.restart,
+        tell=_tell if lead else None,
     )
     if args.dry_run:
         if lead:
@@ -463,6 +476,11 @@ def _convert(args: argparse.Namespace, lead: bool) -> int:
             )
         return EXIT_OK
     return _reported(report, lead)
+
+
+def _tell(line: str) -> None:
+    """What a run does with what earlier runs left, on stderr."""
+    print(f"note: {line}", file=sys.stderr, flush=True)
 
 
 def _show_plan(plan: Plan) -> None:
@@ -496,6 +514,8 @@ def _execute(args: argparse.Namespace, lead: bool) -> int:
         on_plan=_show_plan if lead and not args.quiet else None,
         param_groups=_param_groups(args.param_groups),
         sha256=args.sha256,
+        restart=args.restart,
+        tell=_tell if lead else None,
     )
     return _reported(report, lead)
 
@@ -520,8 +540,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from layoutc.render import human_size  # lazy: render loads jinja2
-
     ckpt = _open(args)
     layout, p = source_placement(ckpt)
     mesh = ", ".join(f"{a.name} = {a.size}" for a in layout.mesh.axes)
@@ -660,18 +678,29 @@ def _output_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_options(p: argparse.ArgumentParser) -> None:
+def _param_groups_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--param-groups",
         metavar="FILE.json",
         help="optimizer hyperparameters for a fresh optimizer state (from full weights): a "
         "JSON list, one object per param group (lr, betas, eps, weight_decay, ...)",
     )
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    _param_groups_option(p)
     p.add_argument(
         "--sha256",
         action="store_true",
         help="also record each file's SHA-256 in the manifest (reads the output back once), "
         "for `verify --strong`",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over: remove what earlier runs into OUT that did not finish left "
+        "(by default a run of the same command on the same source goes on from its output, "
+        "read back and verified first)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no plan summary and no progress bar")
 
@@ -743,6 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _set_option(p)
     _target_options(p)
+    _param_groups_option(p)  # checked as convert's writers check them
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the summary as JSON")
     out.add_argument("--markdown", action="store_true", help="print the summary as Markdown")
@@ -871,6 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         ap.print_help(sys.stderr)
         return EXIT_USAGE
+    previous = _on_sigterm(_terminate)
     try:
         return int(args.func(args))
     except LayoutcError as e:
@@ -884,10 +915,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code == EXIT_BUG:
             print(REPORT, file=sys.stderr)
         return code
-    except KeyboardInterrupt:
-        done = " nothing was committed" if args.command in ("convert", "execute") else ""
-        print(f"layoutc {args.command}: interrupted;{done or ' stopped'}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (:class:`_Terminated`)
+        how = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        running = args.command in ("convert", "execute")
+        done = "nothing was committed" if running else "stopped"
+        if running and str(e):  # what the run kept
+            done = f"nothing was committed; {e}"
+        print(f"layoutc {args.command}: {how}; {done}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, _Terminated) else EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
     except OSError as e:  # the input: a file the command reads or writes failed under it
@@ -900,6 +935,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"layoutc {args.command}: {prefix}{type(e).__name__}: {e}", file=sys.stderr)
         print(REPORT, file=sys.stderr)
         return code
+    finally:
+        if previous is not None:
+            _on_sigterm(previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``): stops a command as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install ``handler`` for SIGTERM where this thread can (the main one); the previous."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from another)
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,10 @@ from layoutc.formats.dcp import DcpCheckpoint
 from layoutc.formats.deepspeed import DeepSpeedCheckpoint
 from layoutc.formats.match import check_against, check_masters, check_replicas
 from layoutc.formats.sources import open_source
-from layoutc.formats.weights import Weights
 from layoutc.place import Placement
 from layoutc.plan.plan import Plan
-from layoutc.plan.request import plan_checkpoint, source_placement
+from layoutc.plan.request import DEFAULT_PARAM_GROUP as DEFAULT_PARAM_GROUP  # the API's
+from layoutc.plan.request import default_param_groups, plan_checkpoint, source_placement
 from layoutc.runtime import distributed
 from layoutc.runtime.commit import MANIFEST as MANIFEST  # re-exported: the API's names
 from layoutc.runtime.commit import OutputError as OutputError
@@ -53,7 +53,7 @@ from layoutc.runtime.commit import (
 from layoutc.runtime.commit import plan_digest as plan_digest
 from layoutc.runtime.commit import verify as verify
 from layoutc.runtime.execute import RankFailed as RankFailed
-from layoutc.runtime.execute import Report, SourceFiles, prepare_output, run
+from layoutc.runtime.execute import Report, SourceFiles, prepare_output, preview, run
 
 
 def convert(
@@ -74,6 +74,8 @@ def convert(
     param_groups: list[dict[str, Any]] | None = None,
     sha256: bool = False,
     dry_run: bool = False,
+    restart: bool = False,
+    tell: Callable[[str], None] | None = None,
 ) -> Report:
     """Convert ``checkpoint`` — a DeepSpeed checkpoint, or full weights (safetensors, a
     torch state dict, a Hugging Face folder) with ``spec`` describing the model — into
@@ -83,7 +85,9 @@ def convert(
     hyperparameters written with fresh optimizer state (a source without any);
     ``sha256``: record each output file's SHA-256 in the manifest too. ``dry_run``: plan
     and check everything the run would (see :func:`_check_and_run`), then stop: nothing is
-    written and the report holds the plan and no files."""
+    written and the report holds the plan and no files. A run of the same command that
+    stopped short (killed, interrupted, out of disk) is gone on from, unless ``restart``;
+    ``tell`` gets a line about each such folder and what is done with it."""
     start = time.perf_counter()
     handle = open_source(checkpoint, tag)
     try:
@@ -100,42 +104,11 @@ def convert(
             workers=workers,
             ranks=group.world if group is not None else 1,
         )
-        if param_groups is None and isinstance(handle, Weights):
-            plan, param_groups = _default_param_groups(plan)
-        return _check_and_run(
-            plan, handle, output, progress, on_plan, param_groups, sha256, start, dry_run
-        )
+        plan, param_groups = default_param_groups(plan, handle, param_groups)
+        how = _How(progress, on_plan, param_groups, sha256, restart, tell)
+        return _check_and_run(plan, handle, output, how, start, dry_run)
     finally:
         handle.close()
-
-
-# torch.optim.AdamW's defaults: the param group of fresh optimizer state nobody gave
-DEFAULT_PARAM_GROUP: dict[str, Any] = {
-    "lr": 0.001,
-    "betas": [0.9, 0.999],
-    "eps": 1e-08,
-    "weight_decay": 0.01,
-    "amsgrad": False,
-}
-
-
-def _default_param_groups(plan: Plan) -> tuple[Plan, list[dict[str, Any]] | None]:
-    """For full weights going to a target with optimizer state (DeepSpeed, DCP) in one
-    param group, and no ``param_groups`` given: that group with AdamW's defaults, and a
-    warning saying so. Several groups are the user's to give (the writer says so)."""
-    layout = plan.target_placement.layout
-    groups = {t.group for t in layout.tensors if t.trainable}
-    if layout.optimizer is None or layout.store.format not in ("deepspeed", "dcp"):
-        return plan, None
-    if len(groups) != 1:
-        return plan, None
-    shown = ", ".join(f"{k} {v}" for k, v in DEFAULT_PARAM_GROUP.items())
-    warning = (
-        f"no --param-groups: one param group with torch.optim.AdamW's defaults ({shown}); "
-        "the job that loads the checkpoint takes them into its optimizer: give --param-groups "
-        "FILE.json to choose"
-    )
-    return replace(plan, warnings=(*plan.warnings, warning)), [dict(DEFAULT_PARAM_GROUP)]
 
 
 def execute_saved(
@@ -147,6 +120,8 @@ def execute_saved(
     on_plan: Callable[[Plan], None] | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     sha256: bool = False,
+    restart: bool = False,
+    tell: Callable[[str], None] | None = None,
 ) -> Report:
     """Run a plan saved by ``layoutc plan CKPT -o plan.json`` (and read back with
     :meth:`Plan.from_json`) on ``checkpoint``, as ``convert`` would have run it: refused
@@ -169,28 +144,29 @@ def execute_saved(
             layout = plan.layouts["source"]
             _, placed = source_placement(handle, layout=(layout["text"], layout["name"]))
             plan = replace(plan, source_placement=placed)
-        return _check_and_run(
-            plan,
-            handle,
-            output,
-            progress,
-            on_plan,
-            param_groups,
-            sha256,
-            start,
-        )
+        how = _How(progress, on_plan, param_groups, sha256, restart, tell)
+        return _check_and_run(plan, handle, output, how, start)
     finally:
         handle.close()
+
+
+@dataclass(frozen=True)
+class _How:
+    """How a checked plan runs: what the caller is told, and what is written besides."""
+
+    progress: Callable[[int, int], None] | None
+    on_plan: Callable[[Plan], None] | None
+    param_groups: list[dict[str, Any]] | None
+    sha256: bool
+    restart: bool
+    tell: Callable[[str], None] | None
 
 
 def _check_and_run(
     plan: Plan,
     handle: Checkpoint,
     output: str | Path,
-    progress: Callable[[int, int], None] | None,
-    on_plan: Callable[[Plan], None] | None,
-    param_groups: list[dict[str, Any]] | None,
-    sha256: bool,
+    how: _How,
     start: float,
     dry_run: bool = False,
 ) -> Report:
@@ -204,16 +180,38 @@ def _check_and_run(
     check_output(out, plan if dry_run else None, handle.folder)  # before the plan is shown
     plan.validate(plan.source_placement, plan.target_placement)
     if dry_run:
-        with tempfile.TemporaryDirectory(prefix="layoutc-dry-run-") as tmp:
-            prepared = prepare_output(plan, Path(tmp), handle, None, param_groups)
-            prepared.views.clear()
-            prepared.io.close()
-        if on_plan is not None:
-            on_plan(plan)
+        check_writers(plan, handle, how.param_groups)
+        if how.tell is not None:
+            preview(plan, handle, out, None, how.param_groups, how.restart, how.tell)
+        if how.on_plan is not None:
+            how.on_plan(plan)
         return Report(out, [], 0, 0, time.perf_counter() - start, 0, plan, plan.warnings)
-    if on_plan is not None:
-        on_plan(plan)
-    return run(plan, handle, output, None, progress, start, param_groups, sha256)
+    if how.on_plan is not None:
+        how.on_plan(plan)
+    return run(
+        plan,
+        handle,
+        output,
+        None,
+        how.progress,
+        start,
+        how.param_groups,
+        how.sha256,
+        how.restart,
+        how.tell,
+    )
+
+
+def check_writers(
+    plan: Plan, handle: Checkpoint, param_groups: list[dict[str, Any]] | None
+) -> None:
+    """What the output's writers need (param groups for fresh optimizer state, a format
+    they write), checked by creating the output's files in a temporary folder: their
+    headers only, every tensor a hole."""
+    with tempfile.TemporaryDirectory(prefix="layoutc-dry-run-") as tmp:
+        prepared = prepare_output(plan, Path(tmp), handle, None, param_groups)
+        prepared.views.clear()
+        prepared.io.close()
 
 
 def check_copies(placement: Placement, source: Checkpoint) -> None:
@@ -242,6 +240,7 @@ def execute(
     started: float | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     sha256: bool = False,
+    restart: bool = False,
 ) -> Report:
     """Run a plan: read ``source`` (the checkpoint, or the folder holding its files, e.g.
     a DeepSpeed tag folder), write ``output`` atomically with its manifest (with
@@ -249,10 +248,17 @@ def execute(
     records its source checkpoint runs as :func:`execute_saved` runs it; any other must
     carry its layouts (compiled here, or read back from layout files). An output that
     cannot be committed is refused before the plan runs, a failure of its filesystem
-    midway raises :class:`~layoutc.runtime.commit.OutputError`; either way nothing is
-    left."""
+    midway raises :class:`~layoutc.runtime.commit.OutputError` and nothing is committed
+    (a full disk, like an interruption, keeps what was written for the same call to go on
+    from; ``restart`` starts over)."""
     if plan.builder is None and plan.source_files is not None:
         return execute_saved(
-            plan, source, output, progress=progress, param_groups=param_groups, sha256=sha256
+            plan,
+            source,
+            output,
+            progress=progress,
+            param_groups=param_groups,
+            sha256=sha256,
+            restart=restart,
         )
-    return run(plan, source, output, tag, progress, started, param_groups, sha256)
+    return run(plan, source, output, tag, progress, started, param_groups, sha256, restart)

@@ -518,6 +518,35 @@ def test_convert_dry_run_plans_the_very_command_and_writes_nothing(
     assert "-> global_step2 (deepspeed, 3 ranks)" in stdout
 
 
+def test_plan_takes_param_groups_and_checks_them_as_convert_does(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    weights = tmp_path / "w"
+    assert run(capsys, "convert", EXAMPLE, "--to", "safetensors", "-o", weights, "-q")[0] == 0
+    spec = tmp_path / "s.layout"
+    assert run(capsys, "infer", EXAMPLE, "-o", spec)[0] == 0
+    groups = [{"lr": 1e-4, "weight_decay": 0.1}, {"lr": 1e-4, "weight_decay": 0.0}]
+    given = tmp_path / "groups.json"
+    given.write_text(json.dumps(groups))
+    argv = ["plan", weights / "model.safetensors", "--spec", spec, "--to", "deepspeed"]
+    code, stdout, err = run(capsys, *argv, "--param-groups", given)
+    convert = ["convert", weights / "model.safetensors", "--spec", spec, "--to", "deepspeed"]
+    dry = run(capsys, *convert, "--param-groups", given, "-o", tmp_path / "o", "--dry-run")
+    assert code == dry[0] == 0 and stdout == dry[1]  # the plan the run would follow
+    given.write_text(json.dumps(groups[:1]))
+    code, stdout, err = run(capsys, *argv, "--param-groups", given)
+    dry = run(capsys, *convert, "--param-groups", given, "-o", tmp_path / "o", "--dry-run")
+    assert code == dry[0] == 1 and stdout == dry[1] == ""
+    assert f"--param-groups gives 1 param groups; the target's optimizer has {len(groups)}" in err
+    assert err.splitlines()[-1] == dry[2].splitlines()[-1].replace("convert", "plan")
+    given.write_text("{")
+    code, _, err = run(capsys, *argv, "--param-groups", given)
+    assert code == 2 and f"--param-groups {given}: not JSON" in err
+    given.write_text(json.dumps(groups))
+    code, _, err = run(capsys, "plan", spec, "--to", "universal", "--param-groups", given)
+    assert code == 2 and "--param-groups apply to a checkpoint, not a .layout" in err
+
+
 def test_convert_dry_run_fails_where_the_run_would_before_any_plan(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -553,6 +582,27 @@ def test_ctrl_c_stops_a_conversion_with_one_line_and_exit_130(
 
     monkeypatch.setattr(executor, "execute", interrupted)
     code, _, err = run(capsys, "convert", EXAMPLE, "--to", "universal", "-o", tmp_path / "o")
+    (partial,) = tmp_path.iterdir()  # what the three units wrote is kept, nothing committed
+    assert code == 130 and err.splitlines()[-1].startswith(
+        "layoutc convert: interrupted; nothing was committed; "
+    )
+    assert err.splitlines()[-1].endswith(
+        f"written are kept in {partial}: run the same command again to go on from there "
+        "(--restart starts over)"
+    )
+    assert "Traceback" not in err and partial.name.startswith("o.partial-")
+
+
+def test_ctrl_c_before_anything_is_written_leaves_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from layoutc.runtime import executor
+
+    def interrupted(*a: Any, **kw: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor, "execute", interrupted)
+    code, _, err = run(capsys, "convert", EXAMPLE, "--to", "universal", "-o", tmp_path / "o")
     assert code == 130 and err.splitlines()[-1] == (
         "layoutc convert: interrupted; nothing was committed"
     )
@@ -564,12 +614,13 @@ def test_a_partial_output_left_by_a_dead_conversion_is_named_and_kept(
 ) -> None:
     out = tmp_path / "u"
     dead = tmp_path / "u.partial-999999999-0123456789ab"  # no such process
-    live = tmp_path / f"u.partial-{os.getpid()}-0123456789ab"  # a run still going
+    live = tmp_path / f"u.partial-{os.getppid()}-0123456789ab"  # a run still going
     for p in (dead, live):
         p.mkdir()
         (p / "half.pt").write_bytes(b"\0" * (3 << 20))
     code, _, err = run(capsys, "convert", EXAMPLE, "--to", "universal", "-o", out, "-q")
     assert code == 0 and (out / "latest_universal").is_file()
-    assert f"warning: {dead}: 3.0 MiB left by a conversion that did not finish" in err
+    assert f"note: {dead}: 3.0 MiB left by a conversion that did not finish" in err
+    assert "it has no journal to go on from, so it is not reused (--restart removes it)" in err
     assert f"`rm -r {dead}`" in err and str(live) not in err
     assert dead.is_dir() and live.is_dir()  # removed only when the user asks

@@ -86,6 +86,29 @@ def test_a_failing_rank_leaves_nothing_committed_and_every_rank_says_so(tmp_path
     assert list(tmp_path.iterdir()) == []  # no partial folder, no swap files
 
 
+def test_what_the_ranks_wrote_before_a_full_disk_is_gone_on_from(tmp_path):
+    """Each rank journals its own units; the same command goes on from what all of them
+    wrote, under torchrun with another number of ranks or in one process."""
+    layoutc.convert(EXAMPLE, tmp_path / "single", "universal")
+    for ranks, again in ((2, 3), (3, None)):
+        out = tmp_path / f"out{ranks}"
+        full = torchrun(ranks, EXAMPLE, out, "universal", "--full-rank", "1")
+        assert full.returncode != 0
+        assert "rank 1: OSError: [Errno 28] No space left on device" in full.stderr
+        assert f"written are kept in {out}.partial-" in full.stderr
+        assert not out.exists()
+        if again is not None:
+            run = torchrun(again, EXAMPLE, out, "universal")
+            assert run.returncode == 0, run.stderr[-3000:]
+            kept = next(x for x in run.stdout.splitlines() if x.startswith("kept "))
+            assert int(kept.split()[1]) > 0
+        else:
+            assert layoutc.convert(EXAMPLE, out, "universal").kept_bytes > 0
+        assert _files(out) == _files(tmp_path / "single")
+        assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "single", *tmp_path.glob("out*")])
+        assert not list(tmp_path.glob("*.partial-*"))
+
+
 def test_a_plan_saved_for_the_ranks_runs_under_torchrun_as_one_process_writes(tmp_path):
     """layoutc plan --ranks 2 -o, then layoutc execute under torchrun: the planner dealt the
     units; a plan made for another number of ranks is refused."""

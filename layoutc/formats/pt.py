@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from layoutc.dtypes import BYTES, np_dtype
 from layoutc.errors import InputError
 from layoutc.runtime.checksum import Pieces
+from layoutc.runtime.reopen import new_file
 
 if TYPE_CHECKING:  # numpy is imported where tensor bytes are touched: metadata needs none
     import numpy as np
@@ -1036,7 +1037,7 @@ def create(
     (then call :meth:`Created.finish_crcs`). Storage data starts at multiples of ``align``
     (torch's 64, or a page for direct IO; torch's loader takes any)."""
     path = Path(path)
-    with open(path, "wb") as f:
+    with new_file(path) as f:
         return write_container(f, obj, path, archive or path.stem or "archive", align)
 
 

@@ -48,6 +48,7 @@ from layoutc.place.deepspeed import LATEST, LATEST_UNIVERSAL, DeepSpeedPlacement
 from layoutc.place.shards import STEP, WEIGHT, StoredBuffer
 from layoutc.runtime.checksum import file_crc
 from layoutc.runtime.fileio import Files, inside
+from layoutc.runtime.reopen import new_file
 
 
 @dataclass
@@ -397,7 +398,7 @@ def _safetensors(target: Placement, out: Path, origin: Origin) -> Prepared:
         header, offsets = st.plan_file(entries, meta)
         size = len(header) + sum(b.nbytes for b in buffers.values())
         path = inside(out, f)
-        with open(path, "wb") as fh:
+        with new_file(path) as fh:
             fh.write(header)
             fh.truncate(size)
         p.files.append(path)
@@ -448,7 +449,7 @@ def _dcp(target: Any, out: Path, origin: Origin) -> Prepared:
     for f in files:
         path = inside(out, f)
         parts: list[pt.Created] = []
-        with open(path, "wb") as fh:
+        with new_file(path) as fh:
             for name, b in by_file.get(f, {}).items():
                 key, offsets = parse_item_key(name)
                 at = fh.tell()

@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from layoutc import ir
 from layoutc.errors import UsageError
@@ -140,3 +141,42 @@ def plan_checkpoint(
     )
     warnings = (chosen, *plan.warnings) if chosen else plan.warnings
     return replace(plan, source_files=source.identity(), warnings=warnings)
+
+
+# torch.optim.AdamW's defaults: the param group of fresh optimizer state nobody gave
+DEFAULT_PARAM_GROUP: dict[str, Any] = {
+    "lr": 0.001,
+    "betas": [0.9, 0.999],
+    "eps": 1e-08,
+    "weight_decay": 0.01,
+    "amsgrad": False,
+}
+
+
+def _default_param_groups(plan: Plan) -> tuple[Plan, list[dict[str, Any]] | None]:
+    """For full weights going to a target with optimizer state (DeepSpeed, DCP) in one
+    param group, and no ``param_groups`` given: that group with AdamW's defaults, and a
+    warning saying so. Several groups are the user's to give (the writer says so)."""
+    layout = plan.target_placement.layout
+    groups = {t.group for t in layout.tensors if t.trainable}
+    if layout.optimizer is None or layout.store.format not in ("deepspeed", "dcp"):
+        return plan, None
+    if len(groups) != 1:
+        return plan, None
+    shown = ", ".join(f"{k} {v}" for k, v in DEFAULT_PARAM_GROUP.items())
+    warning = (
+        f"no --param-groups: one param group with torch.optim.AdamW's defaults ({shown}); "
+        "the job that loads the checkpoint takes them into its optimizer: give --param-groups "
+        "FILE.json to choose"
+    )
+    return replace(plan, warnings=(*plan.warnings, warning)), [dict(DEFAULT_PARAM_GROUP)]
+
+
+def default_param_groups(
+    plan: Plan, handle: Checkpoint, param_groups: list[dict[str, Any]] | None
+) -> tuple[Plan, list[dict[str, Any]] | None]:
+    """The param groups a conversion of ``handle`` writes: those given, else for full
+    weights into one group AdamW's defaults (with a warning in the plan)."""
+    if param_groups is None and isinstance(handle, Weights):
+        return _default_param_groups(plan)
+    return plan, param_groups

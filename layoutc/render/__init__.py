@@ -15,19 +15,7 @@ from typing import Any
 import jinja2
 
 from layoutc.plan.plan import Plan
-
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
-def human_size(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
+from layoutc.units import human_size as human_size  # the filter, and for callers
 
 
 def _num(n: int) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import zlib
+from bisect import bisect_left
 
 _POLY = 0xEDB88320  # reflected CRC-32 polynomial (zip, gzip, PNG)
 
@@ -96,29 +97,48 @@ class Pieces:
         """CRC-32 of ``[lo, hi)``: written pieces combined, the gaps between them read from
         the file. A range recorded twice counts once; pieces that overlap otherwise make
         it read the range."""
+        return self.crcs(fd, [(lo, hi)])[0]
+
+    def crcs(self, fd: int, ranges: list[tuple[int, int]]) -> list[int]:
+        """:meth:`crc` of each ``(lo, hi)`` of ``ranges``, the pieces sorted once."""
         with self._lock:
-            inside = sorted(p for p in self._pieces if p[0] < hi and p[0] + p[1] > lo)
-        crc = 0
-        pos = lo
-        last = None
-        for off, n, piece_crc in inside:
-            if (off, n) == last:  # the same range twice (a source read twice): once counts
-                continue
-            last = (off, n)
-            if off < pos or off + n > hi:  # overlapping or straddling a boundary
-                return crc_of_file_range(fd, lo, hi)
-            if off > pos:
-                crc = combine(crc, crc_of_file_range(fd, pos, off), off - pos)
-            crc = combine(crc, piece_crc, n)
-            pos = off + n
-        if pos < hi:
-            crc = combine(crc, crc_of_file_range(fd, pos, hi), hi - pos)
-        return crc
+            pieces = sorted(self._pieces)
+        starts = [p[0] for p in pieces]
+        # a piece may start before lo and reach into it: look back past the longest
+        longest = max((p[1] for p in pieces), default=0)
+        return [
+            _combined(
+                fd, lo, hi, pieces[bisect_left(starts, lo - longest) : bisect_left(starts, hi)]
+            )
+            for lo, hi in ranges
+        ]
 
     def snapshot(self) -> list[tuple[int, int, int]]:
         """The recorded ``(offset, length, crc)`` pieces (to send to another process)."""
         with self._lock:
             return list(self._pieces)
+
+
+def _combined(fd: int, lo: int, hi: int, near: list[tuple[int, int, int]]) -> int:
+    """CRC-32 of ``[lo, hi)`` from the sorted pieces ``near`` it (see :meth:`Pieces.crc`)."""
+    crc = 0
+    pos = lo
+    last = None
+    for off, n, piece_crc in near:
+        if off + n <= lo or off >= hi:
+            continue
+        if (off, n) == last:  # the same range twice (a source read twice): once counts
+            continue
+        last = (off, n)
+        if off < pos or off + n > hi:  # overlapping or straddling a boundary
+            return crc_of_file_range(fd, lo, hi)
+        if off > pos:
+            crc = combine(crc, crc_of_file_range(fd, pos, off), off - pos)
+        crc = combine(crc, piece_crc, n)
+        pos = off + n
+    if pos < hi:
+        crc = combine(crc, crc_of_file_range(fd, pos, hi), hi - pos)
+    return crc
 
 
 def file_crc(path: str | os.PathLike[str], pieces: Pieces | None = None) -> int:

@@ -53,6 +53,7 @@ from layoutc.runtime.checksum import combine, file_crc
 from layoutc.runtime.fileio import OutputError as OutputError  # re-exported
 from layoutc.runtime.fileio import fsync_path, path_components
 from layoutc.runtime.fileio import inside as inside  # re-exported
+from layoutc.units import human_size
 
 MANIFEST = "layoutc-manifest.json"
 MANIFEST_VERSION = 2
@@ -161,8 +162,6 @@ def _pathconf(p: Path, name: str, default: int) -> int:
 def _check_space(out: Path, base: Path, plan: Plan) -> None:
     """The filesystem under ``out`` has room for what the plan writes (its data, a block
     per file, the swap files of spilled tensors, a margin) and an inode per file."""
-    from layoutc.render import human_size  # lazy: render loads jinja2; only a refusal prints sizes
-
     try:
         st = os.statvfs(base)
     except OSError:
@@ -187,12 +186,17 @@ def _check_space(out: Path, base: Path, plan: Plan) -> None:
         )
 
 
+def partial_name(out: Path) -> Path:
+    """A new name beside ``out`` for this process's partial folder."""
+    return out.with_name(f"{out.name}.partial-{os.getpid()}-{secrets.token_hex(6)}")
+
+
 def make_partial(out: Path) -> Path:
     """A fresh folder beside ``out`` to build the output in."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            partial = out.with_name(f"{out.name}.partial-{os.getpid()}-{secrets.token_hex(6)}")
+            partial = partial_name(out)
             try:
                 os.mkdir(partial)
                 return partial

@@ -13,6 +13,8 @@ decides nothing: what runs where comes from the plan.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import resource
 import threading
@@ -35,15 +37,36 @@ from layoutc.runtime import distributed, executor
 from layoutc.runtime.checksum import Pieces
 from layoutc.runtime.commit import (
     MANIFEST,
+    OutputError,
     as_output_error,
     check_output,
     commit,
     discard,
     is_output_failure,
     make_partial,
+    partial_name,
 )
 from layoutc.runtime.fileio import Files, Region
+from layoutc.runtime.journal import (
+    JOURNAL,
+    VERSION,
+    Done,
+    Found,
+    Journal,
+    command_key,
+    discard_journals,
+    fingerprint,
+    remove,
+    resumable,
+    sizes,
+    take_over,
+    unit_ranges,
+    verify,
+)
+from layoutc.runtime.leftovers import IN_USE, described, size_of
+from layoutc.runtime.reopen import reopening
 from layoutc.runtime.spill import Spill
+from layoutc.units import human_size
 
 Reads = dict[str, tuple[list[str], list[tuple[int, int, int]]]]  # see SourceFiles.reads
 
@@ -146,16 +169,17 @@ class Report:
     warnings: tuple[str, ...] = ()
     bytes_swapped: int = 0  # through swap files, out and in
     markers: tuple[str, ...] = ()  # files a loader looks for (``latest``, an index), by name
+    kept_bytes: int = 0  # written by an earlier run of the same command, verified and kept
 
     def summary(self) -> str:
         """One line: the files of tensors (the count ``layoutc plan`` shows), the small
         files beside them, then bytes, time and memory."""
-        from layoutc.render import human_size  # lazy: render brings jinja2, a run need not
-
         rate = self.bytes_written / self.seconds if self.seconds else 0.0
         swapped = f"; swapped {human_size(self.bytes_swapped)}" if self.bytes_swapped else ""
         n = len(self.files)
         besides = ", ".join([*self.markers, MANIFEST])
+        if self.kept_bytes:
+            swapped += f"; {human_size(self.kept_bytes)} of it kept from an earlier run"
         return (
             f"wrote {human_size(self.bytes_written)} in {n} file{'s' if n != 1 else ''} "
             f"(and {besides}) to {self.output} in {self.seconds:.2f} s "
@@ -173,7 +197,13 @@ def run(
     started: float | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     sha256: bool = False,
+    restart: bool = False,
+    tell: Callable[[str], None] | None = None,
 ) -> Report:
+    """Run ``plan`` from ``source`` into ``output``. What an earlier run of the same
+    command left (killed, interrupted, out of disk) is taken up where it stopped, its
+    bytes read back and verified first (:mod:`layoutc.runtime.journal`); ``restart``:
+    removed instead. ``tell`` gets a line for each such folder and what is done with it."""
     start = started if started is not None else time.perf_counter()
     if plan.target_placement is None or plan.source_placement is None:
         raise UsageError(
@@ -183,33 +213,212 @@ def run(
     if not isinstance(source, Checkpoint):
         handle = in_folder(source)
         try:
-            return run(plan, handle, output, tag, progress, start, param_groups, sha256)
+            return run(
+                plan, handle, output, tag, progress, start, param_groups, sha256, restart, tell
+            )
         finally:
             handle.close()
     out = Path(output)
+    tag = output_tag(plan, source, tag)
+    say = tell or (lambda line: None)
     group = distributed.current()
     if group is not None:
-        return _run_across(group, plan, source, out, tag, progress, start, param_groups, sha256)
+        return _run_across(
+            group, plan, source, out, tag, progress, start, param_groups, sha256, restart, say
+        )
     check_output(out, plan, source.folder)
-    partial = make_partial(out)
+    begun = _begin(plan, source, out, tag, param_groups, restart, say)
+    partial = begun.partial
+    IN_USE.add(partial.absolute())
     files_in = SourceFiles(source)
+    journal = None
     try:
-        prepared = prepare_output(plan, partial, source, tag, param_groups)
-        on_unit = _progress_by_bytes_written(plan, progress)
+        prepared = prepare_output(plan, partial, source, tag, param_groups, begun.found)
+        skip, carried, kept = _reuse(begun, prepared, plan, say)
+        journal = _journal(out, partial, prepared.io, begun.head, carried)
+        on_unit = _progress_by_bytes_written(plan, progress, kept, journal, prepared.views)
         spill = Spill.beside(plan.target_placement.layout, out, str(os.getpid()))
         try:
-            executor.execute(plan, files_in, prepared.views, on_unit=on_unit, spill=spill)
+            todo = [u for u in plan.units if u.id not in skip]
+            executor.execute(
+                plan, files_in, prepared.views, on_unit=on_unit, spill=spill, units=todo
+            )
             check_crcs(files_in.reads(), source)
         finally:
             swapped = spill.moved
             spill.close()
+        journal.close(flush=False)
+        journal = None
+        discard_journals(partial)
         crcs = prepared.finish()
         files = commit(partial, out, prepared.markers, plan, crcs, sha256=sha256)
     except BaseException as e:
-        _fail(e, partial, out)
+        _stopped(e, journal, begun, out, plan)
     finally:
         files_in.close()
-    return _report(plan, out, files, len(prepared.markers), start, swapped)
+        IN_USE.discard(partial.absolute())
+    return _report(plan, out, files, len(prepared.markers), start, swapped, skip)
+
+
+def output_tag(plan: Plan, source: Checkpoint, tag: str | None) -> str:
+    """The tag the output is written under: the one asked for, the plan's, or the
+    source folder's name."""
+    return tag or plan.tag or source.folder.name
+
+
+@dataclass
+class _Begun:
+    """Where a run builds its output: a fresh partial folder, or the one an earlier run of
+    the same command left (``found``: its journal); ``head``: the new journal's first line."""
+
+    partial: Path
+    found: Found | None
+    head: dict[str, Any]
+
+
+def _begin(
+    plan: Plan,
+    source: Checkpoint,
+    out: Path,
+    tag: str,
+    param_groups: Any,
+    restart: bool,
+    say: Callable[[str], None],
+) -> _Begun:
+    """The partial folder to build ``out`` in: the one a run of this command on this source
+    left (unless ``restart``), else a new one. Every other left by a process that is gone is
+    named, and with ``restart`` removed."""
+    head = _head(plan, source, tag, param_groups)
+    found, others = _left(out, head, restart, say)
+    if restart:
+        remove([*([found.partial] if found else []), *(p for p, _ in others)])
+        found = None
+    if found is not None:
+        found = take_over(found, partial_name(out))
+    return _Begun(found.partial if found else make_partial(out), found, head)
+
+
+def _head(plan: Plan, source: Checkpoint, tag: str, param_groups: Any) -> dict[str, Any]:
+    """The first line of this run's journal: the command and the source."""
+    key = command_key(plan, tag, param_groups)
+    return {"journal": VERSION, "key": key, "source": fingerprint(plan, source)}
+
+
+def _left(
+    out: Path, head: dict[str, Any], restart: bool, say: Callable[[str], None]
+) -> tuple[Found | None, list[tuple[Path, str]]]:
+    """What earlier runs into ``out`` left, each told to ``say``: the partial folder of the
+    command and source ``head`` names (with its journal), and the others with why not."""
+    found, others = resumable(out, head["key"], head["source"])
+    for p, why in [*([(found.partial, "")] if found and restart else []), *others]:
+        if restart:
+            say(f"--restart: removing {p} ({size_of(p) / 2**20:,.1f} MiB)")
+        else:
+            say(described(p, f"{why}, so it is not reused (--restart removes it)"))
+    return found, others
+
+
+def preview(
+    plan: Plan,
+    source: Checkpoint,
+    out: Path,
+    tag: str | None,
+    param_groups: Any,
+    restart: bool,
+    say: Callable[[str], None],
+) -> None:
+    """What :func:`run` would do with what earlier runs into ``out`` left, told to ``say``;
+    nothing is changed (a dry run)."""
+    tell = say if not restart else (lambda line: say(line.replace("removing", "would remove")))
+    head = _head(plan, source, output_tag(plan, source, tag), param_groups)
+    found, _ = _left(out, head, restart, tell)
+    if found is not None and not restart:
+        say(
+            f"{found.partial}: left by an earlier run of this command ({human_size(found.bytes)} "
+            "journaled); the run goes on from it after reading that back (--restart: start over)"
+        )
+
+
+def _reuse(
+    begun: _Begun, prepared: Any, plan: Plan, say: Callable[[str], None]
+) -> tuple[set[int], list[tuple[str, int, int, int]], int]:
+    """What of an earlier run's output is kept: the output files (created again over it)
+    are those its journal lists, and each range it records is read back and verified.
+    Returns the units not to run again, the verified ranges (to carry into the new
+    journal) and the bytes of those units; records the ranges' CRCs for the commit."""
+    partial, found = begun.partial, begun.found
+    begun.head["files"] = sizes(prepared.files, partial)
+    if found is None:
+        return set(), [], 0
+    if found.head["files"] != begun.head["files"]:
+        say(f"{partial}: its files are not those this command writes; none of it is kept")
+        return set(), [], 0
+    good, bad = verify(found, prepared.io, plan.workers)
+    for path, at, n, crc in good:
+        prepared.io.pieces.setdefault(path, Pieces()).record(at, n, crc)
+    done = Done((p, at, n) for p, at, n, _ in good)
+    skip = {u.id for u in plan.units if done.covers(unit_ranges(plan, u, prepared.views))}
+    kept = sum(u.stats.write_bytes for u in plan.units if u.id in skip)
+    total = _bytes_to_write(plan)
+    failed = f"; {human_size(bad)} did not verify and are written again" if bad else ""
+    say(
+        f"going on from {partial}, left by an earlier run of this command: "
+        f"{human_size(kept)} of {human_size(total)} ({len(skip)} of {len(plan.units)} units) "
+        f"read back and verified against its journal{failed}"
+    )
+    carried = [(str(Path(p).relative_to(partial)), at, n, crc) for p, at, n, crc in good]
+    return skip, carried, kept
+
+
+def _journal(out: Path, partial: Path, io: Files, head: dict[str, Any], carried: Any) -> Journal:
+    """Rank 0's journal, made anew; a failure is the output's (named as such)."""
+    try:
+        return Journal(partial / JOURNAL, io, partial, head, carried)
+    except OSError as e:
+        raise as_output_error(e, out) from None
+
+
+_RESUMABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}  # a full disk: free space, run again
+
+
+def _resumable(e: BaseException, out: Path) -> bool:
+    """A run stopped by ``e`` keeps what it wrote: interrupted (Ctrl-C, SIGTERM), or the
+    output's disk full."""
+    return isinstance(e, KeyboardInterrupt) or (
+        isinstance(e, OSError) and e.errno in _RESUMABLE_ERRNOS and is_output_failure(e, out)
+    )
+
+
+def _kept_line(recorded: int, plan: Plan, partial: Path) -> str:
+    return (
+        f"{human_size(recorded)} of {human_size(_bytes_to_write(plan))} written are kept in "
+        f"{partial}: run the same command again to go on from there (--restart starts over)"
+    )
+
+
+def _stopped(
+    e: BaseException,
+    journal: Journal | None,
+    begun: _Begun,
+    out: Path,
+    plan: Plan,
+) -> NoReturn:
+    """A run that stops short: interrupted (Ctrl-C, SIGTERM) or out of disk space, what it
+    wrote (or the earlier run it took up) is kept with its journal for the same command to
+    go on from, and the error says so; any other failure removes the partial folder
+    (:func:`_fail`)."""
+    keep = _resumable(e, out)
+    if journal is not None:
+        with contextlib.suppress(Exception):  # a full disk: what is recorded stays
+            journal.close(flush=keep)
+    recorded = journal.recorded if journal else begun.found.bytes if begun.found else 0
+    if not keep or not recorded:
+        _fail(e, begun.partial, out)
+    line = _kept_line(recorded, plan, begun.partial)
+    if isinstance(e, KeyboardInterrupt):
+        raise type(e)(line) from None
+    assert isinstance(e, OSError)
+    raise OutputError(f"{as_output_error(e, out)}; {line}") from None
 
 
 def _fail(
@@ -236,16 +445,19 @@ def prepare_output(
     source: Checkpoint,
     tag: str | None,
     param_groups: list[dict[str, Any]] | None,
+    again: Found | None = None,
 ) -> Any:
-    """The plan's output files, created under ``partial`` (every tensor a hole)."""
-    return prepare(
-        plan.target_placement,
-        partial,
-        source,
-        tag or plan.tag or source.folder.name,
-        param_groups=param_groups,
-        source=plan.source_placement,
-    )
+    """The plan's output files, created under ``partial`` (every tensor a hole); ``again``:
+    over the files an earlier run left there, their tensors' bytes kept."""
+    with reopening() if again is not None else contextlib.nullcontext():
+        return prepare(
+            plan.target_placement,
+            partial,
+            source,
+            output_tag(plan, source, tag),
+            param_groups=param_groups,
+            source=plan.source_placement,
+        )
 
 
 def _bytes_to_write(plan: Plan) -> int:
@@ -254,13 +466,21 @@ def _bytes_to_write(plan: Plan) -> int:
 
 
 def _report(
-    plan: Plan, out: Path, files: list[str], markers: int, start: float, swapped: int
+    plan: Plan,
+    out: Path,
+    files: list[str],
+    markers: int,
+    start: float,
+    swapped: int,
+    skipped: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> Report:
+    """What a run did; ``skipped``: the units an earlier run wrote (kept, not read)."""
     t = plan.totals
+    kept = sum(u.stats.write_bytes for u in plan.units if u.id in skipped)
     return Report(
         out,
         files[: len(files) - markers],
-        t.read_bytes,
+        t.read_bytes - sum(u.stats.read_bytes for u in plan.units if u.id in skipped),
         t.write_bytes,
         time.perf_counter() - start,
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -268,19 +488,26 @@ def _report(
         plan.warnings,
         swapped,
         tuple(files[len(files) - markers :]),
+        kept,
     )
 
 
 def _progress_by_bytes_written(
-    plan: Plan, progress: Callable[[int, int], None] | None
+    plan: Plan,
+    progress: Callable[[int, int], None] | None,
+    done: int = 0,
+    journal: Journal | None = None,
+    views: Any = None,
 ) -> Callable[[Any], None]:
-    """An ``on_unit`` callback reporting bytes written so far out of the plan's."""
+    """An ``on_unit`` callback reporting bytes written so far (``done`` before this run)
+    out of the plan's, and recording each finished unit's ranges in ``journal``."""
     total = _bytes_to_write(plan)
-    done = 0
     lock = threading.Lock()
 
     def on_unit(unit: Any) -> None:
         nonlocal done
+        if journal is not None:
+            journal.add(unit_ranges(plan, unit, views))
         with lock:
             done += unit.stats.write_bytes
             now = done
@@ -345,16 +572,20 @@ def _run_across(
     plan: Plan,
     source: Checkpoint,
     out: Path,
-    tag: str | None,
+    tag: str,
     progress: Callable[[int, int], None] | None,
     start: float,
     param_groups: list[dict[str, Any]] | None,
-    sha256: bool = False,
+    sha256: bool,
+    restart: bool,
+    say: Callable[[str], None],
 ) -> Report:
-    """:func:`execute` on every rank of ``group``: rank 0 creates the files, every rank
-    writes the units the plan dealt it (``plan.rank_of``), rank 0 combines the CRCs of
+    """:func:`execute` on every rank of ``group``: rank 0 creates the files (or takes up
+    an earlier run's, see :func:`run`), every rank writes the units the plan dealt it
+    (``plan.rank_of``) and journals them in a file of its own, rank 0 combines the CRCs of
     all ranks' writes and commits once every rank has succeeded; a failure anywhere leaves
-    nothing committed and is raised on every rank, naming the rank."""
+    nothing committed and is raised on every rank, naming the rank (an interruption or a
+    full disk keeps what was written, for the same command to go on from)."""
     rank, world = group.rank, group.world
     if plan.ranks != world:
         raise UsageError(
@@ -364,68 +595,98 @@ def _run_across(
     partial: Path | None = None
     prepared = None
     layout: Any = None
+    journal: Journal | None = None
     if rank == 0:
         try:
             check_output(out, plan, source.folder)
-            partial = make_partial(out)
-            prepared = prepare_output(plan, partial, source, tag, param_groups)
+            begun = _begin(plan, source, out, tag, param_groups, restart, say)
+            partial = begun.partial
+            IN_USE.add(partial.absolute())
+            prepared = prepare_output(plan, partial, source, tag, param_groups, begun.found)
+            skip, carried, kept = _reuse(begun, prepared, plan, say)
+            journal = _journal(out, partial, prepared.io, begun.head, carried)
+            discard_journals(partial, others_only=True)  # what they held is carried
             layout = {
                 k: (v.path, v.offset, v.size, dtype_name(v.dtype))
                 if isinstance(v, Region)
                 else dtype_name(v.dtype)
                 for k, v in prepared.views.items()
             }
-            layout[("", "progress")] = f"layoutc-written-{partial.name}"  # the run's counter
+            counter = f"layoutc-written-{partial.name}"  # the run's progress counter
+            group.add(counter, kept)
+            layout[("", "run")] = (counter, str(partial), sorted(skip), kept)
         except BaseException as e:
+            if journal is not None:
+                journal.close(flush=False)
             _fail(e, partial, out, lambda n: group.broadcast(f"rank 0: {type(n).__name__}: {n}"))
     layout = group.broadcast(layout)
     if isinstance(layout, str):
         raise RankFailed(f"{out}: {layout}")
-    counter = layout.pop(("", "progress"))
+    counter, where, skip_ids, kept = layout.pop(("", "run"))
+    skip = set(skip_ids)
     io = prepared.io if prepared is not None else Files(os.O_RDWR, direct=True)
-    mine = [u for u in plan.units if plan.rank_of(u) == rank]
+    mine = [u for u in plan.units if plan.rank_of(u) == rank and u.id not in skip]
+    views: Any = prepared.views if prepared is not None else _regions(io, layout)
+    if journal is None:
+        journal = Journal(Path(where) / f"{JOURNAL}-{rank}", io, Path(where))
+    record = _progress_by_bytes_written(plan, None, 0, journal, views)
 
     def on_unit(unit: Any) -> None:
+        record(unit)
         group.add(counter, unit.stats.write_bytes)
 
     watch = _ProgressWatch(group, counter, plan, progress) if rank == 0 and progress else None
 
     error = None
+    keep = stopped = False  # kept for the same command to go on from; Ctrl-C or SIGTERM
     swapped = 0
     reads: Reads = {}
     files_in = SourceFiles(source)
     spill = Spill.beside(plan.target_placement.layout, out, f"{os.getpid()}-{rank}")
     try:  # whatever fails here is reported to every rank below, never left hanging
-        views: Any = prepared.views if prepared is not None else _regions(io, layout)
         threads = max(1, plan.workers // world)
         executor.execute(
             plan, files_in, views, on_unit=on_unit, spill=spill, units=mine, threads=threads
         )
     except BaseException as e:
         error = f"rank {rank}: {type(e).__name__}: {e}"
+        keep, stopped = _resumable(e, out), isinstance(e, KeyboardInterrupt)
     finally:
         swapped = spill.moved
         spill.close()
         reads = files_in.reads()
         files_in.close()
+    with contextlib.suppress(Exception):  # a full disk: what is recorded stays
+        journal.close(flush=error is not None or rank != 0)
     pieces = {path: p.snapshot() for path, p in io.pieces.items()}
     if prepared is None:
         io.close()
-    results = group.gather((error, pieces, swapped, reads))
-    errors = [e for e, _, _, _ in results if e]
+    results = group.gather((error, pieces, swapped, reads, keep, journal.recorded, stopped))
+    if partial is not None:  # committed, removed or kept below: no longer being built
+        IN_USE.discard(partial.absolute())
+    errors = [r[0] for r in results if r[0]]
     if watch is not None:
         watch.stop(final=not errors)
     files: Any = None
+    recorded = sum(r[5] for r in results)
+    if rank == 0 and errors and recorded and any(r[4] for r in results):
+        assert partial is not None
+        line = _kept_line(recorded, plan, partial)  # interrupted, or a full disk: kept
+        group.broadcast("; ".join(errors) + f" (nothing committed); {line}")
+        if all(r[6] for r in results if r[0]):
+            raise KeyboardInterrupt(line)
+        raise RankFailed(f"{out}: " + "; ".join(errors) + f" (nothing committed); {line}")
     if rank == 0:
         assert prepared is not None and partial is not None
         try:
             if errors:
                 raise RankFailed(f"{out}: " + "; ".join(errors) + " (nothing committed)")
-            check_crcs(_merge_reads([r for _, _, _, r in results]), source)
-            for _, theirs, _, _ in results[1:]:
-                for path, runs in theirs.items():
+            check_crcs(_merge_reads([r[3] for r in results]), source)
+            for r in results[1:]:
+                for path, runs in r[1].items():
                     for offset, length, crc in runs:
                         prepared.io.pieces.setdefault(path, Pieces()).record(offset, length, crc)
+            discard_journals(partial)
             files = commit(partial, out, prepared.markers, plan, prepared.finish(), sha256)
             files = (files, len(prepared.markers))
         except BaseException as e:
@@ -438,6 +699,8 @@ def _run_across(
             )
     files = group.broadcast(files)
     if isinstance(files, str):
-        raise RankFailed(f"{out}: {files} (nothing committed)")
+        raise RankFailed(
+            f"{out}: {files}" + ("" if "committed" in files else " (nothing committed)")
+        )
     written, markers = files
-    return _report(plan, out, written, markers, start, sum(r[2] for r in results))
+    return _report(plan, out, written, markers, start, sum(r[2] for r in results), skip)

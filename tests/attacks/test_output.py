@@ -177,7 +177,7 @@ def _failing(name: str, err: int, after: int = 0):
         ("write", errno.ENOSPC, 1),  # the manifest
         ("fsync", errno.EIO, 3),
         ("rename", errno.EIO, 0),
-        ("pwrite", errno.ENOSPC, 4),  # the data, midway
+        ("pwrite", errno.EFBIG, 4),  # the data, midway (a full disk keeps it: below)
     ],
 )
 def test_a_failure_while_writing_or_committing_is_named_and_leaves_nothing(
@@ -190,6 +190,23 @@ def test_a_failure_while_writing_or_committing_is_named_and_leaves_nothing(
     assert code == 1 and str(out) in msg and errno.errorcode[err] in msg, msg
     assert_no_output(out)
     assert tree(tmp_path) == before
+
+
+def test_a_full_disk_midway_keeps_what_was_written_and_says_where(
+    example, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "out"
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", _failing("pwrite", errno.ENOSPC, 4))
+    code, msg = _main(capsys, "convert", example, "--to", "deepspeed", "-o", out, "-q")
+    (partial,) = tmp_path.glob("out.partial-*")
+    assert code == 1 and f"{out}: No space left on device [ENOSPC]; nothing was committed; " in msg
+    assert f"written are kept in {partial}: run the same command again to go on" in msg
+    assert not out.exists()
+    monkeypatch.setattr(os, "pwrite", real)  # space freed: the same command goes on
+    code, msg = _main(capsys, "convert", example, "--to", "deepspeed", "-o", out, "-q")
+    assert code == 0 and f"note: going on from {out}.partial-" in msg
+    assert verify(out) == [] and not list(tmp_path.glob("out.partial-*"))
 
 
 # ------------------------------------------------------------------ the output path

@@ -4,12 +4,15 @@
         SRC OUT TARGET [--set NAME=VALUE] [--fail-rank R]
 
 ``--fail-rank R`` makes rank R fail while writing its first unit, to prove that nothing
-is committed and every rank reports the failure. Rank 0 prints its last progress report
+is committed and every rank reports the failure; ``--full-rank R`` makes rank R find the
+disk full after its second unit (what the ranks wrote is kept, for the same command to go
+on from). Rank 0 prints its last progress report
 (bytes written by all ranks, and the total)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 import torch.distributed as dist
@@ -26,6 +29,7 @@ def main() -> int:
     ap.add_argument("target")
     ap.add_argument("--set", dest="settings", action="append", default=[])
     ap.add_argument("--fail-rank", type=int)
+    ap.add_argument("--full-rank", type=int)
     args = ap.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -38,6 +42,15 @@ def main() -> int:
             return run(op, *a)
 
         executor._run = failing
+    if args.full_rank == rank:
+        run_unit, units = executor.execute, []
+
+        def full(plan, source, out, **kw):
+            units.extend(kw["units"][:2])
+            run_unit(plan, source, out, **{**kw, "units": units})
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        executor.execute = full
     overrides = {k: int(v) for k, v in (s.split("=") for s in args.settings)}
     seen: list[tuple[int, int]] = []  # rank 0's progress reports: (done, total)
     try:
@@ -52,6 +65,7 @@ def main() -> int:
         status = 0
         if rank == 0:
             print(f"progress {seen[-1][0]} {seen[-1][1]} written {report.bytes_written}")
+            print(f"kept {report.kept_bytes}")
             summary = report.plan.summary()
             peaks = " ".join(map(str, report.plan.peak_per_rank()))
             print(f"planned for {summary['ranks']} ranks, peak per rank {peaks}, in all "
