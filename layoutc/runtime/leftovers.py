@@ -1,5 +1,5 @@
 """What interrupted work left behind: the partial folders of conversions whose process is
-gone. Standard library only, so that the command line can say so before it loads anything.
+gone (:func:`partials`), and how to name one (:func:`described`). Standard library only.
 """
 
 from __future__ import annotations
@@ -33,13 +33,9 @@ def size_of(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def left_behind(out: Path, why: str = "it is not reused") -> list[str]:
-    """A line for each partial folder of ``out`` that a conversion which did not finish
-    left (its process is gone): its size, and how to remove it. Nothing is removed."""
-    return [described(p, why) for p in partials(out, dead=True)]
-
-
 def described(p: Path, why: str) -> str:
+    """A line for a partial folder a conversion that did not finish left: its size, ``why``
+    it stays, and how to remove it. Nothing is removed."""
     pid = _PARTIAL.fullmatch(p.name[p.name.rindex(".partial-") :])
     gone = f" (process {pid[1]} is gone)" if pid else ""
     return (
