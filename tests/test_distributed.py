@@ -98,6 +98,12 @@ def test_what_the_ranks_wrote_before_a_full_disk_is_gone_on_from(tmp_path):
         assert f"written are kept in {out}.partial-" in full.stderr
         assert not out.exists()
         if again is not None:
+            partial = next(tmp_path.glob(f"{out.name}.partial-*"))
+            kept = sorted(p.name for p in partial.rglob("*"))
+            full = torchrun(again, EXAMPLE, out, "universal", "--full-verifying")
+            assert full.returncode != 0 and "written are kept in" in full.stderr
+            (still,) = tmp_path.glob(f"{out.name}.partial-*")  # taken over, and kept
+            assert sorted(p.name for p in still.rglob("*")) == kept
             run = torchrun(again, EXAMPLE, out, "universal")
             assert run.returncode == 0, run.stderr[-3000:]
             kept = next(x for x in run.stdout.splitlines() if x.startswith("kept "))

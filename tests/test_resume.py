@@ -206,6 +206,31 @@ def test_restart_removes_what_earlier_runs_left_and_starts_over(tmp_path, monkey
     assert _files(out) == fresh["universal"]
 
 
+def test_swap_folders_left_by_a_dead_conversion_are_named_and_removed_on_restart(tmp_path):
+    out = tmp_path / "out"
+    dead = [tmp_path / "out.swap-999999999", tmp_path / "out.swap-999999998-1"]
+    live = tmp_path / f"out.swap-{os.getppid()}"  # a conversion still running
+    for p in (*dead, live):
+        p.mkdir()
+        (p / "embed.weight").write_bytes(b"\0" * (1 << 20))
+    notes: list[str] = []
+    layoutc.convert(EXAMPLE, out, "universal", tell=notes.append)
+    assert notes == [
+        f"{p}: 1.0 MiB left by a conversion that did not finish (process "
+        f"{p.name.split('-')[1]} is gone); it holds the swap files of spilled tensors, which "
+        f"nothing reads again, so it is not reused (--restart removes it): remove it with "
+        f"`rm -r {p}`"
+        for p in sorted(dead)
+    ]
+    notes.clear()
+    layoutc.convert(EXAMPLE, tmp_path / "again", "universal", tell=notes.append)
+    assert notes == []  # only those of the same output are named
+    shutil.rmtree(out)
+    layoutc.convert(EXAMPLE, out, "universal", restart=True, tell=notes.append)
+    assert notes == [f"--restart: removing {p} (1.0 MiB)" for p in sorted(dead)]
+    assert not any(p.exists() for p in dead) and live.is_dir()
+
+
 def test_a_dry_run_says_the_run_would_go_on(tmp_path, monkeypatch):
     out = tmp_path / "out"
     _interrupt_after(monkeypatch, 4)

@@ -63,7 +63,7 @@ from layoutc.runtime.journal import (
     unit_ranges,
     verify,
 )
-from layoutc.runtime.leftovers import IN_USE, described, size_of
+from layoutc.runtime.leftovers import IN_USE, described, size_of, swaps
 from layoutc.runtime.reopen import reopening
 from layoutc.runtime.spill import Spill
 from layoutc.units import human_size
@@ -310,6 +310,8 @@ def _left(
     """What earlier runs into ``out`` left, each told to ``say``: the partial folder of the
     command and source ``head`` names (with its journal), and the others with why not."""
     found, others = resumable(out, head["key"], head["source"])
+    scratch = "it holds the swap files of spilled tensors, which nothing reads again"
+    others += [(p, scratch) for p in swaps(out)]
     for p, why in [*([(found.partial, "")] if found and restart else []), *others]:
         if restart:
             say(f"--restart: removing {p} ({size_of(p) / 2**20:,.1f} MiB)")
@@ -596,6 +598,7 @@ def _run_across(
     prepared = None
     layout: Any = None
     journal: Journal | None = None
+    begun: _Begun | None = None
     if rank == 0:
         try:
             check_output(out, plan, source.folder)
@@ -616,9 +619,16 @@ def _run_across(
             group.add(counter, kept)
             layout[("", "run")] = (counter, str(partial), sorted(skip), kept)
         except BaseException as e:
-            if journal is not None:
-                journal.close(flush=False)
-            _fail(e, partial, out, lambda n: group.broadcast(f"rank 0: {type(n).__name__}: {n}"))
+
+            def tell(n: BaseException) -> None:
+                group.broadcast(f"rank 0: {type(n).__name__}: {n}")
+
+            if begun is None or begun.found is None or not _resumable(e, out):
+                if journal is not None:
+                    journal.close(flush=False)
+                _fail(e, partial, out, tell)
+            tell(e)  # interrupted while taking up an earlier run: that run's work is kept
+            _stopped(e, journal, begun, out, plan)
     layout = group.broadcast(layout)
     if isinstance(layout, str):
         raise RankFailed(f"{out}: {layout}")

@@ -6,7 +6,8 @@
 ``--fail-rank R`` makes rank R fail while writing its first unit, to prove that nothing
 is committed and every rank reports the failure; ``--full-rank R`` makes rank R find the
 disk full after its second unit (what the ranks wrote is kept, for the same command to go
-on from). Rank 0 prints its last progress report
+on from); ``--full-verifying`` makes rank 0 find it full while it reads back what an
+earlier run wrote (which stays). Rank 0 prints its last progress report
 (bytes written by all ranks, and the total)."""
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> int:
     ap.add_argument("--set", dest="settings", action="append", default=[])
     ap.add_argument("--fail-rank", type=int)
     ap.add_argument("--full-rank", type=int)
+    ap.add_argument("--full-verifying", action="store_true")
     args = ap.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -51,6 +53,13 @@ def main() -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         executor.execute = full
+    if args.full_verifying and rank == 0:  # while reading back what an earlier run wrote
+        from layoutc.runtime import execute
+
+        def full(*a, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        execute.verify = full
     overrides = {k: int(v) for k, v in (s.split("=") for s in args.settings)}
     seen: list[tuple[int, int]] = []  # rank 0's progress reports: (done, total)
     try:
