@@ -149,6 +149,22 @@ def test_bytes_changed_in_the_partial_folder_are_written_again(tmp_path, monkeyp
     assert _files(out) == fresh["universal"]
 
 
+def test_files_the_command_does_not_write_are_never_committed(tmp_path, monkeypatch, fresh):
+    out = tmp_path / "out"
+    _interrupt_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        layoutc.convert(EXAMPLE, out, "universal")
+    partial = _partial(tmp_path)
+    (partial / "global_step2" / "stray.pt").write_bytes(b"not ours")
+    (partial / "elsewhere").symlink_to(ROOT / "README.md")
+    notes: list[str] = []
+    report = layoutc.convert(EXAMPLE, out, "universal", tell=notes.append)
+    assert notes[0].startswith(f"{tmp_path}/out.partial-")  # taken over: renamed
+    assert notes[0].endswith(": removed 2 file(s) this command does not write")
+    assert report.kept_bytes > 0 and _files(out) == fresh["universal"]
+    assert (ROOT / "README.md").is_file()
+
+
 def test_another_memory_budget_and_worker_count_go_on_all_the_same(tmp_path, monkeypatch, fresh):
     out = tmp_path / "out"
     _interrupt_after(monkeypatch, 5)

@@ -352,6 +352,16 @@ def _reuse(
     begun.head["files"] = sizes(prepared.files, partial)
     if found is None:
         return set(), [], 0
+    ours = {str(f) for f in prepared.files}
+    strays = [
+        f
+        for f in partial.rglob("*")
+        if (f.is_symlink() or f.is_file()) and str(f) not in ours and JOURNAL not in f.name
+    ]
+    for f in strays:  # nothing this command writes: never committed with its output
+        f.unlink()
+    if strays:
+        say(f"{partial}: removed {len(strays)} file(s) this command does not write")
     if found.head["files"] != begun.head["files"]:
         say(f"{partial}: its files are not those this command writes; none of it is kept")
         return set(), [], 0
