@@ -165,6 +165,20 @@ def test_files_the_command_does_not_write_are_never_committed(tmp_path, monkeypa
     assert (ROOT / "README.md").is_file()
 
 
+def test_a_saved_plan_run_again_goes_on_too(tmp_path, monkeypatch, capsys, fresh):
+    from layoutc.cli import main
+
+    plan = tmp_path / "plan.json"
+    assert main(["plan", str(EXAMPLE), "--to", "universal", "-o", str(plan)]) == 0
+    out = tmp_path / "out"
+    _interrupt_after(monkeypatch, 4)
+    assert main(["execute", str(plan), str(EXAMPLE), "-o", str(out), "-q"]) == 130
+    assert "written are kept in" in capsys.readouterr().err
+    assert main(["execute", str(plan), str(EXAMPLE), "-o", str(out), "-q"]) == 0
+    assert f"note: going on from {out}.partial-" in capsys.readouterr().err
+    assert _files(out) == fresh["universal"]
+
+
 def test_another_memory_budget_and_worker_count_go_on_all_the_same(tmp_path, monkeypatch, fresh):
     out = tmp_path / "out"
     _interrupt_after(monkeypatch, 5)
