@@ -74,6 +74,15 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     monkeypatch.setattr(executor, "execute", interrupted)
 
 
+def _interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> Path:
+    """Convert the example to universal into ``tmp_path / "out"``, Ctrl-C after ``n``
+    units; the partial folder kept."""
+    _interrupt_after(monkeypatch, n)
+    with pytest.raises(KeyboardInterrupt):
+        layoutc.convert(EXAMPLE, tmp_path / "out", "universal")
+    return _partial(tmp_path)
+
+
 def _partial(tmp_path: Path, name: str = "out") -> Path:
     (p,) = tmp_path.glob(f"{name}.partial-*")
     return p
@@ -151,10 +160,7 @@ def test_bytes_changed_in_the_partial_folder_are_written_again(tmp_path, monkeyp
 
 def test_files_the_command_does_not_write_are_never_committed(tmp_path, monkeypatch, fresh):
     out = tmp_path / "out"
-    _interrupt_after(monkeypatch, 5)
-    with pytest.raises(KeyboardInterrupt):
-        layoutc.convert(EXAMPLE, out, "universal")
-    partial = _partial(tmp_path)
+    partial = _interrupted(tmp_path, monkeypatch, 5)
     (partial / "global_step2" / "stray.pt").write_bytes(b"not ours")
     (partial / "elsewhere").symlink_to(ROOT / "README.md")
     notes: list[str] = []
@@ -224,10 +230,7 @@ def test_another_command_or_a_changed_source_is_not_gone_on_from(tmp_path, monke
 
 def test_restart_removes_what_earlier_runs_left_and_starts_over(tmp_path, monkeypatch, fresh):
     out = tmp_path / "out"
-    _interrupt_after(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        layoutc.convert(EXAMPLE, out, "universal")
-    partial = _partial(tmp_path)
+    partial = _interrupted(tmp_path, monkeypatch, 4)
     size = size_of(partial)
     notes: list[str] = []
     report = layoutc.convert(EXAMPLE, out, "universal", restart=True, tell=notes.append)
@@ -263,10 +266,7 @@ def test_swap_folders_left_by_a_dead_conversion_are_named_and_removed_on_restart
 
 def test_a_dry_run_says_the_run_would_go_on(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    _interrupt_after(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        layoutc.convert(EXAMPLE, out, "universal")
-    partial = _partial(tmp_path)
+    partial = _interrupted(tmp_path, monkeypatch, 4)
     found = journal.read(partial)
     assert found is not None
     notes: list[str] = []
@@ -317,13 +317,6 @@ def test_any_other_failure_removes_the_partial_folder(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ the journal read as input
 
 
-def _journaled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    _interrupt_after(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        layoutc.convert(EXAMPLE, tmp_path / "out", "universal")
-    return _partial(tmp_path)
-
-
 @pytest.mark.parametrize(
     "damage",
     [
@@ -336,7 +329,7 @@ def _journaled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ],
 )
 def test_a_damaged_journal_is_never_trusted(tmp_path, monkeypatch, fresh, damage):
-    partial = _journaled(tmp_path, monkeypatch)
+    partial = _interrupted(tmp_path, monkeypatch, 4)
     path = partial / journal.JOURNAL
     lines = path.read_bytes().splitlines(keepends=True)
     head = json.loads(lines[0])

@@ -145,14 +145,20 @@ def test_the_cli_converts_weights_with_a_spec_and_param_groups(model, tmp_path, 
     assert code == 2 and "expected a JSON list of objects" in capsys.readouterr().err
 
 
-def test_a_spec_without_zero_gives_a_zero_2_deepspeed_target_and_says_so(model, tmp_path, capsys):
-    folder, spec, _ = model
+def _without_zero(spec: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """``spec`` with no ZeRO stage, and a --param-groups file for it."""
     plain = tmp_path / "plain.layout"
     plain.write_text(
         "".join(x for x in spec.read_text().splitlines(True) if not x.startswith("zero"))
     )
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps(GROUPS))
+    return plain, groups
+
+
+def test_a_spec_without_zero_gives_a_zero_2_deepspeed_target_and_says_so(model, tmp_path, capsys):
+    folder, spec, _ = model
+    plain, groups = _without_zero(spec, tmp_path)
     for extra, stage in (([], 2), (["--zero", "0"], 0)):
         out = tmp_path / f"z{stage}"
         argv = [folder, "--spec", plain, "--to", "deepspeed", "--param-groups", groups]
@@ -167,12 +173,7 @@ def test_a_spec_without_zero_gives_a_universal_target_of_a_zero_2_run(model, tmp
     """A universal checkpoint holds DeepSpeed's model files of a ZeRO-1/2/3 run: the same
     default as a DeepSpeed target, and ZeRO-0 refused with the flag that chooses."""
     folder, spec, values = model
-    plain = tmp_path / "plain.layout"
-    plain.write_text(
-        "".join(x for x in spec.read_text().splitlines(True) if not x.startswith("zero"))
-    )
-    groups = tmp_path / "groups.json"
-    groups.write_text(json.dumps(GROUPS))
+    plain, groups = _without_zero(spec, tmp_path)
     argv = [folder, "--spec", plain, "--to", "universal", "--param-groups", groups]
     code = main([str(a) for a in ["convert", *argv, "-o", tmp_path / "u", "-q"]])
     _, err = capsys.readouterr()

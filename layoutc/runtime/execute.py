@@ -229,14 +229,13 @@ def run(
     check_output(out, plan, source.folder)
     begun = _begin(plan, source, out, tag, param_groups, restart, say)
     partial = begun.partial
-    IN_USE.add(partial.absolute())
     files_in = SourceFiles(source)
     journal = None
     try:
-        prepared = prepare_output(plan, partial, source, tag, param_groups, begun.found)
-        skip, carried, kept = _reuse(begun, prepared, plan, say)
-        journal = _journal(out, partial, prepared.io, begun.head, carried)
-        on_unit = _progress_by_bytes_written(plan, progress, kept, journal, prepared.views)
+        prepared, skip, journal = _take_up(plan, source, out, tag, param_groups, begun, say)
+        on_unit = _journaled(
+            journal, plan, prepared.views, _progress_by_bytes_written(plan, progress, skip)
+        )
         spill = Spill.beside(plan.target_placement.layout, out, str(os.getpid()))
         try:
             todo = [u for u in plan.units if u.id not in skip]
@@ -295,7 +294,9 @@ def _begin(
         found = None
     if found is not None:
         found = take_over(found, partial_name(out))
-    return _Begun(found.partial if found else make_partial(out), found, head)
+    partial = found.partial if found else make_partial(out)
+    IN_USE.add(partial.absolute())  # until the run ends: not another's to take up
+    return _Begun(partial, found, head)
 
 
 def _head(plan: Plan, source: Checkpoint, tag: str, param_groups: Any) -> dict[str, Any]:
@@ -305,16 +306,21 @@ def _head(plan: Plan, source: Checkpoint, tag: str, param_groups: Any) -> dict[s
 
 
 def _left(
-    out: Path, head: dict[str, Any], restart: bool, say: Callable[[str], None]
+    out: Path,
+    head: dict[str, Any],
+    restart: bool,
+    say: Callable[[str], None],
+    removing: str = "removing",
 ) -> tuple[Found | None, list[tuple[Path, str]]]:
     """What earlier runs into ``out`` left, each told to ``say``: the partial folder of the
-    command and source ``head`` names (with its journal), and the others with why not."""
+    command and source ``head`` names (with its journal), and the others with why not;
+    with ``restart``, that each is ``removing`` (a dry run: "would remove")."""
     found, others = resumable(out, head["key"], head["source"])
     scratch = "it holds the swap files of spilled tensors, which nothing reads again"
     others += [(p, scratch) for p in swaps(out)]
     for p, why in [*([(found.partial, "")] if found and restart else []), *others]:
         if restart:
-            say(f"--restart: removing {p} ({size_of(p) / 2**20:,.1f} MiB)")
+            say(f"--restart: {removing} {p} ({size_of(p) / 2**20:,.1f} MiB)")
         else:
             say(described(p, f"{why}, so it is not reused (--restart removes it)"))
     return found, others
@@ -331,9 +337,8 @@ def preview(
 ) -> None:
     """What :func:`run` would do with what earlier runs into ``out`` left, told to ``say``;
     nothing is changed (a dry run)."""
-    tell = say if not restart else (lambda line: say(line.replace("removing", "would remove")))
     head = _head(plan, source, output_tag(plan, source, tag), param_groups)
-    found, _ = _left(out, head, restart, tell)
+    found, _ = _left(out, head, restart, say, "would remove")
     if found is not None and not restart:
         say(
             f"{found.partial}: left by an earlier run of this command ({human_size(found.bytes)} "
@@ -342,16 +347,13 @@ def preview(
 
 
 def _reuse(
-    begun: _Begun, prepared: Any, plan: Plan, say: Callable[[str], None]
-) -> tuple[set[int], list[tuple[str, int, int, int]], int]:
-    """What of an earlier run's output is kept: the output files (created again over it)
-    are those its journal lists, and each range it records is read back and verified.
-    Returns the units not to run again, the verified ranges (to carry into the new
-    journal) and the bytes of those units; records the ranges' CRCs for the commit."""
-    partial, found = begun.partial, begun.found
-    begun.head["files"] = sizes(prepared.files, partial)
-    if found is None:
-        return set(), [], 0
+    found: Found, prepared: Any, files: dict[str, int], plan: Plan, say: Callable[[str], None]
+) -> tuple[set[int], list[tuple[str, int, int, int]]]:
+    """What of an earlier run's output is kept: the output files (created again over it,
+    of the sizes ``files``) are those its journal lists, and each range it records is read
+    back and verified. Returns the units not to run again and the verified ranges (to
+    carry into the new journal); records the ranges' CRCs for the commit."""
+    partial = found.partial
     ours = {str(f) for f in prepared.files}
     strays = [
         f
@@ -362,15 +364,15 @@ def _reuse(
         f.unlink()
     if strays:
         say(f"{partial}: removed {len(strays)} file(s) this command does not write")
-    if found.head["files"] != begun.head["files"]:
+    if found.head["files"] != files:
         say(f"{partial}: its files are not those this command writes; none of it is kept")
-        return set(), [], 0
+        return set(), []
     good, bad = verify(found, prepared.io, plan.workers)
     for path, at, n, crc in good:
         prepared.io.pieces.setdefault(path, Pieces()).record(at, n, crc)
     done = Done((p, at, n) for p, at, n, _ in good)
     skip = {u.id for u in plan.units if done.covers(unit_ranges(plan, u, prepared.views))}
-    kept = sum(u.stats.write_bytes for u in plan.units if u.id in skip)
+    kept = _kept(plan, skip)[0]
     total = _bytes_to_write(plan)
     failed = f"; {human_size(bad)} did not verify and are written again" if bad else ""
     say(
@@ -379,15 +381,39 @@ def _reuse(
         f"read back and verified against its journal{failed}"
     )
     carried = [(str(Path(p).relative_to(partial)), at, n, crc) for p, at, n, crc in good]
-    return skip, carried, kept
+    return skip, carried
 
 
-def _journal(out: Path, partial: Path, io: Files, head: dict[str, Any], carried: Any) -> Journal:
-    """Rank 0's journal, made anew; a failure is the output's (named as such)."""
+def _take_up(
+    plan: Plan,
+    source: Checkpoint,
+    out: Path,
+    tag: str,
+    param_groups: Any,
+    begun: _Begun,
+    say: Callable[[str], None],
+) -> tuple[Any, set[int], Journal]:
+    """The output's files created in ``begun``'s partial folder (over what an earlier run
+    left there, verified: :func:`_reuse`), and rank 0's journal made anew. Returns the
+    prepared files, the units not to run again and the journal."""
+    prepared = prepare_output(plan, begun.partial, source, tag, param_groups, begun.found)
+    files = sizes(prepared.files, begun.partial)
+    skip: set[int] = set()
+    carried: list[tuple[str, int, int, int]] = []
+    if begun.found is not None:
+        skip, carried = _reuse(begun.found, prepared, files, plan, say)
+    head = {**begun.head, "files": files}
     try:
-        return Journal(partial / JOURNAL, io, partial, head, carried)
-    except OSError as e:
+        journal = Journal(begun.partial / JOURNAL, prepared.io, begun.partial, head, carried)
+    except OSError as e:  # a failure of the output's filesystem, named as such
         raise as_output_error(e, out) from None
+    return prepared, skip, journal
+
+
+def _kept(plan: Plan, skip: set[int]) -> tuple[int, int]:
+    """The bytes the units ``skip`` write and read: an earlier run wrote them."""
+    units = [u for u in plan.units if u.id in skip]
+    return sum(u.stats.write_bytes for u in units), sum(u.stats.read_bytes for u in units)
 
 
 _RESUMABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}  # a full disk: free space, run again
@@ -488,11 +514,11 @@ def _report(
 ) -> Report:
     """What a run did; ``skipped``: the units an earlier run wrote (kept, not read)."""
     t = plan.totals
-    kept = sum(u.stats.write_bytes for u in plan.units if u.id in skipped)
+    kept, not_read = _kept(plan, skipped)
     return Report(
         out,
         files[: len(files) - markers],
-        t.read_bytes - sum(u.stats.read_bytes for u in plan.units if u.id in skipped),
+        t.read_bytes - not_read,
         t.write_bytes,
         time.perf_counter() - start,
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -505,26 +531,34 @@ def _report(
 
 
 def _progress_by_bytes_written(
-    plan: Plan,
-    progress: Callable[[int, int], None] | None,
-    done: int = 0,
-    journal: Journal | None = None,
-    views: Any = None,
+    plan: Plan, progress: Callable[[int, int], None] | None, skipped: set[int]
 ) -> Callable[[Any], None]:
-    """An ``on_unit`` callback reporting bytes written so far (``done`` before this run)
-    out of the plan's, and recording each finished unit's ranges in ``journal``."""
+    """An ``on_unit`` callback reporting bytes written so far (those of the units
+    ``skipped``, an earlier run's, from the start) out of the plan's."""
     total = _bytes_to_write(plan)
+    done = _kept(plan, skipped)[0]
     lock = threading.Lock()
 
     def on_unit(unit: Any) -> None:
         nonlocal done
-        if journal is not None:
-            journal.add(unit_ranges(plan, unit, views))
         with lock:
             done += unit.stats.write_bytes
             now = done
         if progress is not None:
             progress(now, total)
+
+    return on_unit
+
+
+def _journaled(
+    journal: Journal, plan: Plan, views: Any, then: Callable[[Any], object]
+) -> Callable[[Any], None]:
+    """An ``on_unit`` callback recording each finished unit's ranges in ``journal``, then
+    calling ``then``."""
+
+    def on_unit(unit: Any) -> None:
+        journal.add(unit_ranges(plan, unit, views))
+        then(unit)
 
     return on_unit
 
@@ -614,10 +648,7 @@ def _run_across(
             check_output(out, plan, source.folder)
             begun = _begin(plan, source, out, tag, param_groups, restart, say)
             partial = begun.partial
-            IN_USE.add(partial.absolute())
-            prepared = prepare_output(plan, partial, source, tag, param_groups, begun.found)
-            skip, carried, kept = _reuse(begun, prepared, plan, say)
-            journal = _journal(out, partial, prepared.io, begun.head, carried)
+            prepared, skip, journal = _take_up(plan, source, out, tag, param_groups, begun, say)
             discard_journals(partial, others_only=True)  # what they held is carried
             layout = {
                 k: (v.path, v.offset, v.size, dtype_name(v.dtype))
@@ -626,8 +657,8 @@ def _run_across(
                 for k, v in prepared.views.items()
             }
             counter = f"layoutc-written-{partial.name}"  # the run's progress counter
-            group.add(counter, kept)
-            layout[("", "run")] = (counter, str(partial), sorted(skip), kept)
+            group.add(counter, _kept(plan, skip)[0])
+            layout[("", "run")] = (counter, str(partial), sorted(skip))
         except BaseException as e:
 
             def tell(n: BaseException) -> None:
@@ -642,18 +673,14 @@ def _run_across(
     layout = group.broadcast(layout)
     if isinstance(layout, str):
         raise RankFailed(f"{out}: {layout}")
-    counter, where, skip_ids, kept = layout.pop(("", "run"))
+    counter, where, skip_ids = layout.pop(("", "run"))
     skip = set(skip_ids)
     io = prepared.io if prepared is not None else Files(os.O_RDWR, direct=True)
     mine = [u for u in plan.units if plan.rank_of(u) == rank and u.id not in skip]
     views: Any = prepared.views if prepared is not None else _regions(io, layout)
     if journal is None:
         journal = Journal(Path(where) / f"{JOURNAL}-{rank}", io, Path(where))
-    record = _progress_by_bytes_written(plan, None, 0, journal, views)
-
-    def on_unit(unit: Any) -> None:
-        record(unit)
-        group.add(counter, unit.stats.write_bytes)
+    on_unit = _journaled(journal, plan, views, lambda u: group.add(counter, u.stats.write_bytes))
 
     watch = _ProgressWatch(group, counter, plan, progress) if rank == 0 and progress else None
 
@@ -715,12 +742,12 @@ def _run_across(
                 e,
                 partial,
                 out,
-                lambda n: group.broadcast(why or f"rank 0: {type(n).__name__}: {n}"),
+                lambda n: group.broadcast(
+                    (why or f"rank 0: {type(n).__name__}: {n}") + " (nothing committed)"
+                ),
             )
     files = group.broadcast(files)
     if isinstance(files, str):
-        raise RankFailed(
-            f"{out}: {files}" + ("" if "committed" in files else " (nothing committed)")
-        )
+        raise RankFailed(f"{out}: {files}")
     written, markers = files
     return _report(plan, out, written, markers, start, sum(r[2] for r in results), skip)
